@@ -1,0 +1,1 @@
+"""Pure ctypes binding to Rockchip's RKLLM runtime (no Home Assistant imports)."""

@@ -1,0 +1,251 @@
+"""Find, validate and load librkllmrt.so, and detect its ABI family.
+
+Everything here blocks (file reads, dlopen): call it off the event loop.
+"""
+
+import ctypes
+from dataclasses import dataclass
+from enum import StrEnum
+import hashlib
+import logging
+import mmap
+from pathlib import Path
+import platform
+import re
+import struct
+
+from .abi import LAYOUTS, REQUIRED_SYMBOLS, AbiFamily, AbiLayout
+from .errors import (
+    LibraryLoadError,
+    LibraryNotFound,
+    MissingSymbols,
+    NotASharedLibrary,
+    UnknownRuntimeVersion,
+    UnsupportedRuntime,
+    WrongArchitecture,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+LIBRARY_NAME = "librkllmrt.so"
+MIN_VERSION = (1, 2, 1)
+SUPPORTED = "1.2.1 to 1.2.3 or 1.3.0"
+
+# git blob SHA-1 prefixes of the aarch64 librkllmrt.so of each public release.
+KNOWN_RELEASES: dict[str, str] = {
+    "66dfdc7c": "1.1.0",
+    "bfca0513": "1.1.1",
+    "e8f4afc3": "1.1.2",
+    "68e79327": "1.1.3",
+    "3bb8cb61": "1.1.4",
+    "d45ee9b8": "1.2.0",
+    "db041c01": "1.2.1b1",
+    "6b9439d5": "1.2.1",
+    "8ed9cca1": "1.2.2",
+    "0084abc3": "1.2.3",
+    "34167b32": "1.3.0",
+}
+
+_VERSION_STRING = re.compile(rb"rkllm-runtime version:? ?v?(\d+\.\d+\.\d+(?:b\d+)?)")
+_VERSION_PARTS = re.compile(r"^(\d+)\.(\d+)\.(\d+)(b\d+)?$")
+
+_ELF_MAGIC = b"\x7fELF"
+_ET_DYN = 3
+_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
+_HOST_MACHINES = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "aarch64": "aarch64",
+    "arm64": "aarch64",
+    "armv7l": "arm",
+    "armv8l": "arm",
+    "i686": "x86",
+    "riscv64": "riscv64",
+}
+
+
+class VersionSource(StrEnum):
+    """How the runtime version was established."""
+
+    RELEASE_HASH = "release hash"
+    VERSION_STRING = "version string"
+    OVERRIDE = "override"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeInfo:
+    """What we know about a library file without loading it."""
+
+    path: Path
+    version: str
+    version_source: VersionSource
+    family: AbiFamily
+    blob_sha1: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeLibrary:
+    """A loaded runtime library with the prototypes of its ABI family."""
+
+    info: RuntimeInfo
+    layout: AbiLayout
+    cdll: ctypes.CDLL
+
+
+def host_machine() -> str:
+    """Return the ELF machine name of this host."""
+    machine = platform.machine().lower()
+    return _HOST_MACHINES.get(machine, machine)
+
+
+def check_elf(path: Path, expected_machine: str | None = None) -> None:
+    """Raise unless path is a shared library for this CPU (checked before dlopen)."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(20)
+    except FileNotFoundError as err:
+        raise LibraryNotFound(f"{path} does not exist", path=str(path)) from err
+    except IsADirectoryError as err:
+        raise NotASharedLibrary(
+            f"{path} is a directory, not a shared library", path=str(path)
+        ) from err
+    except OSError as err:
+        raise LibraryLoadError(
+            f"cannot read {path}: {err.strerror}", path=str(path)
+        ) from err
+    if len(header) < 20 or not header.startswith(_ELF_MAGIC):
+        raise NotASharedLibrary(f"{path} is not an ELF shared library", path=str(path))
+    byte_order = "<" if header[5] == 1 else ">"
+    e_type, e_machine = struct.unpack(f"{byte_order}HH", header[16:20])
+    machine = _MACHINES.get(e_machine, f"machine {e_machine}")
+    expected = expected_machine or host_machine()
+    if machine != expected:
+        raise WrongArchitecture(
+            f"{path} is built for {machine}, but this system is {expected}; "
+            f"install the {expected} build of {LIBRARY_NAME}",
+            path=str(path),
+            found=machine,
+            expected=expected,
+        )
+    if e_type != _ET_DYN:
+        raise NotASharedLibrary(
+            f"{path} is an ELF file but not a shared library", path=str(path)
+        )
+
+
+def git_blob_sha1(data: bytes | mmap.mmap) -> str:
+    """Return the git blob hash of data (what `git hash-object` prints)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    digest.update(b"blob %d\0" % len(data))
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def family_for_version(version: str) -> AbiFamily:
+    """Map a runtime version to its ABI family, or raise UnsupportedRuntime."""
+    match = _VERSION_PARTS.match(version)
+    if match is None:
+        raise UnknownRuntimeVersion(
+            f"unrecognised runtime version {version!r}", version=version
+        )
+    numbers = tuple(int(part) for part in match.groups()[:3])
+    beta = match.group(4) is not None
+    if numbers < MIN_VERSION or (numbers == MIN_VERSION and beta):
+        raise UnsupportedRuntime(
+            f"RKLLM runtime {version} is too old; install runtime {SUPPORTED}",
+            version=version,
+            supported=SUPPORTED,
+        )
+    if numbers[:2] == (1, 2):
+        return AbiFamily.V1_2
+    if numbers[:2] == (1, 3):
+        return AbiFamily.V1_3
+    raise UnsupportedRuntime(
+        f"RKLLM runtime {version} is newer than this integration supports "
+        f"({SUPPORTED}); update the integration",
+        version=version,
+        supported=SUPPORTED,
+    )
+
+
+def inspect_library(
+    path: Path,
+    *,
+    family_override: AbiFamily | None = None,
+    expected_machine: str | None = None,
+) -> RuntimeInfo:
+    """Check the file and detect its runtime version and ABI family."""
+    check_elf(path, expected_machine)
+    stat = path.stat()
+    with (
+        path.open("rb") as file,
+        mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+    ):
+        blob = git_blob_sha1(data)
+        known = KNOWN_RELEASES.get(blob[:8])
+        found = _VERSION_STRING.search(data) if known is None else None
+    if known is not None:
+        version, source = known, VersionSource.RELEASE_HASH
+    elif found is not None:
+        version, source = found.group(1).decode(), VersionSource.VERSION_STRING
+    elif family_override is not None:
+        version, source = f"{family_override}.x", VersionSource.OVERRIDE
+    else:
+        raise UnknownRuntimeVersion(
+            f"cannot tell which RKLLM runtime {path} is; install runtime {SUPPORTED}",
+            path=str(path),
+        )
+    family = (
+        family_override
+        if source is VersionSource.OVERRIDE and family_override is not None
+        else family_for_version(version)
+    )
+    return RuntimeInfo(
+        path=path,
+        version=version,
+        version_source=source,
+        family=family,
+        blob_sha1=blob,
+        size=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+    )
+
+
+def load_library(
+    path: Path,
+    *,
+    family_override: AbiFamily | None = None,
+    expected_machine: str | None = None,
+) -> RuntimeLibrary:
+    """Validate, dlopen and bind the runtime library at path."""
+    info = inspect_library(
+        path, family_override=family_override, expected_machine=expected_machine
+    )
+    try:
+        cdll = ctypes.CDLL(str(path))
+    except OSError as err:
+        raise LibraryLoadError(
+            f"the dynamic loader refused {path}: {err}", path=str(path)
+        ) from err
+    missing = [name for name in REQUIRED_SYMBOLS if not hasattr(cdll, name)]
+    if missing:
+        raise MissingSymbols(
+            f"{path} lacks {', '.join(missing)}; install runtime {SUPPORTED}",
+            path=str(path),
+            symbols=", ".join(missing),
+        )
+    layout = LAYOUTS[info.family]
+    for name, (restype, argtypes) in layout.prototypes().items():
+        function = getattr(cdll, name)
+        function.restype = restype
+        function.argtypes = argtypes
+    _LOGGER.info(
+        "Loaded RKLLM runtime %s from %s (ABI family %s, version from %s)",
+        info.version,
+        path,
+        info.family,
+        info.version_source,
+    )
+    return RuntimeLibrary(info=info, layout=layout, cdll=cdll)

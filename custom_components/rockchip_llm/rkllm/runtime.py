@@ -1,0 +1,424 @@
+"""RKLLMModel: one runtime handle, confined to a worker thread of its own.
+
+Every call on the handle runs on the model's single worker thread, so the binding
+needs no locks around the library; only ``abort`` is called from other threads.
+Methods return ``concurrent.futures.Future`` objects: blocking code calls
+``.result()``, asyncio code wraps them with ``asyncio.wrap_future``.
+"""
+
+import codecs
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+import ctypes
+from dataclasses import dataclass, field
+import logging
+from pathlib import Path
+import threading
+from typing import Any, Literal
+
+from .abi import (
+    CallbackAction,
+    CallState,
+    InferMode,
+    InputType,
+    LLMHandle,
+    LLMResultCallback,
+    RKLLMCallback,
+    RKLLMPromptCacheParam,
+    RKLLMResult,
+    RKLLMSamplingParam,
+)
+from .errors import ModelClosedError, ModelInitError, RunError
+from .library import RuntimeLibrary
+
+_LOGGER = logging.getLogger(__name__)
+
+Role = Literal["user", "tool"]
+TextSink = Callable[[str], None]
+"""Receives decoded text on the worker thread; must return at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Sampling settings (init defaults, or per run on ABI family 1.3)."""
+
+    top_k: int = 20
+    top_p: float = 0.8
+    temperature: float = 0.7
+    repeat_penalty: float = 1.1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelParams:
+    """Init parameters of a model handle."""
+
+    model_path: Path
+    max_context_len: int = 4096
+    max_new_tokens: int = 512
+    n_keep: int = -1
+    sampling: Sampling = field(default_factory=Sampling)
+    base_domain_id: int = 0
+    embed_flash: bool = True
+    enabled_cpus_num: int = 4
+    enabled_cpus_mask: int = 0xF0
+    skip_special_token: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """One rkllm_run call."""
+
+    prompt: str
+    role: Role = "user"
+    enable_thinking: bool = False
+    keep_history: bool = False
+    save_prompt_cache: Path | None = None
+    sampling: Sampling | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PerfStats:
+    """The runtime's perf counters of one run."""
+
+    prefill_time_ms: float
+    prefill_tokens: int
+    generate_time_ms: float
+    generate_tokens: int
+    memory_usage_mb: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run ended."""
+
+    perf: PerfStats | None
+    aborted: bool
+    stopped_at_limit: bool
+
+
+@dataclass(slots=True)
+class _ActiveRun:
+    """State of the run in progress, touched only on the worker thread."""
+
+    sink: TextSink
+    token_limit: int | None
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+    tokens: int = 0
+    perf: PerfStats | None = None
+    error: bool = False
+    stopped_at_limit: bool = False
+
+
+class RKLLMModel:
+    """One loaded model: a handle, its worker thread and its callbacks."""
+
+    def __init__(self, library: RuntimeLibrary, name: str) -> None:
+        """Create the worker thread; call init() next."""
+        self.library = library
+        self.name = name
+        self.last_perf: PerfStats | None = None
+        self._lib: Any = library.cdll
+        self._layout = library.layout
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"rkllm-{name}"
+        )
+        self._handle = LLMHandle()
+        self._handle_lock = threading.Lock()
+        self._abort_requested = False
+        self._closed = False
+        self._active: _ActiveRun | None = None
+        # The C side keeps pointers to these: they live as long as the model.
+        self._c_callback = LLMResultCallback(self._on_result)
+        self._c_callback_bundle = RKLLMCallback(result_callback=self._c_callback)
+        self._c_param: ctypes.Structure | None = None
+        self._c_strings: list[bytes] = []
+
+    # Worker-thread plumbing
+
+    def _submit[T](self, function: Callable[[], T]) -> Future[T]:
+        if self._closed:
+            raise ModelClosedError(f"model {self.name} is closed")
+        return self._executor.submit(function)
+
+    def _require_handle(self) -> LLMHandle:
+        if not self._handle:
+            raise ModelClosedError(f"model {self.name} is not initialised")
+        return self._handle
+
+    def _check(self, function: str, code: int) -> None:
+        if code != 0:
+            raise RunError(f"{function} failed for {self.name} (code {code})", code)
+
+    # Lifecycle
+
+    def init(self, params: ModelParams) -> Future[None]:
+        """Initialise the handle from params."""
+        return self._submit(lambda: self._init(params))
+
+    def _init(self, params: ModelParams) -> None:
+        param: Any = self._lib.rkllm_createDefaultParam()
+        model_path = str(params.model_path).encode()
+        self._c_strings = [model_path]
+        param.model_path = model_path
+        param.max_context_len = params.max_context_len
+        param.max_new_tokens = params.max_new_tokens
+        param.n_keep = params.n_keep
+        param.top_k = params.sampling.top_k
+        param.top_p = params.sampling.top_p
+        param.temperature = params.sampling.temperature
+        param.repeat_penalty = params.sampling.repeat_penalty
+        param.frequency_penalty = params.sampling.frequency_penalty
+        param.presence_penalty = params.sampling.presence_penalty
+        param.skip_special_token = params.skip_special_token
+        param.is_async = False
+        extend = param.extend_param
+        extend.base_domain_id = params.base_domain_id
+        extend.embed_flash = int(params.embed_flash)
+        extend.enabled_cpus_num = params.enabled_cpus_num
+        extend.enabled_cpus_mask = params.enabled_cpus_mask
+        self._c_param = param
+        callback: Any = (
+            ctypes.byref(self._c_callback_bundle)
+            if self._layout.has_sampling_params
+            else self._c_callback
+        )
+        code = self._lib.rkllm_init(
+            ctypes.byref(self._handle), ctypes.byref(param), callback
+        )
+        if code != 0 or not self._handle:
+            self._handle = LLMHandle()
+            raise ModelInitError(
+                f"rkllm_init failed for {params.model_path} (code {code}); "
+                "check the model file, the runtime version and the context length",
+                model=str(params.model_path),
+            )
+
+    def close(self) -> None:
+        """Abort any run, destroy the handle on its thread and join the thread."""
+        if self._closed:
+            return
+        self.abort()
+        future = self._submit(self._destroy)
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        future.result()
+
+    def _destroy(self) -> None:
+        with self._handle_lock:
+            handle, self._handle = self._handle, LLMHandle()
+        if handle:
+            self._lib.rkllm_destroy(handle)
+
+    # Calls from any thread
+
+    def abort(self) -> None:
+        """Stop the running generation (safe from any thread)."""
+        with self._handle_lock:
+            if self._handle and self._active is not None:
+                self._abort_requested = True
+                self._lib.rkllm_abort(self._handle)
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
+    # Calls confined to the worker thread
+
+    def run(self, request: RunRequest, sink: TextSink) -> Future[RunResult]:
+        """Run one input; decoded text goes to sink as it is generated."""
+        return self._submit(lambda: self._run(request, sink))
+
+    def _run(self, request: RunRequest, sink: TextSink) -> RunResult:
+        handle = self._require_handle()
+        keep: list[Any] = []
+        c_input: Any = self._layout.input()
+        role = request.role.encode()
+        prompt = request.prompt.encode()
+        keep += [role, prompt]
+        c_input.role = role
+        c_input.enable_thinking = request.enable_thinking
+        c_input.input_type = InputType.PROMPT
+        c_input.prompt_input = prompt
+        infer: Any = self._layout.infer_param()
+        infer.mode = InferMode.GENERATE
+        infer.keep_history = int(request.keep_history)
+        if request.save_prompt_cache is not None:
+            path = str(request.save_prompt_cache).encode()
+            cache_param = RKLLMPromptCacheParam(
+                save_prompt_cache=1, prompt_cache_path=path
+            )
+            keep += [path, cache_param]
+            infer.prompt_cache_params = ctypes.pointer(cache_param)
+        if self._layout.has_sampling_params:
+            if request.sampling is not None:
+                sampling = _c_sampling(request.sampling)
+                keep.append(sampling)
+                infer.sampling_params = ctypes.pointer(sampling)
+            infer.max_new_tokens = request.max_new_tokens or 0
+        active = _ActiveRun(sink=sink, token_limit=request.max_new_tokens)
+        self._abort_requested = False
+        with self._handle_lock:
+            self._active = active
+        try:
+            code = self._lib.rkllm_run(
+                handle, ctypes.byref(c_input), ctypes.byref(infer), None
+            )
+        finally:
+            with self._handle_lock:
+                self._active = None
+        tail = active.decoder.decode(b"", final=True)
+        if tail:
+            sink(tail)
+        self.last_perf = active.perf
+        if code != 0 or active.error:
+            if self._abort_requested:
+                return RunResult(active.perf, aborted=True, stopped_at_limit=False)
+            raise RunError(
+                f"the runtime reported an error while generating with {self.name} "
+                f"(code {code})",
+                code,
+            )
+        return RunResult(
+            perf=active.perf,
+            aborted=self._abort_requested,
+            stopped_at_limit=active.stopped_at_limit,
+        )
+
+    def _on_result(self, result: Any, _userdata: Any, state: int) -> int:
+        """Receive one callback from the runtime (on the worker thread)."""
+        active = self._active
+        if active is None:
+            return CallbackAction.CONTINUE
+        try:
+            return self._handle_result(active, result.contents, state)
+        except Exception:
+            _LOGGER.exception("Error in the RKLLM result callback of %s", self.name)
+            return CallbackAction.PAUSE
+
+    def _handle_result(
+        self, active: _ActiveRun, result: RKLLMResult, state: int
+    ) -> int:
+        if state == CallState.FINISH:
+            perf = result.perf
+            active.perf = PerfStats(
+                prefill_time_ms=perf.prefill_time_ms,
+                prefill_tokens=perf.prefill_tokens,
+                generate_time_ms=perf.generate_time_ms,
+                generate_tokens=perf.generate_tokens,
+                memory_usage_mb=perf.memory_usage_mb,
+            )
+            return CallbackAction.CONTINUE
+        if state == CallState.ERROR:
+            active.error = True
+            return CallbackAction.CONTINUE
+        if result.text:
+            text = active.decoder.decode(result.text, final=False)
+            if text:
+                active.sink(text)
+        if state == CallState.NORMAL:
+            active.tokens += 1
+            if active.token_limit is not None and active.tokens >= active.token_limit:
+                active.stopped_at_limit = True
+                return CallbackAction.PAUSE
+        return CallbackAction.CONTINUE
+
+    def _is_running(self, handle: LLMHandle) -> bool:
+        return bool(self._lib.rkllm_is_running(handle) == self._layout.is_running_when)
+
+    def is_running(self) -> Future[bool]:
+        """Ask the runtime whether the handle is generating."""
+        return self._submit(lambda: self._is_running(self._require_handle()))
+
+    def load_prompt_cache(self, path: Path) -> Future[None]:
+        """Load a prompt cache file for later runs to reuse."""
+
+        def load() -> None:
+            code = self._lib.rkllm_load_prompt_cache(
+                self._require_handle(), str(path).encode()
+            )
+            self._check("rkllm_load_prompt_cache", code)
+
+        return self._submit(load)
+
+    def release_prompt_cache(self) -> Future[None]:
+        """Release the loaded prompt cache."""
+        return self._submit(
+            lambda: self._check(
+                "rkllm_release_prompt_cache",
+                self._lib.rkllm_release_prompt_cache(self._require_handle()),
+            )
+        )
+
+    def clear_kv_cache(self, *, keep_system_prompt: bool) -> Future[None]:
+        """Clear the KV cache, optionally keeping the system prompt."""
+        return self._submit(
+            lambda: self._check(
+                "rkllm_clear_kv_cache",
+                self._lib.rkllm_clear_kv_cache(
+                    self._require_handle(), int(keep_system_prompt), None, None
+                ),
+            )
+        )
+
+    def kv_cache_size(self) -> Future[int]:
+        """Return the number of KV positions in use."""
+
+        def size() -> int:
+            sizes = (ctypes.c_int * 8)()
+            self._check(
+                "rkllm_get_kv_cache_size",
+                self._lib.rkllm_get_kv_cache_size(self._require_handle(), sizes),
+            )
+            return int(sizes[0])
+
+        return self._submit(size)
+
+    def set_chat_template(self, system: str, prefix: str, postfix: str) -> Future[None]:
+        """Override the chat template (system prompt, user prefix and postfix)."""
+        return self._submit(
+            lambda: self._check(
+                "rkllm_set_chat_template",
+                self._lib.rkllm_set_chat_template(
+                    self._require_handle(),
+                    system.encode(),
+                    prefix.encode(),
+                    postfix.encode(),
+                ),
+            )
+        )
+
+    def set_function_tools(
+        self, system: str, tools_json: str, tool_response_tag: str = "tool_response"
+    ) -> Future[None]:
+        """Set the system prompt and the tools (a JSON array) for tool calling."""
+        return self._submit(
+            lambda: self._check(
+                "rkllm_set_function_tools",
+                self._lib.rkllm_set_function_tools(
+                    self._require_handle(),
+                    system.encode(),
+                    tools_json.encode(),
+                    tool_response_tag.encode(),
+                ),
+            )
+        )
+
+
+def _c_sampling(sampling: Sampling) -> RKLLMSamplingParam:
+    return RKLLMSamplingParam(
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        temperature=sampling.temperature,
+        repeat_penalty=sampling.repeat_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty,
+        mirostat=0,
+        mirostat_tau=5.0,
+        mirostat_eta=0.1,
+    )
