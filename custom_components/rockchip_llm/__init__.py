@@ -1,0 +1,226 @@
+"""The Rockchip LLM integration: Assist on the Rockchip NPU through the RKLLM runtime."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from homeassistant.components import conversation
+from homeassistant.components.homeassistant.exposed_entities import (
+    async_listen_entity_updates,
+)
+from homeassistant.config_entries import ConfigEntry
+from homeassistant.const import Platform
+from homeassistant.core import HomeAssistant, callback
+from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
+from homeassistant.helpers import (
+    area_registry as ar,
+    config_validation as cv,
+    entity_registry as er,
+    issue_registry as ir,
+)
+from homeassistant.helpers.start import async_at_started
+from homeassistant.helpers.typing import ConfigType
+
+from .agent import Agent, AgentSettings
+from .const import (
+    CONF_CACHE_DIR,
+    CONF_LIBRARY_PATH,
+    CONF_MODEL,
+    CONF_MODELS_DIR,
+    DOMAIN,
+    LOGGER,
+    SUBENTRY_CONVERSATION,
+)
+from .engine import Engine, LoadedModel
+from .models import ModelScan, ModelsDirError, scan_models
+from .prompt_cache import PromptCacheStore
+from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
+from .rkllm.library import load_library
+from .rkllm.runtime import ModelParams
+from .services import async_setup_services
+
+CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
+PLATFORMS = (Platform.CONVERSATION,)
+
+
+@dataclass(slots=True)
+class RockchipRuntime:
+    """What a loaded config entry holds."""
+
+    engine: Engine
+    scan: ModelScan
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+
+type RockchipConfigEntry = ConfigEntry[RockchipRuntime]
+
+
+async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
+    """Register the actions."""
+    async_setup_services(hass)
+    return True
+
+
+async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> bool:
+    """Load the runtime, the agents' models and their system caches."""
+    library_path = Path(entry.data[CONF_LIBRARY_PATH])
+    try:
+        library = await hass.async_add_executor_job(load_library, library_path)
+    except LibraryNotFound as err:
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key=err.translation_key,
+            translation_placeholders=err.placeholders,
+        ) from err
+    except LibraryError as err:
+        raise ConfigEntryError(
+            translation_domain=DOMAIN,
+            translation_key=err.translation_key,
+            translation_placeholders=err.placeholders,
+        ) from err
+    try:
+        scan = await hass.async_add_executor_job(
+            scan_models, Path(entry.data[CONF_MODELS_DIR])
+        )
+    except ModelsDirError as err:
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key=err.reason,
+            translation_placeholders={"path": str(err.path)},
+        ) from err
+    store = PromptCacheStore(Path(entry.data[CONF_CACHE_DIR]))
+    await hass.async_add_executor_job(store.clean_staging)
+    engine = Engine(library, store, hass.async_add_executor_job)
+    runtime = RockchipRuntime(engine=engine, scan=scan)
+    try:
+        await _async_load_agents(hass, entry, runtime)
+    except BaseException:
+        await engine.async_close()
+        raise
+    entry.runtime_data = runtime
+    _async_track_prefix_sources(hass, entry, runtime)
+    await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
+    entry.async_on_unload(entry.add_update_listener(_async_update_listener))
+    return True
+
+
+def _model_params(
+    info_path: Path, settings: list[AgentSettings], domain_id: int
+) -> ModelParams:
+    """Init parameters that serve every agent sharing a model."""
+    first = settings[0]
+    return ModelParams(
+        model_path=info_path,
+        max_context_len=max(s.max_context_len for s in settings),
+        max_new_tokens=max(s.max_new_tokens for s in settings),
+        sampling=first.sampling,
+        base_domain_id=domain_id,
+    )
+
+
+async def _async_load_agents(
+    hass: HomeAssistant, entry: RockchipConfigEntry, runtime: RockchipRuntime
+) -> None:
+    """Load each agent's model (shared per model) and prepare its system cache."""
+    by_model: dict[str, list[str]] = {}
+    for subentry in entry.subentries.values():
+        if subentry.subentry_type != SUBENTRY_CONVERSATION:
+            continue
+        model = subentry.data[CONF_MODEL]
+        issue_id = f"model_missing_{subentry.subentry_id}"
+        if model not in runtime.scan.models:
+            LOGGER.error("Model folder %r of agent %r is gone", model, subentry.title)
+            ir.async_create_issue(
+                hass,
+                DOMAIN,
+                issue_id,
+                is_fixable=False,
+                severity=ir.IssueSeverity.ERROR,
+                translation_key="model_missing",
+                translation_placeholders={"model": model, "agent": subentry.title},
+            )
+            continue
+        ir.async_delete_issue(hass, DOMAIN, issue_id)
+        by_model.setdefault(model, []).append(subentry.subentry_id)
+
+    loaded_models: dict[str, LoadedModel] = {}
+    for domain_id, (model, subentry_ids) in enumerate(by_model.items()):
+        settings = [
+            AgentSettings.from_options(entry.subentries[i].data) for i in subentry_ids
+        ]
+        info = runtime.scan.models[model]
+        params = _model_params(info.path, settings, domain_id)
+        for subentry_id in subentry_ids:
+            try:
+                loaded = await runtime.engine.async_acquire(info, params)
+            except RKLLMError as err:
+                raise ConfigEntryNotReady(
+                    translation_domain=DOMAIN,
+                    translation_key=err.translation_key,
+                    translation_placeholders=err.placeholders,
+                ) from err
+            loaded_models[model] = loaded
+            runtime.agents[subentry_id] = Agent(
+                hass,
+                runtime.engine,
+                subentry_id,
+                entry.subentries[subentry_id].data,
+                loaded,
+            )
+    for agent in runtime.agents.values():
+        try:
+            await agent.async_prepare("setup")
+        except (RKLLMError, conversation.ConverseError, OSError) as err:
+            raise ConfigEntryNotReady(
+                translation_domain=DOMAIN,
+                translation_key="cache_build_failed",
+                translation_placeholders={
+                    "model": agent.loaded.name,
+                    "error": str(err),
+                },
+            ) from err
+
+
+@callback
+def _async_track_prefix_sources(
+    hass: HomeAssistant, entry: RockchipConfigEntry, runtime: RockchipRuntime
+) -> None:
+    """Rebuild system caches when what the prompt is made of changes."""
+
+    @callback
+    def schedule(*_args: object) -> None:
+        for agent in runtime.agents.values():
+            agent.schedule_refresh()
+
+    entry.async_on_unload(
+        async_listen_entity_updates(hass, conversation.DOMAIN, schedule)
+    )
+    entry.async_on_unload(
+        hass.bus.async_listen(er.EVENT_ENTITY_REGISTRY_UPDATED, schedule)
+    )
+    entry.async_on_unload(
+        hass.bus.async_listen(ar.EVENT_AREA_REGISTRY_UPDATED, schedule)
+    )
+
+    async def refresh_after_start(_hass: HomeAssistant) -> None:
+        # Other integrations' entities may exist only now: the prefix can differ.
+        for agent in runtime.agents.values():
+            await agent.async_refresh_now()
+
+    entry.async_on_unload(async_at_started(hass, refresh_after_start))
+
+
+async def async_unload_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> bool:
+    """Abort generations, destroy the handles and join their threads."""
+    if not await hass.config_entries.async_unload_platforms(entry, PLATFORMS):
+        return False
+    for agent in entry.runtime_data.agents.values():
+        agent.shutdown()
+    await entry.runtime_data.engine.async_close()
+    return True
+
+
+async def _async_update_listener(
+    hass: HomeAssistant, entry: RockchipConfigEntry
+) -> None:
+    """Reload when options or subentries change."""
+    await hass.config_entries.async_reload(entry.entry_id)

@@ -1,0 +1,65 @@
+"""Constants of the Rockchip LLM integration."""
+
+from enum import StrEnum
+import logging
+from pathlib import Path
+from typing import Final
+
+DOMAIN: Final = "rockchip_llm"
+LOGGER = logging.getLogger(__package__)
+
+# Config entry (one runtime)
+CONF_LIBRARY_PATH: Final = "library_path"
+CONF_MODELS_DIR: Final = "models_dir"
+CONF_CACHE_DIR: Final = "cache_dir"
+
+LIBRARY_CANDIDATES: Final = (
+    Path("/usr/lib/librkllmrt.so"),
+    Path("/usr/local/lib/librkllmrt.so"),
+)
+CONFIG_SUBDIR: Final = "rkllm"
+"""<config>/rkllm holds the default library location, models and caches."""
+
+# Subentries (agents)
+SUBENTRY_CONVERSATION: Final = "conversation"
+SUBENTRY_AI_TASK: Final = "ai_task_data"
+
+CONF_MODEL: Final = "model"
+CONF_PROMPT: Final = "prompt"
+CONF_MAX_CONTEXT_LEN: Final = "max_context_len"
+CONF_MAX_NEW_TOKENS: Final = "max_new_tokens"
+CONF_TEMPERATURE: Final = "temperature"
+CONF_TOP_K: Final = "top_k"
+CONF_TOP_P: Final = "top_p"
+CONF_REPEAT_PENALTY: Final = "repeat_penalty"
+CONF_ENABLE_THINKING: Final = "enable_thinking"
+CONF_MAX_HISTORY: Final = "max_history"
+CONF_HISTORY_STRATEGY: Final = "history_strategy"
+
+
+class HistoryStrategy(StrEnum):
+    """How follow-up turns reuse the model's KV cache."""
+
+    AUTO = "auto"
+    """Keep history in the KV and send only new turns; reset to the system cache otherwise."""
+    PROMPT_CACHE_ONLY = "prompt_cache_only"
+    """Every run is independent; only the system prompt cache is reused."""
+    OFF = "off"
+    """No reuse at all: every run prefills the whole prompt."""
+
+
+DEFAULT_MAX_CONTEXT_LEN: Final = 4096
+DEFAULT_MAX_NEW_TOKENS: Final = 256
+DEFAULT_TEMPERATURE: Final = 0.7
+DEFAULT_TOP_K: Final = 20
+DEFAULT_TOP_P: Final = 0.8
+DEFAULT_REPEAT_PENALTY: Final = 1.1
+DEFAULT_ENABLE_THINKING: Final = False
+DEFAULT_MAX_HISTORY: Final = 10
+DEFAULT_HISTORY_STRATEGY: Final = HistoryStrategy.AUTO
+
+DEFAULT_PROMPT_FILE: Final = Path(__file__).parent / "prompts" / "system.txt"
+
+SYSTEM_CACHE_NAME: Final = "system"
+REBUILD_DEBOUNCE_SECONDS: Final = 30.0
+MAX_TOOL_ITERATIONS: Final = 10

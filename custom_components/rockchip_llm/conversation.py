@@ -1,0 +1,75 @@
+"""The Assist conversation agent."""
+
+from typing import Literal
+
+from homeassistant.components import conversation
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.const import CONF_LLM_HASS_API, MATCH_ALL
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+
+from . import RockchipConfigEntry
+from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
+from .entity import RockchipLLMBaseEntity
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,
+    entry: RockchipConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add one conversation entity per ready agent."""
+    for subentry in entry.subentries.values():
+        if (
+            subentry.subentry_type == SUBENTRY_CONVERSATION
+            and subentry.subentry_id in entry.runtime_data.agents
+        ):
+            async_add_entities(
+                [RockchipConversationEntity(entry, subentry)],
+                config_subentry_id=subentry.subentry_id,
+            )
+
+
+class RockchipConversationEntity(
+    conversation.ConversationEntity,
+    RockchipLLMBaseEntity,
+):
+    """An Assist agent answered by a model on the NPU."""
+
+    _attr_supports_streaming = True
+
+    def __init__(self, entry: RockchipConfigEntry, subentry: ConfigSubentry) -> None:
+        """Set up the agent."""
+        super().__init__(entry, subentry)
+        if subentry.data.get(CONF_LLM_HASS_API):
+            self._attr_supported_features = (
+                conversation.ConversationEntityFeature.CONTROL
+            )
+
+    @property
+    def supported_languages(self) -> list[str] | Literal["*"]:
+        """Every language the model speaks."""
+        return MATCH_ALL
+
+    async def async_prepare(self, language: str | None = None) -> None:
+        """Warm up when a pipeline starts: make sure the system cache is current."""
+        await self.agent.async_refresh_now()
+
+    async def _async_handle_message(
+        self,
+        user_input: conversation.ConversationInput,
+        chat_log: conversation.ChatLog,
+    ) -> conversation.ConversationResult:
+        """Answer one user message."""
+        options = self.subentry.data
+        try:
+            await chat_log.async_provide_llm_data(
+                user_input.as_llm_context(DOMAIN),
+                options.get(CONF_LLM_HASS_API),
+                options.get(CONF_PROMPT),
+                user_input.extra_system_prompt,
+            )
+        except conversation.ConverseError as err:
+            return err.as_conversation_result()
+        await self._async_handle_chat_log(chat_log)
+        return conversation.async_get_result_from_chat_log(user_input, chat_log)

@@ -1,0 +1,373 @@
+"""Async facade over the binding: shared model handles, FIFO access, streaming, caches.
+
+No Home Assistant imports. Each loaded model has one worker thread (owned by its
+RKLLMModel); the event loop only awaits futures and receives streamed text through
+``call_soon_threadsafe``. Callers hold ``LoadedModel.lock`` (FIFO) around
+everything they do with a model, so KV bookkeeping stays consistent.
+"""
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+import contextlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+import logging
+from pathlib import Path
+import time
+from typing import Any
+
+from .chat import KVState, SystemPrefix
+from .models import ModelInfo, model_fingerprint
+from .prompt_cache import (
+    CacheEntry,
+    CacheExpectation,
+    CacheMetadata,
+    PromptCacheStore,
+    prompt_sha256,
+)
+from .rkllm.library import RuntimeLibrary
+from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
+
+_LOGGER = logging.getLogger(__name__)
+
+RECENT_RUNS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """Measurements of one generation, for diagnostics and benchmarks."""
+
+    prefill_tokens: int
+    prefill_ms: float
+    generate_tokens: int
+    generate_ms: float
+    ttft_ms: float | None
+    reused_history: bool
+    cache: str | None
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model handle shared by every agent that uses the model."""
+
+    info: ModelInfo
+    params: ModelParams
+    model: RKLLMModel
+    fingerprint: dict[str, int | str]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    prefix_key: str | None = None
+    """The system prompt and tools currently set on the handle."""
+    loaded_cache: CacheEntry | None = None
+    kv: KVState | None = None
+    kv_tokens: int = 0
+    recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
+
+    @property
+    def name(self) -> str:
+        """The model's friendly name."""
+        return self.info.name
+
+
+class Generation:
+    """One streaming run: iterate for text, then read ``result``."""
+
+    def __init__(self, loaded: LoadedModel, request: RunRequest) -> None:
+        """Prepare the run; it starts when iteration starts."""
+        self._loaded = loaded
+        self._request = request
+        self.result: RunResult | None = None
+        self.ttft_ms: float | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """Start the run and yield decoded text as the runtime produces it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def push(item: str | None) -> None:
+            # A closed loop means nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        started = time.monotonic()
+        future = self._loaded.model.run(self._request, push)
+        future.add_done_callback(lambda _: push(None))
+        try:
+            while (text := await queue.get()) is not None:
+                if self.ttft_ms is None:
+                    self.ttft_ms = (time.monotonic() - started) * 1000
+                yield text
+            self.result = await asyncio.wrap_future(future)
+        finally:
+            if not future.done():
+                self._loaded.model.abort()
+                await _wait_quietly(future)
+
+    async def collect(self) -> RunResult:
+        """Run to the end, discarding the text, and return the result."""
+        async for _text in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+async def _wait_quietly(future: Future[Any]) -> None:
+    """Wait for an aborted run to end, even while being cancelled."""
+    try:
+        await asyncio.shield(asyncio.wrap_future(future))
+    except Exception:  # noqa: BLE001 - the run's own error is irrelevant after abort
+        _LOGGER.debug("Aborted run ended with an error", exc_info=True)
+
+
+async def call[T](future: Future[T]) -> T:
+    """Await a future of the binding."""
+    return await asyncio.wrap_future(future)
+
+
+class Engine:
+    """Loads models on demand, shares them, and manages their prompt caches."""
+
+    def __init__(
+        self,
+        library: RuntimeLibrary,
+        store: PromptCacheStore,
+        run_blocking: Callable[..., Any],
+    ) -> None:
+        """Create an engine; run_blocking runs a blocking function off the loop."""
+        self.library = library
+        self.store = store
+        self._run_blocking = run_blocking
+        self._models: dict[str, LoadedModel] = {}
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """Loaded models by name."""
+        return self._models
+
+    async def async_acquire(self, info: ModelInfo, params: ModelParams) -> LoadedModel:
+        """Return the loaded model for info, loading it on first use."""
+        if (loaded := self._models.get(info.name)) is None:
+            model = RKLLMModel(self.library, info.name)
+            try:
+                await call(model.init(params))
+                fingerprint = await self._run_blocking(model_fingerprint, info.path)
+            except BaseException:
+                await self._run_blocking(model.close)
+                raise
+            loaded = LoadedModel(
+                info=info, params=params, model=model, fingerprint=fingerprint
+            )
+            self._models[info.name] = loaded
+        loaded.users += 1
+        return loaded
+
+    async def async_release(self, loaded: LoadedModel) -> None:
+        """Drop one user of a model; the last one destroys the handle."""
+        loaded.users -= 1
+        if loaded.users <= 0 and self._models.get(loaded.name) is loaded:
+            del self._models[loaded.name]
+            await self._run_blocking(loaded.model.close)
+
+    async def async_close(self) -> None:
+        """Abort every run, destroy every handle and join the worker threads."""
+        models, self._models = list(self._models.values()), {}
+        for loaded in models:
+            await self._run_blocking(loaded.model.close)
+
+    # Prefix and prompt caches (callers hold loaded.lock)
+
+    def expectation(
+        self, loaded: LoadedModel, prefix: SystemPrefix
+    ) -> CacheExpectation:
+        """Return what a cache must match to serve prefix on this model and runtime."""
+        info = self.library.info
+        return CacheExpectation(
+            prompt_sha256=prompt_sha256(prefix.prompt),
+            model_fingerprint=loaded.fingerprint,
+            runtime_family=str(info.family),
+            runtime_version=info.version,
+            context=self._context(loaded, prefix),
+        )
+
+    @staticmethod
+    def _context(
+        loaded: LoadedModel, prefix: SystemPrefix
+    ) -> dict[str, int | float | bool | str]:
+        return {
+            "max_context_len": loaded.params.max_context_len,
+            "tools_sha256": prefix.tools_sha256,
+        }
+
+    async def async_set_prefix(self, loaded: LoadedModel, prefix: SystemPrefix) -> None:
+        """Put prefix (system prompt and tools) on the handle if it is not there."""
+        if loaded.prefix_key == prefix.key:
+            return
+        await call(loaded.model.set_function_tools(prefix.prompt, prefix.tools_json))
+        loaded.prefix_key = prefix.key
+        loaded.kv = None
+        loaded.kv_tokens = 0
+
+    async def async_find_cache(
+        self, loaded: LoadedModel, prefix: SystemPrefix
+    ) -> CacheEntry | None:
+        """Return the valid cache with the longest prompt that prefix starts with."""
+        entries = await self._run_blocking(self.store.list, loaded.name)
+        expected = self.expectation(loaded, prefix)
+        best: CacheEntry | None = None
+        for entry in entries:
+            metadata = entry.metadata
+            if metadata is None or entry.problem is not None:
+                continue
+            if len(prefix.prompt) < metadata.prompt_length:
+                continue
+            partial = CacheExpectation(
+                prompt_sha256=prompt_sha256(prefix.prompt[: metadata.prompt_length]),
+                model_fingerprint=expected.model_fingerprint,
+                runtime_family=expected.runtime_family,
+                runtime_version=expected.runtime_version,
+                context=expected.context,
+            )
+            if entry.invalid_reason(partial) is None and (
+                best is None
+                or best.metadata is None
+                or metadata.prompt_length > best.metadata.prompt_length
+            ):
+                best = entry
+        return best
+
+    async def async_use_cache(
+        self, loaded: LoadedModel, entry: CacheEntry | None
+    ) -> None:
+        """Make entry the handle's loaded prompt cache (None releases it)."""
+        current = loaded.loaded_cache
+        if (
+            current is not None
+            and entry is not None
+            and current.bin_path == entry.bin_path
+        ):
+            return
+        if current is not None:
+            await call(loaded.model.release_prompt_cache())
+            loaded.loaded_cache = None
+        if entry is not None:
+            await call(loaded.model.load_prompt_cache(entry.bin_path))
+            loaded.loaded_cache = entry
+
+    async def async_build_cache(
+        self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
+    ) -> CacheEntry:
+        """Prefill prefix once and store it as the named prompt cache."""
+        await self.async_set_prefix(loaded, prefix)
+        await self.async_use_cache(loaded, None)
+        await call(loaded.model.clear_kv_cache(keep_system_prompt=False))
+        loaded.kv = None
+        staging: Path = await self._run_blocking(
+            self.store.staging_bin_path, loaded.name, name
+        )
+        started = time.monotonic()
+        try:
+            result = await Generation(
+                loaded,
+                RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1),
+            ).collect()
+            build_ms = (time.monotonic() - started) * 1000
+            size = await self._run_blocking(_file_size, staging)
+            info = self.library.info
+            metadata = CacheMetadata(
+                name=name,
+                model=loaded.name,
+                created_at=datetime.now(UTC).isoformat(),
+                prompt_sha256=prompt_sha256(prefix.prompt),
+                prompt_length=len(prefix.prompt),
+                tokens=result.perf.prefill_tokens if result.perf else 0,
+                size_bytes=size,
+                build_ms=round(build_ms, 1),
+                source=source,
+                model_fingerprint=loaded.fingerprint,
+                runtime_family=str(info.family),
+                runtime_version=info.version,
+                context=self._context(loaded, prefix),
+            )
+            entry: CacheEntry = await self._run_blocking(
+                self.store.commit, staging, metadata
+            )
+        except BaseException:
+            await self._run_blocking(self.store.discard, staging)
+            raise
+        _LOGGER.info(
+            "Built prompt cache %s/%s: %d tokens in %.0f ms, %d bytes",
+            loaded.name,
+            name,
+            metadata.tokens,
+            build_ms,
+            size,
+        )
+        await self.async_use_cache(loaded, entry)
+        return entry
+
+    async def async_prepare(
+        self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
+    ) -> tuple[CacheEntry, bool]:
+        """Load the valid named cache for prefix, building it if needed.
+
+        Returns the entry and whether it was built now.
+        """
+        entry = await self._run_blocking(self.store.get, loaded.name, name)
+        if entry is not None:
+            reason = entry.invalid_reason(self.expectation(loaded, prefix))
+            if reason is None:
+                await self.async_set_prefix(loaded, prefix)
+                try:
+                    await self.async_use_cache(loaded, entry)
+                except Exception:  # noqa: BLE001 - a cache the runtime refuses is rebuilt
+                    _LOGGER.warning(
+                        "The runtime refused prompt cache %s; rebuilding it",
+                        entry.bin_path,
+                    )
+                else:
+                    return entry, False
+            else:
+                _LOGGER.info(
+                    "Prompt cache %s/%s is stale (%s); rebuilding it",
+                    loaded.name,
+                    name,
+                    reason,
+                )
+        return await self.async_build_cache(loaded, prefix, name, source), True
+
+    async def async_reset_kv(self, loaded: LoadedModel) -> None:
+        """Clear the KV back to the system prompt."""
+        await call(loaded.model.clear_kv_cache(keep_system_prompt=True))
+        loaded.kv = None
+        loaded.kv_tokens = 0
+
+    async def async_note_kv(self, loaded: LoadedModel, state: KVState) -> None:
+        """Record what the KV holds after a run that kept history."""
+        loaded.kv = state
+        loaded.kv_tokens = await call(loaded.model.kv_cache_size())
+
+    def record(self, loaded: LoadedModel, stats: RunStats) -> None:
+        """Remember a run's measurements."""
+        loaded.recent.append(stats)
+        _LOGGER.debug(
+            "%s: prefilled %d tokens in %.1f ms (history reused: %s, cache: %s), "
+            "generated %d tokens in %.1f ms",
+            loaded.name,
+            stats.prefill_tokens,
+            stats.prefill_ms,
+            stats.reused_history,
+            stats.cache,
+            stats.generate_tokens,
+            stats.generate_ms,
+        )
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def perf_or_zero(perf: PerfStats | None) -> PerfStats:
+    """Return perf, or zeros when the runtime gave none (aborted runs)."""
+    return perf or PerfStats(0.0, 0, 0.0, 0, 0.0)

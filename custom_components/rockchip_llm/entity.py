@@ -1,0 +1,228 @@
+"""Base entity of our agents: device info and the chat loop."""
+
+from collections.abc import AsyncGenerator
+import json
+
+from homeassistant.components import conversation
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers import device_registry as dr, llm
+from homeassistant.helpers.entity import Entity
+from homeassistant.util import ulid
+
+from . import RockchipConfigEntry
+from .agent import Agent
+from .agent_prefix import prefix_from_chat_log
+from .chat import ContextBudget, KVState, Message, PromptTooLong, SystemPrefix, plan_run
+from .const import DOMAIN, MAX_TOOL_ITERATIONS, HistoryStrategy
+from .engine import Generation, RunStats, perf_or_zero
+from .rkllm.errors import RKLLMError
+from .rkllm.runtime import RunRequest
+from .stream_parser import (
+    ParsedToolCall,
+    Piece,
+    StreamParser,
+    TextPiece,
+    ThinkingPiece,
+    ToolCallError,
+)
+
+INVALID_TOOL_CALL = "invalid_tool_call"
+
+
+def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
+    """Reduce the chat log (after the system prompt) to what the model sees."""
+    messages: list[Message] = []
+    for content in chat_log.content[1:]:
+        if isinstance(content, conversation.UserContent):
+            messages.append(Message("user", content.content))
+        elif isinstance(content, conversation.AssistantContent):
+            calls = [
+                json.dumps(
+                    {"name": call.tool_name, "arguments": call.tool_args},
+                    ensure_ascii=False,
+                )
+                for call in content.tool_calls or ()
+            ]
+            text = "\n".join([content.content or "", *calls]).strip()
+            messages.append(Message("assistant", text))
+        elif isinstance(content, conversation.ToolResultContent):
+            result = json.dumps(content.tool_result, ensure_ascii=False, default=str)
+            messages.append(Message("tool", result))
+    return messages
+
+
+def _answered(messages: list[Message]) -> tuple[Message, ...]:
+    """Messages up to the last assistant answer (what the KV holds after a run)."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].role == "assistant":
+            return tuple(messages[: index + 1])
+    return ()
+
+
+class RockchipLLMBaseEntity(Entity):
+    """An agent backed by a model on the NPU."""
+
+    _attr_has_entity_name = True
+    _attr_name = None
+
+    def __init__(self, entry: RockchipConfigEntry, subentry: ConfigSubentry) -> None:
+        """Set up identity and device info."""
+        self.entry = entry
+        self.subentry = subentry
+        self._attr_unique_id = subentry.subentry_id
+        agent = self.agent
+        self._attr_device_info = dr.DeviceInfo(
+            identifiers={(DOMAIN, subentry.subentry_id)},
+            name=subentry.title,
+            manufacturer="Rockchip",
+            model=agent.loaded.name,
+            sw_version=f"RKLLM runtime {agent.engine.library.info.version}",
+            entry_type=dr.DeviceEntryType.SERVICE,
+        )
+
+    @property
+    def agent(self) -> Agent:
+        """The agent's runtime state."""
+        return self.entry.runtime_data.agents[self.subentry.subentry_id]
+
+    async def _async_handle_chat_log(self, chat_log: conversation.ChatLog) -> None:
+        """Answer the chat log, running tools until the model is done."""
+        agent = self.agent
+        settings = agent.settings
+        loaded = agent.loaded
+        engine = agent.engine
+        prefix = prefix_from_chat_log(chat_log)
+        agent.prefix_seen(prefix)
+        keep_history = settings.history_strategy is HistoryStrategy.AUTO
+        async with loaded.lock:
+            try:
+                await engine.async_set_prefix(loaded, prefix)
+                if settings.history_strategy is HistoryStrategy.OFF:
+                    await engine.async_use_cache(loaded, None)
+                else:
+                    await engine.async_use_cache(
+                        loaded, await engine.async_find_cache(loaded, prefix)
+                    )
+                for _iteration in range(MAX_TOOL_ITERATIONS):
+                    await self._async_run_once(chat_log, prefix, keep_history)
+                    if not chat_log.unresponded_tool_results:
+                        break
+            except PromptTooLong as err:
+                raise HomeAssistantError(
+                    translation_domain=DOMAIN,
+                    translation_key="prompt_too_long",
+                    translation_placeholders={
+                        "max_context_len": str(settings.max_context_len)
+                    },
+                ) from err
+            except RKLLMError as err:
+                loaded.kv = None
+                raise HomeAssistantError(
+                    translation_domain=DOMAIN,
+                    translation_key="generation_failed",
+                    translation_placeholders={"error": str(err)},
+                ) from err
+
+    async def _async_run_once(
+        self, chat_log: conversation.ChatLog, prefix: SystemPrefix, keep_history: bool
+    ) -> None:
+        """Send the chat log's pending input to the model and stream the answer."""
+        agent = self.agent
+        settings = agent.settings
+        loaded = agent.loaded
+        cache = loaded.loaded_cache
+        prefix_tokens = cache.metadata.tokens if cache and cache.metadata else 0
+        plan = plan_run(
+            loaded.kv,
+            prefix,
+            messages_from_chat_log(chat_log),
+            keep_history=keep_history,
+            max_history=settings.max_history,
+            budget=ContextBudget(
+                max_context_len=settings.max_context_len,
+                prefix_tokens=prefix_tokens,
+                kv_tokens=max(loaded.kv_tokens, prefix_tokens),
+                reply_tokens=settings.max_new_tokens,
+            ),
+        )
+        if not plan.reuse_history:
+            await agent.engine.async_reset_kv(loaded)
+        generation = Generation(
+            loaded,
+            RunRequest(
+                prompt=plan.prompt,
+                role=plan.role,
+                enable_thinking=settings.enable_thinking,
+                keep_history=keep_history,
+                sampling=settings.sampling,
+                max_new_tokens=settings.max_new_tokens,
+            ),
+        )
+        loaded.kv = None  # unknown until the run completes
+        async for _content in chat_log.async_add_delta_content_stream(
+            self.entity_id, _deltas(generation)
+        ):
+            pass
+        if keep_history:
+            await agent.engine.async_note_kv(
+                loaded, KVState(prefix.key, _answered(messages_from_chat_log(chat_log)))
+            )
+        perf = perf_or_zero(generation.result.perf if generation.result else None)
+        agent.engine.record(
+            loaded,
+            RunStats(
+                prefill_tokens=perf.prefill_tokens,
+                prefill_ms=perf.prefill_time_ms,
+                generate_tokens=perf.generate_tokens,
+                generate_ms=perf.generate_time_ms,
+                ttft_ms=generation.ttft_ms,
+                reused_history=plan.reuse_history,
+                cache=cache.name if cache else None,
+            ),
+        )
+
+
+async def _deltas(
+    generation: Generation,
+) -> AsyncGenerator[
+    conversation.AssistantContentDeltaDict | conversation.ToolResultContentDeltaDict
+]:
+    """Turn generated text into chat-log deltas (text, thinking, tool calls)."""
+    parser = StreamParser()
+    errors: list[ToolCallError] = []
+    yield {"role": "assistant"}
+    async for text in generation:
+        for piece in parser.feed(text):
+            if (delta := _delta(piece, errors)) is not None:
+                yield delta
+    for piece in parser.finish():
+        if (delta := _delta(piece, errors)) is not None:
+            yield delta
+    for error in errors:
+        yield {
+            "role": "tool_result",
+            "tool_call_id": ulid.ulid_now(),
+            "tool_name": INVALID_TOOL_CALL,
+            "tool_result": {
+                "error": f"Your tool call was not valid JSON ({error.error}). "
+                "Reply with a corrected <tool_call> block.",
+            },
+        }
+
+
+def _delta(
+    piece: Piece, errors: list[ToolCallError]
+) -> conversation.AssistantContentDeltaDict | None:
+    if isinstance(piece, TextPiece):
+        return {"content": piece.text}
+    if isinstance(piece, ThinkingPiece):
+        return {"thinking_content": piece.text}
+    if isinstance(piece, ParsedToolCall):
+        return {
+            "tool_calls": [
+                llm.ToolInput(tool_name=piece.name, tool_args=piece.arguments)
+            ]
+        }
+    errors.append(piece)
+    return None
