@@ -1,12 +1,27 @@
 """Shared fixtures: the simulator library, simulated model folders, HA glue."""
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+import ctypes
 import subprocess
+from typing import Any
 
 import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.rockchip_llm.const import (
+    CONF_CACHE_DIR,
+    CONF_LIBRARY_PATH,
+    CONF_MODEL,
+    CONF_MODELS_DIR,
+    DOMAIN,
+)
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from homeassistant.config_entries import ConfigSubentryData
+from homeassistant.const import CONF_LLM_HASS_API
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import llm
+from homeassistant.setup import async_setup_component
 
 SIM_DIR = Path(__file__).parent / "rkllm_sim"
 SIM_BUILD = SIM_DIR / "build"
@@ -94,3 +109,79 @@ def auto_enable_custom_integrations(request: pytest.FixtureRequest) -> None:
     """Let Home Assistant load custom_components/ in every test that uses hass."""
     if "hass" in request.fixturenames:
         request.getfixturevalue("enable_custom_integrations")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """Where the integration keeps prompt caches."""
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+async def ha_base(hass: HomeAssistant) -> None:
+    """Set up the core integrations an Assist agent runs with."""
+    assert await async_setup_component(hass, "homeassistant", {})
+    assert await async_setup_component(hass, "conversation", {})
+
+
+type EntryFactory = Callable[..., Awaitable[MockConfigEntry]]
+
+
+@pytest.fixture
+def make_entry(
+    hass: HomeAssistant,
+    ha_base: None,
+    sim_library: Path,
+    models_dir: Path,
+    cache_dir: Path,
+    write_model: ModelWriter,
+) -> EntryFactory:
+    """Create and set up a config entry with one agent per options dict."""
+
+    async def make(
+        *agents: dict[str, Any], setup: bool = True, model_kwargs: dict[str, Any] | None = None
+    ) -> MockConfigEntry:
+        if not any(models_dir.iterdir()):
+            write_model(**(model_kwargs or {}))
+        agents = agents or ({},)
+        entry = MockConfigEntry(
+            domain=DOMAIN,
+            title="Rockchip LLM",
+            data={
+                CONF_LIBRARY_PATH: str(sim_library),
+                CONF_MODELS_DIR: str(models_dir),
+                CONF_CACHE_DIR: str(cache_dir),
+            },
+            subentries_data=[
+                ConfigSubentryData(
+                    data={CONF_MODEL: "Qwen3 Sim", CONF_LLM_HASS_API: [llm.LLM_API_ASSIST], **options},
+                    subentry_type="conversation",
+                    title=f"Agent {index}",
+                    unique_id=None,
+                )
+                for index, options in enumerate(agents)
+            ],
+        )
+        entry.add_to_hass(hass)
+        if setup:
+            await hass.config_entries.async_setup(entry.entry_id)
+            await hass.async_block_till_done()
+        return entry
+
+    return make
+
+
+def sim_counter(entry: MockConfigEntry, name: str) -> int:
+    """Read a process-wide counter of the simulator behind a loaded entry."""
+    function = entry.runtime_data.engine.library.cdll.rkllm_sim_counter
+    function.restype = ctypes.c_longlong
+    function.argtypes = [ctypes.c_char_p]
+    return int(function(name.encode()))
+
+
+@pytest.fixture(autouse=True)
+def reset_sim_counters() -> None:
+    """Start every test with zeroed simulator counters."""
+    for path in SIM_LIBRARIES.values():
+        if path.exists():
+            ctypes.CDLL(str(path)).rkllm_sim_reset_counters()

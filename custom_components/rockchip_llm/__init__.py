@@ -3,7 +3,10 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homeassistant.components import conversation
+from homeassistant.components.conversation import (
+    DOMAIN as CONVERSATION_DOMAIN,
+    ConverseError,
+)
 from homeassistant.components.homeassistant.exposed_entities import (
     async_listen_entity_updates,
 )
@@ -32,7 +35,7 @@ from .const import (
 )
 from .engine import Engine, LoadedModel
 from .models import ModelScan, ModelsDirError, scan_models
-from .prompt_cache import PromptCacheStore
+from .prompt_cache import CacheError, PromptCacheStore
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.library import load_library
 from .rkllm.runtime import ModelParams
@@ -169,7 +172,7 @@ async def _async_load_agents(
     for agent in runtime.agents.values():
         try:
             await agent.async_prepare("setup")
-        except (RKLLMError, conversation.ConverseError, OSError) as err:
+        except (RKLLMError, CacheError, ConverseError, OSError) as err:
             raise ConfigEntryNotReady(
                 translation_domain=DOMAIN,
                 translation_key="cache_build_failed",
@@ -192,7 +195,7 @@ def _async_track_prefix_sources(
             agent.schedule_refresh()
 
     entry.async_on_unload(
-        async_listen_entity_updates(hass, conversation.DOMAIN, schedule)
+        async_listen_entity_updates(hass, CONVERSATION_DOMAIN, schedule)
     )
     entry.async_on_unload(
         hass.bus.async_listen(er.EVENT_ENTITY_REGISTRY_UPDATED, schedule)

@@ -273,7 +273,6 @@ class Engine:
                 RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1),
             ).collect()
             build_ms = (time.monotonic() - started) * 1000
-            size = await self._run_blocking(_file_size, staging)
             info = self.library.info
             metadata = CacheMetadata(
                 name=name,
@@ -282,7 +281,7 @@ class Engine:
                 prompt_sha256=prompt_sha256(prefix.prompt),
                 prompt_length=len(prefix.prompt),
                 tokens=result.perf.prefill_tokens if result.perf else 0,
-                size_bytes=size,
+                size_bytes=0,  # commit() measures the staged file
                 build_ms=round(build_ms, 1),
                 source=source,
                 model_fingerprint=loaded.fingerprint,
@@ -302,7 +301,7 @@ class Engine:
             name,
             metadata.tokens,
             build_ms,
-            size,
+            entry.metadata.size_bytes if entry.metadata else 0,
         )
         await self.async_use_cache(loaded, entry)
         return entry
@@ -362,10 +361,6 @@ class Engine:
             stats.generate_tokens,
             stats.generate_ms,
         )
-
-
-def _file_size(path: Path) -> int:
-    return path.stat().st_size
 
 
 def perf_or_zero(perf: PerfStats | None) -> PerfStats:

@@ -47,6 +47,9 @@ def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
             text = "\n".join([content.content or "", *calls]).strip()
             messages.append(Message("assistant", text))
         elif isinstance(content, conversation.ToolResultContent):
+            if not messages or messages[-1].role == "user":
+                # A malformed tool call left no assistant content of its own.
+                messages.append(Message("assistant", ""))
             result = json.dumps(content.tool_result, ensure_ascii=False, default=str)
             messages.append(Message("tool", result))
     return messages

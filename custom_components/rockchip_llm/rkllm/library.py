@@ -185,11 +185,12 @@ def inspect_library(
     ):
         blob = git_blob_sha1(data)
         known = KNOWN_RELEASES.get(blob[:8])
-        found = _VERSION_STRING.search(data) if known is None else None
+        match = _VERSION_STRING.search(data) if known is None else None
+        found = match.group(1).decode() if match is not None else None
     if known is not None:
         version, source = known, VersionSource.RELEASE_HASH
     elif found is not None:
-        version, source = found.group(1).decode(), VersionSource.VERSION_STRING
+        version, source = found, VersionSource.VERSION_STRING
     elif family_override is not None:
         version, source = f"{family_override}.x", VersionSource.OVERRIDE
     else:

@@ -1,0 +1,578 @@
+"""The prompt-cache store: ``<root>/<model>/<name>.bin`` plus ``<name>.json``.
+
+The RKLLM runtime writes a prompt cache (the ``.bin``) to a staging path given by
+the store; ``commit`` installs it together with our JSON metadata. Pure Python,
+no Home Assistant imports. Every method here blocks (file system I/O): call it
+in an executor.
+"""
+
+from collections.abc import Iterator, Mapping
+import contextlib
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+import re
+import secrets
+import stat
+from typing import Any, Self
+
+_LOGGER = logging.getLogger(__name__)
+
+CACHE_NAME_PATTERN = re.compile(r"^[a-z0-9_]{1,64}$")
+SYSTEM_CACHE = "system"
+METADATA_VERSION = 1
+
+_BIN = ".bin"
+_JSON = ".json"
+_TEMP_PATTERN = re.compile(r"\.[a-z0-9_]{1,64}\.(?:bin|json)\.tmp-[0-9a-f]{16}")
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+_MAX_METADATA_BYTES = 1024 * 1024
+
+
+class CacheError(Exception):
+    """Base class of prompt-cache errors: a translation key and placeholders."""
+
+    translation_key: str = "cache_error"
+
+    def __init__(self, message: str, **placeholders: str) -> None:
+        """Store the English message and the translation placeholders."""
+        super().__init__(message)
+        self.placeholders: dict[str, str] = placeholders
+
+
+class InvalidCacheName(CacheError):
+    """A cache name is not a slug, or its file resolves outside the root."""
+
+    translation_key = "invalid_cache_name"
+
+
+class InvalidModelName(CacheError):
+    """A model name is not a single safe path component, or escapes the root."""
+
+    translation_key = "invalid_model_name"
+
+
+class CacheWriteError(CacheError):
+    """Writing or deleting a cache failed; the previous pair is kept."""
+
+    translation_key = "cache_write_failed"
+
+
+class CorruptCache(CacheError):
+    """Cache metadata is unreadable, malformed or foreign."""
+
+    translation_key = "cache_corrupt"
+
+
+def _corrupt(message: str) -> CorruptCache:
+    """Build a CorruptCache with the message as its placeholder."""
+    return CorruptCache(message, error=message)
+
+
+def _str(data: Mapping[str, Any], key: str) -> str:
+    """Return a string field."""
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise _corrupt(f"field {key!r} must be a string")
+    return value
+
+
+def _int(data: Mapping[str, Any], key: str) -> int:
+    """Return a non-negative integer field."""
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _corrupt(f"field {key!r} must be a non-negative integer")
+    return value
+
+
+def _float(data: Mapping[str, Any], key: str) -> float:
+    """Return a non-negative finite number field."""
+    value = data.get(key)
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise _corrupt(f"field {key!r} must be a non-negative number")
+    return float(value)
+
+
+def _dict(data: Mapping[str, Any], key: str, kinds: tuple[type, ...]) -> dict[str, Any]:
+    """Return an object field whose values all have one of ``kinds``."""
+    value = data.get(key)
+    if not isinstance(value, dict) or not all(
+        isinstance(item, kinds) and (bool in kinds or not isinstance(item, bool))
+        for item in value.values()
+    ):
+        raise _corrupt(f"field {key!r} must be an object of {kinds}")
+    return dict(value)
+
+
+def _sha256(data: Mapping[str, Any], key: str) -> str:
+    """Return a hex SHA-256 field."""
+    value = _str(data, key)
+    if not _SHA256_PATTERN.fullmatch(value):
+        raise _corrupt(f"field {key!r} must be a hex SHA-256")
+    return value
+
+
+def _utc_timestamp(data: Mapping[str, Any], key: str) -> str:
+    """Return an ISO 8601 UTC timestamp field."""
+    value = _str(data, key)
+    try:
+        offset = datetime.fromisoformat(value).utcoffset()
+    except ValueError:
+        offset = None
+    if offset != timedelta(0):
+        raise _corrupt(f"field {key!r} must be an ISO 8601 UTC timestamp")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMetadata:
+    """What a cache was built from; stored next to it as JSON."""
+
+    name: str
+    model: str
+    created_at: str
+    prompt_sha256: str
+    prompt_length: int
+    tokens: int
+    size_bytes: int
+    build_ms: float
+    source: str
+    model_fingerprint: dict[str, int | str]
+    runtime_family: str
+    runtime_version: str
+    context: dict[str, int | float | bool | str]
+    version: int = METADATA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        """Parse metadata strictly; raise CorruptCache on anything unexpected."""
+        if not isinstance(data, dict):
+            raise _corrupt("metadata must be a JSON object")
+        if _int(data, "version") != METADATA_VERSION:
+            raise _corrupt(f"unsupported metadata version {data['version']}")
+        return cls(
+            name=_str(data, "name"),
+            model=_str(data, "model"),
+            created_at=_utc_timestamp(data, "created_at"),
+            prompt_sha256=_sha256(data, "prompt_sha256"),
+            prompt_length=_int(data, "prompt_length"),
+            tokens=_int(data, "tokens"),
+            size_bytes=_int(data, "size_bytes"),
+            build_ms=_float(data, "build_ms"),
+            source=_str(data, "source"),
+            model_fingerprint=_dict(data, "model_fingerprint", (int, str)),
+            runtime_family=_str(data, "runtime_family"),
+            runtime_version=_str(data, "runtime_version"),
+            context=_dict(data, "context", (int, float, bool, str)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheExpectation:
+    """What a usable cache must match now."""
+
+    prompt_sha256: str
+    model_fingerprint: dict[str, int | str]
+    runtime_family: str
+    runtime_version: str
+    context: dict[str, int | float | bool | str]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A cache on disk; ``metadata`` is None when its JSON is missing or corrupt.
+
+    ``problem`` says why the entry is unusable whatever is expected:
+    "metadata_missing", "metadata_corrupt", "name_mismatch", "bin_missing" or
+    "size_mismatch".
+    """
+
+    metadata: CacheMetadata | None
+    model: str
+    name: str
+    bin_path: Path
+    json_path: Path
+    problem: str | None
+
+    def invalid_reason(self, expected: CacheExpectation) -> str | None:
+        """Return why this cache cannot be used now, None when it can."""
+        metadata = self.metadata
+        if self.problem is not None or metadata is None:
+            return self.problem or "metadata_missing"
+        checks = (
+            ("prompt_changed", metadata.prompt_sha256 == expected.prompt_sha256),
+            ("model_changed", metadata.model_fingerprint == expected.model_fingerprint),
+            (
+                "runtime_changed",
+                metadata.runtime_family == expected.runtime_family
+                and metadata.runtime_version == expected.runtime_version,
+            ),
+            ("context_changed", metadata.context == expected.context),
+        )
+        return next((reason for reason, matches in checks if not matches), None)
+
+
+def prompt_sha256(text: str) -> str:
+    """Return the hex SHA-256 of a prompt's UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _check_cache_name(name: str) -> None:
+    """Raise InvalidCacheName unless ``name`` is a slug."""
+    if not CACHE_NAME_PATTERN.fullmatch(name):
+        raise InvalidCacheName(
+            f"Invalid cache name {name!r}: use 1 to 64 of a-z, 0-9 and _", name=name
+        )
+
+
+def _check_model_name(model: str) -> None:
+    """Raise InvalidModelName unless ``model`` is one visible path component."""
+    if not model or model.startswith(".") or any(c in model for c in "/\\\0"):
+        raise InvalidModelName(f"Invalid model name {model!r}", model=model)
+
+
+def _temp_path(path: Path) -> Path:
+    """Return a unique hidden temp path next to ``path``."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+
+
+def _file_size(path: Path) -> int | None:
+    """Return the size of a regular file, None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _synced_size(path: Path) -> int:
+    """Flush a staged file to disk and return its size; empty is an error."""
+    with path.open("rb") as file:
+        os.fsync(file.fileno())
+        size = os.fstat(file.fileno()).st_size
+    if size == 0:
+        raise OSError(errno.ENODATA, "the runtime wrote an empty cache", str(path))
+    return size
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Create ``path`` with ``text`` and flush it to disk."""
+    with path.open("x", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist the renames in a directory, best effort."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _move_aside(path: Path, backup: Path) -> bool:
+    """Rename ``path`` to ``backup``; False when there was nothing to move."""
+    try:
+        path.replace(backup)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Delete a file if present; log failures."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        _LOGGER.warning("Cannot remove %s: %s", path, err)
+
+
+def _unlink(path: Path) -> bool:
+    """Delete a file; False when it did not exist. Other errors propagate."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _parse_metadata(raw: bytes) -> CacheMetadata:
+    """Parse the bytes of a metadata file or raise CorruptCache."""
+    if len(raw) > _MAX_METADATA_BYTES:
+        raise _corrupt("metadata file is too large")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise _corrupt(f"not JSON: {err}") from err
+    return CacheMetadata.from_json(data)
+
+
+def _read_metadata(path: Path) -> tuple[CacheMetadata | None, str | None]:
+    """Return the metadata of a JSON file, or None and the problem."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(_MAX_METADATA_BYTES + 1)
+    except FileNotFoundError:
+        return None, "metadata_missing"
+    except OSError as err:
+        _LOGGER.warning("Cannot read cache metadata %s: %s", path, err)
+        return None, "metadata_corrupt"
+    try:
+        metadata = _parse_metadata(raw)
+    except CorruptCache as err:
+        _LOGGER.warning("Ignoring corrupt cache metadata %s: %s", path, err)
+        return None, "metadata_corrupt"
+    return metadata, None
+
+
+def _pair_problem(
+    metadata: CacheMetadata, model: str, name: str, bin_size: int | None
+) -> str | None:
+    """Return what is wrong with valid metadata and its ``.bin``, if anything."""
+    if (metadata.model, metadata.name) != (model, name):
+        return "name_mismatch"
+    if bin_size is None:
+        return "bin_missing"
+    if bin_size != metadata.size_bytes:
+        return "size_mismatch"
+    return None
+
+
+def _restore(backup: Path, path: Path) -> None:
+    """Move the previous ``.bin`` back; log when that fails (the backup stays)."""
+    try:
+        backup.replace(path)
+    except OSError:
+        _LOGGER.exception("Cannot restore %s from %s", path, backup)
+
+
+def _list_dir(path: Path) -> list[Path]:
+    """Return the entries of a directory; log and return none on errors."""
+    try:
+        return sorted(path.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        _LOGGER.warning("Cannot list %s: %s", path, err)
+        return []
+
+
+def _visible_names(path: Path) -> list[str]:
+    """Return the names in ``path`` that can be model names."""
+    names = []
+    for entry in _list_dir(path):
+        try:
+            _check_model_name(entry.name)
+        except InvalidModelName:
+            _LOGGER.debug("Skipping %s: not a model folder name", entry)
+            continue
+        names.append(entry.name)
+    return names
+
+
+def _is_cache_file(path: Path) -> bool:
+    """Return True for ``<cache name>.bin`` or ``.json``; log the others."""
+    if path.suffix in (_BIN, _JSON) and CACHE_NAME_PATTERN.fullmatch(path.stem):
+        return True
+    _LOGGER.debug("Skipping %s: not a cache file name", path)
+    return False
+
+
+class PromptCacheStore:
+    """Prompt caches and their metadata under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        """Use ``root`` (created on demand) as the cache root."""
+        self.root = root
+
+    def bin_path(self, model: str, name: str) -> Path:
+        """Return the cache file path; raise InvalidModelName / InvalidCacheName."""
+        return self._path(model, name, _BIN)
+
+    def json_path(self, model: str, name: str) -> Path:
+        """Return the metadata file path; raise InvalidModelName / InvalidCacheName."""
+        return self._path(model, name, _JSON)
+
+    def staging_bin_path(self, model: str, name: str) -> Path:
+        """Create the model folder and return a fresh temp path for the runtime to write."""
+        bin_path = self.bin_path(model, name)
+        try:
+            bin_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CacheWriteError(
+                f"Cannot create {bin_path.parent}: {err}", error=str(err)
+            ) from err
+        return _temp_path(bin_path)
+
+    def commit(self, staging_bin: Path, metadata: CacheMetadata) -> CacheEntry:
+        """Install a staged cache and its metadata as one pair.
+
+        ``metadata.size_bytes`` is set from the staged file. The JSON is written
+        to a temp file and synced, the old ``.bin`` is moved aside, then the new
+        ``.bin`` and the JSON are renamed into place. On any OSError the previous
+        state is restored, the temp files are removed and CacheWriteError is raised.
+        """
+        bin_path = self.bin_path(metadata.model, metadata.name)
+        json_path = self.json_path(metadata.model, metadata.name)
+        self._check_staging(staging_bin, bin_path)
+        json_tmp = _temp_path(json_path)
+        backup = _temp_path(bin_path)
+        moved_aside = installed = False
+        try:
+            metadata = replace(metadata, size_bytes=_synced_size(staging_bin))
+            text = json.dumps(metadata.to_json(), indent=2, sort_keys=True)
+            _write_synced(json_tmp, text + "\n")
+            moved_aside = _move_aside(bin_path, backup)
+            staging_bin.replace(bin_path)
+            installed = True
+            json_tmp.replace(json_path)
+        except OSError as err:
+            if moved_aside:
+                _restore(backup, bin_path)
+            elif installed:
+                _remove(bin_path)
+            _remove(staging_bin)
+            _remove(json_tmp)
+            raise CacheWriteError(
+                f"Cannot write cache {bin_path}: {err}", error=str(err)
+            ) from err
+        _remove(backup)
+        _fsync_dir(bin_path.parent)
+        return CacheEntry(
+            metadata, metadata.model, metadata.name, bin_path, json_path, None
+        )
+
+    def discard(self, staging_bin: Path) -> None:
+        """Remove a staging file; a missing one is fine."""
+        self._check_staging(staging_bin, None)
+        _remove(staging_bin)
+
+    def get(self, model: str, name: str) -> CacheEntry | None:
+        """Return a cache entry, None when neither of its files exists."""
+        return self._load(model, name)
+
+    def delete(self, model: str, name: str) -> bool:
+        """Delete a cache's files; False when none existed."""
+        paths = (self.json_path(model, name), self.bin_path(model, name))
+        try:
+            removed = [_unlink(path) for path in paths]
+        except OSError as err:
+            raise CacheWriteError(
+                f"Cannot delete cache {model}/{name}: {err}", error=str(err)
+            ) from err
+        return any(removed)
+
+    def clean_staging(self) -> None:
+        """Remove temp files left by a crash; call only while nothing is being built."""
+        for model_dir in self._model_dirs(None):
+            for path in _list_dir(model_dir):
+                if _TEMP_PATTERN.fullmatch(path.name):
+                    _LOGGER.debug("Removing leftover %s", path)
+                    _remove(path)
+
+    def _path(self, model: str, name: str, suffix: str) -> Path:
+        """Return a validated path of a cache file inside the root."""
+        _check_cache_name(name)
+        path = self._model_dir(model) / f"{name}{suffix}"
+        if not self._inside(path):
+            raise InvalidCacheName(
+                f"Cache file {path} resolves outside {self.root}", name=name
+            )
+        return path
+
+    def _model_dir(self, model: str) -> Path:
+        """Return a validated model folder inside the root."""
+        _check_model_name(model)
+        path = self.root / model
+        if not self._inside(path):
+            raise InvalidModelName(
+                f"Cache folder {path} resolves outside {self.root}", model=model
+            )
+        return path
+
+    def _inside(self, path: Path) -> bool:
+        """Return True when ``path``, symlinks resolved, stays inside the root."""
+        return path.resolve().is_relative_to(self.root.resolve())
+
+    def _check_staging(self, staging_bin: Path, bin_path: Path | None) -> None:
+        """Raise ValueError unless ``staging_bin`` came from staging_bin_path."""
+        valid = (
+            _TEMP_PATTERN.fullmatch(staging_bin.name) is not None
+            and self._inside(staging_bin)
+            and (
+                bin_path is None
+                or (
+                    staging_bin.parent == bin_path.parent
+                    and staging_bin.name.startswith(f".{bin_path.name}.tmp-")
+                )
+            )
+        )
+        if not valid:
+            raise ValueError(f"{staging_bin} is not a staging path of this store")
+
+    def _load(self, model: str, name: str) -> CacheEntry | None:
+        """Read one cache entry; None when neither file exists."""
+        bin_path = self.bin_path(model, name)
+        json_path = self.json_path(model, name)
+        bin_size = _file_size(bin_path)
+        metadata, problem = _read_metadata(json_path)
+        if problem == "metadata_missing" and bin_size is None:
+            return None
+        if metadata is not None:
+            problem = _pair_problem(metadata, model, name, bin_size)
+        if problem not in (None, "metadata_corrupt"):
+            _LOGGER.warning("Prompt cache %s/%s is unusable: %s", model, name, problem)
+        return CacheEntry(metadata, model, name, bin_path, json_path, problem)
+
+    def _model_dirs(self, model: str | None) -> Iterator[Path]:
+        """Yield the model folders (one or all) that exist and stay inside the root."""
+        models = [model] if model is not None else _visible_names(self.root)
+        for name in models:
+            try:
+                path = self._model_dir(name)
+            except InvalidModelName as err:
+                _LOGGER.warning("Skipping cache folder: %s", err)
+                continue
+            if path.is_dir():
+                yield path
+
+    def _model_entries(self, model_dir: Path) -> Iterator[CacheEntry]:
+        """Yield the entries of one model folder."""
+        names = {path.stem for path in _list_dir(model_dir) if _is_cache_file(path)}
+        for name in names:
+            try:
+                entry = self._load(model_dir.name, name)
+            except CacheError as err:
+                _LOGGER.warning("Skipping prompt cache: %s", err)
+                continue
+            if entry is not None:
+                yield entry
+
+    def list(self, model: str | None = None) -> list[CacheEntry]:
+        """Return the entries of one model or all, sorted by (model, name)."""
+        if model is not None:
+            _check_model_name(model)
+        entries = [
+            entry
+            for model_dir in self._model_dirs(model)
+            for entry in self._model_entries(model_dir)
+        ]
+        return sorted(entries, key=lambda entry: (entry.model, entry.name))

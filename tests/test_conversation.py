@@ -1,0 +1,205 @@
+"""The Assist agent through conversation.async_converse and the simulator."""
+
+import asyncio
+from typing import Any
+
+import pytest
+from pytest_homeassistant_custom_component.common import async_mock_service
+
+from custom_components.rockchip_llm.engine import LoadedModel
+from homeassistant.components import conversation
+from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers import chat_session, intent
+from homeassistant.setup import async_setup_component
+
+from .conftest import EntryFactory
+
+AGENT = "conversation.agent_0"
+
+
+def loaded_model(entry: Any) -> LoadedModel:
+    """The loaded model of the entry's first agent."""
+    agent = next(iter(entry.runtime_data.agents.values()))
+    loaded: LoadedModel = agent.loaded
+    return loaded
+
+
+async def converse(hass: HomeAssistant, text: str, conversation_id: str | None = None, agent: str = AGENT) -> conversation.ConversationResult:
+    """Ask the agent something."""
+    return await conversation.async_converse(hass, text, conversation_id, Context(), agent_id=agent)
+
+
+def speech(result: conversation.ConversationResult) -> str:
+    """The plain speech of a result."""
+    text: str = result.response.speech["plain"]["speech"]
+    return text
+
+
+async def test_answers(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """A question gets the model's answer."""
+    await make_entry()
+    result = await converse(hass, "hello")
+    assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+    assert speech(result) == "Hello from the simulator."
+
+
+async def test_streams_before_generation_ends(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """The first content delta reaches the chat log while the model is still generating."""
+    reply = " ".join(f"word{i}" for i in range(30))
+    entry = await make_entry(model_kwargs={"replies": (f"default => {reply}",), "decode_ms_per_token": 2})
+    loaded = loaded_model(entry)
+    runs_at_first_delta: list[int] = []
+    contents: list[str] = []
+
+    def listener(_chat_log: conversation.ChatLog, delta: dict[str, Any]) -> None:
+        if content := delta.get("content"):
+            if not contents:
+                runs_at_first_delta.append(len(loaded.recent))
+            contents.append(content)
+
+    with (
+        chat_session.async_get_chat_session(hass) as session,
+        conversation.async_get_chat_log(hass, session, chat_log_delta_listener=listener),
+    ):
+        result = await converse(hass, "talk", session.conversation_id)
+    assert speech(result) == reply
+    assert len(contents) > 10
+    assert runs_at_first_delta == [0]  # the run was not recorded (finished) yet
+    assert len(loaded.recent) == 1
+
+
+async def test_turns_on_a_light(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """'Turn on the kitchen' runs HassTurnOn on a real exposed entity; the answer is spoken."""
+    assert await async_setup_component(hass, "intent", {})
+    hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
+    async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
+    calls = async_mock_service(hass, "light", "turn_on")
+    await make_entry()
+    result = await converse(hass, "Turn on the kitchen")
+    assert speech(result) == "Done."
+    assert len(calls) == 1
+    assert calls[0].data["entity_id"] == ["light.kitchen"] or calls[0].data["entity_id"] == "light.kitchen"
+
+
+async def test_thinking_is_not_spoken(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """<think> goes to thinking content, never into speech."""
+    entry = await make_entry(
+        {"enable_thinking": True},
+        model_kwargs={"replies": ("default => <think>The user greets me.</think>Hi there.",)},
+    )
+    with chat_session.async_get_chat_session(hass) as session:
+        result = await converse(hass, "hello", session.conversation_id)
+        assert speech(result) == "Hi there."
+        with conversation.async_get_chat_log(hass, session) as chat_log:
+            last = chat_log.content[-1]
+            assert isinstance(last, conversation.AssistantContent)
+            assert last.thinking_content == "The user greets me."
+    assert entry is not None
+
+
+async def test_malformed_tool_call_is_fed_back(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """A tool call that is not JSON becomes a tool error the model answers."""
+    await make_entry(
+        model_kwargs={
+            "replies": (
+                'reply user broken => <tool_call>{"name": "HassTurnOn", "arguments": {"name": }</tool_call>',
+                "reply tool * => Sorry, I could not do that.",
+            )
+        }
+    )
+    with chat_session.async_get_chat_session(hass) as session:
+        result = await converse(hass, "broken", session.conversation_id)
+        assert speech(result) == "Sorry, I could not do that."
+        with conversation.async_get_chat_log(hass, session) as chat_log:
+            tool_results = [c for c in chat_log.content if isinstance(c, conversation.ToolResultContent)]
+    assert [r.tool_name for r in tool_results] == ["invalid_tool_call"]
+    assert "not valid JSON" in str(tool_results[0].tool_result)
+
+
+async def test_follow_ups_prefill_only_new_tokens(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """In a 5-turn dialogue every follow-up reuses the KV and prefills only its turn."""
+    entry = await make_entry()
+    loaded = loaded_model(entry)
+    system_tokens = loaded.loaded_cache.metadata.tokens  # type: ignore[union-attr]
+    assert system_tokens > 50
+    conversation_id = None
+    for turn in range(5):
+        result = await converse(hass, f"question number {turn} please", conversation_id)
+        conversation_id = result.conversation_id
+    runs = list(loaded.recent)
+    assert len(runs) == 5
+    assert [run.reused_history for run in runs] == [False, True, True, True, True]
+    for run in runs:
+        assert 0 < run.prefill_tokens < 25  # the turn only, never the system prompt
+
+
+async def test_strategy_off_prefills_everything(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """With reuse off, every request prefills the whole system prompt again."""
+    entry = await make_entry({"history_strategy": "off"})
+    loaded = loaded_model(entry)
+    system_tokens = loaded.loaded_cache.metadata.tokens if loaded.loaded_cache else 0  # type: ignore[union-attr]
+    result = await converse(hass, "hello")
+    await converse(hass, "again", result.conversation_id)
+    assert all(run.prefill_tokens > system_tokens for run in loaded.recent)
+
+
+async def test_interleaved_conversations_reset_to_system(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """Another conversation resets the KV to the system prefix, folding history in."""
+    entry = await make_entry()
+    loaded = loaded_model(entry)
+    first = await converse(hass, "hello one")
+    await converse(hass, "hello two")
+    third = await converse(hass, "and one again", first.conversation_id)
+    assert speech(third) == "Hello from the simulator."
+    runs = list(loaded.recent)
+    assert [run.reused_history for run in runs] == [False, False, False]
+    assert runs[2].prefill_tokens > runs[0].prefill_tokens  # history folded into the turn
+
+
+async def test_prompt_too_long_is_answered(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """A request that cannot fit the context gets a clear spoken error; nothing crashes."""
+    await make_entry({"max_context_len": 1024, "max_new_tokens": 64})
+    result = await converse(hass, "word " * 3000)
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert "context length" in speech(result)
+    assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+
+
+async def test_error_at_token(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """An error injected at token 2 is reported in the answer, and the next request works."""
+    entry = await make_entry(model_kwargs={"extra": ("error_at_token 2",)})
+    result = await converse(hass, "hello")
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert "failed while answering" in speech(result)
+    assert loaded_model(entry).kv is None
+
+
+async def test_concurrent_requests_all_answered(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """20 concurrent requests on one model are served one by one, none lost."""
+    entry = await make_entry(model_kwargs={"decode_ms_per_token": 1})
+    results = await asyncio.gather(*(converse(hass, f"hello {i}") for i in range(20)))
+    assert [speech(r) for r in results] == ["Hello from the simulator."] * 20
+    assert len(loaded_model(entry).recent) == 20
+
+
+async def test_cancel_while_running_and_waiting(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """Cancelling a running request aborts it; a waiting one leaves the queue."""
+    long_reply = " ".join(f"w{i}" for i in range(500))
+    entry = await make_entry(model_kwargs={"replies": (f"default => {long_reply}",), "decode_ms_per_token": 5})
+    loaded = loaded_model(entry)
+    running = hass.async_create_task(converse(hass, "long"))
+    waiting = hass.async_create_task(converse(hass, "queued"))
+    while not loaded.lock.locked():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    waiting.cancel()
+    running.cancel()
+    for task in (running, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not loaded.lock.locked()
+    assert loaded.kv is None
+    # The model is usable at once.
+    result = await converse(hass, "again")
+    assert speech(result).startswith("w0 w1")

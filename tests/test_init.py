@@ -1,0 +1,199 @@
+"""Entry setup: libraries, models, and the system cache built once and reused."""
+
+import json
+from pathlib import Path
+from unittest.mock import patch
+
+from custom_components.rockchip_llm.const import DOMAIN
+from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import entity_registry as er, issue_registry as ir
+from homeassistant.setup import async_setup_component
+
+from .conftest import EntryFactory, ModelWriter, sim_counter
+
+
+def agent_states(hass: HomeAssistant) -> list[str]:
+    """Entity ids of our conversation agents."""
+    return [s.entity_id for s in hass.states.async_all("conversation") if s.entity_id != "conversation.home_assistant"]
+
+
+def system_cache(cache_dir: Path, model: str = "Qwen3 Sim") -> tuple[Path, Path]:
+    """The system cache pair of a model."""
+    return cache_dir / model / "system.bin", cache_dir / model / "system.json"
+
+
+async def test_first_setup_builds_system_cache(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Setup prefills the system prompt once and stores both files."""
+    entry = await make_entry()
+    assert entry.state is ConfigEntryState.LOADED
+    bin_path, json_path = system_cache(cache_dir)
+    assert bin_path.stat().st_size > 0
+    metadata = json.loads(json_path.read_text())
+    assert metadata["tokens"] > 0
+    assert metadata["source"] == "setup"
+    assert metadata["size_bytes"] == bin_path.stat().st_size
+    assert hass.states.get("conversation.agent_0") is not None
+
+
+async def test_second_setup_reuses_cache(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Reloading loads the stored cache instead of building it again."""
+    entry = await make_entry()
+    _, json_path = system_cache(cache_dir)
+    created = json.loads(json_path.read_text())["created_at"]
+    saves = sim_counter(entry, "prompt_cache_save")
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    assert json.loads(json_path.read_text())["created_at"] == created
+    assert sim_counter(entry, "prompt_cache_save") == saves
+    assert sim_counter(entry, "prompt_cache_load") >= 2
+
+
+async def test_changed_prompt_rebuilds(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """A new prompt invalidates the cache."""
+    entry = await make_entry()
+    _, json_path = system_cache(cache_dir)
+    before = json.loads(json_path.read_text())
+    subentry = next(iter(entry.subentries.values()))
+    hass.config_entries.async_update_subentry(entry, subentry, data={**subentry.data, "prompt": "Be brief."})
+    await hass.async_block_till_done()
+    after = json.loads(json_path.read_text())
+    assert after["prompt_sha256"] != before["prompt_sha256"]
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def test_changed_model_file_rebuilds(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path, write_model: ModelWriter
+) -> None:
+    """A replaced model file (new fingerprint) invalidates the cache."""
+    entry = await make_entry()
+    _, json_path = system_cache(cache_dir)
+    before = json.loads(json_path.read_text())
+    write_model(replies=("default => A different model.",))
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    after = json.loads(json_path.read_text())
+    assert after["model_fingerprint"] != before["model_fingerprint"]
+    assert after["created_at"] != before["created_at"]
+
+
+async def test_corrupt_cache_is_rebuilt(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """A corrupt metadata file is ignored and the cache rebuilt."""
+    entry = await make_entry()
+    await hass.config_entries.async_unload(entry.entry_id)
+    bin_path, json_path = system_cache(cache_dir)
+    json_path.write_text("{not json")
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    assert json.loads(json_path.read_text())["tokens"] > 0
+    bin_path.write_bytes(b"garbage of another size")
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    assert json.loads(json_path.read_text())["size_bytes"] == bin_path.stat().st_size
+
+
+async def test_failed_write_keeps_old_cache(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Disk full while writing a new cache: setup retries, the old pair survives."""
+    entry = await make_entry()
+    bin_path, json_path = system_cache(cache_dir)
+    old = (bin_path.read_bytes(), json_path.read_bytes())
+    subentry = next(iter(entry.subentries.values()))
+    with patch(
+        "custom_components.rockchip_llm.prompt_cache._write_synced",
+        side_effect=OSError(28, "No space left on device"),
+    ):
+        hass.config_entries.async_update_subentry(entry, subentry, data={**subentry.data, "prompt": "New."})
+        await hass.async_block_till_done()
+        assert entry.state is ConfigEntryState.SETUP_RETRY
+        assert "No space left" in (entry.reason or "")
+    assert (bin_path.read_bytes(), json_path.read_bytes()) == old
+
+
+async def test_missing_library_retries(hass: HomeAssistant, make_entry: EntryFactory, tmp_path: Path) -> None:
+    """A missing library may appear later (not mounted yet): setup retries."""
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(entry, data={**entry.data, "library_path": str(tmp_path / "nope.so")})
+    await hass.config_entries.async_setup(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+
+
+async def test_unusable_library_fails(hass: HomeAssistant, make_entry: EntryFactory, tmp_path: Path) -> None:
+    """A library that can never work is a setup error."""
+    text = tmp_path / "librkllmrt.so"
+    text.write_text("hello")
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(entry, data={**entry.data, "library_path": str(text)})
+    await hass.config_entries.async_setup(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+
+
+async def test_missing_models_dir_retries(
+    hass: HomeAssistant, make_entry: EntryFactory, tmp_path: Path
+) -> None:
+    """A models folder on a drive that is not mounted yet: setup retries."""
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(entry, data={**entry.data, "models_dir": str(tmp_path / "gone")})
+    await hass.config_entries.async_setup(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+
+
+async def test_removed_model_folder_raises_repair(
+    hass: HomeAssistant, make_entry: EntryFactory, models_dir: Path, write_model: ModelWriter
+) -> None:
+    """An agent whose model folder is gone gets a repair issue; others keep working."""
+    write_model()
+    write_model("Other")
+    entry = await make_entry({}, {"model": "Other"})
+    assert len(agent_states(hass)) == 2
+    (models_dir / "Qwen3 Sim").rename(models_dir / "Renamed")
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.LOADED
+    subentry_id = next(s.subentry_id for s in entry.subentries.values() if s.data["model"] == "Qwen3 Sim")
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, f"model_missing_{subentry_id}")
+    assert issue is not None
+    assert issue.translation_placeholders == {"model": "Qwen3 Sim", "agent": "Agent 0"}
+    assert hass.states.get("conversation.agent_0").state == "unavailable"
+    assert hass.states.get("conversation.agent_1").state != "unavailable"
+
+
+async def test_agents_share_a_model_handle(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """Two agents on one model load it once."""
+    entry = await make_entry({}, {"temperature": 0.1})
+    agents = list(entry.runtime_data.agents.values())
+    assert agents[0].loaded is agents[1].loaded
+    assert sim_counter(entry, "init") == 1
+
+
+async def test_unload_destroys_handles(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """Unload destroys every handle and joins the worker threads."""
+    entry = await make_entry()
+    model = next(iter(entry.runtime_data.agents.values())).loaded.model
+    assert await hass.config_entries.async_unload(entry.entry_id)
+    assert model.closed
+    assert entry.state is ConfigEntryState.NOT_LOADED
+
+
+async def test_entity_exposed_after_setup_changes_prefix(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Exposing an entity after setup changes the prompt: the cache is rebuilt (debounced)."""
+    entry = await make_entry()
+    _, json_path = system_cache(cache_dir)
+    before = json.loads(json_path.read_text())["prompt_sha256"]
+    assert await async_setup_component(hass, "light", {"light": {"platform": "demo"}}) or True
+    hass.states.async_set("light.porch", "off", {"friendly_name": "Porch"})
+    registry = er.async_get(hass)
+    registry.async_get_or_create("light", "test", "porch", suggested_object_id="porch")
+    async_expose_entity(hass, "conversation", "light.porch", True)
+    agent = next(iter(entry.runtime_data.agents.values()))
+    await agent.async_refresh_now()
+    await hass.async_block_till_done()
+    assert json.loads(json_path.read_text())["prompt_sha256"] != before

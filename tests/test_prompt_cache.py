@@ -1,0 +1,676 @@
+"""Tests for the prompt-cache store."""
+
+from dataclasses import replace
+from datetime import UTC, datetime
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+import re
+from typing import Any
+
+import pytest
+
+from custom_components.rockchip_llm.prompt_cache import (
+    METADATA_VERSION,
+    SYSTEM_CACHE,
+    CacheEntry,
+    CacheExpectation,
+    CacheMetadata,
+    CacheWriteError,
+    CorruptCache,
+    InvalidCacheName,
+    InvalidModelName,
+    PromptCacheStore,
+    prompt_sha256,
+)
+
+MODEL = "Qwen3 0.6B (w8a8)"
+PROMPT = "You are a voice assistant."
+FINGERPRINT: dict[str, int | str] = {
+    "size": 1000,
+    "mtime_ns": 123,
+    "sha256_head_tail": "ab" * 32,
+}
+CONTEXT: dict[str, int | float | bool | str] = {
+    "max_context_len": 4096,
+    "thinking": False,
+    "tools_sha256": "cd" * 32,
+    "temperature": 0.7,
+}
+
+
+def metadata(
+    name: str = SYSTEM_CACHE, model: str = MODEL, **changes: Any
+) -> CacheMetadata:
+    """Return metadata for a cache."""
+    base = CacheMetadata(
+        name=name,
+        model=model,
+        created_at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC).isoformat(),
+        prompt_sha256=prompt_sha256(PROMPT),
+        prompt_length=len(PROMPT),
+        tokens=42,
+        size_bytes=0,
+        build_ms=1234.5,
+        source="setup",
+        model_fingerprint=dict(FINGERPRINT),
+        runtime_family="1.2",
+        runtime_version="1.2.3",
+        context=dict(CONTEXT),
+    )
+    return replace(base, **changes)
+
+
+def expectation(**changes: Any) -> CacheExpectation:
+    """Return what the metadata above satisfies."""
+    base = CacheExpectation(
+        prompt_sha256=prompt_sha256(PROMPT),
+        model_fingerprint=dict(FINGERPRINT),
+        runtime_family="1.2",
+        runtime_version="1.2.3",
+        context=dict(CONTEXT),
+    )
+    return replace(base, **changes)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> PromptCacheStore:
+    """A store with a root that does not exist yet."""
+    return PromptCacheStore(tmp_path / "cache")
+
+
+def build(
+    store: PromptCacheStore,
+    name: str = SYSTEM_CACHE,
+    model: str = MODEL,
+    data: bytes = b"KV cache bytes",
+    **changes: Any,
+) -> CacheEntry:
+    """Stage a cache file as the runtime would and commit it."""
+    staging = store.staging_bin_path(model, name)
+    staging.write_bytes(data)
+    return store.commit(staging, metadata(name, model, **changes))
+
+
+def files(folder: Path) -> list[str]:
+    """Return the names in a folder."""
+    return sorted(path.name for path in folder.iterdir())
+
+
+def json_data(entry: CacheEntry) -> dict[str, Any]:
+    """Return the JSON stored for an entry."""
+    data: dict[str, Any] = json.loads(entry.json_path.read_text())
+    return data
+
+
+def test_prompt_sha256() -> None:
+    """The hash is the hex SHA-256 of the UTF-8 text."""
+    assert (
+        prompt_sha256("abc")
+        == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+    assert prompt_sha256("é") != prompt_sha256("e")
+
+
+def test_commit_and_get(store: PromptCacheStore) -> None:
+    """A committed pair is found again, with the size taken from the file."""
+    entry = build(store, data=b"0123456789")
+    assert entry.problem is None
+    assert entry.metadata == metadata(size_bytes=10)
+    assert entry.bin_path == store.root / MODEL / "system.bin"
+    assert entry.json_path == store.root / MODEL / "system.json"
+    assert entry.bin_path.read_bytes() == b"0123456789"
+    assert json_data(entry)["version"] == METADATA_VERSION
+    assert files(store.root / MODEL) == ["system.bin", "system.json"]
+    assert store.get(MODEL, SYSTEM_CACHE) == entry
+    assert entry.invalid_reason(expectation()) is None
+
+
+def test_commit_replaces_previous_pair(store: PromptCacheStore) -> None:
+    """Committing again replaces both files."""
+    build(store, data=b"old")
+    entry = build(store, data=b"newer", tokens=7)
+    assert entry.bin_path.read_bytes() == b"newer"
+    got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None and got.metadata is not None
+    assert got.metadata.tokens == 7
+    assert got.metadata.size_bytes == 5
+    assert files(store.root / MODEL) == ["system.bin", "system.json"]
+
+
+def test_metadata_json_round_trip() -> None:
+    """to_json and from_json are inverse, through real JSON."""
+    original = metadata(size_bytes=99)
+    text = json.dumps(original.to_json())
+    assert CacheMetadata.from_json(json.loads(text)) == original
+
+
+def test_from_json_accepts_integral_build_ms() -> None:
+    """A whole number of milliseconds is stored as an int by some writers."""
+    data = metadata().to_json() | {"build_ms": 12}
+    assert CacheMetadata.from_json(data).build_ms == 12.0
+
+
+def valid_json() -> dict[str, Any]:
+    """Return valid metadata as JSON data."""
+    return metadata(size_bytes=3).to_json()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        [1, 2],
+        "text",
+        {"foo": "bar"},
+        valid_json() | {"version": 2},
+        valid_json() | {"version": True},
+        {k: v for k, v in valid_json().items() if k != "tokens"},
+        valid_json() | {"tokens": "42"},
+        valid_json() | {"tokens": True},
+        valid_json() | {"tokens": -1},
+        valid_json() | {"size_bytes": 1.5},
+        valid_json() | {"build_ms": "fast"},
+        valid_json() | {"build_ms": float("nan")},
+        valid_json() | {"name": 5},
+        valid_json() | {"created_at": "yesterday"},
+        valid_json() | {"created_at": "2025-01-02T03:04:05"},
+        valid_json() | {"created_at": "2025-01-02T03:04:05+02:00"},
+        valid_json() | {"prompt_sha256": "abc"},
+        valid_json() | {"model_fingerprint": [1]},
+        valid_json() | {"model_fingerprint": {"size": 1.5}},
+        valid_json() | {"model_fingerprint": {"size": True}},
+        valid_json() | {"context": {"n": None}},
+        valid_json() | {"context": {"n": [1]}},
+    ],
+)
+def test_from_json_is_strict(data: Any) -> None:
+    """Wrong or missing types, foreign data and other versions are corrupt."""
+    with pytest.raises(CorruptCache) as err:
+        CacheMetadata.from_json(data)
+    assert err.value.translation_key == "cache_corrupt"
+    assert err.value.placeholders["error"]
+
+
+def test_list(store: PromptCacheStore) -> None:
+    """Entries of one model or of all models, sorted by (model, name)."""
+    build(store, "system", "b model")
+    build(store, "kitchen", "b model")
+    build(store, "system", "A model")
+    assert [(e.model, e.name) for e in store.list()] == [
+        ("A model", "system"),
+        ("b model", "kitchen"),
+        ("b model", "system"),
+    ]
+    assert [(e.model, e.name) for e in store.list("b model")] == [
+        ("b model", "kitchen"),
+        ("b model", "system"),
+    ]
+    assert store.list("unknown model") == []
+    assert all(entry.problem is None for entry in store.list())
+
+
+def test_list_without_root(store: PromptCacheStore) -> None:
+    """No root yet means no caches."""
+    assert store.list() == []
+    assert store.get(MODEL, SYSTEM_CACHE) is None
+
+
+def test_list_skips_foreign_files(
+    store: PromptCacheStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Temp files, hidden files, non-slug names and hidden folders are skipped."""
+    build(store)
+    folder = store.root / MODEL
+    for name in (
+        ".system.bin.tmp-0123456789abcdef",
+        ".hidden.json",
+        "Upper.bin",
+        "with-dash.json",
+        "notes.txt",
+    ):
+        (folder / name).write_text("x")
+    (store.root / ".trash").mkdir()
+    (store.root / ".trash" / "system.json").write_text("{}")
+    (store.root / "stray.bin").write_text("x")
+    with caplog.at_level(logging.DEBUG):
+        entries = store.list()
+    assert [(e.model, e.name) for e in entries] == [(MODEL, "system")]
+    assert "Upper.bin" in caplog.text
+
+
+def test_delete(store: PromptCacheStore) -> None:
+    """Delete removes both files and reports whether anything existed."""
+    entry = build(store)
+    build(store, "other")
+    assert store.delete(MODEL, SYSTEM_CACHE) is True
+    assert not entry.bin_path.exists()
+    assert not entry.json_path.exists()
+    assert store.get(MODEL, SYSTEM_CACHE) is None
+    assert store.delete(MODEL, SYSTEM_CACHE) is False
+    assert [e.name for e in store.list()] == ["other"]
+
+
+def test_delete_half_pair(store: PromptCacheStore) -> None:
+    """A lone .bin is deleted too."""
+    entry = build(store)
+    entry.json_path.unlink()
+    assert store.delete(MODEL, SYSTEM_CACHE) is True
+    assert not entry.bin_path.exists()
+
+
+def test_delete_failure(
+    store: PromptCacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that cannot be removed raises CacheWriteError."""
+    build(store)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(CacheWriteError) as err:
+        store.delete(MODEL, SYSTEM_CACHE)
+    assert err.value.translation_key == "cache_write_failed"
+    assert "Permission denied" in err.value.placeholders["error"]
+
+
+@pytest.mark.parametrize("name", ["system", "a", "0_9", "a" * 64])
+def test_valid_cache_names(store: PromptCacheStore, name: str) -> None:
+    """Slugs of 1 to 64 characters are accepted."""
+    assert store.bin_path(MODEL, name).name == f"{name}.bin"
+    assert build(store, name).problem is None
+
+
+@pytest.mark.parametrize(
+    "name", ["", "A", "a-b", "a.b", "../x", "a/b", "é", "a" * 65, "abc\n", " a"]
+)
+def test_invalid_cache_names(store: PromptCacheStore, name: str) -> None:
+    """Anything but a slug is refused everywhere, before touching the disk."""
+    calls = (
+        store.bin_path,
+        store.json_path,
+        store.staging_bin_path,
+        store.get,
+        store.delete,
+    )
+    for call in calls:
+        with pytest.raises(InvalidCacheName) as err:
+            call(MODEL, name)
+        assert err.value.translation_key == "invalid_cache_name"
+        assert err.value.placeholders == {"name": name}
+    assert not store.root.exists()
+
+
+@pytest.mark.parametrize(
+    "model", ["", ".", "..", "a/b", "a\\b", "a\0b", ".hidden", "../x"]
+)
+def test_invalid_model_names(store: PromptCacheStore, model: str) -> None:
+    """Model names must be one visible path component."""
+    for call in (store.bin_path, store.json_path, store.staging_bin_path, store.get):
+        with pytest.raises(InvalidModelName) as err:
+            call(model, SYSTEM_CACHE)
+        assert err.value.translation_key == "invalid_model_name"
+    with pytest.raises(InvalidModelName):
+        store.list(model)
+    assert not store.root.exists()
+
+
+def test_model_names_are_free_text(store: PromptCacheStore) -> None:
+    """Spaces, dots, parentheses and unicode are fine in model names."""
+    model = "Llama 3.2 (1B) é"
+    entry = build(store, model=model)
+    assert entry.bin_path.parent == store.root / model
+    assert [e.model for e in store.list()] == [model]
+
+
+def test_symlinked_model_dir_outside_root_is_refused(
+    store: PromptCacheStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model folder that is a symlink leaving the root is never used."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "system.bin").write_bytes(b"x")
+    (outside / "system.json").write_text(json.dumps(metadata(model="evil").to_json()))
+    temp = outside / ".system.bin.tmp-0123456789abcdef"
+    temp.write_bytes(b"x")
+    store.root.mkdir()
+    (store.root / "evil").symlink_to(outside)
+    for call in (store.bin_path, store.json_path, store.staging_bin_path, store.get):
+        with pytest.raises(InvalidModelName):
+            call("evil", SYSTEM_CACHE)
+    with pytest.raises(InvalidModelName):
+        store.delete("evil", SYSTEM_CACHE)
+    with caplog.at_level(logging.WARNING):
+        assert store.list() == []
+        assert store.list("evil") == []
+    assert "outside" in caplog.text
+    store.clean_staging()
+    assert temp.exists()
+    assert (outside / "system.bin").exists()
+
+
+def test_symlinked_model_dir_inside_root_is_allowed(store: PromptCacheStore) -> None:
+    """A model folder symlinked to another folder inside the root is fine."""
+    build(store, model="real")
+    (store.root / "alias").symlink_to(store.root / "real")
+    assert store.bin_path("alias", SYSTEM_CACHE) == store.root / "alias" / "system.bin"
+
+
+def test_symlinked_cache_file_outside_root_is_refused(
+    store: PromptCacheStore, tmp_path: Path
+) -> None:
+    """A cache file that is a symlink leaving the root is never used."""
+    build(store)
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"secret")
+    (store.root / MODEL / "leak.bin").symlink_to(outside)
+    with pytest.raises(InvalidCacheName):
+        store.get(MODEL, "leak")
+    assert [e.name for e in store.list()] == ["system"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\xffgarbage",
+        b"not json",
+        b"[1, 2, 3]",
+        b'{"some": "other tool"}',
+        b"[" * 100_000,
+        json.dumps(valid_json() | {"tokens": "many"}).encode(),
+        b" " * (1024 * 1024 + 1) + b"{}",
+    ],
+    ids=["binary", "text", "list", "foreign", "deep", "wrong_type", "huge"],
+)
+def test_corrupt_json(
+    store: PromptCacheStore, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Corrupt or foreign metadata is reported, logged and never used."""
+    entry = build(store)
+    entry.json_path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        got = store.get(MODEL, SYSTEM_CACHE)
+        listed = store.list()
+    assert got is not None
+    assert got.metadata is None
+    assert got.problem == "metadata_corrupt"
+    assert got.invalid_reason(expectation()) == "metadata_corrupt"
+    assert listed == [got]
+    assert "corrupt cache metadata" in caplog.text
+
+
+def test_unreadable_json(
+    store: PromptCacheStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A metadata path that cannot be read (here a folder) is corrupt."""
+    entry = build(store)
+    entry.json_path.unlink()
+    entry.json_path.mkdir()
+    with caplog.at_level(logging.WARNING):
+        got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None
+    assert got.problem == "metadata_corrupt"
+    assert "Cannot read cache metadata" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "changes", [{"name": "other"}, {"model": "Other model"}], ids=["name", "model"]
+)
+def test_name_mismatch(
+    store: PromptCacheStore, changes: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Metadata that describes another cache is not used for this one."""
+    entry = build(store, data=b"abc")
+    assert entry.metadata is not None
+    wrong = replace(entry.metadata, **changes)
+    entry.json_path.write_text(json.dumps(wrong.to_json()))
+    with caplog.at_level(logging.WARNING):
+        got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None
+    assert got.problem == "name_mismatch"
+    assert got.invalid_reason(expectation()) == "name_mismatch"
+    assert "name_mismatch" in caplog.text
+
+
+def test_size_mismatch(store: PromptCacheStore) -> None:
+    """A .bin whose size differs from the metadata is not used."""
+    entry = build(store, data=b"abc")
+    entry.bin_path.write_bytes(b"abcd")
+    got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None
+    assert got.metadata is not None
+    assert got.problem == "size_mismatch"
+    assert got.invalid_reason(expectation()) == "size_mismatch"
+
+
+def test_bin_missing(store: PromptCacheStore) -> None:
+    """Metadata without its .bin is reported."""
+    entry = build(store)
+    entry.bin_path.unlink()
+    got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None
+    assert got.problem == "bin_missing"
+    assert got.invalid_reason(expectation()) == "bin_missing"
+    assert store.list() == [got]
+
+
+def test_metadata_missing(store: PromptCacheStore) -> None:
+    """A .bin without metadata is reported, not used."""
+    entry = build(store)
+    entry.json_path.unlink()
+    got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None
+    assert got.metadata is None
+    assert got.problem == "metadata_missing"
+    assert got.invalid_reason(expectation()) == "metadata_missing"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"prompt_sha256": prompt_sha256(PROMPT + " ")}, "prompt_changed"),
+        ({"model_fingerprint": FINGERPRINT | {"mtime_ns": 124}}, "model_changed"),
+        ({"model_fingerprint": FINGERPRINT | {"size": 1001}}, "model_changed"),
+        ({"runtime_family": "1.3"}, "runtime_changed"),
+        ({"runtime_version": "1.2.2"}, "runtime_changed"),
+        ({"context": CONTEXT | {"max_context_len": 8192}}, "context_changed"),
+        ({"context": CONTEXT | {"thinking": True}}, "context_changed"),
+        ({"context": {"max_context_len": 4096}}, "context_changed"),
+        ({}, None),
+    ],
+)
+def test_invalid_reason(
+    store: PromptCacheStore, changes: dict[str, Any], reason: str | None
+) -> None:
+    """Each field of the expectation invalidates the cache on its own."""
+    build(store)
+    entry = store.get(MODEL, SYSTEM_CACHE)
+    assert entry is not None
+    assert entry.invalid_reason(expectation(**changes)) == reason
+
+
+def test_staging_bin_path(store: PromptCacheStore) -> None:
+    """Staging paths are fresh hidden temp files in the model folder."""
+    first = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    second = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    assert first != second
+    assert first.parent == store.root / MODEL
+    assert first.parent.is_dir()
+    assert first.name.startswith(".system.bin.tmp-")
+    assert not first.exists()
+
+
+def test_staging_bin_path_cannot_create_folder(store: PromptCacheStore) -> None:
+    """A file where the model folder should be gives CacheWriteError."""
+    store.root.mkdir()
+    (store.root / MODEL).write_text("in the way")
+    with pytest.raises(CacheWriteError):
+        store.staging_bin_path(MODEL, SYSTEM_CACHE)
+
+
+def test_discard(store: PromptCacheStore) -> None:
+    """Discard removes a staging file; a missing one is fine."""
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    staging.write_bytes(b"partial")
+    store.discard(staging)
+    assert not staging.exists()
+    store.discard(staging)
+    assert files(store.root / MODEL) == []
+
+
+def test_staging_paths_are_checked(store: PromptCacheStore, tmp_path: Path) -> None:
+    """Only staging paths of this store are accepted by discard and commit."""
+    entry = build(store)
+    other = tmp_path / ".system.bin.tmp-0123456789abcdef"
+    other.write_bytes(b"keep")
+    for path in (entry.bin_path, other):
+        with pytest.raises(ValueError):
+            store.discard(path)
+        with pytest.raises(ValueError):
+            store.commit(path, metadata())
+    wrong_name = store.staging_bin_path(MODEL, "kitchen")
+    with pytest.raises(ValueError):
+        store.commit(wrong_name, metadata())
+    assert other.read_bytes() == b"keep"
+    assert entry.bin_path.exists()
+
+
+@pytest.mark.parametrize("content", [None, b""], ids=["missing", "empty"])
+def test_commit_without_staged_data(
+    store: PromptCacheStore, content: bytes | None
+) -> None:
+    """A staging file the runtime did not write (or left empty) is refused."""
+    old = build(store, data=b"old")
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    if content is not None:
+        staging.write_bytes(content)
+    with pytest.raises(CacheWriteError):
+        store.commit(staging, metadata())
+    assert files(store.root / MODEL) == ["system.bin", "system.json"]
+    assert store.get(MODEL, SYSTEM_CACHE) == old
+
+
+def enospc(path: object) -> OSError:
+    """Return a disk-full error."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def fail_replace_into(monkeypatch: pytest.MonkeyPatch, pattern: str) -> None:
+    """Make the first rename onto a file named like ``pattern`` fail with ENOSPC."""
+    real_replace = os.replace
+    failed: list[str] = []
+
+    def replace_(src: Any, dst: Any) -> None:
+        if not failed and re.fullmatch(pattern, Path(dst).name):
+            failed.append(str(dst))
+            raise enospc(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_)
+
+
+def fail_fsync_of(monkeypatch: pytest.MonkeyPatch, marker: str) -> None:
+    """Make fsync fail with ENOSPC for files whose name contains ``marker``."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if marker in os.readlink(f"/proc/self/fd/{fd}"):
+            raise enospc(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        lambda mp: fail_fsync_of(mp, ".json.tmp-"),
+        lambda mp: fail_fsync_of(mp, ".bin.tmp-"),
+        lambda mp: fail_replace_into(mp, r"system\.bin"),
+        lambda mp: fail_replace_into(mp, r"system\.json"),
+        lambda mp: fail_replace_into(mp, r"\.system\.bin\.tmp-.*"),
+    ],
+    ids=["json_write", "bin_sync", "bin_rename", "json_rename", "move_aside"],
+)
+@pytest.mark.parametrize("has_previous", [True, False], ids=["previous", "first"])
+def test_disk_full_keeps_previous_pair(
+    store: PromptCacheStore,
+    monkeypatch: pytest.MonkeyPatch,
+    fail: Any,
+    has_previous: bool,
+) -> None:
+    """Any failure while committing leaves the old pair byte-identical and no temps."""
+    folder = store.root / MODEL
+    if has_previous:
+        old = build(store, data=b"old cache")
+        before = {name: (folder / name).read_bytes() for name in files(folder)}
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    staging.write_bytes(b"new cache, longer")
+    fail(monkeypatch)
+    with pytest.raises(CacheWriteError) as err:
+        store.commit(staging, metadata(tokens=99))
+    monkeypatch.undo()
+    assert err.value.translation_key == "cache_write_failed"
+    assert os.strerror(errno.ENOSPC) in err.value.placeholders["error"]
+    if has_previous:
+        assert {name: (folder / name).read_bytes() for name in files(folder)} == before
+        assert store.get(MODEL, SYSTEM_CACHE) == old
+    else:
+        assert files(folder) == []
+        assert store.get(MODEL, SYSTEM_CACHE) is None
+
+
+def test_clean_staging(store: PromptCacheStore) -> None:
+    """Leftover temp files go; caches and unrelated files stay."""
+    entry = build(store)
+    build(store, "kitchen", "Other")
+    folder = store.root / MODEL
+    leftovers = [
+        store.staging_bin_path(MODEL, SYSTEM_CACHE),
+        folder / ".system.json.tmp-0123456789abcdef",
+        store.staging_bin_path("Other", "kitchen"),
+    ]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    (folder / "notes.txt").write_text("keep")
+    (folder / ".tmp-like").write_text("keep")
+    store.clean_staging()
+    assert files(folder) == [".tmp-like", "notes.txt", "system.bin", "system.json"]
+    assert files(store.root / "Other") == ["kitchen.bin", "kitchen.json"]
+    assert store.get(MODEL, SYSTEM_CACHE) == entry
+
+
+def test_clean_staging_without_root(store: PromptCacheStore) -> None:
+    """Cleaning a store that has no root yet does nothing."""
+    store.clean_staging()
+    assert not store.root.exists()
+
+
+def test_failed_restore_keeps_old_bin(
+    store: PromptCacheStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When even the rollback fails, the old .bin survives in its backup."""
+    build(store, data=b"old cache")
+    folder = store.root / MODEL
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    staging.write_bytes(b"new cache")
+    real_replace = os.replace
+
+    def replace_(src: Any, dst: Any) -> None:
+        if Path(dst).name == "system.bin":
+            raise enospc(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_)
+    with pytest.raises(CacheWriteError), caplog.at_level(logging.ERROR):
+        store.commit(staging, metadata())
+    monkeypatch.undo()
+    assert "Cannot restore" in caplog.text
+    contents = [(folder / name).read_bytes() for name in files(folder)]
+    assert b"old cache" in contents
+    assert b"new cache" not in contents
