@@ -1,0 +1,112 @@
+"""The cache actions, called as an automation would."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from custom_components.rockchip_llm.const import DOMAIN
+from homeassistant.components import conversation
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.exceptions import ServiceValidationError
+
+from .conftest import EntryFactory, sim_counter
+
+AGENT = "conversation.agent_0"
+
+
+async def call(hass: HomeAssistant, service: str, data: dict[str, Any], response: bool = True) -> Any:
+    """Call one of our actions and return its response."""
+    return await hass.services.async_call(
+        DOMAIN, service, data, blocking=True, return_response=response
+    )
+
+
+async def test_rebuild_cache(hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path) -> None:
+    """rebuild_cache prefills the agent's prompt again and reports the new cache."""
+    entry = await make_entry()
+    saves = sim_counter(entry, "prompt_cache_save")
+    result = await call(hass, "rebuild_cache", {"agent": AGENT})
+    assert sim_counter(entry, "prompt_cache_save") == saves + 1
+    [cache] = result["caches"]
+    metadata = json.loads((cache_dir / "Qwen3 Sim" / "system.json").read_text())
+    assert cache["tokens"] == metadata["tokens"] > 0
+    assert cache["size_bytes"] == metadata["size_bytes"]
+    assert cache["prompt_sha256"] == metadata["prompt_sha256"]
+    assert metadata["source"] == "rebuild_cache"
+    assert cache["model"] == "Qwen3 Sim"
+    assert cache["name"] == "system"
+
+
+async def test_rebuild_all_without_response(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """Without agents every agent is rebuilt; the response is optional."""
+    entry = await make_entry({}, {"temperature": 0.2})
+    saves = sim_counter(entry, "prompt_cache_save")
+    assert await call(hass, "rebuild_cache", {}, response=False) is None
+    assert sim_counter(entry, "prompt_cache_save") == saves + 2
+
+
+async def test_list_create_delete(hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path) -> None:
+    """Named caches are created, listed with validity, used by prefix, and deleted."""
+    entry = await make_entry()
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert agent.prefix is not None
+    head = agent.prefix.prompt[:80]
+    created = await call(hass, "create_cache", {"model": "Qwen3 Sim", "name": "head", "prompt": head})
+    assert created["cache"]["name"] == "head"
+    assert (cache_dir / "Qwen3 Sim" / "head.bin").exists()
+
+    listed = await call(hass, "list_caches", {})
+    by_name = {cache["name"]: cache for cache in listed["caches"]}
+    assert set(by_name) == {"system", "head"}
+    assert by_name["system"]["valid"] is True
+    assert by_name["head"]["valid"] is False  # another prompt than the agent's
+    assert (await call(hass, "list_caches", {"model": "Other"}))["caches"] == []
+
+    # The exact system cache is longer than "head", so requests use "system".
+    await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
+    assert agent.loaded.loaded_cache is not None
+    assert agent.loaded.loaded_cache.name == "system"
+
+    await call(hass, "delete_cache", {"model": "Qwen3 Sim", "name": "system"}, response=False)
+    assert not (cache_dir / "Qwen3 Sim" / "system.json").exists()
+    # Now the longest cache the prompt starts with is "head".
+    await conversation.async_converse(hass, "hello again", None, Context(), agent_id=AGENT)
+    assert agent.loaded.loaded_cache is not None
+    assert agent.loaded.loaded_cache.name == "head"
+    # The next setup rebuilds the system cache.
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    assert (cache_dir / "Qwen3 Sim" / "system.json").exists()
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "Système", "UPPER", "a" * 65, "a/b"])
+async def test_bad_cache_names(hass: HomeAssistant, make_entry: EntryFactory, name: str) -> None:
+    """Bad names are refused before anything is touched."""
+    await make_entry()
+    for service, data in (
+        ("rebuild_cache", {"name": name}),
+        ("create_cache", {"model": "Qwen3 Sim", "name": name, "prompt": "x"}),
+        ("delete_cache", {"model": "Qwen3 Sim", "name": name}),
+    ):
+        with pytest.raises(ServiceValidationError) as err:
+            await call(hass, service, data, response=service != "delete_cache")
+        assert err.value.translation_key == "invalid_cache_name"
+
+
+async def test_unknown_targets(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """Unknown agents, models and caches are validation errors."""
+    entry = await make_entry()
+    cases = [
+        ("rebuild_cache", {"agent": "conversation.nope"}, "unknown_agent"),
+        ("create_cache", {"model": "Nope", "name": "x", "prompt": "x"}, "model_not_loaded"),
+        ("delete_cache", {"model": "Qwen3 Sim", "name": "missing"}, "cache_not_found"),
+    ]
+    for service, data, key in cases:
+        with pytest.raises(ServiceValidationError) as err:
+            await call(hass, service, data, response=service != "delete_cache")
+        assert err.value.translation_key == key
+    await hass.config_entries.async_unload(entry.entry_id)
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, "rebuild_cache", {})
+    assert err.value.translation_key == "no_agents"
