@@ -1,8 +1,8 @@
 """Shared fixtures: the simulator library, simulated model folders, HA glue."""
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 import ctypes
+from pathlib import Path
 import subprocess
 from typing import Any
 
@@ -31,10 +31,14 @@ SIM_LIBRARIES = {
 }
 
 DEFAULT_REPLIES = (
-    "reply user turn on the {name} => "
-    '<tool_call>{"name": "HassTurnOn", "arguments": {"name": "{name}"}}</tool_call>',
-    "reply user turn off the {name} => "
-    '<tool_call>{"name": "HassTurnOff", "arguments": {"name": "{name}"}}</tool_call>',
+    (
+        "reply user turn on the {name} => "
+        '<tool_call>{"name": "HassTurnOn", "arguments": {"name": "{name}"}}</tool_call>'
+    ),
+    (
+        "reply user turn off the {name} => "
+        '<tool_call>{"name": "HassTurnOff", "arguments": {"name": "{name}"}}</tool_call>'
+    ),
     "reply tool * => Done.",
     "default => Hello from the simulator.",
 )
@@ -94,7 +98,9 @@ def models_dir(tmp_path: Path) -> Path:
 def write_model(models_dir: Path) -> ModelWriter:
     """Write a simulated model folder: write_model("Name", **model_text kwargs)."""
 
-    def write(name: str = "Qwen3 Sim", file: str = "model.rkllm", **kwargs: object) -> Path:
+    def write(
+        name: str = "Qwen3 Sim", file: str = "model.rkllm", **kwargs: object
+    ) -> Path:
         folder = models_dir / name
         folder.mkdir(exist_ok=True)
         path = folder / file
@@ -139,7 +145,9 @@ def make_entry(
     """Create and set up a config entry with one agent per options dict."""
 
     async def make(
-        *agents: dict[str, Any], setup: bool = True, model_kwargs: dict[str, Any] | None = None
+        *agents: dict[str, Any],
+        setup: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> MockConfigEntry:
         if not any(models_dir.iterdir()):
             write_model(**(model_kwargs or {}))
@@ -154,7 +162,11 @@ def make_entry(
             },
             subentries_data=[
                 ConfigSubentryData(
-                    data={CONF_MODEL: "Qwen3 Sim", CONF_LLM_HASS_API: [llm.LLM_API_ASSIST], **options},
+                    data={
+                        CONF_MODEL: "Qwen3 Sim",
+                        CONF_LLM_HASS_API: [llm.LLM_API_ASSIST],
+                        **options,
+                    },
                     subentry_type="conversation",
                     title=f"Agent {index}",
                     unique_id=None,

@@ -25,9 +25,16 @@ def loaded_model(entry: Any) -> LoadedModel:
     return loaded
 
 
-async def converse(hass: HomeAssistant, text: str, conversation_id: str | None = None, agent: str = AGENT) -> conversation.ConversationResult:
+async def converse(
+    hass: HomeAssistant,
+    text: str,
+    conversation_id: str | None = None,
+    agent: str = AGENT,
+) -> conversation.ConversationResult:
     """Ask the agent something."""
-    return await conversation.async_converse(hass, text, conversation_id, Context(), agent_id=agent)
+    return await conversation.async_converse(
+        hass, text, conversation_id, Context(), agent_id=agent
+    )
 
 
 def speech(result: conversation.ConversationResult) -> str:
@@ -44,10 +51,14 @@ async def test_answers(hass: HomeAssistant, make_entry: EntryFactory) -> None:
     assert speech(result) == "Hello from the simulator."
 
 
-async def test_streams_before_generation_ends(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_streams_before_generation_ends(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """The first content delta reaches the chat log while the model is still generating."""
     reply = " ".join(f"word{i}" for i in range(30))
-    entry = await make_entry(model_kwargs={"replies": (f"default => {reply}",), "decode_ms_per_token": 2})
+    entry = await make_entry(
+        model_kwargs={"replies": (f"default => {reply}",), "decode_ms_per_token": 2}
+    )
     loaded = loaded_model(entry)
     runs_at_first_delta: list[int] = []
     contents: list[str] = []
@@ -60,7 +71,9 @@ async def test_streams_before_generation_ends(hass: HomeAssistant, make_entry: E
 
     with (
         chat_session.async_get_chat_session(hass) as session,
-        conversation.async_get_chat_log(hass, session, chat_log_delta_listener=listener),
+        conversation.async_get_chat_log(
+            hass, session, chat_log_delta_listener=listener
+        ),
     ):
         result = await converse(hass, "talk", session.conversation_id)
     assert speech(result) == reply
@@ -79,14 +92,21 @@ async def test_turns_on_a_light(hass: HomeAssistant, make_entry: EntryFactory) -
     result = await converse(hass, "Turn on the kitchen")
     assert speech(result) == "Done."
     assert len(calls) == 1
-    assert calls[0].data["entity_id"] == ["light.kitchen"] or calls[0].data["entity_id"] == "light.kitchen"
+    assert (
+        calls[0].data["entity_id"] == ["light.kitchen"]
+        or calls[0].data["entity_id"] == "light.kitchen"
+    )
 
 
-async def test_thinking_is_not_spoken(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_thinking_is_not_spoken(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """<think> goes to thinking content, never into speech."""
     entry = await make_entry(
         {"enable_thinking": True},
-        model_kwargs={"replies": ("default => <think>The user greets me.</think>Hi there.",)},
+        model_kwargs={
+            "replies": ("default => <think>The user greets me.</think>Hi there.",)
+        },
     )
     with chat_session.async_get_chat_session(hass) as session:
         result = await converse(hass, "hello", session.conversation_id)
@@ -98,7 +118,9 @@ async def test_thinking_is_not_spoken(hass: HomeAssistant, make_entry: EntryFact
     assert entry is not None
 
 
-async def test_malformed_tool_call_is_fed_back(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_malformed_tool_call_is_fed_back(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """A tool call that is not JSON becomes a tool error the model answers."""
     await make_entry(
         model_kwargs={
@@ -112,12 +134,18 @@ async def test_malformed_tool_call_is_fed_back(hass: HomeAssistant, make_entry: 
         result = await converse(hass, "broken", session.conversation_id)
         assert speech(result) == "Sorry, I could not do that."
         with conversation.async_get_chat_log(hass, session) as chat_log:
-            tool_results = [c for c in chat_log.content if isinstance(c, conversation.ToolResultContent)]
+            tool_results = [
+                c
+                for c in chat_log.content
+                if isinstance(c, conversation.ToolResultContent)
+            ]
     assert [r.tool_name for r in tool_results] == ["invalid_tool_call"]
     assert "not valid JSON" in str(tool_results[0].tool_result)
 
 
-async def test_follow_ups_prefill_only_new_tokens(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_follow_ups_prefill_only_new_tokens(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """In a 5-turn dialogue every follow-up reuses the KV and prefills only its turn."""
     entry = await make_entry()
     loaded = loaded_model(entry)
@@ -134,7 +162,9 @@ async def test_follow_ups_prefill_only_new_tokens(hass: HomeAssistant, make_entr
         assert 0 < run.prefill_tokens < 25  # the turn only, never the system prompt
 
 
-async def test_strategy_off_prefills_everything(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_strategy_off_prefills_everything(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """With reuse off, every request prefills the whole system prompt again."""
     entry = await make_entry({"history_strategy": "off"})
     loaded = loaded_model(entry)
@@ -144,7 +174,9 @@ async def test_strategy_off_prefills_everything(hass: HomeAssistant, make_entry:
     assert all(run.prefill_tokens > system_tokens for run in loaded.recent)
 
 
-async def test_interleaved_conversations_reset_to_system(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_interleaved_conversations_reset_to_system(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """Another conversation resets the KV to the system prefix, folding history in."""
     entry = await make_entry()
     loaded = loaded_model(entry)
@@ -154,12 +186,16 @@ async def test_interleaved_conversations_reset_to_system(hass: HomeAssistant, ma
     assert speech(third) == "Hello from the simulator."
     runs = list(loaded.recent)
     assert [run.reused_history for run in runs] == [False, False, False]
-    assert runs[2].prefill_tokens > runs[0].prefill_tokens  # history folded into the turn
+    assert (
+        runs[2].prefill_tokens > runs[0].prefill_tokens
+    )  # history folded into the turn
 
 
-async def test_prompt_too_long_is_answered(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_prompt_too_long_is_answered(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """A request that cannot fit the context gets a clear spoken error; nothing crashes."""
-    await make_entry({"max_context_len": 1024, "max_new_tokens": 64})
+    await make_entry({"max_context_len": 2048, "max_new_tokens": 64})
     result = await converse(hass, "word " * 3000)
     assert result.response.response_type is intent.IntentResponseType.ERROR
     assert "context length" in speech(result)
@@ -175,7 +211,9 @@ async def test_error_at_token(hass: HomeAssistant, make_entry: EntryFactory) -> 
     assert loaded_model(entry).kv is None
 
 
-async def test_concurrent_requests_all_answered(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_concurrent_requests_all_answered(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """20 concurrent requests on one model are served one by one, none lost."""
     entry = await make_entry(model_kwargs={"decode_ms_per_token": 1})
     results = await asyncio.gather(*(converse(hass, f"hello {i}") for i in range(20)))
@@ -183,10 +221,17 @@ async def test_concurrent_requests_all_answered(hass: HomeAssistant, make_entry:
     assert len(loaded_model(entry).recent) == 20
 
 
-async def test_cancel_while_running_and_waiting(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_cancel_while_running_and_waiting(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """Cancelling a running request aborts it; a waiting one leaves the queue."""
     long_reply = " ".join(f"w{i}" for i in range(500))
-    entry = await make_entry(model_kwargs={"replies": (f"default => {long_reply}",), "decode_ms_per_token": 5})
+    entry = await make_entry(
+        model_kwargs={
+            "replies": (f"default => {long_reply}",),
+            "decode_ms_per_token": 5,
+        }
+    )
     loaded = loaded_model(entry)
     running = hass.async_create_task(converse(hass, "long"))
     waiting = hass.async_create_task(converse(hass, "queued"))

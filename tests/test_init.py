@@ -16,7 +16,11 @@ from .conftest import EntryFactory, ModelWriter, sim_counter
 
 def agent_states(hass: HomeAssistant) -> list[str]:
     """Entity ids of our conversation agents."""
-    return [s.entity_id for s in hass.states.async_all("conversation") if s.entity_id != "conversation.home_assistant"]
+    return [
+        s.entity_id
+        for s in hass.states.async_all("conversation")
+        if s.entity_id != "conversation.home_assistant"
+    ]
 
 
 def system_cache(cache_dir: Path, model: str = "Qwen3 Sim") -> tuple[Path, Path]:
@@ -62,7 +66,9 @@ async def test_changed_prompt_rebuilds(
     _, json_path = system_cache(cache_dir)
     before = json.loads(json_path.read_text())
     subentry = next(iter(entry.subentries.values()))
-    hass.config_entries.async_update_subentry(entry, subentry, data={**subentry.data, "prompt": "Be brief."})
+    hass.config_entries.async_update_subentry(
+        entry, subentry, data={**subentry.data, "prompt": "Be brief."}
+    )
     await hass.async_block_till_done()
     after = json.loads(json_path.read_text())
     assert after["prompt_sha256"] != before["prompt_sha256"]
@@ -70,7 +76,10 @@ async def test_changed_prompt_rebuilds(
 
 
 async def test_changed_model_file_rebuilds(
-    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path, write_model: ModelWriter
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
+    write_model: ModelWriter,
 ) -> None:
     """A replaced model file (new fingerprint) invalidates the cache."""
     entry = await make_entry()
@@ -110,27 +119,37 @@ async def test_failed_write_keeps_old_cache(
         "custom_components.rockchip_llm.prompt_cache._write_synced",
         side_effect=OSError(28, "No space left on device"),
     ):
-        hass.config_entries.async_update_subentry(entry, subentry, data={**subentry.data, "prompt": "New."})
+        hass.config_entries.async_update_subentry(
+            entry, subentry, data={**subentry.data, "prompt": "New."}
+        )
         await hass.async_block_till_done()
         assert entry.state is ConfigEntryState.SETUP_RETRY
         assert "No space left" in (entry.reason or "")
     assert (bin_path.read_bytes(), json_path.read_bytes()) == old
 
 
-async def test_missing_library_retries(hass: HomeAssistant, make_entry: EntryFactory, tmp_path: Path) -> None:
+async def test_missing_library_retries(
+    hass: HomeAssistant, make_entry: EntryFactory, tmp_path: Path
+) -> None:
     """A missing library may appear later (not mounted yet): setup retries."""
     entry = await make_entry(setup=False)
-    hass.config_entries.async_update_entry(entry, data={**entry.data, "library_path": str(tmp_path / "nope.so")})
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, "library_path": str(tmp_path / "nope.so")}
+    )
     await hass.config_entries.async_setup(entry.entry_id)
     assert entry.state is ConfigEntryState.SETUP_RETRY
 
 
-async def test_unusable_library_fails(hass: HomeAssistant, make_entry: EntryFactory, tmp_path: Path) -> None:
+async def test_unusable_library_fails(
+    hass: HomeAssistant, make_entry: EntryFactory, tmp_path: Path
+) -> None:
     """A library that can never work is a setup error."""
     text = tmp_path / "librkllmrt.so"
     text.write_text("hello")
     entry = await make_entry(setup=False)
-    hass.config_entries.async_update_entry(entry, data={**entry.data, "library_path": str(text)})
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, "library_path": str(text)}
+    )
     await hass.config_entries.async_setup(entry.entry_id)
     assert entry.state is ConfigEntryState.SETUP_ERROR
 
@@ -140,13 +159,18 @@ async def test_missing_models_dir_retries(
 ) -> None:
     """A models folder on a drive that is not mounted yet: setup retries."""
     entry = await make_entry(setup=False)
-    hass.config_entries.async_update_entry(entry, data={**entry.data, "models_dir": str(tmp_path / "gone")})
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, "models_dir": str(tmp_path / "gone")}
+    )
     await hass.config_entries.async_setup(entry.entry_id)
     assert entry.state is ConfigEntryState.SETUP_RETRY
 
 
 async def test_removed_model_folder_raises_repair(
-    hass: HomeAssistant, make_entry: EntryFactory, models_dir: Path, write_model: ModelWriter
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    models_dir: Path,
+    write_model: ModelWriter,
 ) -> None:
     """An agent whose model folder is gone gets a repair issue; others keep working."""
     write_model()
@@ -156,7 +180,11 @@ async def test_removed_model_folder_raises_repair(
     (models_dir / "Qwen3 Sim").rename(models_dir / "Renamed")
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert entry.state is ConfigEntryState.LOADED
-    subentry_id = next(s.subentry_id for s in entry.subentries.values() if s.data["model"] == "Qwen3 Sim")
+    subentry_id = next(
+        s.subentry_id
+        for s in entry.subentries.values()
+        if s.data["model"] == "Qwen3 Sim"
+    )
     issue = ir.async_get(hass).async_get_issue(DOMAIN, f"model_missing_{subentry_id}")
     assert issue is not None
     assert issue.translation_placeholders == {"model": "Qwen3 Sim", "agent": "Agent 0"}
@@ -164,7 +192,9 @@ async def test_removed_model_folder_raises_repair(
     assert hass.states.get("conversation.agent_1").state != "unavailable"
 
 
-async def test_agents_share_a_model_handle(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_agents_share_a_model_handle(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """Two agents on one model load it once."""
     entry = await make_entry({}, {"temperature": 0.1})
     agents = list(entry.runtime_data.agents.values())
@@ -172,7 +202,9 @@ async def test_agents_share_a_model_handle(hass: HomeAssistant, make_entry: Entr
     assert sim_counter(entry, "init") == 1
 
 
-async def test_unload_destroys_handles(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_unload_destroys_handles(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """Unload destroys every handle and joins the worker threads."""
     entry = await make_entry()
     model = next(iter(entry.runtime_data.agents.values())).loaded.model
@@ -188,7 +220,10 @@ async def test_entity_exposed_after_setup_changes_prefix(
     entry = await make_entry()
     _, json_path = system_cache(cache_dir)
     before = json.loads(json_path.read_text())["prompt_sha256"]
-    assert await async_setup_component(hass, "light", {"light": {"platform": "demo"}}) or True
+    assert (
+        await async_setup_component(hass, "light", {"light": {"platform": "demo"}})
+        or True
+    )
     hass.states.async_set("light.porch", "off", {"friendly_name": "Porch"})
     registry = er.async_get(hass)
     registry.async_get_or_create("light", "test", "porch", suggested_object_id="porch")

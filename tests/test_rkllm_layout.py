@@ -44,7 +44,12 @@ SHARED: dict[str, type[ctypes.Structure]] = {
 
 # Sizes measured by compiling the real 1.2.3 and 1.3.0 headers (runtime doc §12).
 HEADER_SIZES = {
-    AbiFamily.V1_2: {"RKLLMParam": 208, "RKLLMInput": 64, "RKLLMInferParam": 32, "RKLLMMultiModalInput": 48},
+    AbiFamily.V1_2: {
+        "RKLLMParam": 208,
+        "RKLLMInput": 64,
+        "RKLLMInferParam": 32,
+        "RKLLMMultiModalInput": 48,
+    },
     AbiFamily.V1_3: {
         "RKLLMParam": 184,
         "RKLLMInput": 160,
@@ -86,7 +91,9 @@ def c_layout(family: AbiFamily, tmp_path: Path) -> dict[str, dict[str, object]]:
         ],
         check=True,
     )
-    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [str(binary)], check=True, capture_output=True, text=True
+    ).stdout
     result: dict[str, dict[str, object]] = json.loads(output)
     return result
 
@@ -120,7 +127,12 @@ def test_layout_matches_real_headers(abi_family: AbiFamily) -> None:
 
 @pytest.mark.parametrize(
     ("state", "value"),
-    [(abi.CallState.NORMAL, 0), (abi.CallState.WAITING, 1), (abi.CallState.FINISH, 2), (abi.CallState.ERROR, 3)],
+    [
+        (abi.CallState.NORMAL, 0),
+        (abi.CallState.WAITING, 1),
+        (abi.CallState.FINISH, 2),
+        (abi.CallState.ERROR, 3),
+    ],
 )
 def test_call_states(state: abi.CallState, value: int) -> None:
     """Callback states take the header's values (not the 1.0.x ones)."""

@@ -87,7 +87,9 @@ def test_missing_symbol() -> None:
 
 def test_old_runtime() -> None:
     """Runtime 1.1.4 is refused with the versions we need."""
-    with pytest.raises(UnsupportedRuntime, match=r"1\.1\.4 is too old; install runtime 1\.2\.1"):
+    with pytest.raises(
+        UnsupportedRuntime, match=r"1\.1\.4 is too old; install runtime 1\.2\.1"
+    ):
         load_library(SIM_BUILD / "librkllm_sim_1_1.so")
 
 
@@ -113,7 +115,10 @@ def test_unknown_version_needs_override(tmp_path: Path) -> None:
     with pytest.raises(UnknownRuntimeVersion, match="cannot tell"):
         inspect_library(path)
     info = inspect_library(path, family_override=AbiFamily.V1_3)
-    assert (info.family, info.version_source) == (AbiFamily.V1_3, VersionSource.OVERRIDE)
+    assert (info.family, info.version_source) == (
+        AbiFamily.V1_3,
+        VersionSource.OVERRIDE,
+    )
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,9 @@ def open_model(runtime: RuntimeLibrary) -> Generator[Callable[..., RKLLMModel]]:
         model.close()
 
 
-def run(model: RKLLMModel, prompt: str, **kwargs: object) -> tuple[list[str], RunResult]:
+def run(
+    model: RKLLMModel, prompt: str, **kwargs: object
+) -> tuple[list[str], RunResult]:
     """Run to the end and return the streamed pieces and the result."""
     pieces: list[str] = []
     result = model.run(RunRequest(prompt=prompt, **kwargs), pieces.append).result()  # type: ignore[arg-type]
@@ -62,7 +64,9 @@ def last_run(runtime: RuntimeLibrary, model: RKLLMModel) -> dict[str, object]:
     return result
 
 
-def test_streams_reply_in_order(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_streams_reply_in_order(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """The reply arrives piece by piece, in order, with perf stats at the end."""
     reply = "The kitchen light is on and the door is locked."
     model = open_model(write_model(replies=(f"default => {reply}",)))
@@ -76,7 +80,9 @@ def test_streams_reply_in_order(write_model: ModelWriter, open_model: Callable[.
     assert not result.aborted
 
 
-def test_split_utf8_is_reassembled(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_split_utf8_is_reassembled(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """Multi-byte characters split across callbacks (RKLLM_RUN_WAITING) come out whole."""
     reply = "Grüße aus der Küche 🙂 – 25 °C"
     model = open_model(write_model(replies=(f"default => {reply}",)))
@@ -85,20 +91,27 @@ def test_split_utf8_is_reassembled(write_model: ModelWriter, open_model: Callabl
     assert all("\ufffd" not in piece for piece in pieces)
 
 
-def test_null_text_is_ignored(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_null_text_is_ignored(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """A callback with a NULL text does not break the stream."""
-    model = open_model(write_model(replies=("default => Fine.",), extra=("emit_null_text 1",)))
+    model = open_model(
+        write_model(replies=("default => Fine.",), extra=("emit_null_text 1",))
+    )
     pieces, _ = run(model, "hi")
     assert "".join(pieces) == "Fine."
 
 
-def test_tool_call_and_thinking_intact(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_tool_call_and_thinking_intact(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """Tool-call and think markup reaches the consumer unchanged; thinking follows the flag."""
     call = '<tool_call>{"name": "HassTurnOn", "arguments": {"name": "kitchen"}}</tool_call>'
     model = open_model(
         write_model(
             replies=(
-                "reply user turn on the {name} => <think>Light wanted.</think>" + call.replace("kitchen", "{name}"),
+                "reply user turn on the {name} => <think>Light wanted.</think>"
+                + call.replace("kitchen", "{name}"),
             )
         )
     )
@@ -108,9 +121,16 @@ def test_tool_call_and_thinking_intact(write_model: ModelWriter, open_model: Cal
     assert "".join(pieces) == call
 
 
-def test_runtime_error_raises(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_runtime_error_raises(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """RKLLM_RUN_ERROR mid-stream raises RunError; the model stays usable."""
-    model = open_model(write_model(replies=("default => one two three four five six",), extra=("error_at_token 2",)))
+    model = open_model(
+        write_model(
+            replies=("default => one two three four five six",),
+            extra=("error_at_token 2",),
+        )
+    )
     pieces: list[str] = []
     with pytest.raises(RunError, match="error while generating") as err:
         model.run(RunRequest(prompt="go"), pieces.append).result()
@@ -120,14 +140,18 @@ def test_runtime_error_raises(write_model: ModelWriter, open_model: Callable[...
         run(model, "again")
 
 
-def test_init_errors(write_model: ModelWriter, runtime: RuntimeLibrary, tmp_path: Path) -> None:
+def test_init_errors(
+    write_model: ModelWriter, runtime: RuntimeLibrary, tmp_path: Path
+) -> None:
     """Bad magic, missing file and a context above the model's limit fail init clearly."""
     bad = tmp_path / "bad.rkllm"
     bad.write_text("GGUF nonsense\n")
     cases = [
         ModelParams(model_path=bad),
         ModelParams(model_path=tmp_path / "missing.rkllm"),
-        ModelParams(model_path=write_model(max_context_limit=1024), max_context_len=4096),
+        ModelParams(
+            model_path=write_model(max_context_limit=1024), max_context_len=4096
+        ),
         ModelParams(model_path=write_model("Broken", extra=("init_error 1",))),
     ]
     for params in cases:
@@ -137,10 +161,14 @@ def test_init_errors(write_model: ModelWriter, runtime: RuntimeLibrary, tmp_path
         model.close()
 
 
-def test_abort_from_another_thread(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_abort_from_another_thread(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """Abort ends a long generation within a token; the model is usable at once."""
     long_reply = " ".join(f"word{i}" for i in range(400))
-    model = open_model(write_model(replies=(f"default => {long_reply}",), decode_ms_per_token=5))
+    model = open_model(
+        write_model(replies=(f"default => {long_reply}",), decode_ms_per_token=5)
+    )
     first = threading.Event()
     pieces: list[str] = []
 
@@ -160,7 +188,9 @@ def test_abort_from_another_thread(write_model: ModelWriter, open_model: Callabl
     assert not again.aborted
 
 
-def test_close_joins_worker_thread(write_model: ModelWriter, runtime: RuntimeLibrary) -> None:
+def test_close_joins_worker_thread(
+    write_model: ModelWriter, runtime: RuntimeLibrary
+) -> None:
     """Close destroys the handle and no thread outlives the model."""
     model = RKLLMModel(runtime, "joined")
     model.init(ModelParams(model_path=write_model())).result()
@@ -173,7 +203,10 @@ def test_close_joins_worker_thread(write_model: ModelWriter, runtime: RuntimeLib
 
 
 def test_prompt_cache_save_load_reuse(
-    write_model: ModelWriter, open_model: Callable[..., RKLLMModel], runtime: RuntimeLibrary, tmp_path: Path
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
+    tmp_path: Path,
 ) -> None:
     """A saved system-prefix cache, loaded in a new handle, skips the prefix prefill."""
     path = write_model()
@@ -195,18 +228,24 @@ def test_prompt_cache_save_load_reuse(
     assert cold_result.perf is not None
     assert warm_result.perf is not None
     record = last_run(runtime, warm)
-    assert warm_result.perf.prefill_tokens == cold_result.perf.prefill_tokens - record["reused_tokens"]
+    assert (
+        warm_result.perf.prefill_tokens
+        == cold_result.perf.prefill_tokens - record["reused_tokens"]
+    )
     # Everything up to the user's text was reused: only the turn itself is computed.
     assert warm_result.perf.prefill_tokens < 25 < built.perf.prefill_tokens
 
     warm.release_prompt_cache().result()
     _, released = run(warm, "what time is it")
     assert released.perf == cold_result.perf or (
-        released.perf is not None and released.perf.prefill_tokens == cold_result.perf.prefill_tokens
+        released.perf is not None
+        and released.perf.prefill_tokens == cold_result.perf.prefill_tokens
     )
 
 
-def test_bad_prompt_cache_file(open_model: Callable[..., RKLLMModel], write_model: ModelWriter, tmp_path: Path) -> None:
+def test_bad_prompt_cache_file(
+    open_model: Callable[..., RKLLMModel], write_model: ModelWriter, tmp_path: Path
+) -> None:
     """A foreign or missing cache file is refused by the runtime."""
     model = open_model(write_model())
     foreign = tmp_path / "foreign.bin"
@@ -217,7 +256,9 @@ def test_bad_prompt_cache_file(open_model: Callable[..., RKLLMModel], write_mode
 
 
 def test_keep_history_and_clear_kv(
-    write_model: ModelWriter, open_model: Callable[..., RKLLMModel], runtime: RuntimeLibrary
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
 ) -> None:
     """With keep_history only the new turn is prefilled; clearing the KV resets that."""
     model = open_model(write_model())
@@ -244,7 +285,9 @@ def test_keep_history_and_clear_kv(
 
 
 def test_per_run_sampling(
-    write_model: ModelWriter, open_model: Callable[..., RKLLMModel], runtime: RuntimeLibrary
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
 ) -> None:
     """Family 1.3 passes per-run sampling; 1.2 keeps the init sampling."""
     model = open_model(write_model(), sampling=Sampling(temperature=0.5))
@@ -255,13 +298,17 @@ def test_per_run_sampling(
     assert temperature == pytest.approx(expected)
 
 
-def test_is_running_convention(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_is_running_convention(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """is_running follows each family's return convention (idle here)."""
     model = open_model(write_model())
     assert model.is_running().result() is False
 
 
-def test_context_overflow_is_an_error(write_model: ModelWriter, open_model: Callable[..., RKLLMModel]) -> None:
+def test_context_overflow_is_an_error(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
     """A prompt beyond max_context_len fails the run instead of crashing."""
     model = open_model(write_model(), max_context_len=64)
     with pytest.raises(RunError):

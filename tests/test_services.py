@@ -16,14 +16,18 @@ from .conftest import EntryFactory, sim_counter
 AGENT = "conversation.agent_0"
 
 
-async def call(hass: HomeAssistant, service: str, data: dict[str, Any], response: bool = True) -> Any:
+async def call(
+    hass: HomeAssistant, service: str, data: dict[str, Any], response: bool = True
+) -> Any:
     """Call one of our actions and return its response."""
     return await hass.services.async_call(
         DOMAIN, service, data, blocking=True, return_response=response
     )
 
 
-async def test_rebuild_cache(hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path) -> None:
+async def test_rebuild_cache(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
     """rebuild_cache prefills the agent's prompt again and reports the new cache."""
     entry = await make_entry()
     saves = sim_counter(entry, "prompt_cache_save")
@@ -39,7 +43,9 @@ async def test_rebuild_cache(hass: HomeAssistant, make_entry: EntryFactory, cach
     assert cache["name"] == "system"
 
 
-async def test_rebuild_all_without_response(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_rebuild_all_without_response(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """Without agents every agent is rebuilt; the response is optional."""
     entry = await make_entry({}, {"temperature": 0.2})
     saves = sim_counter(entry, "prompt_cache_save")
@@ -47,13 +53,17 @@ async def test_rebuild_all_without_response(hass: HomeAssistant, make_entry: Ent
     assert sim_counter(entry, "prompt_cache_save") == saves + 2
 
 
-async def test_list_create_delete(hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path) -> None:
+async def test_list_create_delete(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
     """Named caches are created, listed with validity, used by prefix, and deleted."""
     entry = await make_entry()
     agent = next(iter(entry.runtime_data.agents.values()))
     assert agent.prefix is not None
     head = agent.prefix.prompt[:80]
-    created = await call(hass, "create_cache", {"model": "Qwen3 Sim", "name": "head", "prompt": head})
+    created = await call(
+        hass, "create_cache", {"model": "Qwen3 Sim", "name": "head", "prompt": head}
+    )
     assert created["cache"]["name"] == "head"
     assert (cache_dir / "Qwen3 Sim" / "head.bin").exists()
 
@@ -69,10 +79,14 @@ async def test_list_create_delete(hass: HomeAssistant, make_entry: EntryFactory,
     assert agent.loaded.loaded_cache is not None
     assert agent.loaded.loaded_cache.name == "system"
 
-    await call(hass, "delete_cache", {"model": "Qwen3 Sim", "name": "system"}, response=False)
+    await call(
+        hass, "delete_cache", {"model": "Qwen3 Sim", "name": "system"}, response=False
+    )
     assert not (cache_dir / "Qwen3 Sim" / "system.json").exists()
     # Now the longest cache the prompt starts with is "head".
-    await conversation.async_converse(hass, "hello again", None, Context(), agent_id=AGENT)
+    await conversation.async_converse(
+        hass, "hello again", None, Context(), agent_id=AGENT
+    )
     assert agent.loaded.loaded_cache is not None
     assert agent.loaded.loaded_cache.name == "head"
     # The next setup rebuilds the system cache.
@@ -81,7 +95,9 @@ async def test_list_create_delete(hass: HomeAssistant, make_entry: EntryFactory,
 
 
 @pytest.mark.parametrize("name", ["", "../etc", "Système", "UPPER", "a" * 65, "a/b"])
-async def test_bad_cache_names(hass: HomeAssistant, make_entry: EntryFactory, name: str) -> None:
+async def test_bad_cache_names(
+    hass: HomeAssistant, make_entry: EntryFactory, name: str
+) -> None:
     """Bad names are refused before anything is touched."""
     await make_entry()
     for service, data in (
@@ -99,7 +115,11 @@ async def test_unknown_targets(hass: HomeAssistant, make_entry: EntryFactory) ->
     entry = await make_entry()
     cases = [
         ("rebuild_cache", {"agent": "conversation.nope"}, "unknown_agent"),
-        ("create_cache", {"model": "Nope", "name": "x", "prompt": "x"}, "model_not_loaded"),
+        (
+            "create_cache",
+            {"model": "Nope", "name": "x", "prompt": "x"},
+            "model_not_loaded",
+        ),
         ("delete_cache", {"model": "Qwen3 Sim", "name": "missing"}, "cache_not_found"),
     ]
     for service, data, key in cases:

@@ -1,0 +1,445 @@
+"""Config flow of the Rockchip LLM integration: the runtime entry and its agents."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+import logging
+import os
+from pathlib import Path
+import tempfile
+from typing import Any, Final
+
+import voluptuous as vol
+
+from homeassistant.config_entries import (
+    SOURCE_USER,
+    ConfigEntry,
+    ConfigEntryState,
+    ConfigFlow,
+    ConfigFlowResult,
+    ConfigSubentryFlow,
+    SubentryFlowResult,
+)
+from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
+from homeassistant.core import HomeAssistant, callback
+from homeassistant.helpers import llm
+from homeassistant.helpers.selector import (
+    BooleanSelector,
+    NumberSelector,
+    NumberSelectorConfig,
+    NumberSelectorMode,
+    SelectOptionDict,
+    SelectSelector,
+    SelectSelectorConfig,
+    SelectSelectorMode,
+    TemplateSelector,
+    TextSelector,
+)
+from homeassistant.helpers.typing import VolDictType
+
+from .const import (
+    CONF_CACHE_DIR,
+    CONF_ENABLE_THINKING,
+    CONF_HISTORY_STRATEGY,
+    CONF_LIBRARY_PATH,
+    CONF_MAX_CONTEXT_LEN,
+    CONF_MAX_HISTORY,
+    CONF_MAX_NEW_TOKENS,
+    CONF_MODEL,
+    CONF_MODELS_DIR,
+    CONF_PROMPT,
+    CONF_REPEAT_PENALTY,
+    CONF_TEMPERATURE,
+    CONF_TOP_K,
+    CONF_TOP_P,
+    CONFIG_SUBDIR,
+    DEFAULT_ENABLE_THINKING,
+    DEFAULT_HISTORY_STRATEGY,
+    DEFAULT_MAX_CONTEXT_LEN,
+    DEFAULT_MAX_HISTORY,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PROMPT_FILE,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    DOMAIN,
+    LIBRARY_CANDIDATES,
+    SUBENTRY_CONVERSATION,
+    HistoryStrategy,
+)
+from .models import ModelInfo, ModelsDirError, scan_models
+from .rkllm.errors import LibraryError
+from .rkllm.library import LIBRARY_NAME, load_library
+
+_LOGGER = logging.getLogger(__name__)
+
+_ENTRY_TITLE: Final = "Rockchip LLM"
+_SIMULATOR_ENV: Final = "ROCKCHIP_LLM_SIMULATOR"
+"""Development fallback: path of the simulator library, used when no runtime exists."""
+
+_PATH_FIELDS: Final = (CONF_LIBRARY_PATH, CONF_MODELS_DIR, CONF_CACHE_DIR)
+
+
+@dataclass(slots=True)
+class _Validation:
+    """The outcome of checking the three runtime paths."""
+
+    errors: dict[str, str] = field(default_factory=dict)
+    placeholders: dict[str, str] = field(default_factory=dict)
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+
+
+def _detect_library(config_location: Path) -> Path:
+    """Return the first existing runtime library, else the configuration location."""
+    for candidate in (*LIBRARY_CANDIDATES, config_location):
+        if candidate.is_file():
+            return candidate
+    if (simulator := os.environ.get(_SIMULATOR_ENV)) and Path(simulator).is_file():
+        return Path(simulator)
+    return config_location
+
+
+def _check_cache_dir(cache_dir: Path) -> bool:
+    """Create the cache folder if needed; return True when a file can be written there."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def _validate_paths(
+    library_path: Path, models_dir: Path, cache_dir: Path
+) -> _Validation:
+    """Check the library, the models folder and the cache folder (blocking)."""
+    result = _Validation()
+    try:
+        load_library(library_path)
+    except LibraryError as err:
+        result.errors[CONF_LIBRARY_PATH] = err.translation_key
+        result.placeholders.update(err.placeholders)
+    try:
+        result.models = scan_models(models_dir).models
+    except ModelsDirError as err:
+        result.errors[CONF_MODELS_DIR] = err.reason
+    else:
+        if not result.models:
+            result.errors[CONF_MODELS_DIR] = "no_models"
+    if not _check_cache_dir(cache_dir):
+        result.errors[CONF_CACHE_DIR] = "cache_dir_not_writable"
+    return result
+
+
+def _runtime_identity(paths: Mapping[str, Any]) -> dict[str, Any]:
+    """Return what makes two entries the same runtime: library and models folder."""
+    return {key: paths[key] for key in (CONF_LIBRARY_PATH, CONF_MODELS_DIR)}
+
+
+def _read_default_prompt() -> str:
+    """Return the default prompt template (blocking)."""
+    return DEFAULT_PROMPT_FILE.read_text(encoding="utf-8")
+
+
+def _format_size(size_bytes: int) -> str:
+    """Format a file size in GB, or in MB below one GB."""
+    if size_bytes >= 1_000_000_000:
+        return f"{size_bytes / 1_000_000_000:.1f} GB"
+    return f"{size_bytes / 1_000_000:.1f} MB"
+
+
+def _model_selector(models: Mapping[str, ModelInfo]) -> SelectSelector:
+    """Return a dropdown of the discovered models, labelled with their size."""
+    return SelectSelector(
+        SelectSelectorConfig(
+            options=[
+                SelectOptionDict(
+                    value=name, label=f"{name} ({_format_size(info.size_bytes)})"
+                )
+                for name, info in models.items()
+            ],
+            mode=SelectSelectorMode.DROPDOWN,
+        )
+    )
+
+
+def _default_agent_options(model: str, prompt: str) -> dict[str, Any]:
+    """Return the options of a new agent on model."""
+    return {
+        CONF_MODEL: model,
+        CONF_PROMPT: prompt,
+        CONF_LLM_HASS_API: [llm.LLM_API_ASSIST],
+        CONF_MAX_CONTEXT_LEN: DEFAULT_MAX_CONTEXT_LEN,
+        CONF_MAX_NEW_TOKENS: DEFAULT_MAX_NEW_TOKENS,
+        CONF_TEMPERATURE: DEFAULT_TEMPERATURE,
+        CONF_TOP_K: DEFAULT_TOP_K,
+        CONF_TOP_P: DEFAULT_TOP_P,
+        CONF_REPEAT_PENALTY: DEFAULT_REPEAT_PENALTY,
+        CONF_ENABLE_THINKING: DEFAULT_ENABLE_THINKING,
+        CONF_MAX_HISTORY: DEFAULT_MAX_HISTORY,
+        CONF_HISTORY_STRATEGY: DEFAULT_HISTORY_STRATEGY.value,
+    }
+
+
+def _number(
+    minimum: float,
+    maximum: float,
+    step: float = 1,
+    mode: NumberSelectorMode = NumberSelectorMode.BOX,
+) -> NumberSelector:
+    """Return a number selector."""
+    return NumberSelector(
+        NumberSelectorConfig(min=minimum, max=maximum, step=step, mode=mode)
+    )
+
+
+def _integer(minimum: int, maximum: int) -> vol.All:
+    """Return an integer input box."""
+    return vol.All(_number(minimum, maximum), vol.Coerce(int))
+
+
+def _slider(minimum: float, maximum: float) -> NumberSelector:
+    """Return a slider in steps of 0.05."""
+    return _number(minimum, maximum, 0.05, NumberSelectorMode.SLIDER)
+
+
+def _agent_schema(
+    hass: HomeAssistant, models: Mapping[str, ModelInfo], is_new: bool
+) -> vol.Schema:
+    """Return the schema of the agent options form."""
+    schema: VolDictType = {vol.Optional(CONF_NAME): str} if is_new else {}
+    schema.update(
+        {
+            vol.Required(CONF_MODEL): _model_selector(models),
+            vol.Optional(CONF_PROMPT): TemplateSelector(),
+            vol.Optional(CONF_LLM_HASS_API): SelectSelector(
+                SelectSelectorConfig(
+                    options=[
+                        SelectOptionDict(value=api.id, label=api.name)
+                        for api in llm.async_get_apis(hass)
+                    ],
+                    multiple=True,
+                )
+            ),
+            vol.Required(CONF_MAX_CONTEXT_LEN): _integer(128, 32768),
+            vol.Required(CONF_MAX_NEW_TOKENS): _integer(16, 4096),
+            vol.Required(CONF_TEMPERATURE): _slider(0, 2),
+            vol.Required(CONF_TOP_K): _integer(1, 100),
+            vol.Required(CONF_TOP_P): _slider(0, 1),
+            vol.Required(CONF_REPEAT_PENALTY): _slider(1, 2),
+            vol.Required(CONF_ENABLE_THINKING): BooleanSelector(),
+            vol.Required(CONF_MAX_HISTORY): _integer(0, 50),
+            vol.Required(CONF_HISTORY_STRATEGY): SelectSelector(
+                SelectSelectorConfig(
+                    options=[strategy.value for strategy in HistoryStrategy],
+                    translation_key=CONF_HISTORY_STRATEGY,
+                    mode=SelectSelectorMode.DROPDOWN,
+                )
+            ),
+        }
+    )
+    return vol.Schema(schema)
+
+
+class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
+    """Set up one RKLLM runtime: library, models folder and cache folder."""
+
+    VERSION = 1
+
+    def __init__(self) -> None:
+        """Initialize the flow."""
+        self._paths: dict[str, str] = {}
+        self._models: dict[str, ModelInfo] = {}
+
+    def _normalize_paths(self, user_input: Mapping[str, Any]) -> dict[str, str]:
+        """Return the paths made absolute; relative paths are under the config folder."""
+        paths: dict[str, str] = {}
+        for key in _PATH_FIELDS:
+            path = Path(user_input[key].strip()).expanduser()
+            paths[key] = str(
+                path if path.is_absolute() else self.hass.config.path(str(path))
+            )
+        return paths
+
+    async def _async_validate(self, paths: Mapping[str, str]) -> _Validation:
+        """Validate the paths in the executor."""
+        try:
+            return await self.hass.async_add_executor_job(
+                _validate_paths,
+                Path(paths[CONF_LIBRARY_PATH]),
+                Path(paths[CONF_MODELS_DIR]),
+                Path(paths[CONF_CACHE_DIR]),
+            )
+        except Exception:
+            _LOGGER.exception("Unexpected error while checking the runtime paths")
+            return _Validation(errors={"base": "unknown"})
+
+    async def _async_show_paths_form(
+        self,
+        step_id: str,
+        suggested: Mapping[str, Any] | None = None,
+        validation: _Validation | None = None,
+    ) -> ConfigFlowResult:
+        """Show the form of the three runtime paths."""
+        if suggested is None:
+            library = await self.hass.async_add_executor_job(
+                _detect_library,
+                Path(self.hass.config.path(CONFIG_SUBDIR, LIBRARY_NAME)),
+            )
+            suggested = {CONF_LIBRARY_PATH: str(library)}
+        schema = vol.Schema(
+            {
+                vol.Required(CONF_LIBRARY_PATH): TextSelector(),
+                vol.Required(
+                    CONF_MODELS_DIR,
+                    default=self.hass.config.path(CONFIG_SUBDIR, "models"),
+                ): TextSelector(),
+                vol.Required(
+                    CONF_CACHE_DIR,
+                    default=self.hass.config.path(CONFIG_SUBDIR, "cache"),
+                ): TextSelector(),
+            }
+        )
+        validation = validation or _Validation()
+        return self.async_show_form(
+            step_id=step_id,
+            data_schema=self.add_suggested_values_to_schema(schema, suggested),
+            errors=validation.errors,
+            description_placeholders=validation.placeholders,
+        )
+
+    async def async_step_user(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask for the runtime library, the models folder and the cache folder."""
+        if user_input is None:
+            return await self._async_show_paths_form("user")
+        paths = self._normalize_paths(user_input)
+        self._async_abort_entries_match(_runtime_identity(paths))
+        validation = await self._async_validate(paths)
+        if validation.errors:
+            return await self._async_show_paths_form("user", user_input, validation)
+        self._paths = paths
+        self._models = validation.models
+        return await self.async_step_model()
+
+    async def async_step_model(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Pick the model of the first conversation agent."""
+        if user_input is None:
+            return self.async_show_form(
+                step_id="model",
+                data_schema=vol.Schema(
+                    {
+                        vol.Required(
+                            CONF_MODEL, default=next(iter(self._models))
+                        ): _model_selector(self._models)
+                    }
+                ),
+            )
+        model = user_input[CONF_MODEL]
+        prompt = await self.hass.async_add_executor_job(_read_default_prompt)
+        return self.async_create_entry(
+            title=_ENTRY_TITLE,
+            data=self._paths,
+            subentries=[
+                {
+                    "subentry_type": SUBENTRY_CONVERSATION,
+                    "data": _default_agent_options(model, prompt),
+                    "title": model,
+                    "unique_id": None,
+                }
+            ],
+        )
+
+    async def async_step_reconfigure(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Change the paths of a configured runtime."""
+        entry = self._get_reconfigure_entry()
+        if user_input is None:
+            return await self._async_show_paths_form("reconfigure", entry.data)
+        paths = self._normalize_paths(user_input)
+        if (identity := _runtime_identity(paths)) != _runtime_identity(entry.data):
+            self._async_abort_entries_match(identity)
+        validation = await self._async_validate(paths)
+        if validation.errors:
+            return await self._async_show_paths_form(
+                "reconfigure", user_input, validation
+            )
+        return self.async_update_reload_and_abort(entry, data_updates=paths)
+
+    @classmethod
+    @callback
+    def async_get_supported_subentry_types(
+        cls, config_entry: ConfigEntry
+    ) -> dict[str, type[ConfigSubentryFlow]]:
+        """Return the subentry types: conversation agents."""
+        return {SUBENTRY_CONVERSATION: ConversationFlowHandler}
+
+
+class ConversationFlowHandler(ConfigSubentryFlow):
+    """Add or change a conversation agent."""
+
+    @property
+    def _is_new(self) -> bool:
+        """Return True when adding an agent."""
+        return self.source == SOURCE_USER
+
+    async def async_step_set_options(
+        self, user_input: dict[str, Any] | None = None
+    ) -> SubentryFlowResult:
+        """Show and store the agent options."""
+        entry = self._get_entry()
+        if entry.state is not ConfigEntryState.LOADED:
+            return self.async_abort(reason="entry_not_loaded")
+        if user_input is not None:
+            return self._async_save(user_input)
+
+        models_dir = entry.data[CONF_MODELS_DIR]
+        placeholders = {CONF_MODELS_DIR: models_dir}
+        try:
+            scan = await self.hass.async_add_executor_job(scan_models, Path(models_dir))
+        except ModelsDirError as err:
+            return self.async_abort(
+                reason=err.reason, description_placeholders=placeholders
+            )
+        if not scan.models:
+            return self.async_abort(
+                reason="no_models", description_placeholders=placeholders
+            )
+        prompt = await self.hass.async_add_executor_job(_read_default_prompt)
+        options = _default_agent_options(next(iter(scan.models)), prompt)
+        if not self._is_new:
+            data = self._get_reconfigure_subentry().data
+            options |= data
+            options[CONF_LLM_HASS_API] = data.get(CONF_LLM_HASS_API, [])
+        known_apis = {api.id for api in llm.async_get_apis(self.hass)}
+        options[CONF_LLM_HASS_API] = [
+            api for api in options[CONF_LLM_HASS_API] if api in known_apis
+        ]
+        return self.async_show_form(
+            step_id="set_options",
+            data_schema=self.add_suggested_values_to_schema(
+                _agent_schema(self.hass, scan.models, self._is_new), options
+            ),
+        )
+
+    async_step_user = async_step_set_options
+    async_step_reconfigure = async_step_set_options
+
+    @callback
+    def _async_save(self, user_input: dict[str, Any]) -> SubentryFlowResult:
+        """Create or update the agent from the submitted options."""
+        data = dict(user_input)
+        name = data.pop(CONF_NAME, "").strip() or data[CONF_MODEL]
+        data.setdefault(CONF_PROMPT, "")
+        if not data.get(CONF_LLM_HASS_API):
+            data.pop(CONF_LLM_HASS_API, None)
+        if self._is_new:
+            return self.async_create_entry(title=name, data=data)
+        return self.async_update_and_abort(
+            self._get_entry(), self._get_reconfigure_subentry(), data=data
+        )
