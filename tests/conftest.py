@@ -148,6 +148,7 @@ def make_entry(
         *agents: dict[str, Any],
         setup: bool = True,
         model_kwargs: dict[str, Any] | None = None,
+        ai_tasks: tuple[dict[str, Any], ...] = (),
     ) -> MockConfigEntry:
         if not any(models_dir.iterdir()):
             write_model(**(model_kwargs or {}))
@@ -172,6 +173,15 @@ def make_entry(
                     unique_id=None,
                 )
                 for index, options in enumerate(agents)
+            ]
+            + [
+                ConfigSubentryData(
+                    data={CONF_MODEL: "Qwen3 Sim", **options},
+                    subentry_type="ai_task_data",
+                    title=f"Task {index}",
+                    unique_id=None,
+                )
+                for index, options in enumerate(ai_tasks)
             ],
         )
         entry.add_to_hass(hass)

@@ -29,6 +29,7 @@ from custom_components.rockchip_llm.const import (
     CONF_TOP_P,
     DEFAULT_PROMPT_FILE,
     DOMAIN,
+    SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
@@ -726,3 +727,40 @@ async def test_subentry_models_gone(
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == reason
     assert result["description_placeholders"] == {CONF_MODELS_DIR: str(models_dir)}
+
+
+CHAT_ONLY = (CONF_PROMPT, CONF_LLM_HASS_API, CONF_MAX_HISTORY, CONF_HISTORY_STRATEGY)
+
+
+async def test_ai_task_subentry(
+    hass: HomeAssistant, loaded_entry: MockConfigEntry
+) -> None:
+    """An AI Task agent has the model and sampling options, no prompt, tools or history."""
+    result = await hass.config_entries.subentries.async_init(
+        (loaded_entry.entry_id, SUBENTRY_AI_TASK),
+        context={"source": config_entries.SOURCE_USER},
+    )
+    assert result["type"] is FlowResultType.FORM
+    fields = {str(key) for key in result["data_schema"].schema}
+    assert not fields & set(CHAT_ONLY)
+    assert {
+        CONF_MODEL,
+        CONF_MAX_CONTEXT_LEN,
+        CONF_TEMPERATURE,
+        CONF_ENABLE_THINKING,
+    } <= fields
+    task_input = {
+        key: value for key, value in AGENT_INPUT.items() if key not in CHAT_ONLY
+    }
+    known = set(loaded_entry.subentries)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], {CONF_NAME: "Summaries", **task_input}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    (added,) = set(loaded_entry.subentries) - known
+    subentry = loaded_entry.subentries[added]
+    assert subentry.subentry_type == SUBENTRY_AI_TASK
+    assert subentry.title == "Summaries"
+    assert dict(subentry.data) == {
+        key: value for key, value in AGENT_DATA.items() if key not in CHAT_ONLY
+    }

@@ -1,6 +1,8 @@
 """The Assist agent through conversation.async_converse and the simulator."""
 
 import asyncio
+import ctypes
+import json
 from typing import Any
 
 import pytest
@@ -248,3 +250,90 @@ async def test_cancel_while_running_and_waiting(
     # The model is usable at once.
     result = await converse(hass, "again")
     assert speech(result).startswith("w0 w1")
+
+
+def last_run_record(entry: Any) -> dict[str, Any]:
+    """The simulator's record of the first agent's last run."""
+    loaded = loaded_model(entry)
+    function = entry.runtime_data.engine.library.cdll.rkllm_sim_last_run
+    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    buffer = ctypes.create_string_buffer(1 << 20)
+    function(loaded.model._handle, buffer, len(buffer))
+    record: dict[str, Any] = json.loads(buffer.value.decode())
+    return record
+
+
+async def test_requests_served_in_arrival_order(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Requests to one model are answered first come, first served."""
+    await make_entry(
+        model_kwargs={
+            "decode_ms_per_token": 2,
+            "replies": ("default => You said {input}",),
+        }
+    )
+    finished: list[int] = []
+
+    async def ask(index: int) -> None:
+        await converse(hass, f"number {index}")
+        finished.append(index)
+
+    await asyncio.gather(*(ask(index) for index in range(6)))
+    assert finished == list(range(6))
+
+
+async def test_max_history_trims_folded_history(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Without KV reuse, only the last max_history user turns are folded into the prompt."""
+    entry = await make_entry(
+        {"history_strategy": "prompt_cache_only", "max_history": 2}
+    )
+    conversation_id = None
+    for turn in range(1, 5):
+        result = await converse(hass, f"question number {turn}", conversation_id)
+        conversation_id = result.conversation_id
+    prompt = last_run_record(entry)["prompt"]
+    assert "question number 4" in prompt
+    assert "question number 3" in prompt
+    assert "question number 2" in prompt
+    assert "question number 1" not in prompt
+
+
+async def test_max_history_resets_kv(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """With KV reuse, history beyond max_history resets the KV to the system prefix."""
+    entry = await make_entry({"max_history": 2})
+    conversation_id = None
+    for turn in range(1, 5):
+        result = await converse(hass, f"question number {turn}", conversation_id)
+        conversation_id = result.conversation_id
+    assert [run.reused_history for run in loaded_model(entry).recent] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    prompt = last_run_record(entry)["prompt"]
+    assert "question number 1" not in prompt
+    assert "question number 2" in prompt
+
+
+async def test_warm_up_rebuilds_a_missing_cache(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Preparing the agent (pipeline start) makes sure its system cache exists."""
+    entry = await make_entry()
+    await hass.services.async_call(
+        "rockchip_llm",
+        "delete_cache",
+        {"model": "Qwen3 Sim", "name": "system"},
+        blocking=True,
+    )
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert agent.cache is None
+    await conversation.async_prepare_agent(hass, AGENT, "en")
+    assert agent.cache is not None
+    assert agent.loaded.loaded_cache is agent.cache

@@ -1,17 +1,22 @@
 """Entry setup: libraries, models, and the system cache built once and reused."""
 
+from datetime import timedelta
 import json
 from pathlib import Path
 from unittest.mock import patch
 
+from pytest_homeassistant_custom_component.common import async_fire_time_changed
+
 from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.rkllm.abi import AbiFamily
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.config_entries import ConfigEntryState
-from homeassistant.core import HomeAssistant
-from homeassistant.helpers import entity_registry as er, issue_registry as ir
-from homeassistant.setup import async_setup_component
+from homeassistant.const import EVENT_HOMEASSISTANT_STARTED
+from homeassistant.core import CoreState, HomeAssistant
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.util import dt as dt_util
 
-from .conftest import EntryFactory, ModelWriter, sim_counter
+from .conftest import SIM_LIBRARIES, EntryFactory, ModelWriter, sim_counter
 
 
 def agent_states(hass: HomeAssistant) -> list[str]:
@@ -213,22 +218,63 @@ async def test_unload_destroys_handles(
     assert entry.state is ConfigEntryState.NOT_LOADED
 
 
-async def test_entity_exposed_after_setup_changes_prefix(
+async def test_entity_exposed_after_setup_rebuilds_debounced(
     hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
 ) -> None:
-    """Exposing an entity after setup changes the prompt: the cache is rebuilt (debounced)."""
+    """Exposing an entity changes the prompt: the cache is rebuilt after the debounce."""
     entry = await make_entry()
     _, json_path = system_cache(cache_dir)
     before = json.loads(json_path.read_text())["prompt_sha256"]
-    assert (
-        await async_setup_component(hass, "light", {"light": {"platform": "demo"}})
-        or True
-    )
-    hass.states.async_set("light.porch", "off", {"friendly_name": "Porch"})
-    registry = er.async_get(hass)
-    registry.async_get_or_create("light", "test", "porch", suggested_object_id="porch")
-    async_expose_entity(hass, "conversation", "light.porch", True)
-    agent = next(iter(entry.runtime_data.agents.values()))
-    await agent.async_refresh_now()
+    saves = sim_counter(entry, "prompt_cache_save")
+    expose_light(hass)
+    await hass.async_block_till_done()
+    assert sim_counter(entry, "prompt_cache_save") == saves  # not yet: debounced
+    async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=31))
+    await hass.async_block_till_done(wait_background_tasks=True)
+    after = json.loads(json_path.read_text())
+    assert after["prompt_sha256"] != before
+    assert after["source"] == "auto"
+    assert sim_counter(entry, "prompt_cache_save") == saves + 1
+
+
+async def test_prefix_recomputed_once_started(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Entities that appear during start-up are in the cache once HA has started."""
+    hass.set_state(CoreState.not_running)
+    entry = await make_entry()
+    _, json_path = system_cache(cache_dir)
+    before = json.loads(json_path.read_text())["prompt_sha256"]
+    expose_light(hass)
+    hass.bus.async_fire(EVENT_HOMEASSISTANT_STARTED)
     await hass.async_block_till_done()
     assert json.loads(json_path.read_text())["prompt_sha256"] != before
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def test_changed_runtime_rebuilds(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
+    abi_family: AbiFamily,
+) -> None:
+    """Another runtime version invalidates the cache."""
+    entry = await make_entry()
+    _, json_path = system_cache(cache_dir)
+    before = json.loads(json_path.read_text())
+    other = next(
+        path for family, path in SIM_LIBRARIES.items() if family is not abi_family
+    )
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, "library_path": str(other)}
+    )
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    after = json.loads(json_path.read_text())
+    assert after["runtime_version"] != before["runtime_version"]
+    assert after["created_at"] != before["created_at"]
+
+
+def expose_light(hass: HomeAssistant) -> None:
+    """Add and expose a light to Assist."""
+    hass.states.async_set("light.porch", "off", {"friendly_name": "Porch"})
+    async_expose_entity(hass, "conversation", "light.porch", True)

@@ -31,9 +31,10 @@ from .const import (
     CONF_MODELS_DIR,
     DOMAIN,
     LOGGER,
+    SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
-from .engine import Engine, LoadedModel
+from .engine import Engine
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, PromptCacheStore
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
@@ -42,7 +43,8 @@ from .rkllm.runtime import ModelParams
 from .services import async_setup_services
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
-PLATFORMS = (Platform.CONVERSATION,)
+AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
+PLATFORMS = (Platform.AI_TASK, Platform.CONVERSATION)
 
 
 @dataclass(slots=True)
@@ -52,6 +54,11 @@ class RockchipRuntime:
     engine: Engine
     scan: ModelScan
     agents: dict[str, Agent] = field(default_factory=dict)
+
+    @property
+    def chat_agents(self) -> list[Agent]:
+        """The conversation agents (those with a system cache)."""
+        return [agent for agent in self.agents.values() if agent.chat]
 
 
 type RockchipConfigEntry = ConfigEntry[RockchipRuntime]
@@ -126,7 +133,7 @@ async def _async_load_agents(
     """Load each agent's model (shared per model) and prepare its system cache."""
     by_model: dict[str, list[str]] = {}
     for subentry in entry.subentries.values():
-        if subentry.subentry_type != SUBENTRY_CONVERSATION:
+        if subentry.subentry_type not in AGENT_SUBENTRIES:
             continue
         model = subentry.data[CONF_MODEL]
         issue_id = f"model_missing_{subentry.subentry_id}"
@@ -145,7 +152,6 @@ async def _async_load_agents(
         ir.async_delete_issue(hass, DOMAIN, issue_id)
         by_model.setdefault(model, []).append(subentry.subentry_id)
 
-    loaded_models: dict[str, LoadedModel] = {}
     for domain_id, (model, subentry_ids) in enumerate(by_model.items()):
         settings = [
             AgentSettings.from_options(entry.subentries[i].data) for i in subentry_ids
@@ -161,15 +167,16 @@ async def _async_load_agents(
                     translation_key=err.translation_key,
                     translation_placeholders=err.placeholders,
                 ) from err
-            loaded_models[model] = loaded
+            subentry = entry.subentries[subentry_id]
             runtime.agents[subentry_id] = Agent(
                 hass,
                 runtime.engine,
                 subentry_id,
-                entry.subentries[subentry_id].data,
+                subentry.data,
                 loaded,
+                chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
             )
-    for agent in runtime.agents.values():
+    for agent in runtime.chat_agents:
         try:
             await agent.async_prepare("setup")
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
@@ -191,7 +198,7 @@ def _async_track_prefix_sources(
 
     @callback
     def schedule(*_args: object) -> None:
-        for agent in runtime.agents.values():
+        for agent in runtime.chat_agents:
             agent.schedule_refresh()
 
     entry.async_on_unload(
@@ -206,7 +213,7 @@ def _async_track_prefix_sources(
 
     async def refresh_after_start(_hass: HomeAssistant) -> None:
         # Other integrations' entities may exist only now: the prefix can differ.
-        for agent in runtime.agents.values():
+        for agent in runtime.chat_agents:
             await agent.async_refresh_now()
 
     entry.async_on_unload(async_at_started(hass, refresh_after_start))

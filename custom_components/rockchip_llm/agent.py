@@ -90,9 +90,12 @@ class Agent:
         subentry_id: str,
         options: Mapping[str, Any],
         loaded: LoadedModel,
+        *,
+        chat: bool,
     ) -> None:
-        """Bind an agent to its loaded model."""
+        """Bind an agent to its loaded model; chat agents keep a system cache."""
         self.hass = hass
+        self.chat = chat
         self.engine = engine
         self.subentry_id = subentry_id
         self.options = options

@@ -64,6 +64,7 @@ from .const import (
     DEFAULT_TOP_P,
     DOMAIN,
     LIBRARY_CANDIDATES,
+    SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
     HistoryStrategy,
 )
@@ -205,23 +206,24 @@ def _slider(minimum: float, maximum: float) -> NumberSelector:
 
 
 def _agent_schema(
-    hass: HomeAssistant, models: Mapping[str, ModelInfo], is_new: bool
+    hass: HomeAssistant, models: Mapping[str, ModelInfo], is_new: bool, chat: bool
 ) -> vol.Schema:
-    """Return the schema of the agent options form."""
+    """Return the schema of the agent options form (chat: a conversation agent)."""
     schema: VolDictType = {vol.Optional(CONF_NAME): str} if is_new else {}
+    schema[vol.Required(CONF_MODEL)] = _model_selector(models)
+    if chat:
+        schema[vol.Optional(CONF_PROMPT)] = TemplateSelector()
+        schema[vol.Optional(CONF_LLM_HASS_API)] = SelectSelector(
+            SelectSelectorConfig(
+                options=[
+                    SelectOptionDict(value=api.id, label=api.name)
+                    for api in llm.async_get_apis(hass)
+                ],
+                multiple=True,
+            )
+        )
     schema.update(
         {
-            vol.Required(CONF_MODEL): _model_selector(models),
-            vol.Optional(CONF_PROMPT): TemplateSelector(),
-            vol.Optional(CONF_LLM_HASS_API): SelectSelector(
-                SelectSelectorConfig(
-                    options=[
-                        SelectOptionDict(value=api.id, label=api.name)
-                        for api in llm.async_get_apis(hass)
-                    ],
-                    multiple=True,
-                )
-            ),
             vol.Required(CONF_MAX_CONTEXT_LEN): _integer(128, 32768),
             vol.Required(CONF_MAX_NEW_TOKENS): _integer(16, 4096),
             vol.Required(CONF_TEMPERATURE): _slider(0, 2),
@@ -229,16 +231,17 @@ def _agent_schema(
             vol.Required(CONF_TOP_P): _slider(0, 1),
             vol.Required(CONF_REPEAT_PENALTY): _slider(1, 2),
             vol.Required(CONF_ENABLE_THINKING): BooleanSelector(),
-            vol.Required(CONF_MAX_HISTORY): _integer(0, 50),
-            vol.Required(CONF_HISTORY_STRATEGY): SelectSelector(
-                SelectSelectorConfig(
-                    options=[strategy.value for strategy in HistoryStrategy],
-                    translation_key=CONF_HISTORY_STRATEGY,
-                    mode=SelectSelectorMode.DROPDOWN,
-                )
-            ),
         }
     )
+    if chat:
+        schema[vol.Required(CONF_MAX_HISTORY)] = _integer(0, 50)
+        schema[vol.Required(CONF_HISTORY_STRATEGY)] = SelectSelector(
+            SelectSelectorConfig(
+                options=[strategy.value for strategy in HistoryStrategy],
+                translation_key=CONF_HISTORY_STRATEGY,
+                mode=SelectSelectorMode.DROPDOWN,
+            )
+        )
     return vol.Schema(schema)
 
 
@@ -376,12 +379,17 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
     def async_get_supported_subentry_types(
         cls, config_entry: ConfigEntry
     ) -> dict[str, type[ConfigSubentryFlow]]:
-        """Return the subentry types: conversation agents."""
-        return {SUBENTRY_CONVERSATION: ConversationFlowHandler}
+        """Return the subentry types: conversation agents and AI Task agents."""
+        return {
+            SUBENTRY_CONVERSATION: ConversationFlowHandler,
+            SUBENTRY_AI_TASK: AITaskFlowHandler,
+        }
 
 
 class ConversationFlowHandler(ConfigSubentryFlow):
     """Add or change a conversation agent."""
+
+    _chat = True
 
     @property
     def _is_new(self) -> bool:
@@ -423,7 +431,8 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         return self.async_show_form(
             step_id="set_options",
             data_schema=self.add_suggested_values_to_schema(
-                _agent_schema(self.hass, scan.models, self._is_new), options
+                _agent_schema(self.hass, scan.models, self._is_new, self._chat),
+                options,
             ),
         )
 
@@ -435,7 +444,8 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         """Create or update the agent from the submitted options."""
         data = dict(user_input)
         name = data.pop(CONF_NAME, "").strip() or data[CONF_MODEL]
-        data.setdefault(CONF_PROMPT, "")
+        if self._chat:
+            data.setdefault(CONF_PROMPT, "")
         if not data.get(CONF_LLM_HASS_API):
             data.pop(CONF_LLM_HASS_API, None)
         if self._is_new:
@@ -443,3 +453,9 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         return self.async_update_and_abort(
             self._get_entry(), self._get_reconfigure_subentry(), data=data
         )
+
+
+class AITaskFlowHandler(ConversationFlowHandler):
+    """Add or change an AI Task agent (data generation, no tools or history)."""
+
+    _chat = False

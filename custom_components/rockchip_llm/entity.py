@@ -89,26 +89,41 @@ class RockchipLLMBaseEntity(Entity):
         """The agent's runtime state."""
         return self.entry.runtime_data.agents[self.subentry.subentry_id]
 
-    async def _async_handle_chat_log(self, chat_log: conversation.ChatLog) -> None:
-        """Answer the chat log, running tools until the model is done."""
+    @property
+    def history_strategy(self) -> HistoryStrategy:
+        """How this agent reuses the KV cache."""
+        return self.agent.settings.history_strategy
+
+    async def _async_handle_chat_log(
+        self, chat_log: conversation.ChatLog, instructions: str | None = None
+    ) -> None:
+        """Answer the chat log, running tools until the model is done.
+
+        instructions, when given, are appended to the input of the first run.
+        """
         agent = self.agent
         settings = agent.settings
         loaded = agent.loaded
         engine = agent.engine
         prefix = prefix_from_chat_log(chat_log)
-        agent.prefix_seen(prefix)
-        keep_history = settings.history_strategy is HistoryStrategy.AUTO
+        if agent.chat:
+            agent.prefix_seen(prefix)
+        strategy = self.history_strategy
+        keep_history = strategy is HistoryStrategy.AUTO
         async with loaded.lock:
             try:
                 await engine.async_set_prefix(loaded, prefix)
-                if settings.history_strategy is HistoryStrategy.OFF:
+                if strategy is HistoryStrategy.OFF:
                     await engine.async_use_cache(loaded, None)
                 else:
                     await engine.async_use_cache(
                         loaded, await engine.async_find_cache(loaded, prefix)
                     )
                 for _iteration in range(MAX_TOOL_ITERATIONS):
-                    await self._async_run_once(chat_log, prefix, keep_history)
+                    await self._async_run_once(
+                        chat_log, prefix, keep_history, instructions
+                    )
+                    instructions = None
                     if not chat_log.unresponded_tool_results:
                         break
             except PromptTooLong as err:
@@ -128,7 +143,11 @@ class RockchipLLMBaseEntity(Entity):
                 ) from err
 
     async def _async_run_once(
-        self, chat_log: conversation.ChatLog, prefix: SystemPrefix, keep_history: bool
+        self,
+        chat_log: conversation.ChatLog,
+        prefix: SystemPrefix,
+        keep_history: bool,
+        instructions: str | None,
     ) -> None:
         """Send the chat log's pending input to the model and stream the answer."""
         agent = self.agent
@@ -154,7 +173,9 @@ class RockchipLLMBaseEntity(Entity):
         generation = Generation(
             loaded,
             RunRequest(
-                prompt=plan.prompt,
+                prompt=f"{plan.prompt}\n\n{instructions}"
+                if instructions
+                else plan.prompt,
                 role=plan.role,
                 enable_thinking=settings.enable_thinking,
                 keep_history=keep_history,

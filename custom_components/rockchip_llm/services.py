@@ -76,7 +76,7 @@ def _check_name(name: str) -> None:
 def _agents_for(hass: HomeAssistant, entity_ids: list[str] | None) -> list[Agent]:
     runtimes = _runtimes(hass)
     if entity_ids is None:
-        agents = [agent for runtime in runtimes for agent in runtime.agents.values()]
+        agents = [agent for runtime in runtimes for agent in runtime.chat_agents]
         if not agents:
             raise _validation_error("no_agents")
         return agents
@@ -91,6 +91,7 @@ def _agents_for(hass: HomeAssistant, entity_ids: list[str] | None) -> list[Agent
                 if entity is not None
                 and entity.platform == DOMAIN
                 and entity.config_subentry_id in runtime.agents
+                and runtime.agents[entity.config_subentry_id].chat
             ),
             None,
         )
@@ -172,9 +173,7 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
             raise _validation_error(err.translation_key, **err.placeholders) from err
         for entry in entries:
             loaded = engine.models.get(entry.model)
-            agent = next(
-                (a for a in runtime.agents.values() if a.loaded is loaded), None
-            )
+            agent = next((a for a in runtime.chat_agents if a.loaded is loaded), None)
             valid = (
                 entry.problem is None
                 and agent is not None
