@@ -1,5 +1,6 @@
 """The cache actions, called as an automation would."""
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,36 @@ async def test_unknown_targets(hass: HomeAssistant, make_entry: EntryFactory) ->
     with pytest.raises(ServiceValidationError) as err:
         await call(hass, "rebuild_cache", {})
     assert err.value.translation_key == "no_agents"
+
+
+async def test_benchmark(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """The benchmark compares cold and cached runs with the runtime's counters."""
+    entry = await make_entry(model_kwargs={"prefill_ms_per_token": 0.05})
+    result = await call(hass, "benchmark", {"agent": AGENT, "runs": 2, "question": "Is it late?"})
+    cold, cached = result["cold"], result["cached"]
+    assert len(cold["runs"]) == len(cached["runs"]) == 2
+    system_tokens = result["system_prompt_tokens"]
+    assert cold["prefill_tokens"] > system_tokens > cached["prefill_tokens"] > 0
+    assert cold["prefill_ms"] > cached["prefill_ms"]
+    assert cached["decode_tokens_per_s"] > 0
+    assert cold["memory_mb"] > 0
+    assert result["runtime_version"] in {"1.2.3", "1.3.0"}
+    # The agent still answers from its cache afterwards.
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    assert loaded.loaded_cache is not None
+    assert loaded.loaded_cache.name == "system"
+    await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
+    assert loaded.recent[-1].prefill_tokens < system_tokens
+
+
+async def test_benchmark_waits_for_voice_requests(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+    """A benchmark called during a voice request runs after it, in the model's queue."""
+    entry = await make_entry(model_kwargs={"decode_ms_per_token": 3})
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    voice = hass.async_create_task(conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT))
+    while not loaded.lock.locked():
+        await asyncio.sleep(0.005)
+    result = await call(hass, "benchmark", {"agent": AGENT, "runs": 1})
+    assert voice.done()
+    assert (await voice).response.speech["plain"]["speech"] == "Hello from the simulator."
+    assert result["cached"]["runs"]

@@ -18,6 +18,7 @@ from homeassistant.core import (
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import config_validation as cv, entity_registry as er
 
+from .benchmark import async_benchmark
 from .chat import SystemPrefix
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .prompt_cache import CACHE_NAME_PATTERN, CacheEntry, CacheError
@@ -31,7 +32,11 @@ SERVICE_REBUILD_CACHE = "rebuild_cache"
 SERVICE_LIST_CACHES = "list_caches"
 SERVICE_CREATE_CACHE = "create_cache"
 SERVICE_DELETE_CACHE = "delete_cache"
+SERVICE_BENCHMARK = "benchmark"
 ATTR_AGENT = "agent"
+ATTR_RUNS = "runs"
+ATTR_QUESTION = "question"
+DEFAULT_QUESTION = "Is the kitchen light on?"
 
 REBUILD_SCHEMA = vol.Schema(
     {
@@ -45,6 +50,15 @@ CREATE_SCHEMA = vol.Schema(
         vol.Required(CONF_MODEL): cv.string,
         vol.Required(CONF_NAME): cv.string,
         vol.Required(CONF_PROMPT): cv.string,
+    }
+)
+BENCHMARK_SCHEMA = vol.Schema(
+    {
+        vol.Required(ATTR_AGENT): cv.entity_id,
+        vol.Optional(ATTR_RUNS, default=3): vol.All(
+            vol.Coerce(int), vol.Range(min=1, max=20)
+        ),
+        vol.Optional(ATTR_QUESTION, default=DEFAULT_QUESTION): cv.string,
     }
 )
 DELETE_SCHEMA = vol.Schema(
@@ -220,6 +234,31 @@ async def _async_delete_cache(call: ServiceCall) -> None:
                     other.prefix = None
 
 
+async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
+    [agent] = _agents_for(call.hass, [call.data[ATTR_AGENT]])
+    loaded = agent.loaded
+    async with loaded.lock:  # waits behind voice requests, never interrupts them
+        if agent.prefix is None or agent.cache is None:
+            raise _validation_error("cache_not_ready", agent=call.data[ATTR_AGENT])
+        try:
+            result = await async_benchmark(
+                agent.engine,
+                loaded,
+                agent.prefix,
+                agent.cache,
+                question=call.data[ATTR_QUESTION],
+                runs=call.data[ATTR_RUNS],
+                max_new_tokens=agent.settings.max_new_tokens,
+            )
+        except RKLLMError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="generation_failed",
+                translation_placeholders={"error": str(err)},
+            ) from err
+    return cast("ServiceResponse", result)
+
+
 @callback
 def async_setup_services(hass: HomeAssistant) -> None:
     """Register the integration's actions."""
@@ -246,4 +285,11 @@ def async_setup_services(hass: HomeAssistant) -> None:
     )
     hass.services.async_register(
         DOMAIN, SERVICE_DELETE_CACHE, _async_delete_cache, schema=DELETE_SCHEMA
+    )
+    hass.services.async_register(
+        DOMAIN,
+        SERVICE_BENCHMARK,
+        _async_benchmark,
+        schema=BENCHMARK_SCHEMA,
+        supports_response=SupportsResponse.ONLY,
     )
