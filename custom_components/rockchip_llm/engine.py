@@ -61,6 +61,8 @@ class LoadedModel:
     prefix_key: str | None = None
     """The system prompt and tools currently set on the handle."""
     loaded_cache: CacheEntry | None = None
+    caches: list[CacheEntry] | None = None
+    """The store's listing for this model, read once and dropped on every change."""
     kv: KVState | None = None
     kv_tokens: int = 0
     recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
@@ -213,7 +215,9 @@ class Engine:
         self, loaded: LoadedModel, prefix: SystemPrefix
     ) -> CacheEntry | None:
         """Return the valid cache with the longest prompt that prefix starts with."""
-        entries = await self._run_blocking(self.store.list, loaded.name)
+        if loaded.caches is None:
+            loaded.caches = await self._run_blocking(self.store.list, loaded.name)
+        entries = loaded.caches
         expected = self.expectation(loaded, prefix)
         best: CacheEntry | None = None
         for entry in entries:
@@ -295,6 +299,8 @@ class Engine:
         except BaseException:
             await self._run_blocking(self.store.discard, staging)
             raise
+        finally:
+            loaded.caches = None
         _LOGGER.info(
             "Built prompt cache %s/%s: %d tokens in %.0f ms, %d bytes",
             loaded.name,
@@ -335,6 +341,18 @@ class Engine:
                     reason,
                 )
         return await self.async_build_cache(loaded, prefix, name, source), True
+
+    async def async_delete_cache(self, loaded: LoadedModel, name: str) -> bool:
+        """Delete a named cache of the model (released first if loaded)."""
+        if loaded.loaded_cache is not None and loaded.loaded_cache.name == name:
+            await self.async_use_cache(loaded, None)
+        try:
+            deleted: bool = await self._run_blocking(
+                self.store.delete, loaded.name, name
+            )
+        finally:
+            loaded.caches = None
+        return deleted
 
     async def async_reset_kv(self, loaded: LoadedModel) -> None:
         """Clear the KV back to the system prompt."""

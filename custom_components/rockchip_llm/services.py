@@ -216,12 +216,8 @@ async def _async_delete_cache(call: ServiceCall) -> None:
     agent = _agent_for_model(call.hass, model)
     engine, loaded = agent.engine, agent.loaded
     async with loaded.lock:
-        if loaded.loaded_cache is not None and loaded.loaded_cache.name == name:
-            await engine.async_use_cache(loaded, None)
         try:
-            deleted = await call.hass.async_add_executor_job(
-                engine.store.delete, model, name
-            )
+            deleted = await engine.async_delete_cache(loaded, name)
         except CacheError as err:
             raise _validation_error(err.translation_key, **err.placeholders) from err
     if not deleted:
