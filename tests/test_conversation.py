@@ -2,17 +2,27 @@
 
 import asyncio
 import ctypes
+from datetime import timedelta
 import json
 from typing import Any
 
 import pytest
-from pytest_homeassistant_custom_component.common import async_mock_service
+from pytest_homeassistant_custom_component.common import (
+    async_fire_time_changed,
+    async_mock_service,
+)
 
 from custom_components.rockchip_llm.engine import LoadedModel
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.core import Context, HomeAssistant
-from homeassistant.helpers import chat_session, intent
+from homeassistant.helpers import (
+    area_registry as ar,
+    chat_session,
+    device_registry as dr,
+    intent,
+)
+from homeassistant.util import dt as dt_util
 from homeassistant.setup import async_setup_component
 
 from .conftest import EntryFactory
@@ -337,3 +347,41 @@ async def test_warm_up_rebuilds_a_missing_cache(
     await conversation.async_prepare_agent(hass, AGENT, "en")
     assert agent.cache is not None
     assert agent.loaded.loaded_cache is agent.cache
+
+
+async def test_request_prefix_gets_its_own_cache(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    device_registry: dr.DeviceRegistry,
+    area_registry: ar.AreaRegistry,
+) -> None:
+    """A satellite in an area carries another prompt: it still works, and the cache follows it."""
+    hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
+    async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
+    entry = await make_entry()
+    agent = next(iter(entry.runtime_data.agents.values()))
+    setup_sha = agent.cache.metadata.prompt_sha256  # type: ignore[union-attr]
+    area = area_registry.async_create("Kitchen")
+    satellite = device_registry.async_get_or_create(
+        config_entry_id=entry.entry_id,
+        identifiers={("test", "satellite")},
+        name="Satellite",
+    )
+    device_registry.async_update_device(satellite.id, area_id=area.id)
+
+    async def ask() -> None:
+        result = await conversation.async_converse(
+            hass, "hello", None, Context(), agent_id=AGENT, device_id=satellite.id
+        )
+        assert speech(result) == "Hello from the simulator."
+
+    await ask()
+    first = agent.loaded.recent[-1]
+    assert first.cache == "system"  # the leading identical tokens were still reused
+    async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=31))
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert agent.cache is not None
+    assert agent.cache.metadata is not None
+    assert agent.cache.metadata.prompt_sha256 != setup_sha
+    await ask()
+    assert agent.loaded.recent[-1].prefill_tokens < first.prefill_tokens

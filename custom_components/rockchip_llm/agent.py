@@ -103,6 +103,7 @@ class Agent:
         self.loaded = loaded
         self.prefix: SystemPrefix | None = None
         self.cache: CacheEntry | None = None
+        self._requested: SystemPrefix | None = None
         self._rebuild = Debouncer(
             hass,
             LOGGER,
@@ -112,12 +113,15 @@ class Agent:
             background=True,
         )
 
-    async def async_prepare(self, source: str) -> bool:
-        """Render the current prefix and make its system cache ready.
+    async def async_prepare(
+        self, source: str, prefix: SystemPrefix | None = None
+    ) -> bool:
+        """Make the system cache of prefix (default: freshly rendered) ready.
 
         Returns whether the cache was (re)built.
         """
-        prefix = await async_render_prefix(self.hass, self.options)
+        if prefix is None:
+            prefix = await async_render_prefix(self.hass, self.options)
         async with self.loaded.lock:
             self.cache, built = await self.engine.async_prepare(
                 self.loaded, prefix, SYSTEM_CACHE_NAME, source
@@ -141,25 +145,29 @@ class Agent:
         self._rebuild.async_schedule_call()
 
     def prefix_seen(self, prefix: SystemPrefix) -> None:
-        """Note the prefix a request carried; a new one schedules a rebuild."""
+        """Note the prefix a request carried; a new one schedules a rebuild for it."""
         if self.cache is None or self.prefix is None or prefix.key != self.prefix.key:
             LOGGER.debug(
                 "A request carried a new system prefix; scheduling a cache rebuild"
             )
+            self._requested = prefix
             self.schedule_refresh()
 
     async def _async_refresh_auto(self) -> None:
-        prefix = await async_render_prefix(self.hass, self.options)
+        """Rebuild for the prefix requests carry (or the rendered one) if it changed."""
+        prefix = self._requested or await async_render_prefix(self.hass, self.options)
+        self._requested = None
         if (
             self.cache is not None
             and self.prefix is not None
             and prefix.key == self.prefix.key
         ):
             return
-        await self.async_prepare("auto")
+        await self.async_prepare("auto", prefix)
 
     async def async_refresh_now(self) -> None:
         """Re-render the prefix now and rebuild the cache if it changed."""
+        self._requested = None
         await self._async_refresh_auto()
 
     def shutdown(self) -> None:

@@ -116,9 +116,10 @@ class RockchipLLMBaseEntity(Entity):
                 if strategy is HistoryStrategy.OFF:
                     await engine.async_use_cache(loaded, None)
                 else:
-                    await engine.async_use_cache(
-                        loaded, await engine.async_find_cache(loaded, prefix)
-                    )
+                    # Without a cache for this exact prompt, the agent's system
+                    # cache still saves its identical leading tokens.
+                    cache = await engine.async_find_cache(loaded, prefix)
+                    await engine.async_use_cache(loaded, cache or agent.cache)
                 for _iteration in range(MAX_TOOL_ITERATIONS):
                     await self._async_run_once(
                         chat_log, prefix, keep_history, instructions
