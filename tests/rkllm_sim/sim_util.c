@@ -231,6 +231,9 @@ char *sb_take(strbuf *b)
  *   - a special token "<|name|>" (name: 1..64 of [A-Za-z0-9_]);
  *   - an optional single space followed by 1..8 ASCII letters/digits
  *     (longer runs are split every 8 letters/digits);
+ *   - a run of 1..4 other printable ASCII characters or whitespace (like the
+ *     merges a BPE tokenizer makes of "}, {" or "\": \""), ending before a
+ *     space that starts a word and before "<|";
  *   - one UTF-8 character (an invalid byte is a token of its own).
  * The id is FNV-1a (32 bit) of the token bytes, masked to 31 bits, never 0.
  */
@@ -239,6 +242,11 @@ static int is_alnum(unsigned char c)
 {
     return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') ||
            (c >= 'A' && c <= 'Z');
+}
+
+static int is_symbol(unsigned char c)
+{
+    return c < 0x80 && !is_alnum(c) && (c >= 0x20 || c == '\n' || c == '\t');
 }
 
 int32_t sim_token_id(const char *bytes, size_t len)
@@ -289,6 +297,14 @@ static size_t token_len(const unsigned char *s, size_t n)
     if (is_alnum(s[start])) {
         size_t j = start;
         while (j < n && j - start < 8 && is_alnum(s[j]))
+            j++;
+        return j;
+    }
+    if (is_symbol(s[0])) {
+        size_t j = 1;
+        while (j < n && j < 4 && is_symbol(s[j]) &&
+               !(s[j] == ' ' && j + 1 < n && is_alnum(s[j + 1])) &&
+               !(s[j] == '<' && j + 1 < n && s[j + 1] == '|'))
             j++;
         return j;
     }
