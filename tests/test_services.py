@@ -136,7 +136,9 @@ async def test_unknown_targets(hass: HomeAssistant, make_entry: EntryFactory) ->
 async def test_benchmark(hass: HomeAssistant, make_entry: EntryFactory) -> None:
     """The benchmark compares cold and cached runs with the runtime's counters."""
     entry = await make_entry(model_kwargs={"prefill_ms_per_token": 0.05})
-    result = await call(hass, "benchmark", {"agent": AGENT, "runs": 2, "question": "Is it late?"})
+    result = await call(
+        hass, "benchmark", {"agent": AGENT, "runs": 2, "question": "Is it late?"}
+    )
     cold, cached = result["cold"], result["cached"]
     assert len(cold["runs"]) == len(cached["runs"]) == 2
     system_tokens = result["system_prompt_tokens"]
@@ -153,14 +155,20 @@ async def test_benchmark(hass: HomeAssistant, make_entry: EntryFactory) -> None:
     assert loaded.recent[-1].prefill_tokens < system_tokens
 
 
-async def test_benchmark_waits_for_voice_requests(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_benchmark_waits_for_voice_requests(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """A benchmark called during a voice request runs after it, in the model's queue."""
     entry = await make_entry(model_kwargs={"decode_ms_per_token": 3})
     loaded = next(iter(entry.runtime_data.agents.values())).loaded
-    voice = hass.async_create_task(conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT))
+    voice = hass.async_create_task(
+        conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
+    )
     while not loaded.lock.locked():
         await asyncio.sleep(0.005)
     result = await call(hass, "benchmark", {"agent": AGENT, "runs": 1})
     assert voice.done()
-    assert (await voice).response.speech["plain"]["speech"] == "Hello from the simulator."
+    assert (await voice).response.speech["plain"][
+        "speech"
+    ] == "Hello from the simulator."
     assert result["cached"]["runs"]
