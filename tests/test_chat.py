@@ -1,0 +1,198 @@
+"""Planning runs: history reuse, resets, trimming and the context budget."""
+
+import pytest
+
+from custom_components.rockchip_llm.chat import (
+    ContextBudget,
+    KVState,
+    Message,
+    PromptTooLong,
+    SystemPrefix,
+    estimate_tokens,
+    pending_input,
+    plan_run,
+)
+
+PREFIX = SystemPrefix("You are a voice assistant.", "[]")
+ROOMY = ContextBudget(
+    max_context_len=4096, prefix_tokens=500, kv_tokens=600, reply_tokens=256
+)
+
+
+def dialogue(turns: int) -> list[Message]:
+    """A dialogue of answered turns."""
+    messages: list[Message] = []
+    for turn in range(turns):
+        messages += [
+            Message("user", f"question {turn}"),
+            Message("assistant", f"answer {turn}"),
+        ]
+    return messages
+
+
+def test_follow_up_reuses_matching_kv() -> None:
+    """When the KV holds exactly the earlier messages, only the new turn is sent."""
+    history = dialogue(2)
+    kv = KVState(PREFIX.key, tuple(history))
+    plan = plan_run(
+        kv,
+        PREFIX,
+        [*history, Message("user", "next")],
+        keep_history=True,
+        max_history=10,
+        budget=ROOMY,
+    )
+    assert (plan.role, plan.prompt, plan.reuse_history) == ("user", "next", True)
+
+
+@pytest.mark.parametrize(
+    "kv",
+    [
+        None,
+        KVState("another prefix", tuple(dialogue(2))),
+        KVState(PREFIX.key, tuple(dialogue(1))),
+    ],
+)
+def test_mismatch_resets_and_folds_history(kv: KVState | None) -> None:
+    """Any other KV content is reset; earlier turns go in front of the new one."""
+    plan = plan_run(
+        kv,
+        PREFIX,
+        [*dialogue(2), Message("user", "next")],
+        keep_history=True,
+        max_history=10,
+        budget=ROOMY,
+    )
+    assert not plan.reuse_history
+    assert plan.prompt.startswith(
+        "Earlier in this conversation:\nUser: question 0\nAssistant: answer 0"
+    )
+    assert plan.prompt.endswith("Now the user says: next")
+
+
+def test_without_keep_history_never_reuses() -> None:
+    """prompt_cache_only and off always send the whole conversation."""
+    history = dialogue(1)
+    kv = KVState(PREFIX.key, tuple(history))
+    plan = plan_run(
+        kv,
+        PREFIX,
+        [*history, Message("user", "next")],
+        keep_history=False,
+        max_history=10,
+        budget=ROOMY,
+    )
+    assert not plan.reuse_history
+    assert "question 0" in plan.prompt
+
+
+def test_tool_results_are_merged() -> None:
+    """Several tool results after one answer become one JSON array tool input."""
+    history, new = pending_input(
+        [
+            Message("user", "lights"),
+            Message("assistant", "calls"),
+            Message("tool", '{"a": 1}'),
+            Message("tool", '{"b": 2}'),
+        ]
+    )
+    assert new == Message("tool", '[{"a": 1}, {"b": 2}]')
+    assert len(history) == 2
+
+
+def test_single_tool_result_is_sent_as_tool() -> None:
+    """A tool result continuing the KV is sent with role tool."""
+    history = [Message("user", "lights"), Message("assistant", "calls")]
+    plan = plan_run(
+        KVState(PREFIX.key, tuple(history)),
+        PREFIX,
+        [*history, Message("tool", '{"ok": true}')],
+        keep_history=True,
+        max_history=10,
+        budget=ROOMY,
+    )
+    assert (plan.role, plan.prompt, plan.reuse_history) == (
+        "tool",
+        '{"ok": true}',
+        True,
+    )
+
+
+def test_nothing_to_answer() -> None:
+    """A log that ends with an answer has no pending input."""
+    with pytest.raises(ValueError, match="no new user or tool message"):
+        pending_input(dialogue(1))
+
+
+def test_max_history_keeps_last_user_turns() -> None:
+    """Only the last max_history user turns are folded."""
+    plan = plan_run(
+        None,
+        PREFIX,
+        [*dialogue(5), Message("user", "next")],
+        keep_history=False,
+        max_history=2,
+        budget=ROOMY,
+    )
+    assert "question 2" not in plan.prompt
+    assert "question 3" in plan.prompt
+    assert "question 4" in plan.prompt
+    assert plan.dropped_messages == 6
+
+
+def test_budget_drops_oldest_turns() -> None:
+    """Turns that do not fit the context are dropped, oldest first, whole turns only."""
+    long_history = [
+        Message("user", "q" * 300),
+        Message("assistant", "a" * 300),
+        Message("user", "short"),
+        Message("assistant", "ok"),
+    ]
+    budget = ContextBudget(
+        max_context_len=1000, prefix_tokens=600, kv_tokens=600, reply_tokens=256
+    )
+    plan = plan_run(
+        None,
+        PREFIX,
+        [*long_history, Message("user", "next")],
+        keep_history=True,
+        max_history=0,
+        budget=budget,
+    )
+    assert "q" * 300 not in plan.prompt
+    assert "User: short" in plan.prompt
+    assert estimate_tokens(plan.prompt) <= budget.fresh
+    assert plan.dropped_messages == 2
+
+
+def test_full_kv_falls_back_to_reset() -> None:
+    """A KV too full for the new turn is reset instead of overflowing."""
+    history = dialogue(1)
+    full = ContextBudget(
+        max_context_len=1000, prefix_tokens=300, kv_tokens=990, reply_tokens=100
+    )
+    plan = plan_run(
+        KVState(PREFIX.key, tuple(history)),
+        PREFIX,
+        [*history, Message("user", "next please")],
+        keep_history=True,
+        max_history=10,
+        budget=full,
+    )
+    assert not plan.reuse_history
+
+
+def test_prompt_too_long() -> None:
+    """An input that cannot fit even alone raises PromptTooLong."""
+    tight = ContextBudget(
+        max_context_len=700, prefix_tokens=600, kv_tokens=600, reply_tokens=64
+    )
+    with pytest.raises(PromptTooLong):
+        plan_run(
+            None,
+            PREFIX,
+            [Message("user", "word " * 100)],
+            keep_history=True,
+            max_history=10,
+            budget=tight,
+        )
