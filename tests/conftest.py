@@ -2,6 +2,7 @@
 
 from collections.abc import Awaitable, Callable
 import ctypes
+import json
 from pathlib import Path
 import subprocess
 from typing import Any
@@ -207,3 +208,14 @@ def reset_sim_counters() -> None:
     for path in SIM_LIBRARIES.values():
         if path.exists():
             ctypes.CDLL(str(path)).rkllm_sim_reset_counters()
+
+
+def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
+    """The simulator's record of the first agent's last run."""
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    function = entry.runtime_data.engine.library.cdll.rkllm_sim_last_run
+    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    buffer = ctypes.create_string_buffer(1 << 20)
+    function(loaded.model._handle, buffer, len(buffer))
+    record: dict[str, Any] = json.loads(buffer.value.decode())
+    return record

@@ -1,9 +1,7 @@
 """The Assist agent through conversation.async_converse and the simulator."""
 
 import asyncio
-import ctypes
 from datetime import timedelta
-import json
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ from homeassistant.helpers import (
 from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 
-from .conftest import EntryFactory
+from .conftest import EntryFactory, last_run_record
 
 AGENT = "conversation.agent_0"
 
@@ -260,17 +258,6 @@ async def test_cancel_while_running_and_waiting(
     # The model is usable at once.
     result = await converse(hass, "again")
     assert speech(result).startswith("w0 w1")
-
-
-def last_run_record(entry: Any) -> dict[str, Any]:
-    """The simulator's record of the first agent's last run."""
-    loaded = loaded_model(entry)
-    function = entry.runtime_data.engine.library.cdll.rkllm_sim_last_run
-    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-    buffer = ctypes.create_string_buffer(1 << 20)
-    function(loaded.model._handle, buffer, len(buffer))
-    record: dict[str, Any] = json.loads(buffer.value.decode())
-    return record
 
 
 async def test_requests_served_in_arrival_order(

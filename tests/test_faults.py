@@ -1,0 +1,132 @@
+"""The fault matrix: what users meet, the message they see, and the state afterwards."""
+
+import asyncio
+from pathlib import Path
+import shutil
+import threading
+
+from homeassistant.components import conversation
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers import intent
+
+from .conftest import EntryFactory, ModelWriter, last_run_record, model_text
+
+AGENT = "conversation.agent_0"
+
+
+async def converse(hass: HomeAssistant, text: str) -> conversation.ConversationResult:
+    """Ask the first agent."""
+    return await conversation.async_converse(
+        hass, text, None, Context(), agent_id=AGENT
+    )
+
+
+def speech(result: conversation.ConversationResult) -> str:
+    """The plain speech of a result."""
+    text: str = result.response.speech["plain"]["speech"]
+    return text
+
+
+def worker_threads() -> list[str]:
+    """Names of live model worker threads."""
+    return [
+        thread.name
+        for thread in threading.enumerate()
+        if thread.name.startswith("rkllm-")
+    ]
+
+
+async def test_library_replaced_while_loaded(
+    hass: HomeAssistant, make_entry: EntryFactory, sim_library: Path, tmp_path: Path
+) -> None:
+    """Deleting the library keeps the loaded handle working; the next setup retries."""
+    library = tmp_path / "librkllmrt.so"
+    shutil.copy(sim_library, library)
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, "library_path": str(library)}
+    )
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    library.unlink()
+    assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+    await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert "does not exist" in (entry.reason or "")
+    library.write_text("now a text file")
+    await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert not worker_threads()
+
+
+async def test_model_file_corrupted(
+    hass: HomeAssistant, make_entry: EntryFactory, models_dir: Path
+) -> None:
+    """A truncated model fails setup with the runtime's init error; restoring it recovers."""
+    entry = await make_entry()
+    model = models_dir / "Qwen3 Sim" / "model.rkllm"
+    good = model.read_text()
+    model.write_text("RKLL")
+    await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert "rkllm_init failed" in (entry.reason or "")
+    assert not worker_threads()
+    model.write_text(good)
+    await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def test_invalid_utf8_from_runtime(
+    hass: HomeAssistant, make_entry: EntryFactory, write_model: ModelWriter
+) -> None:
+    """Bytes that are not UTF-8 become replacement characters, never a crash."""
+    path = write_model()
+    path.write_bytes(
+        model_text(replies=()).encode() + b"default => Bad \xff\xfe bytes.\n"
+    )
+    await make_entry()
+    assert speech(await converse(hass, "hello")) == "Bad \ufffd\ufffd bytes."
+
+
+async def test_abort_during_prefill(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Cancelling while the model is still prefilling aborts it; the model is free at once."""
+    entry = await make_entry(model_kwargs={"prefill_ms_per_token": 1})
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    task = hass.async_create_task(converse(hass, "please " * 400))
+    while not loaded.lock.locked():
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert not loaded.lock.locked()
+    assert len(loaded.recent) == 0  # the aborted run produced no answer
+    record = last_run_record(entry)
+    assert record["status"] == "aborted"
+    assert record["generated_tokens"] == 0  # stopped while still prefilling
+    assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+
+
+async def test_unload_during_generation(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Unloading aborts a running generation and joins every worker thread."""
+    long_reply = " ".join(f"w{i}" for i in range(2000))
+    entry = await make_entry(
+        model_kwargs={
+            "replies": (f"default => {long_reply}",),
+            "decode_ms_per_token": 5,
+        }
+    )
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    task = hass.async_create_task(converse(hass, "talk"))
+    while not loaded.lock.locked():
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    assert await hass.config_entries.async_unload(entry.entry_id)
+    result = await task
+    assert result.response.response_type is intent.IntentResponseType.ERROR or len(
+        speech(result)
+    ) < len(long_reply)
+    assert not worker_threads()
