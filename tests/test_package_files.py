@@ -1,0 +1,114 @@
+"""What hassfest and HACS check for a custom integration, checked here."""
+
+import json
+from pathlib import Path
+import re
+
+import yaml
+
+from custom_components.rockchip_llm import services
+from custom_components.rockchip_llm.const import DOMAIN
+from homeassistant.core import HomeAssistant
+
+PACKAGE = Path(__file__).parent.parent / "custom_components" / DOMAIN
+ROOT = PACKAGE.parent.parent
+
+
+def load_json(name: str) -> dict:
+    """Read one of the package's JSON files."""
+    data: dict = json.loads((PACKAGE / name).read_text())
+    return data
+
+
+def test_manifest_keys_and_order() -> None:
+    """domain and name first, then every other key in alphabetical order."""
+    manifest = load_json("manifest.json")
+    keys = list(manifest)
+    assert keys[:2] == ["domain", "name"]
+    assert keys[2:] == sorted(keys[2:])
+    assert manifest["domain"] == DOMAIN
+    for key in (
+        "codeowners",
+        "config_flow",
+        "dependencies",
+        "documentation",
+        "integration_type",
+        "iot_class",
+        "issue_tracker",
+        "requirements",
+        "version",
+    ):
+        assert key in manifest, key
+    assert manifest["documentation"].startswith("https://")
+    assert manifest["integration_type"] == "service"
+    assert {"conversation"} <= set(manifest["dependencies"])
+
+
+def test_hacs_json() -> None:
+    """hacs.json names the integration and a minimum HA version."""
+    hacs = json.loads((ROOT / "hacs.json").read_text())
+    assert hacs["name"]
+    major, minor, _patch = (int(part) for part in hacs["homeassistant"].split("."))
+    assert (major, minor) >= (2025, 8)
+
+
+def test_translations_are_strings() -> None:
+    """translations/en.json is strings.json with references resolved."""
+    strings = load_json("strings.json")
+    english = load_json("translations/en.json")
+
+    def shape(data: object) -> object:
+        return (
+            {key: shape(value) for key, value in data.items()}
+            if isinstance(data, dict)
+            else None
+        )
+
+    assert shape(strings) == shape(english)
+    assert "[%key:" not in json.dumps(english)
+
+
+def test_every_flow_field_is_described() -> None:
+    """Every form field of every step has a label and a data_description."""
+    strings = load_json("strings.json")
+    steps = list(strings["config"]["step"].values())
+    for subentry in strings["config_subentries"].values():
+        steps += subentry["step"].values()
+    for step in steps:
+        assert set(step.get("data", {})) == set(step.get("data_description", {}))
+
+
+async def test_services_yaml_matches_registered_actions(hass: HomeAssistant) -> None:
+    """services.yaml, strings.json and icons.json cover exactly the registered actions."""
+    services.async_setup_services(hass)
+    registered = set(hass.services.async_services_for_domain(DOMAIN))
+    described = yaml.safe_load((PACKAGE / "services.yaml").read_text())
+    strings = load_json("strings.json")["services"]
+    icons = load_json("icons.json")["services"]
+    assert registered == set(described) == set(strings) == set(icons)
+    for action, spec in described.items():
+        assert set(spec.get("fields", {})) == set(strings[action].get("fields", {})), (
+            action
+        )
+        schema_fields = {
+            str(key)
+            for key in hass.services.async_services_for_domain(DOMAIN)[
+                action
+            ].schema.schema
+        }
+        assert set(spec.get("fields", {})) == schema_fields, action
+
+
+def test_exception_keys_are_translated() -> None:
+    """Every translation_key raised or used for a repair in the package has a message."""
+    strings = load_json("strings.json")
+    translated = set(strings["exceptions"]) | set(strings["issues"])
+    source = "\n".join(path.read_text() for path in PACKAGE.rglob("*.py"))
+    keys = (
+        set(re.findall(r'translation_key="([a-z_]+)"', source))
+        | set(re.findall(r'translation_key = "([a-z_]+)"', source))
+        | set(re.findall(r'_validation_error\(\s*"([a-z_]+)"', source))
+    )
+    keys -= {"history_strategy"}  # a selector, not an exception
+    missing = keys - translated
+    assert not missing
