@@ -38,7 +38,7 @@ from .engine import Engine
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, PromptCacheStore
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
-from .rkllm.library import load_library
+from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
 from .services import async_setup_services
 
@@ -74,7 +74,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     """Load the runtime, the agents' models and their system caches."""
     library_path = Path(entry.data[CONF_LIBRARY_PATH])
     try:
-        library = await hass.async_add_executor_job(load_library, library_path)
+        library = await hass.async_add_executor_job(load_library_safely, library_path)
     except LibraryNotFound as err:
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,

@@ -70,7 +70,8 @@ from .const import (
 )
 from .models import ModelInfo, ModelsDirError, scan_models
 from .rkllm.errors import LibraryError
-from .rkllm.library import LIBRARY_NAME, load_library
+from .rkllm.library import LIBRARY_NAME
+from .rkllm.probe import load_library_safely
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _validate_paths(
     """Check the library, the models folder and the cache folder (blocking)."""
     result = _Validation()
     try:
-        load_library(library_path)
+        load_library_safely(library_path)
     except LibraryError as err:
         result.errors[CONF_LIBRARY_PATH] = err.translation_key
         result.placeholders.update(err.placeholders)

@@ -64,6 +64,12 @@ class LibraryLoadError(LibraryError):
     translation_key = "library_load_failed"
 
 
+class LibraryCrashed(LibraryError):
+    """Loading the library killed (or hung) the process that tried it."""
+
+    translation_key = "library_crashed"
+
+
 class ModelInitError(RKLLMError):
     """rkllm_init failed for a model."""
 

@@ -1,0 +1,328 @@
+"""Try a runtime library in a short-lived child process before loading it here.
+
+ctypes cannot catch a library that crashes while it is loaded: a constructor that
+segfaults or aborts during dlopen takes the whole Home Assistant process down. So
+before the first dlopen of a library file, a child Python loads it (ELF, version
+and symbol checks, dlopen, one ``rkllm_createDefaultParam`` call that touches the
+ABI) and prints a JSON verdict. A refusal comes back as the same typed error; a
+child that dies without a verdict (a signal, an exit, a hang) gives
+:class:`LibraryCrashed`.
+
+The child is ``python -I -S -c <bootstrap> <this folder> <library>``. The bootstrap
+imports this folder as a package of a private name, so the child runs only the
+binding modules (``library``, ``abi``, ``errors``, this one) and never
+``custom_components/rockchip_llm/__init__.py``, which imports Home Assistant.
+
+Verdicts are kept in this process, keyed by the file's fingerprint (resolved path,
+device, inode, size, mtime), so a library is probed once per Home Assistant run
+until the file changes. Only verdicts that depend on the file alone are kept: the
+library's details, or a refusal for its format, architecture, version or symbols.
+A loader error, a crash or a hang may come from the rest of the system (a missing
+dependency, the NPU driver, a busy machine), so those are probed again on the next
+attempt. Nothing is persisted: after a restart the first load probes again, which
+costs a fraction of a second.
+
+Everything here blocks: call it off the event loop.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+import json
+import logging
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Final, Self
+
+from .abi import AbiFamily
+from .errors import (
+    LibraryCrashed,
+    LibraryError,
+    LibraryLoadError,
+    LibraryNotFound,
+    MissingSymbols,
+    NotASharedLibrary,
+    RKLLMError,
+    UnknownRuntimeVersion,
+    UnsupportedRuntime,
+    WrongArchitecture,
+)
+from .library import RuntimeInfo, RuntimeLibrary, VersionSource, check_elf, load_library
+
+_LOGGER = logging.getLogger(__name__)
+
+PROBE_TIMEOUT: Final = 20.0
+"""Seconds the child may take to load the library."""
+
+_PACKAGE_DIR: Final = Path(__file__).resolve().parent
+_CHILD_PACKAGE: Final = "_rockchip_llm_probe_rkllm"
+_BOOTSTRAP: Final = f"""\
+import importlib, importlib.util, os, sys
+folder = sys.argv[1]
+spec = importlib.util.spec_from_file_location(
+    {_CHILD_PACKAGE!r},
+    os.path.join(folder, "__init__.py"),
+    submodule_search_locations=[folder],
+)
+package = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = package
+spec.loader.exec_module(package)
+probe = importlib.import_module({_CHILD_PACKAGE!r} + ".probe")
+sys.exit(probe._child_main(sys.argv[2:]))
+"""
+
+_ERRORS: Final[Mapping[str, type[LibraryError]]] = {
+    cls.translation_key: cls
+    for cls in (
+        LibraryError,
+        LibraryNotFound,
+        NotASharedLibrary,
+        WrongArchitecture,
+        MissingSymbols,
+        UnsupportedRuntime,
+        UnknownRuntimeVersion,
+        LibraryLoadError,
+        LibraryCrashed,
+    )
+}
+_FILE_VERDICTS: Final = (
+    NotASharedLibrary,
+    WrongArchitecture,
+    MissingSymbols,
+    UnsupportedRuntime,
+    UnknownRuntimeVersion,
+)
+"""Refusals that depend on the file's bytes alone, so they are cached."""
+
+_STDERR_LINES: Final = 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A cached refusal; a fresh exception is raised from it every time."""
+
+    translation_key: str
+    message: str
+    placeholders: Mapping[str, str]
+
+    @classmethod
+    def of(cls, err: LibraryError) -> Self:
+        """Record an error."""
+        placeholders = {k: v for k, v in err.placeholders.items() if k != "error"}
+        return cls(err.translation_key, str(err), placeholders)
+
+    def error(self) -> LibraryError:
+        """Return the error as its own class (LibraryError for an unknown key)."""
+        error_class = _ERRORS.get(self.translation_key, LibraryError)
+        return error_class(self.message, **self.placeholders)
+
+
+type _Fingerprint = tuple[str, int, int, int, int]
+
+_verdicts: dict[_Fingerprint, RuntimeInfo | _Refusal] = {}
+_lock = threading.Lock()
+
+
+def _fingerprint(path: Path) -> _Fingerprint:
+    """Return what identifies this version of the file."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    return (str(resolved), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _child_command(path: Path) -> list[str]:
+    """Return the command of the child that loads path."""
+    return [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, str(_PACKAGE_DIR), str(path)]
+
+
+def _stderr_tail(stderr: bytes | str | None) -> str:
+    """Return the last lines the child wrote to stderr."""
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode(errors="replace")
+    lines = (stderr or "").strip().splitlines()[-_STDERR_LINES:]
+    return "\n".join(lines) if lines else "(no output)"
+
+
+def _parse_verdict(stdout: bytes) -> dict[str, Any] | None:
+    """Return the child's verdict, or None if it printed none."""
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    if not lines:
+        return None
+    try:
+        verdict = json.loads(lines[-1])
+    except ValueError:
+        return None
+    return verdict if isinstance(verdict, dict) else None
+
+
+def _death(path: Path, returncode: int, stderr: str) -> LibraryCrashed:
+    """Describe a child that ended without a verdict."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return LibraryCrashed(
+            f"loading {path} crashed the test process ({name}); "
+            "it would have crashed Home Assistant",
+            path=str(path),
+            signal=name,
+        )
+    last = stderr.splitlines()[-1]
+    return LibraryCrashed(
+        f"loading {path} ended the test process with exit status {returncode} "
+        f"({last}); it would have ended Home Assistant",
+        path=str(path),
+        status=str(returncode),
+    )
+
+
+def _runtime_info(path: Path, verdict: Mapping[str, Any]) -> RuntimeInfo:
+    """Rebuild the RuntimeInfo the child found."""
+    try:
+        return RuntimeInfo(
+            path=path,
+            version=str(verdict["version"]),
+            version_source=VersionSource(verdict["version_source"]),
+            family=AbiFamily(verdict["family"]),
+            blob_sha1=str(verdict["blob_sha1"]),
+            size=int(verdict["size"]),
+            mtime_ns=int(verdict["mtime_ns"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise LibraryError(
+            f"the process that tested {path} gave an unreadable verdict: {verdict!r}",
+            path=str(path),
+        ) from err
+
+
+def probe_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo:
+    """Load path in a child process; return what it found or raise its error.
+
+    Raises the child's LibraryError subclass when it refused the library, and
+    LibraryCrashed when the child died (signal, exit) or hung past timeout.
+    """
+    try:
+        done = subprocess.run(
+            _child_command(path),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        _LOGGER.warning(
+            "Loading %s took longer than %g s; its output:\n%s",
+            path,
+            timeout,
+            _stderr_tail(err.stderr),
+        )
+        raise LibraryCrashed(
+            f"{path} did not finish loading within {timeout:g} s; "
+            "it would have hung Home Assistant",
+            path=str(path),
+        ) from None
+    except OSError as err:
+        raise LibraryError(
+            f"cannot start a process to test {path}: {err}", path=str(path)
+        ) from err
+    stderr = _stderr_tail(done.stderr)
+    verdict = _parse_verdict(done.stdout)
+    if verdict is None:
+        _LOGGER.error(
+            "Loading %s killed the test process (status %s); its output:\n%s",
+            path,
+            done.returncode,
+            stderr,
+        )
+        raise _death(path, done.returncode, stderr)
+    if done.returncode != 0:
+        _LOGGER.warning(
+            "The process that tested %s gave a verdict, then ended with status %s:\n%s",
+            path,
+            done.returncode,
+            stderr,
+        )
+    if "error" in verdict:
+        placeholders = verdict.get("placeholders")
+        raise _Refusal(
+            str(verdict["error"]),
+            str(verdict.get("message", verdict["error"])),
+            {str(k): str(v) for k, v in placeholders.items()}
+            if isinstance(placeholders, dict)
+            else {},
+        ).error()
+    return _runtime_info(path, verdict)
+
+
+def verify_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo:
+    """Probe path in a child process, once per version of the file.
+
+    Returns the cached RuntimeInfo (with ``path`` as given) or raises the error
+    probe_library raised; see the module docstring for what is cached.
+    """
+    try:
+        key = _fingerprint(path)
+    except OSError as err:
+        check_elf(path)  # raises the precise error: missing, unreadable
+        raise LibraryLoadError(
+            f"cannot read {path}: {err.strerror}", path=str(path)
+        ) from err
+    with _lock:
+        verdict = _verdicts.get(key)
+        if verdict is None:
+            try:
+                verdict = probe_library(path, timeout=timeout)
+            except _FILE_VERDICTS as err:
+                verdict = _Refusal.of(err)
+            for old in [old for old in _verdicts if old[0] == key[0]]:
+                del _verdicts[old]
+            _verdicts[key] = verdict
+    if isinstance(verdict, _Refusal):
+        raise verdict.error()
+    return replace(verdict, path=path)
+
+
+def load_library_safely(path: Path) -> RuntimeLibrary:
+    """Check path in a child process (see verify_library), then load it here."""
+    verify_library(path)
+    return load_library(path)
+
+
+def _child_main(argv: list[str]) -> int:
+    """Run in the child: load the library, touch its ABI, print the verdict."""
+    verdict_fd = os.dup(1)
+    os.dup2(2, 1)  # whatever the library prints goes to stderr, not into the verdict
+    try:
+        import resource  # noqa: PLC0415 - POSIX only, and only needed here
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump on a crash
+    except (ImportError, OSError, ValueError):
+        pass
+    path = Path(argv[0])
+    verdict: dict[str, Any]
+    try:
+        loaded = load_library(path)
+        loaded.cdll.rkllm_createDefaultParam()
+    except RKLLMError as err:
+        verdict = {
+            "error": err.translation_key,
+            "message": str(err),
+            "placeholders": {k: v for k, v in err.placeholders.items() if k != "error"},
+        }
+    else:
+        info = loaded.info
+        verdict = {
+            "version": info.version,
+            "version_source": info.version_source.value,
+            "family": info.family.value,
+            "blob_sha1": info.blob_sha1,
+            "size": info.size,
+            "mtime_ns": info.mtime_ns,
+        }
+    with os.fdopen(verdict_fd, "w", encoding="utf-8") as out:
+        out.write(json.dumps(verdict) + "\n")
+    return 0

@@ -1,0 +1,343 @@
+"""Trying a library in a child process first: a crash is an error, not a dead HA."""
+
+from collections.abc import Callable
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from custom_components.rockchip_llm.const import (
+    CONF_CACHE_DIR,
+    CONF_LIBRARY_PATH,
+    CONF_MODELS_DIR,
+    DOMAIN,
+)
+from custom_components.rockchip_llm.rkllm import probe
+from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.rkllm.errors import (
+    LibraryCrashed,
+    LibraryError,
+    LibraryLoadError,
+    LibraryNotFound,
+    MissingSymbols,
+    NotASharedLibrary,
+    UnsupportedRuntime,
+)
+from custom_components.rockchip_llm.rkllm.library import inspect_library
+from custom_components.rockchip_llm.rkllm.probe import (
+    load_library_safely,
+    probe_library,
+    verify_library,
+)
+from homeassistant import config_entries
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.setup import async_setup_component
+
+from .conftest import SIM_BUILD, SIM_LIBRARIES, EntryFactory, ModelWriter
+
+CRASH_LIBRARY = SIM_BUILD / "librkllm_sim_crash.so"
+"""Its constructor raises SIGSEGV: never dlopen it in this process."""
+
+RealRun = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start every test with an empty verdict cache."""
+    monkeypatch.setattr(probe, "_verdicts", {})
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record every child process the probe starts (they still run)."""
+    commands: list[list[str]] = []
+    real_run: RealRun = subprocess.run
+
+    def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        commands.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(probe.subprocess, "run", run)
+    return commands
+
+
+def fake_child(monkeypatch: pytest.MonkeyPatch, *command: str) -> None:
+    """Make the probe run command instead of the real child."""
+    monkeypatch.setattr(probe, "_child_command", lambda _path: list(command))
+
+
+def python(code: str) -> tuple[str, ...]:
+    """A child command that runs code."""
+    return (sys.executable, "-I", "-c", code)
+
+
+def test_crash_is_an_error(spawned: list[list[str]]) -> None:
+    """A library that segfaults on load kills the child, not this process."""
+    with pytest.raises(LibraryCrashed) as err:
+        verify_library(CRASH_LIBRARY)
+    assert str(err.value) == (
+        f"loading {CRASH_LIBRARY} crashed the test process (SIGSEGV); "
+        "it would have crashed Home Assistant"
+    )
+    assert err.value.translation_key == "library_crashed"
+    assert err.value.placeholders["signal"] == "SIGSEGV"
+    assert len(spawned) == 1
+    # Still alive, and a crash is not remembered: the next attempt probes again.
+    with pytest.raises(LibraryCrashed, match="SIGSEGV"):
+        load_library_safely(CRASH_LIBRARY)
+    assert len(spawned) == 2
+
+
+def test_good_library(sim_library: Path, abi_family: AbiFamily) -> None:
+    """The child finds what inspecting the file in this process finds."""
+    info = probe_library(sim_library)
+    assert info == inspect_library(sim_library)
+    assert info.family is abi_family
+
+
+def test_load_library_safely(sim_library: Path, abi_family: AbiFamily) -> None:
+    """After the check the library is loaded here, bound to its family."""
+    loaded = load_library_safely(sim_library)
+    assert loaded.info == inspect_library(sim_library)
+    assert loaded.layout.family is abi_family
+    assert loaded.cdll.rkllm_createDefaultParam().max_context_len == 512
+
+
+def test_text_file(tmp_path: Path) -> None:
+    """Refusals cross the process boundary as their own class."""
+    path = tmp_path / "librkllmrt.so"
+    path.write_text("not a library")
+    with pytest.raises(NotASharedLibrary, match="not an ELF shared library") as err:
+        probe_library(path)
+    assert err.value.placeholders == {
+        "error": f"{path} is not an ELF shared library",
+        "path": str(path),
+    }
+
+
+def test_old_runtime() -> None:
+    """An old runtime keeps its message and placeholders."""
+    with pytest.raises(
+        UnsupportedRuntime, match=r"1\.1\.4 is too old; install runtime 1\.2\.1"
+    ) as err:
+        probe_library(SIM_BUILD / "librkllm_sim_1_1.so")
+    assert err.value.placeholders["version"] == "1.1.4"
+
+
+def test_missing_symbol() -> None:
+    """A missing function is named."""
+    with pytest.raises(MissingSymbols, match="rkllm_abort") as err:
+        probe_library(SIM_BUILD / "librkllm_sim_missing_symbol.so")
+    assert err.value.placeholders["symbols"] == "rkllm_abort"
+
+
+def test_missing_file(tmp_path: Path, spawned: list[list[str]]) -> None:
+    """A missing file is reported without starting a child."""
+    with pytest.raises(LibraryNotFound, match="does not exist"):
+        verify_library(tmp_path / "librkllmrt.so")
+    assert spawned == []
+
+
+def test_verdict_cached_per_file_version(
+    tmp_path: Path, spawned: list[list[str]]
+) -> None:
+    """The same file is probed once; a changed file is probed again."""
+    path = tmp_path / "librkllmrt.so"
+    shutil.copy(SIM_LIBRARIES[AbiFamily.V1_3], path)
+    first = verify_library(path)
+    assert verify_library(path) == first
+    assert load_library_safely(path).info == first
+    assert len(spawned) == 1
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    second = verify_library(path)
+    assert len(spawned) == 2
+    assert second.mtime_ns == first.mtime_ns + 1_000_000_000
+    assert len(probe._verdicts) == 1  # the old version's verdict is dropped
+
+    shutil.copy(SIM_LIBRARIES[AbiFamily.V1_2], path)
+    assert verify_library(path).family is AbiFamily.V1_2
+    assert len(spawned) == 3
+
+
+def test_cached_path_is_the_callers(tmp_path: Path, spawned: list[list[str]]) -> None:
+    """A cached verdict reached through a symlink carries the path asked for."""
+    link = tmp_path / "librkllmrt.so"
+    link.symlink_to(SIM_LIBRARIES[AbiFamily.V1_3])
+    assert (
+        verify_library(SIM_LIBRARIES[AbiFamily.V1_3]).path
+        == SIM_LIBRARIES[AbiFamily.V1_3]
+    )
+    assert verify_library(link).path == link
+    assert len(spawned) == 1
+
+
+def test_refusal_cached(tmp_path: Path, spawned: list[list[str]]) -> None:
+    """A refusal that depends on the file alone is remembered, as a fresh error."""
+    path = tmp_path / "librkllmrt.so"
+    path.write_text("not a library")
+    with pytest.raises(NotASharedLibrary) as first:
+        verify_library(path)
+    with pytest.raises(NotASharedLibrary) as second:
+        verify_library(path)
+    assert len(spawned) == 1
+    assert first.value is not second.value
+    assert second.value.placeholders == first.value.placeholders
+
+
+def test_loader_error_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawned: list[list[str]]
+) -> None:
+    """A loader refusal may be fixed outside the file: it is probed again."""
+    path = tmp_path / "librkllmrt.so"
+    path.write_text("x")
+    verdict = (
+        '{"error": "library_load_failed", "message": "libgomp.so.1: not found", '
+        '"placeholders": {"path": "x"}}'
+    )
+    fake_child(monkeypatch, *python(f"print({verdict!r})"))
+    for _ in range(2):
+        with pytest.raises(LibraryLoadError, match="libgomp") as err:
+            verify_library(path)
+        assert err.value.placeholders == {
+            "error": "libgomp.so.1: not found",
+            "path": "x",
+        }
+    assert len(spawned) == 2
+
+
+def test_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawned: list[list[str]]
+) -> None:
+    """A child that hangs is killed and reported; the next attempt tries again."""
+    path = tmp_path / "librkllmrt.so"
+    path.write_text("x")
+    fake_child(monkeypatch, "sleep", "5")
+    for _ in range(2):
+        with pytest.raises(
+            LibraryCrashed, match=r"did not finish loading within 0\.2 s"
+        ):
+            verify_library(path, timeout=0.2)
+    assert len(spawned) == 2
+
+
+def test_default_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a timeout the child gets 20 s."""
+    seen: list[float] = []
+
+    def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        seen.append(kwargs["timeout"])
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(probe.subprocess, "run", run)
+    with pytest.raises(LibraryCrashed, match="within 20 s"):
+        probe_library(tmp_path)
+    assert seen == [20.0]
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("import os; os.abort()", r"crashed the test process \(SIGABRT\)"),
+        (
+            "import sys; sys.exit('E RKLLM: no NPU')",
+            (
+                r"ended the test process with exit status 1 \(E RKLLM: no NPU\); "
+                "it would have ended Home Assistant"
+            ),
+        ),
+        ("print('garbage')", r"exit status 0 \(\(no output\)\)"),
+    ],
+)
+def test_death_without_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str, message: str
+) -> None:
+    """A child that ends without a verdict is a crash, whatever the cause."""
+    fake_child(monkeypatch, *python(code))
+    with pytest.raises(LibraryCrashed, match=message):
+        probe_library(tmp_path / "librkllmrt.so")
+
+
+def test_verdict_survives_library_chatter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verdict is read even if the child ends badly after writing it."""
+    code = (
+        "import json, sys; print(json.dumps({'error': 'library_not_elf', "
+        "'message': 'nope', 'placeholders': {}})); sys.exit(3)"
+    )
+    fake_child(monkeypatch, *python(code))
+    with pytest.raises(NotASharedLibrary, match="nope"):
+        probe_library(tmp_path / "librkllmrt.so")
+
+
+def test_unreadable_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verdict without the library's details is an error, not a KeyError."""
+    fake_child(monkeypatch, *python('print(\'{"version": "1.3.0"}\')'))
+    with pytest.raises(LibraryError, match="unreadable verdict"):
+        probe_library(tmp_path / "librkllmrt.so")
+
+
+def test_child_imports_only_the_binding(sim_library: Path) -> None:
+    """The child imports the standard library and the binding, never Home Assistant."""
+    command = probe._child_command(sim_library)
+    command[1:1] = ["-X", "importtime"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    } - {"imported package"}  # the header line
+    assert "_rockchip_llm_probe_rkllm.library" in modules
+    outside = {
+        name
+        for name in modules
+        if name.split(".")[0]
+        not in {*sys.stdlib_module_names, "_rockchip_llm_probe_rkllm"}
+    }
+    assert outside == set()
+    assert '"version": ' in done.stdout
+
+
+async def test_config_flow_reports_crash(
+    hass: HomeAssistant, tmp_path: Path, models_dir: Path, write_model: ModelWriter
+) -> None:
+    """The paths form shows library_crashed on the library field."""
+    assert await async_setup_component(hass, "homeassistant", {})
+    hass.config.config_dir = str(tmp_path)
+    write_model()
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"],
+        {
+            CONF_LIBRARY_PATH: str(CRASH_LIBRARY),
+            CONF_MODELS_DIR: str(models_dir),
+            CONF_CACHE_DIR: str(tmp_path / "cache"),
+        },
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_LIBRARY_PATH: "library_crashed"}
+    assert "SIGSEGV" in result["description_placeholders"]["error"]
+
+
+async def test_setup_reports_crash(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Setting up an entry on a crashing library fails; Home Assistant lives on."""
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, CONF_LIBRARY_PATH: str(CRASH_LIBRARY)}
+    )
+    await hass.config_entries.async_setup(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert entry.error_reason_translation_key == "library_crashed"
+    assert "SIGSEGV" in (entry.reason or "")
