@@ -131,6 +131,15 @@ async def test_failed_write_keeps_old_cache(
         assert entry.state is ConfigEntryState.SETUP_RETRY
         assert "No space left" in (entry.reason or "")
     assert (bin_path.read_bytes(), json_path.read_bytes()) == old
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, f"cache_dir_{entry.entry_id}")
+    assert issue is not None
+    assert issue.translation_key == "cache_dir_not_writable"
+    await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.LOADED
+    assert (
+        ir.async_get(hass).async_get_issue(DOMAIN, f"cache_dir_{entry.entry_id}")
+        is None
+    )
 
 
 async def test_missing_library_retries(
@@ -157,6 +166,10 @@ async def test_unusable_library_fails(
     )
     await hass.config_entries.async_setup(entry.entry_id)
     assert entry.state is ConfigEntryState.SETUP_ERROR
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, f"library_{entry.entry_id}")
+    assert issue is not None
+    assert issue.translation_key == "library_unusable"
+    assert "not an ELF shared library" in issue.translation_placeholders["error"]
 
 
 async def test_missing_models_dir_retries(

@@ -36,7 +36,7 @@ from .const import (
 )
 from .engine import Engine
 from .models import ModelScan, ModelsDirError, scan_models
-from .prompt_cache import CacheError, PromptCacheStore
+from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
@@ -73,20 +73,24 @@ async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
 async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> bool:
     """Load the runtime, the agents' models and their system caches."""
     library_path = Path(entry.data[CONF_LIBRARY_PATH])
+    library_issue = f"library_{entry.entry_id}"
     try:
         library = await hass.async_add_executor_job(load_library_safely, library_path)
-    except LibraryNotFound as err:
-        raise ConfigEntryNotReady(
-            translation_domain=DOMAIN,
-            translation_key=err.translation_key,
-            translation_placeholders=err.placeholders,
-        ) from err
     except LibraryError as err:
-        raise ConfigEntryError(
+        missing = isinstance(err, LibraryNotFound)
+        _async_create_issue(
+            hass,
+            library_issue,
+            "library_missing" if missing else "library_unusable",
+            {"path": str(library_path), "error": str(err)},
+        )
+        not_ready = ConfigEntryNotReady if missing else ConfigEntryError
+        raise not_ready(
             translation_domain=DOMAIN,
             translation_key=err.translation_key,
             translation_placeholders=err.placeholders,
         ) from err
+    ir.async_delete_issue(hass, DOMAIN, library_issue)
     try:
         scan = await hass.async_add_executor_job(
             scan_models, Path(entry.data[CONF_MODELS_DIR])
@@ -139,14 +143,11 @@ async def _async_load_agents(
         issue_id = f"model_missing_{subentry.subentry_id}"
         if model not in runtime.scan.models:
             LOGGER.error("Model folder %r of agent %r is gone", model, subentry.title)
-            ir.async_create_issue(
+            _async_create_issue(
                 hass,
-                DOMAIN,
                 issue_id,
-                is_fixable=False,
-                severity=ir.IssueSeverity.ERROR,
-                translation_key="model_missing",
-                translation_placeholders={"model": model, "agent": subentry.title},
+                "model_missing",
+                {"model": model, "agent": subentry.title},
             )
             continue
         ir.async_delete_issue(hass, DOMAIN, issue_id)
@@ -176,10 +177,18 @@ async def _async_load_agents(
                 loaded,
                 chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
             )
+    cache_issue = f"cache_dir_{entry.entry_id}"
     for agent in runtime.chat_agents:
         try:
             await agent.async_prepare("setup")
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
+            if isinstance(err, (CacheWriteError, PermissionError)):
+                _async_create_issue(
+                    hass,
+                    cache_issue,
+                    "cache_dir_not_writable",
+                    {"path": str(runtime.engine.store.root), "error": str(err)},
+                )
             raise ConfigEntryNotReady(
                 translation_domain=DOMAIN,
                 translation_key="cache_build_failed",
@@ -188,6 +197,23 @@ async def _async_load_agents(
                     "error": str(err),
                 },
             ) from err
+    ir.async_delete_issue(hass, DOMAIN, cache_issue)
+
+
+@callback
+def _async_create_issue(
+    hass: HomeAssistant, issue_id: str, key: str, placeholders: dict[str, str]
+) -> None:
+    """Raise a repair issue the user can act on."""
+    ir.async_create_issue(
+        hass,
+        DOMAIN,
+        issue_id,
+        is_fixable=False,
+        severity=ir.IssueSeverity.ERROR,
+        translation_key=key,
+        translation_placeholders=placeholders,
+    )
 
 
 @callback
