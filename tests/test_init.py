@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 from unittest.mock import patch
 
+import pytest
 from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
+from custom_components.rockchip_llm import host
 from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
@@ -291,3 +293,27 @@ def expose_light(hass: HomeAssistant) -> None:
     """Add and expose a light to Assist."""
     hass.states.async_set("light.porch", "off", {"friendly_name": "Porch"})
     async_expose_entity(hass, "conversation", "light.porch", True)
+
+
+@pytest.mark.parametrize(
+    ("version", "raised"),
+    [("RKNPU driver: v0.9.6", True), ("RKNPU driver: v0.9.8", False)],
+)
+async def test_old_npu_driver_repair(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    tmp_path: Path,
+    version: str,
+    raised: bool,
+) -> None:
+    """An NPU driver below 0.9.8 raises a warning repair; setup still goes on."""
+    driver = tmp_path / "version"
+    driver.write_text(version + "\n")
+    with patch.object(host, "NPU_DRIVER_VERSION_PATH", driver):
+        entry = await make_entry()
+    assert entry.state is ConfigEntryState.LOADED
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, "npu_driver_old")
+    assert (issue is not None) is raised
+    if issue is not None:
+        assert issue.severity is ir.IssueSeverity.WARNING
+        assert issue.translation_placeholders == {"version": version}

@@ -35,6 +35,7 @@ from .const import (
     SUBENTRY_CONVERSATION,
 )
 from .engine import Engine
+from .host import npu_driver_too_old, read_host_info
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
@@ -91,6 +92,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
             translation_placeholders=err.placeholders,
         ) from err
     ir.async_delete_issue(hass, DOMAIN, library_issue)
+    await _async_check_npu_driver(hass)
     try:
         scan = await hass.async_add_executor_job(
             scan_models, Path(entry.data[CONF_MODELS_DIR])
@@ -200,9 +202,29 @@ async def _async_load_agents(
     ir.async_delete_issue(hass, DOMAIN, cache_issue)
 
 
+async def _async_check_npu_driver(hass: HomeAssistant) -> None:
+    """Warn with a repair when the kernel reports an NPU driver older than 0.9.8."""
+    driver = (await hass.async_add_executor_job(read_host_info))["npu_driver_version"]
+    if npu_driver_too_old(driver):
+        LOGGER.warning("NPU driver %s is older than 0.9.8; RKLLM may fail", driver)
+        _async_create_issue(
+            hass,
+            "npu_driver_old",
+            "npu_driver_old",
+            {"version": str(driver)},
+            ir.IssueSeverity.WARNING,
+        )
+    else:
+        ir.async_delete_issue(hass, DOMAIN, "npu_driver_old")
+
+
 @callback
 def _async_create_issue(
-    hass: HomeAssistant, issue_id: str, key: str, placeholders: dict[str, str]
+    hass: HomeAssistant,
+    issue_id: str,
+    key: str,
+    placeholders: dict[str, str],
+    severity: ir.IssueSeverity = ir.IssueSeverity.ERROR,
 ) -> None:
     """Raise a repair issue the user can act on."""
     ir.async_create_issue(
@@ -210,7 +232,7 @@ def _async_create_issue(
         DOMAIN,
         issue_id,
         is_fixable=False,
-        severity=ir.IssueSeverity.ERROR,
+        severity=severity,
         translation_key=key,
         translation_placeholders=placeholders,
     )

@@ -19,6 +19,10 @@ from .entity import RockchipLLMBaseEntity
 STRUCTURE_ATTEMPTS = 2
 
 
+# Requests are queued per model by the engine, not by entity updates.
+PARALLEL_UPDATES = 0
+
+
 async def async_setup_entry(
     hass: HomeAssistant,
     entry: RockchipConfigEntry,

@@ -12,6 +12,9 @@ from . import RockchipConfigEntry
 from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
 from .entity import RockchipLLMBaseEntity
 
+# Requests are queued per model by the engine, not by entity updates.
+PARALLEL_UPDATES = 0
+
 
 async def async_setup_entry(
     hass: HomeAssistant,

@@ -39,6 +39,8 @@ RECENT_RUNS = 20
 class RunStats:
     """Measurements of one generation, for diagnostics and benchmarks."""
 
+    agent: str
+    """The subentry id of the agent that asked."""
     prefill_tokens: int
     prefill_ms: float
     generate_tokens: int

@@ -197,6 +197,7 @@ class RockchipLLMBaseEntity(Entity):
         agent.engine.record(
             loaded,
             RunStats(
+                agent=self.subentry.subentry_id,
                 prefill_tokens=perf.prefill_tokens,
                 prefill_ms=perf.prefill_time_ms,
                 generate_tokens=perf.generate_tokens,

@@ -1,0 +1,222 @@
+"""Diagnostics: runtime, NPU, models, agents, their last runs and the prompt caches.
+
+Everything here is safe to post publicly: prompts are redacted (they can name
+people), conversation history is never included, only counts and hashes.
+"""
+
+from collections import deque
+import dataclasses
+from enum import Enum
+import json
+from pathlib import Path
+from typing import Any, Final
+
+from homeassistant.components.diagnostics import async_redact_data
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import HomeAssistant
+
+from . import RockchipConfigEntry, RockchipRuntime
+from .agent import Agent
+from .const import CONF_LIBRARY_PATH, CONF_MODELS_DIR, CONF_PROMPT
+from .engine import Engine, LoadedModel
+from .host import read_host_info
+from .models import ModelScan, ModelsDirError, scan_models
+from .prompt_cache import CacheEntry, CacheError
+from .rkllm.errors import LibraryError
+from .rkllm.library import RuntimeInfo, inspect_library
+
+TO_REDACT: Final = {CONF_PROMPT}
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn dataclasses, paths, enums and sequences into JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            field.name: _jsonable(getattr(value, field.name))
+            for field in dataclasses.fields(value)
+        }
+    if isinstance(value, Enum):
+        return _jsonable(value.value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple | deque):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _runtime_info(info: RuntimeInfo) -> dict[str, Any]:
+    """Describe the library file and how its version was established."""
+    return {
+        "path": str(info.path),
+        "family": str(info.family),
+        "version": info.version,
+        "version_source": str(info.version_source),
+        "size": info.size,
+        "mtime_ns": info.mtime_ns,
+        "blob_sha1": info.blob_sha1,
+    }
+
+
+def _scan(scan: ModelScan) -> dict[str, Any]:
+    """List the models found in the models folder."""
+    return {
+        "models": {
+            name: {
+                "path": str(info.path),
+                "size_bytes": info.size_bytes,
+                "ignored_files": list(info.ignored_files),
+            }
+            for name, info in scan.models.items()
+        },
+        "loose_files": list(scan.loose_files),
+        "unreadable": list(scan.unreadable),
+    }
+
+
+def _loaded_model(loaded: LoadedModel) -> dict[str, Any]:
+    """Describe a model handle: identity, init parameters and what it holds."""
+    params = loaded.params
+    return {
+        "path": str(loaded.info.path),
+        "fingerprint": dict(loaded.fingerprint),
+        "params": _jsonable(params),
+        "users": loaded.users,
+        "loaded_cache": loaded.loaded_cache.name if loaded.loaded_cache else None,
+        "kv_tokens": loaded.kv_tokens,
+        "kv_messages": len(loaded.kv.messages) if loaded.kv is not None else None,
+        "busy": loaded.lock.locked(),
+        # The engine records runs per model handle, not per agent.
+        "recent_runs": _jsonable(loaded.recent),
+    }
+
+
+def _prefix(agent: Agent) -> dict[str, Any] | None:
+    """Summarise the agent's rendered system prefix: hashes and sizes, no text."""
+    prefix = agent.prefix
+    if prefix is None:
+        return None
+    expectation = agent.engine.expectation(agent.loaded, prefix)
+    return {
+        "prompt_sha256": expectation.prompt_sha256,
+        "prompt_length": len(prefix.prompt),
+        "tools": len(json.loads(prefix.tools_json)),
+        "tools_sha256": prefix.tools_sha256,
+    }
+
+
+def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
+    """Describe an agent: settings, system prefix and cache, model it shares."""
+    runtime = entry.runtime_data
+    subentry = entry.subentries.get(agent.subentry_id)
+    return {
+        "title": subentry.title if subentry else None,
+        "chat": agent.chat,
+        "model": agent.loaded.name,
+        "settings": _jsonable(agent.settings),
+        "cache": agent.cache.name if agent.cache else None,
+        "prefix": _prefix(agent),
+        "recent_runs": [
+            _jsonable(run)
+            for run in agent.loaded.recent
+            if run.agent == agent.subentry_id
+        ],
+        "shares_model_with": [
+            other.subentry_id
+            for other in runtime.agents.values()
+            if other is not agent and other.loaded is agent.loaded
+        ],
+    }
+
+
+def _cache(runtime: RockchipRuntime, entry: CacheEntry) -> dict[str, Any]:
+    """Describe a stored cache and whether it serves its agents' current prefix."""
+    checks = {
+        agent.subentry_id: entry.invalid_reason(
+            runtime.engine.expectation(agent.loaded, agent.prefix)
+        )
+        for agent in runtime.chat_agents
+        if agent.prefix is not None and agent.loaded.name == entry.model
+    }
+    return {
+        "model": entry.model,
+        "name": entry.name,
+        "bin_path": str(entry.bin_path),
+        "problem": entry.problem,
+        "metadata": entry.metadata.to_json() if entry.metadata else None,
+        "valid": any(reason is None for reason in checks.values()) if checks else None,
+        "agents": {
+            subentry_id: reason or "valid" for subentry_id, reason in checks.items()
+        },
+    }
+
+
+async def _async_caches(
+    hass: HomeAssistant, runtime: RockchipRuntime
+) -> list[dict[str, Any]] | dict[str, str]:
+    """List every stored cache of the runtime's cache folder."""
+    engine: Engine = runtime.engine
+    try:
+        entries: list[CacheEntry] = await hass.async_add_executor_job(engine.store.list)
+    except (CacheError, OSError) as err:
+        return {"error": str(err)}
+    return [_cache(runtime, entry) for entry in entries]
+
+
+def _inspect_unloaded(library_path: Path, models_dir: Path) -> dict[str, Any]:
+    """Inspect the library and scan the models of an entry that is not loaded."""
+    result: dict[str, Any] = {}
+    try:
+        result["runtime"] = _runtime_info(inspect_library(library_path))
+    except (LibraryError, OSError, ValueError) as err:
+        result["runtime"] = {"path": str(library_path), "error": str(err)}
+    try:
+        result["models"] = _scan(scan_models(models_dir))
+    except ModelsDirError as err:
+        result["models"] = {"error": err.reason}
+    return result
+
+
+async def async_get_config_entry_diagnostics(
+    hass: HomeAssistant, entry: RockchipConfigEntry
+) -> dict[str, Any]:
+    """Return diagnostics for a config entry."""
+    data: dict[str, Any] = {
+        "entry": {
+            "title": entry.title,
+            "state": entry.state.value,
+            "reason": entry.reason,
+            "data": dict(entry.data),
+            "options": dict(entry.options),
+        },
+        "subentries": {
+            subentry_id: {
+                "subentry_type": subentry.subentry_type,
+                "title": subentry.title,
+                "data": async_redact_data(subentry.data, TO_REDACT),
+            }
+            for subentry_id, subentry in entry.subentries.items()
+        },
+        "host": await hass.async_add_executor_job(read_host_info),
+    }
+    if entry.state is not ConfigEntryState.LOADED:
+        data |= await hass.async_add_executor_job(
+            _inspect_unloaded,
+            Path(entry.data[CONF_LIBRARY_PATH]),
+            Path(entry.data[CONF_MODELS_DIR]),
+        )
+        return data
+    runtime = entry.runtime_data
+    engine = runtime.engine
+    data |= {
+        "runtime": _runtime_info(engine.library.info),
+        "models": _scan(runtime.scan),
+        "loaded_models": {
+            name: _loaded_model(loaded) for name, loaded in engine.models.items()
+        },
+        "agents": {
+            subentry_id: _agent(entry, agent)
+            for subentry_id, agent in runtime.agents.items()
+        },
+        "caches": await _async_caches(hass, runtime),
+    }
+    return data
