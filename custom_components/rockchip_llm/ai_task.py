@@ -14,7 +14,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
 from .const import DOMAIN, SUBENTRY_AI_TASK, HistoryStrategy
-from .entity import RockchipLLMBaseEntity
+from .entity import RockchipLLMBaseEntity, ready_subentries
 
 STRUCTURE_ATTEMPTS = 2
 
@@ -29,15 +29,11 @@ async def async_setup_entry(
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
     """Add one AI Task entity per ready AI Task agent."""
-    for subentry in entry.subentries.values():
-        if (
-            subentry.subentry_type == SUBENTRY_AI_TASK
-            and subentry.subentry_id in entry.runtime_data.agents
-        ):
-            async_add_entities(
-                [RockchipAITaskEntity(entry, subentry)],
-                config_subentry_id=subentry.subentry_id,
-            )
+    for subentry in ready_subentries(entry, SUBENTRY_AI_TASK):
+        async_add_entities(
+            [RockchipAITaskEntity(entry, subentry)],
+            config_subentry_id=subentry.subentry_id,
+        )
 
 
 def _json_instructions(structure: vol.Schema) -> str:

@@ -5,6 +5,8 @@ import logging
 from pathlib import Path
 from typing import Final
 
+from .rkllm.runtime import Sampling
+
 DOMAIN: Final = "rockchip_llm"
 LOGGER = logging.getLogger(__package__)
 
@@ -50,10 +52,11 @@ class HistoryStrategy(StrEnum):
 
 DEFAULT_MAX_CONTEXT_LEN: Final = 4096
 DEFAULT_MAX_NEW_TOKENS: Final = 256
-DEFAULT_TEMPERATURE: Final = 0.7
-DEFAULT_TOP_K: Final = 20
-DEFAULT_TOP_P: Final = 0.8
-DEFAULT_REPEAT_PENALTY: Final = 1.1
+_SAMPLING: Final = Sampling()
+DEFAULT_TEMPERATURE: Final = _SAMPLING.temperature
+DEFAULT_TOP_K: Final = _SAMPLING.top_k
+DEFAULT_TOP_P: Final = _SAMPLING.top_p
+DEFAULT_REPEAT_PENALTY: Final = _SAMPLING.repeat_penalty
 DEFAULT_ENABLE_THINKING: Final = False
 DEFAULT_MAX_HISTORY: Final = 10
 DEFAULT_HISTORY_STRATEGY: Final = HistoryStrategy.AUTO

@@ -10,7 +10,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
 from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
-from .entity import RockchipLLMBaseEntity
+from .entity import RockchipLLMBaseEntity, ready_subentries
 
 # Requests are queued per model by the engine, not by entity updates.
 PARALLEL_UPDATES = 0
@@ -22,15 +22,11 @@ async def async_setup_entry(
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
     """Add one conversation entity per ready agent."""
-    for subentry in entry.subentries.values():
-        if (
-            subentry.subentry_type == SUBENTRY_CONVERSATION
-            and subentry.subentry_id in entry.runtime_data.agents
-        ):
-            async_add_entities(
-                [RockchipConversationEntity(entry, subentry)],
-                config_subentry_id=subentry.subentry_id,
-            )
+    for subentry in ready_subentries(entry, SUBENTRY_CONVERSATION):
+        async_add_entities(
+            [RockchipConversationEntity(entry, subentry)],
+            config_subentry_id=subentry.subentry_id,
+        )
 
 
 class RockchipConversationEntity(

@@ -63,6 +63,18 @@ def _answered(messages: list[Message]) -> tuple[Message, ...]:
     return ()
 
 
+def ready_subentries(
+    entry: RockchipConfigEntry, subentry_type: str
+) -> list[ConfigSubentry]:
+    """Subentries of a type whose agent was set up (its model was found)."""
+    return [
+        subentry
+        for subentry in entry.subentries.values()
+        if subentry.subentry_type == subentry_type
+        and subentry.subentry_id in entry.runtime_data.agents
+    ]
+
+
 class RockchipLLMBaseEntity(Entity):
     """An agent backed by a model on the NPU."""
 
