@@ -263,15 +263,15 @@ class RKLLMModel:
             infer.max_new_tokens = request.max_new_tokens or 0
         active = _ActiveRun(sink=sink, token_limit=request.max_new_tokens)
         self._abort_requested = False
-        with self._handle_lock:
-            self._active = active
+        # Plain assignments: abort() holds _handle_lock while rkllm_abort runs, and a
+        # runtime whose abort waits for the run to end must not find us waiting too.
+        self._active = active
         try:
             code = self._lib.rkllm_run(
                 handle, ctypes.byref(c_input), ctypes.byref(infer), None
             )
         finally:
-            with self._handle_lock:
-                self._active = None
+            self._active = None
         tail = active.decoder.decode(b"", final=True)
         if tail:
             sink(tail)
@@ -317,6 +317,10 @@ class RKLLMModel:
         if state == CallState.ERROR:
             active.error = True
             return CallbackAction.CONTINUE
+        if self._abort_requested:
+            # An abort that reached the runtime just before the run began is
+            # honoured here: stop at the first token.
+            return CallbackAction.PAUSE
         if result.text:
             text = active.decoder.decode(result.text, final=False)
             if text:
