@@ -130,3 +130,20 @@ async def test_unload_during_generation(
         speech(result)
     ) < len(long_reply)
     assert not worker_threads()
+
+
+async def test_stop_during_cache_build(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Setup cancelled mid-build (HA stopping): the run is aborted, nothing half-written stays."""
+    entry = await make_entry(setup=False, model_kwargs={"prefill_ms_per_token": 5})
+    setup = hass.async_create_task(hass.config_entries.async_setup(entry.entry_id))
+    while not worker_threads():
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.2)  # inside the prefill of the system prompt
+    setup.cancel()
+    await asyncio.gather(setup, return_exceptions=True)
+    assert not worker_threads()
+    model_cache = cache_dir / "Qwen3 Sim"
+    leftovers = list(model_cache.glob("*")) if model_cache.exists() else []
+    assert leftovers == []  # no staging file, no half pair
