@@ -766,3 +766,33 @@ async def test_ai_task_subentry(
     assert dict(subentry.data) == {
         key: value for key, value in AGENT_DATA.items() if key not in CHAT_ONLY
     }
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        (CONF_LIBRARY_PATH, "/dev/null", "library_not_elf"),
+        (CONF_LIBRARY_PATH, "directory", "library_not_elf"),
+        (CONF_MODELS_DIR, "loop", "models_dir_unreadable"),
+        (CONF_MODELS_DIR, "/dev/null", "models_dir_not_dir"),
+        (CONF_CACHE_DIR, "/dev/null", "cache_dir_not_writable"),
+    ],
+)
+async def test_paths_at_devices_and_loops(
+    hass: HomeAssistant,
+    tmp_path: Path,
+    paths: dict[str, str],
+    field: str,
+    value: str,
+    error: str,
+) -> None:
+    """Devices, directories given as files and symlink loops are field errors, not crashes."""
+    if value == "loop":
+        loop = tmp_path / "loop"
+        loop.symlink_to(loop)
+        value = str(loop)
+    elif value == "directory":
+        value = str(tmp_path)
+    paths[field] = value
+    result = await submit_paths(hass, paths)
+    assert result["errors"] == {field: error}
