@@ -1,11 +1,13 @@
 """Shared fixtures: the simulator library, simulated model folders, HA glue."""
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 import ctypes
 import json
+import logging
 from pathlib import Path
 import subprocess
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -18,6 +20,7 @@ from custom_components.rockchip_llm.const import (
     DOMAIN,
 )
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from homeassistant import block_async_io
 from homeassistant.config_entries import ConfigSubentryData
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
@@ -219,3 +222,40 @@ def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
     function(loaded.model._handle, buffer, len(buffer))
     record: dict[str, Any] = json.loads(buffer.value.decode())
     return record
+
+
+class _BlockingCallLog(logging.Handler):
+    """Collects HA's reports of blocking calls made by this integration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "integration 'rockchip_llm'" in message:
+            self.calls.append(message.split("\n", 1)[0])
+
+
+@pytest.fixture(autouse=True)
+def blocking_calls(request: pytest.FixtureRequest) -> Generator[list[str]]:
+    """Run every Home Assistant test with HA's blocking-call detection on.
+
+    A blocking call our code makes on the event loop fails the test. HA leaves file
+    I/O unchecked under unittest; it is checked here as in a real instance. Plain
+    tests of the binding block on purpose and run without it.
+    """
+    if "hass" not in request.fixturenames:
+        yield []
+        return
+    request.getfixturevalue("disable_block_async_io")  # restores after the test
+    with patch.object(block_async_io, "_IN_TESTS", False):
+        block_async_io.enable()
+    log = _BlockingCallLog()
+    logger = logging.getLogger("homeassistant.util.loop")
+    logger.addHandler(log)
+    try:
+        yield log.calls
+    finally:
+        logger.removeHandler(log)
+    assert not log.calls, "blocking calls in the event loop:\n" + "\n".join(log.calls)
