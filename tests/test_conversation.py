@@ -372,3 +372,36 @@ async def test_request_prefix_gets_its_own_cache(
     assert agent.cache.metadata.prompt_sha256 != setup_sha
     await ask()
     assert agent.loaded.recent[-1].prefill_tokens < first.prefill_tokens
+
+
+async def test_follow_up_after_tool_call_reuses_kv(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """HA completes a tool result after the turn; the next turn still continues the KV."""
+    assert await async_setup_component(hass, "intent", {})
+    hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
+    async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
+    async_mock_service(hass, "light", "turn_on")
+    entry = await make_entry()
+    first = await converse(hass, "Turn on the kitchen")
+    assert speech(first) == "Done."
+    await converse(hass, "thanks a lot", first.conversation_id)
+    runs = list(loaded_model(entry).recent)
+    assert [run.reused_history for run in runs] == [False, True, True]
+    assert runs[-1].prefill_tokens < 25
+
+
+async def test_strategy_off_keeps_nothing(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """ "off" prefills the system prompt again even after another agent kept it in the KV."""
+    entry = await make_entry({}, {"history_strategy": "off"})
+    loaded = loaded_model(entry)
+    system_tokens = loaded.loaded_cache.metadata.tokens  # type: ignore[union-attr]
+    await converse(hass, "hello")
+    await converse(hass, "hello", agent="conversation.agent_1")
+    assert (
+        loaded.recent[0].prefill_tokens
+        < system_tokens
+        < loaded.recent[1].prefill_tokens
+    )

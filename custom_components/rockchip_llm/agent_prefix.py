@@ -14,11 +14,24 @@ from homeassistant.helpers import chat_session, llm
 from .chat import SystemPrefix
 from .const import CONF_PROMPT, DOMAIN
 
+_TOOLS_JSON: dict[tuple[tuple[str, str | None, str], ...], str] = {}
+_TOOLS_JSON_SIZE = 8
+
 
 def tools_json(llm_api: llm.APIInstance | None) -> str:
-    """Serialise the LLM API's tools as the runtime's JSON array."""
+    """Serialise the LLM API's tools as the runtime's JSON array.
+
+    Requests carry new tool objects each time, usually with the same content:
+    the serialisation is kept per content so a request does not redo it.
+    """
     if llm_api is None:
         return "[]"
+    key = tuple(
+        (tool.name, tool.description, repr(tool.parameters.schema))
+        for tool in llm_api.tools
+    )
+    if (cached := _TOOLS_JSON.get(key)) is not None:
+        return cached
     tools: list[dict[str, Any]] = []
     for tool in llm_api.tools:
         spec: dict[str, Any] = {
@@ -30,7 +43,10 @@ def tools_json(llm_api: llm.APIInstance | None) -> str:
         if tool.description:
             spec["description"] = tool.description
         tools.append({"type": "function", "function": spec})
-    return json.dumps(tools, ensure_ascii=False, sort_keys=True)
+    if len(_TOOLS_JSON) >= _TOOLS_JSON_SIZE:
+        _TOOLS_JSON.pop(next(iter(_TOOLS_JSON)))
+    _TOOLS_JSON[key] = json.dumps(tools, ensure_ascii=False, sort_keys=True)
+    return _TOOLS_JSON[key]
 
 
 def prefix_from_chat_log(chat_log: conversation.ChatLog) -> SystemPrefix:

@@ -67,6 +67,8 @@ class LoadedModel:
     """The store's listing for this model, read once and dropped on every change."""
     kv: KVState | None = None
     kv_tokens: int = 0
+    sent_tool_results: dict[str, str] = field(default_factory=dict)
+    """Tool results as first sent to the model, by tool call id (see entity.py)."""
     recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
 
     @property
@@ -356,11 +358,14 @@ class Engine:
             loaded.caches = None
         return deleted
 
-    async def async_reset_kv(self, loaded: LoadedModel) -> None:
-        """Clear the KV back to the system prompt."""
-        await call(loaded.model.clear_kv_cache(keep_system_prompt=True))
+    async def async_reset_kv(
+        self, loaded: LoadedModel, *, keep_system: bool = True
+    ) -> None:
+        """Clear the KV back to the system prompt (or entirely)."""
+        await call(loaded.model.clear_kv_cache(keep_system_prompt=keep_system))
         loaded.kv = None
         loaded.kv_tokens = 0
+        loaded.sent_tool_results.clear()
 
     async def async_note_kv(self, loaded: LoadedModel, state: KVState) -> None:
         """Record what the KV holds after a run that kept history."""

@@ -30,8 +30,15 @@ from .stream_parser import (
 INVALID_TOOL_CALL = "invalid_tool_call"
 
 
-def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
-    """Reduce the chat log (after the system prompt) to what the model sees."""
+def messages_from_chat_log(
+    chat_log: conversation.ChatLog, sent_tool_results: dict[str, str]
+) -> list[Message]:
+    """Reduce the chat log (after the system prompt) to what the model sees.
+
+    A tool result is serialised once and remembered by its call id: Home Assistant
+    fills the intent response inside a result after the turn (the final speech), so
+    a second serialisation would no longer match what the model was sent.
+    """
     messages: list[Message] = []
     for content in chat_log.content[1:]:
         if isinstance(content, conversation.UserContent):
@@ -50,7 +57,12 @@ def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
             if not messages or messages[-1].role == "user":
                 # A malformed tool call left no assistant content of its own.
                 messages.append(Message("assistant", ""))
-            result = json.dumps(content.tool_result, ensure_ascii=False, default=str)
+            result = sent_tool_results.get(content.tool_call_id)
+            if result is None:
+                result = json.dumps(
+                    content.tool_result, ensure_ascii=False, default=str
+                )
+                sent_tool_results[content.tool_call_id] = result
             messages.append(Message("tool", result))
     return messages
 
@@ -171,7 +183,7 @@ class RockchipLLMBaseEntity(Entity):
         plan = plan_run(
             loaded.kv,
             prefix,
-            messages_from_chat_log(chat_log),
+            messages_from_chat_log(chat_log, loaded.sent_tool_results),
             keep_history=keep_history,
             max_history=settings.max_history,
             budget=ContextBudget(
@@ -182,7 +194,10 @@ class RockchipLLMBaseEntity(Entity):
             ),
         )
         if not plan.reuse_history:
-            await agent.engine.async_reset_kv(loaded)
+            # "off" measures the no-reuse baseline: not even the system prompt stays.
+            await agent.engine.async_reset_kv(
+                loaded, keep_system=self.history_strategy is not HistoryStrategy.OFF
+            )
         generation = Generation(
             loaded,
             RunRequest(
@@ -203,7 +218,13 @@ class RockchipLLMBaseEntity(Entity):
             pass
         if keep_history:
             await agent.engine.async_note_kv(
-                loaded, KVState(prefix.key, _answered(messages_from_chat_log(chat_log)))
+                loaded,
+                KVState(
+                    prefix.key,
+                    _answered(
+                        messages_from_chat_log(chat_log, loaded.sent_tool_results)
+                    ),
+                ),
             )
         perf = perf_or_zero(generation.result.perf if generation.result else None)
         agent.engine.record(

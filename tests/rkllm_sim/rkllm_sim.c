@@ -576,7 +576,7 @@ static int run_core(sim_handle *h, run_job *job)
             rep.context_shifts++;
         }
         double deadline = m->decode_ms_per_token > 0
-                              ? t_decode + (double)(i + 1) * m->decode_ms_per_token
+                              ? t_decode + (double)i * m->decode_ms_per_token
                               : 0;
         if (wait_until(h, deadline)) {
             rep.aborted = 1;

@@ -1,0 +1,79 @@
+"""Smoke test of scripts/bench.py: a tiny run without delays, checking the JSON shape."""
+
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
+STRATEGIES = {"ours", "full_prompt", "cache_per_conversation"}
+TOP_LEVEL = {
+    "conditions",
+    "ttft_ms",
+    "prefill_tokens",
+    "prefill_ratio",
+    "overhead_ms_per_request",
+    "overhead_us_per_token",
+}
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    """Two turns (the first one a tool call), zero delays: the JSON has the agreed shape."""
+    json_path = tmp_path / "bench.json"
+    plot_path = tmp_path / "bench.png"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--turns=2",
+            "--tool-turn=1",
+            "--prefill-ms=0",
+            "--decode-ms=0",
+            "--overhead-requests=2",
+            "--overhead-reply-tokens=20",
+            f"--json={json_path}",
+            f"--plot={plot_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "prefill_ratio" in completed.stdout
+    assert plot_path.read_bytes().startswith(b"\x89PNG")
+
+    data = json.loads(json_path.read_text())
+    assert set(data) == TOP_LEVEL
+    assert set(data["ttft_ms"]) == STRATEGIES
+    assert set(data["prefill_tokens"]) == STRATEGIES
+    for name in STRATEGIES:
+        ttft = data["ttft_ms"][name]
+        assert set(ttft) == {"turn1", "followup_mean", "per_turn"}
+        assert len(ttft["per_turn"]) == 2
+        assert all(isinstance(value, float) and value > 0 for value in ttft["per_turn"])
+        assert ttft["turn1"] == ttft["per_turn"][0]
+        assert ttft["followup_mean"] == ttft["per_turn"][1]
+        prefilled = data["prefill_tokens"][name]
+        assert len(prefilled) == 2
+        assert all(isinstance(value, int) and value > 0 for value in prefilled)
+    for key in ("prefill_ratio", "overhead_ms_per_request", "overhead_us_per_token"):
+        assert isinstance(data[key], float), key
+
+    conditions = data["conditions"]
+    assert conditions["prefill_ms_per_token"] == 0
+    assert conditions["decode_ms_per_token"] == 0
+    assert conditions["turns"] == 2
+    assert conditions["tool_turn"] == 1
+    # The dialogue ran as scripted: a tool call (two runs) and a follow-up.
+    assert conditions["runs_per_turn"] == dict.fromkeys(STRATEGIES, [2, 1])
+    assert conditions["tool_calls_executed_by_ha"] == 2
+    replies = conditions["replies"]
+    assert (
+        replies["ours"] == replies["full_prompt"] == replies["cache_per_conversation"]
+    )
+    assert replies["ours"][0] == "Done, the kitchen light is on now."
+    # The whole system prompt is prefilled every turn only without any cache.
+    system = conditions["system_prompt_tokens"]
+    assert all(value > system for value in data["prefill_tokens"]["full_prompt"])
+    assert all(value < system for value in data["prefill_tokens"]["ours"])
