@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from custom_components.rockchip_llm.const import SYSTEM_CACHE_NAME as SYSTEM_CACHE
 from custom_components.rockchip_llm.prompt_cache import (
     METADATA_VERSION,
-    SYSTEM_CACHE,
     CacheEntry,
     CacheExpectation,
     CacheMetadata,

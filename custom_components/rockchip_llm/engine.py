@@ -60,6 +60,7 @@ class LoadedModel:
     fingerprint: dict[str, int | str]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
+    """How many agents share this handle."""
     prefix_key: str | None = None
     """The system prompt and tools currently set on the handle."""
     loaded_cache: CacheEntry | None = None
@@ -168,13 +169,6 @@ class Engine:
             self._models[info.name] = loaded
         loaded.users += 1
         return loaded
-
-    async def async_release(self, loaded: LoadedModel) -> None:
-        """Drop one user of a model; the last one destroys the handle."""
-        loaded.users -= 1
-        if loaded.users <= 0 and self._models.get(loaded.name) is loaded:
-            del self._models[loaded.name]
-            await self._run_blocking(loaded.model.close)
 
     async def async_close(self) -> None:
         """Abort every run, destroy every handle and join the worker threads."""

@@ -14,7 +14,7 @@ from . import RockchipConfigEntry
 from .agent import Agent
 from .agent_prefix import prefix_from_chat_log
 from .chat import ContextBudget, KVState, Message, PromptTooLong, SystemPrefix, plan_run
-from .const import DOMAIN, MAX_TOOL_ITERATIONS, HistoryStrategy
+from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS, HistoryStrategy
 from .engine import Generation, RunStats, perf_or_zero
 from .rkllm.errors import RKLLMError
 from .rkllm.runtime import RunRequest
@@ -193,6 +193,12 @@ class RockchipLLMBaseEntity(Entity):
                 reply_tokens=settings.max_new_tokens,
             ),
         )
+        if plan.dropped_messages:
+            LOGGER.debug(
+                "%s: %d earlier messages left out to fit the context",
+                loaded.name,
+                plan.dropped_messages,
+            )
         if not plan.reuse_history:
             # "off" measures the no-reuse baseline: not even the system prompt stays.
             await agent.engine.async_reset_kv(

@@ -25,7 +25,6 @@ from typing import Any, Self
 _LOGGER = logging.getLogger(__name__)
 
 CACHE_NAME_PATTERN = re.compile(r"^[a-z0-9_]{1,64}$")
-SYSTEM_CACHE = "system"
 METADATA_VERSION = 1
 
 _BIN = ".bin"

@@ -87,12 +87,6 @@ class RunError(RKLLMError):
         self.code = code
 
 
-class BusyError(RKLLMError):
-    """The handle is already running a generation."""
-
-    translation_key = "model_busy"
-
-
 class ModelClosedError(RKLLMError):
     """The model was destroyed."""
 
