@@ -40,6 +40,7 @@ async def test_rebuild_cache(
     assert cache["size_bytes"] == metadata["size_bytes"]
     assert cache["prompt_sha256"] == metadata["prompt_sha256"]
     assert metadata["source"] == "rebuild_cache"
+    assert cache["agent"] == AGENT
     assert cache["model"] == "Qwen3 Sim"
     assert cache["name"] == "system"
 

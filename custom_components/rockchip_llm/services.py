@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import voluptuous as vol
 
+from homeassistant.components.conversation import DOMAIN as CONVERSATION_DOMAIN
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import CONF_NAME
 from homeassistant.core import (
@@ -155,13 +156,16 @@ async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
     name: str = call.data[CONF_NAME]
     _check_name(name)
     caches = []
+    registry = er.async_get(call.hass)
     for agent in _agents_for(call.hass, call.data.get(ATTR_AGENT)):
         entry = await _async_build(agent, name, None, SERVICE_REBUILD_CACHE)
         metadata = entry.metadata
         assert metadata is not None
         caches.append(
             {
-                "agent": agent.subentry_id,
+                "agent": registry.async_get_entity_id(
+                    CONVERSATION_DOMAIN, DOMAIN, agent.subentry_id
+                ),
                 "model": metadata.model,
                 "name": metadata.name,
                 "tokens": metadata.tokens,
