@@ -405,3 +405,48 @@ async def test_strategy_off_keeps_nothing(
         < system_tokens
         < loaded.recent[1].prefill_tokens
     )
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # arguments as a JSON string, an empty optional argument, text around the block
+        'Sure. <tool_call>{"name": "HassTurnOn", "arguments": "{\\\\"name\\\\": \\\\"Kitchen\\\\", \\\\"area\\\\": \\\\"\\\\"}"}</tool_call> One moment.',
+        # OpenAI-style wrapper inside a code fence, no closing tag
+        '<tool_call>```json\\n{"function": {"name": "HassTurnOn", "arguments": {"name": "Kitchen"}}}\\n```',
+        # two calls in one reply
+        (
+            '<tool_call>{"name": "HassTurnOn", "arguments": {"name": "Kitchen"}}</tool_call>'
+            '<tool_call>{"name": "HassTurnOn", "arguments": {"name": "Porch"}}</tool_call>'
+        ),
+    ],
+)
+async def test_small_model_tool_call_forms(
+    hass: HomeAssistant, make_entry: EntryFactory, reply: str
+) -> None:
+    """Tool calls small models get slightly wrong still run; the markup is never spoken."""
+    assert await async_setup_component(hass, "intent", {})
+    for name in ("Kitchen", "Porch"):
+        entity_id = f"light.{name.lower()}"
+        hass.states.async_set(entity_id, "off", {"friendly_name": name})
+        async_expose_entity(hass, conversation.DOMAIN, entity_id, True)
+    calls = async_mock_service(hass, "light", "turn_on")
+    await make_entry(
+        model_kwargs={
+            "replies": (f"reply user lights => {reply}", "reply tool * => Done.")
+        }
+    )
+    with chat_session.async_get_chat_session(hass) as session:
+        result = await converse(hass, "lights please", session.conversation_id)
+        with conversation.async_get_chat_log(hass, session) as chat_log:
+            spoken = " ".join(
+                c.content or ""
+                for c in chat_log.content
+                if isinstance(c, conversation.AssistantContent)
+            )
+    assert speech(result) == "Done."
+    assert "<tool_call>" not in spoken
+    assert "{" not in spoken
+    turned_on = sorted(str(call.data["entity_id"]) for call in calls)
+    assert turned_on[0] in ("light.kitchen", "['light.kitchen']")
+    assert len(calls) == (2 if "Porch" in reply else 1)
