@@ -265,6 +265,7 @@ def test_keep_history_and_clear_kv(
     model.set_function_tools(SYSTEM, "[]").result()
     _, first = run(model, "hello there", keep_history=True)
     kv_after_first = model.kv_cache_size().result()
+    assert first.kv_cache_size == kv_after_first > 0
     _, second = run(model, "hello there", keep_history=True)
     assert first.perf is not None
     assert second.perf is not None

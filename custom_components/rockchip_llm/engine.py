@@ -361,10 +361,11 @@ class Engine:
         loaded.kv_tokens = 0
         loaded.sent_tool_results.clear()
 
-    async def async_note_kv(self, loaded: LoadedModel, state: KVState) -> None:
+    @staticmethod
+    def note_kv(loaded: LoadedModel, state: KVState, result: RunResult | None) -> None:
         """Record what the KV holds after a run that kept history."""
         loaded.kv = state
-        loaded.kv_tokens = await call(loaded.model.kv_cache_size())
+        loaded.kv_tokens = (result.kv_cache_size if result else None) or 0
 
     def record(self, loaded: LoadedModel, stats: RunStats) -> None:
         """Remember a run's measurements."""

@@ -223,7 +223,7 @@ class RockchipLLMBaseEntity(Entity):
         ):
             pass
         if keep_history:
-            await agent.engine.async_note_kv(
+            agent.engine.note_kv(
                 loaded,
                 KVState(
                     prefix.key,
@@ -231,6 +231,7 @@ class RockchipLLMBaseEntity(Entity):
                         messages_from_chat_log(chat_log, loaded.sent_tool_results)
                     ),
                 ),
+                generation.result,
             )
         perf = perf_or_zero(generation.result.perf if generation.result else None)
         agent.engine.record(

@@ -97,6 +97,8 @@ class RunResult:
     perf: PerfStats | None
     aborted: bool
     stopped_at_limit: bool
+    kv_cache_size: int | None = None
+    """KV positions in use after a run that kept history (read in the same job)."""
 
 
 @dataclass(slots=True)
@@ -288,6 +290,7 @@ class RKLLMModel:
             perf=active.perf,
             aborted=self._abort_requested,
             stopped_at_limit=active.stopped_at_limit,
+            kv_cache_size=self._kv_cache_size() if request.keep_history else None,
         )
 
     def _on_result(self, result: Any, _userdata: Any, state: int) -> int:
@@ -372,16 +375,15 @@ class RKLLMModel:
 
     def kv_cache_size(self) -> Future[int]:
         """Return the number of KV positions in use."""
+        return self._submit(self._kv_cache_size)
 
-        def size() -> int:
-            sizes = (ctypes.c_int * 8)()
-            self._check(
-                "rkllm_get_kv_cache_size",
-                self._lib.rkllm_get_kv_cache_size(self._require_handle(), sizes),
-            )
-            return int(sizes[0])
-
-        return self._submit(size)
+    def _kv_cache_size(self) -> int:
+        sizes = (ctypes.c_int * 8)()  # one entry per batch; we run one
+        self._check(
+            "rkllm_get_kv_cache_size",
+            self._lib.rkllm_get_kv_cache_size(self._require_handle(), sizes),
+        )
+        return int(sizes[0])
 
     def set_chat_template(self, system: str, prefix: str, postfix: str) -> Future[None]:
         """Override the chat template (system prompt, user prefix and postfix)."""
