@@ -453,9 +453,7 @@ async def test_every_error_at_once(hass: HomeAssistant, tmp_path: Path) -> None:
 
 async def test_unexpected_error(hass: HomeAssistant, paths: dict[str, str]) -> None:
     """An unexpected exception is a base error, not a crash."""
-    with patch.object(
-        config_flow, "load_library_safely", side_effect=RuntimeError("boom")
-    ):
+    with patch.object(config_flow, "verify_library", side_effect=RuntimeError("boom")):
         result = await submit_paths(hass, paths)
     assert result["errors"] == {"base": "unknown"}
 

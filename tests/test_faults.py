@@ -40,7 +40,7 @@ def worker_threads() -> list[str]:
 async def test_library_replaced_while_loaded(
     hass: HomeAssistant, make_entry: EntryFactory, sim_library: Path, tmp_path: Path
 ) -> None:
-    """Deleting the library keeps the loaded handle working; the next setup retries."""
+    """Overwriting or deleting the library keeps HA answering; the next setup retries."""
     library = tmp_path / "librkllmrt.so"
     shutil.copy(sim_library, library)
     entry = await make_entry(setup=False)
@@ -48,6 +48,9 @@ async def test_library_replaced_while_loaded(
         entry, data={**entry.data, "library_path": str(library)}
     )
     assert await hass.config_entries.async_setup(entry.entry_id)
+    with library.open("r+b") as file:  # overwritten in place, as cp does
+        file.write(b"\0" * library.stat().st_size)
+    assert speech(await converse(hass, "hello")) == "Hello from the simulator."
     library.unlink()
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
     await hass.config_entries.async_reload(entry.entry_id)

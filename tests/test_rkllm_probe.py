@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -77,7 +78,7 @@ def python(code: str) -> tuple[str, ...]:
     return (sys.executable, "-I", "-c", code)
 
 
-def test_crash_is_an_error(spawned: list[list[str]]) -> None:
+def test_crash_is_an_error(spawned: list[list[str]], tmp_path: Path) -> None:
     """A library that segfaults on load kills the child, not this process."""
     with pytest.raises(LibraryCrashed) as err:
         verify_library(CRASH_LIBRARY)
@@ -90,7 +91,7 @@ def test_crash_is_an_error(spawned: list[list[str]]) -> None:
     assert len(spawned) == 1
     # Still alive, and a crash is not remembered: the next attempt probes again.
     with pytest.raises(LibraryCrashed, match="SIGSEGV"):
-        load_library_safely(CRASH_LIBRARY)
+        load_library_safely(CRASH_LIBRARY, tmp_path / "private")
     assert len(spawned) == 2
 
 
@@ -101,12 +102,43 @@ def test_good_library(sim_library: Path, abi_family: AbiFamily) -> None:
     assert info.family is abi_family
 
 
-def test_load_library_safely(sim_library: Path, abi_family: AbiFamily) -> None:
-    """After the check the library is loaded here, bound to its family."""
-    loaded = load_library_safely(sim_library)
+def test_load_library_safely(
+    sim_library: Path, abi_family: AbiFamily, tmp_path: Path
+) -> None:
+    """After the check a private copy is loaded here, bound to its family."""
+    private = tmp_path / "private"
+    loaded = load_library_safely(sim_library, private)
     assert loaded.info == inspect_library(sim_library)
     assert loaded.layout.family is abi_family
     assert loaded.cdll.rkllm_createDefaultParam().max_context_len == 512
+    [copy] = private.iterdir()
+    assert copy.name == f"librkllmrt-{loaded.info.blob_sha1}.so"
+    assert loaded.cdll._name == str(copy)
+    assert copy.read_bytes() == sim_library.read_bytes()
+
+
+def test_original_overwritten_in_place_while_loaded(tmp_path: Path) -> None:
+    """cp over the original library no longer touches the code this process runs."""
+    original = tmp_path / "librkllmrt.so"
+    shutil.copy(SIM_LIBRARIES[AbiFamily.V1_3], original)
+    loaded = load_library_safely(original, tmp_path / "private")
+    with original.open("r+b") as file:  # what cp does: same inode, new bytes
+        file.write(b"\0" * original.stat().st_size)
+    assert loaded.cdll.rkllm_createDefaultParam().max_context_len == 512
+    # A new version of the library gets its own copy; the old one is removed.
+    shutil.copy(SIM_LIBRARIES[AbiFamily.V1_2], tmp_path / "new.so")
+    newer = load_library_safely(tmp_path / "new.so", tmp_path / "private")
+    assert [p.name for p in (tmp_path / "private").iterdir()] == [
+        f"librkllmrt-{newer.info.blob_sha1}.so"
+    ]
+
+
+def test_private_copy_failure(sim_library: Path, tmp_path: Path) -> None:
+    """A private folder that cannot be written is a clear load error."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LibraryLoadError, match="cannot copy"):
+        load_library_safely(sim_library, blocker / "private")
 
 
 def test_text_file(tmp_path: Path) -> None:
@@ -152,7 +184,7 @@ def test_verdict_cached_per_file_version(
     shutil.copy(SIM_LIBRARIES[AbiFamily.V1_3], path)
     first = verify_library(path)
     assert verify_library(path) == first
-    assert load_library_safely(path).info == first
+    assert load_library_safely(path, tmp_path / "private").info == first
     assert len(spawned) == 1
 
     stat = path.stat()
@@ -341,3 +373,18 @@ async def test_setup_reports_crash(
     assert entry.state is ConfigEntryState.SETUP_ERROR
     assert entry.error_reason_translation_key == "library_crashed"
     assert "SIGSEGV" in (entry.reason or "")
+
+
+def test_library_changed_between_check_and_copy(
+    sim_library: Path, tmp_path: Path
+) -> None:
+    """A file swapped after the child's check is not loaded unchecked."""
+    private = tmp_path / "private"
+    with (
+        patch.object(
+            probe.shutil, "copyfile", lambda _src, dst: Path(dst).write_bytes(b"other")
+        ),
+        pytest.raises(LibraryLoadError, match="changed while it was being loaded"),
+    ):
+        load_library_safely(sim_library, private)
+    assert list(private.iterdir()) == []

@@ -45,6 +45,8 @@ from .services import async_setup_services
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
+PRIVATE_LIBRARY_DIR = ".runtime"
+"""Under the cache folder: the private copy of the runtime library this process maps."""
 PLATFORMS = (Platform.AI_TASK, Platform.CONVERSATION)
 
 
@@ -76,7 +78,11 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     library_path = Path(entry.data[CONF_LIBRARY_PATH])
     library_issue = f"library_{entry.entry_id}"
     try:
-        library = await hass.async_add_executor_job(load_library_safely, library_path)
+        library = await hass.async_add_executor_job(
+            load_library_safely,
+            library_path,
+            Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR,
+        )
     except LibraryError as err:
         missing = isinstance(err, LibraryNotFound)
         _async_create_issue(

@@ -71,7 +71,7 @@ from .const import (
 from .models import ModelInfo, ModelsDirError, scan_models
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
-from .rkllm.probe import load_library_safely
+from .rkllm.probe import verify_library
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _validate_paths(
     """Check the library, the models folder and the cache folder (blocking)."""
     result = _Validation()
     try:
-        load_library_safely(library_path)
+        verify_library(library_path)
     except LibraryError as err:
         result.errors[CONF_LIBRARY_PATH] = err.translation_key
         result.placeholders.update(err.placeholders)

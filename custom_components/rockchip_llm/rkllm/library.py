@@ -217,15 +217,19 @@ def inspect_library(
 def load_library(
     path: Path,
     *,
+    load_from: Path | None = None,
     family_override: AbiFamily | None = None,
     expected_machine: str | None = None,
 ) -> RuntimeLibrary:
-    """Validate, dlopen and bind the runtime library at path."""
+    """Validate, dlopen and bind the runtime library at path.
+
+    load_from, when given, is an identical copy of path that is mapped instead.
+    """
     info = inspect_library(
         path, family_override=family_override, expected_machine=expected_machine
     )
     try:
-        cdll = ctypes.CDLL(str(path))
+        cdll = ctypes.CDLL(str(load_from or path))
     except OSError as err:
         raise LibraryLoadError(
             f"the dynamic loader refused {path}: {err}", path=str(path)

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 from pathlib import Path
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +51,14 @@ from .errors import (
     UnsupportedRuntime,
     WrongArchitecture,
 )
-from .library import RuntimeInfo, RuntimeLibrary, VersionSource, check_elf, load_library
+from .library import (
+    RuntimeInfo,
+    RuntimeLibrary,
+    VersionSource,
+    check_elf,
+    git_blob_sha1,
+    load_library,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -286,10 +294,46 @@ def verify_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo
     return replace(verdict, path=path)
 
 
-def load_library_safely(path: Path) -> RuntimeLibrary:
-    """Check path in a child process (see verify_library), then load it here."""
-    verify_library(path)
-    return load_library(path)
+def load_library_safely(path: Path, private_dir: Path) -> RuntimeLibrary:
+    """Check path in a child process (see verify_library), then load a private copy.
+
+    The copy, named by content in private_dir, is what this process maps: a user
+    who later overwrites the original in place (cp, not a rename) would otherwise
+    change code under a running Home Assistant and crash it.
+    """
+    info = verify_library(path)
+    copy = _private_copy(path, info.blob_sha1, private_dir)
+    library = load_library(path, load_from=copy)
+    if library.info.blob_sha1 != info.blob_sha1:
+        raise LibraryLoadError(
+            f"{path} changed while it was being loaded; try again", path=str(path)
+        )
+    return library
+
+
+def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
+    """Return a copy of path named by its content, made atomically once."""
+    copy = private_dir / f"librkllmrt-{blob_sha1}.so"
+    try:
+        private_dir.mkdir(parents=True, exist_ok=True)
+        if not copy.exists():
+            staging = private_dir / f".{copy.name}.tmp-{os.getpid()}"
+            shutil.copyfile(path, staging)
+            if git_blob_sha1(staging.read_bytes()) != blob_sha1:
+                staging.unlink()
+                raise LibraryLoadError(
+                    f"{path} changed while it was being loaded; try again",
+                    path=str(path),
+                )
+            staging.replace(copy)
+        for old in private_dir.glob("librkllmrt-*.so"):
+            if old != copy:
+                old.unlink(missing_ok=True)  # a loaded old copy stays mapped
+    except OSError as err:
+        raise LibraryLoadError(
+            f"cannot copy {path} to {private_dir}: {err.strerror}", path=str(path)
+        ) from err
+    return copy
 
 
 def _child_main(argv: list[str]) -> int:
