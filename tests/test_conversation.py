@@ -1,6 +1,7 @@
 """The Assist agent through conversation.async_converse and the simulator."""
 
 import asyncio
+import ctypes
 from datetime import timedelta
 from typing import Any
 
@@ -161,15 +162,24 @@ async def test_follow_ups_prefill_only_new_tokens(
     loaded = loaded_model(entry)
     system_tokens = loaded.loaded_cache.metadata.tokens  # type: ignore[union-attr]
     assert system_tokens > 50
+    count_tokens = entry.runtime_data.engine.library.cdll.rkllm_sim_count_tokens
+    count_tokens.argtypes = [ctypes.c_char_p]
     conversation_id = None
     for turn in range(5):
         result = await converse(hass, f"question number {turn} please", conversation_id)
         conversation_id = result.conversation_id
+        record = last_run_record(entry)
+        if turn:
+            # Exactly the templated new turn was computed: not the system prompt,
+            # not an earlier turn.
+            assert record["prompt"].count("question number") == 1
+            assert loaded.recent[-1].prefill_tokens == count_tokens(
+                record["prompt"].encode()
+            )
     runs = list(loaded.recent)
     assert len(runs) == 5
     assert [run.reused_history for run in runs] == [False, True, True, True, True]
-    for run in runs:
-        assert 0 < run.prefill_tokens < 25  # the turn only, never the system prompt
+    assert all(0 < run.prefill_tokens < 25 for run in runs)
 
 
 async def test_strategy_off_prefills_everything(
