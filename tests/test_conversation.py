@@ -11,7 +11,8 @@ from pytest_homeassistant_custom_component.common import (
     async_mock_service,
 )
 
-from custom_components.rockchip_llm.engine import LoadedModel
+from custom_components.rockchip_llm.const import MAX_AUTO_CACHES
+from custom_components.rockchip_llm.engine import LoadedModel, RunStats
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.core import Context, HomeAssistant
@@ -346,42 +347,62 @@ async def test_warm_up_rebuilds_a_missing_cache(
     assert agent.loaded.loaded_cache is agent.cache
 
 
-async def test_request_prefix_gets_its_own_cache(
+async def test_satellites_in_areas_get_caches_of_their_own(
     hass: HomeAssistant,
     make_entry: EntryFactory,
     device_registry: dr.DeviceRegistry,
     area_registry: ar.AreaRegistry,
 ) -> None:
-    """A satellite in an area carries another prompt: it still works, and the cache follows it."""
+    """A satellite's area changes the prompt: it works at once, and gets its own cache.
+
+    The system cache stays the one for requests without an area; the most recent
+    MAX_AUTO_CACHES area prompts keep caches of their own.
+    """
     hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
     async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
     entry = await make_entry()
     agent = next(iter(entry.runtime_data.agents.values()))
-    setup_sha = agent.cache.metadata.prompt_sha256  # type: ignore[union-attr]
-    area = area_registry.async_create("Kitchen")
-    satellite = device_registry.async_get_or_create(
-        config_entry_id=entry.entry_id,
-        identifiers={("test", "satellite")},
-        name="Satellite",
-    )
-    device_registry.async_update_device(satellite.id, area_id=area.id)
-
-    async def ask() -> None:
-        result = await conversation.async_converse(
-            hass, "hello", None, Context(), agent_id=AGENT, device_id=satellite.id
+    system = agent.cache
+    satellites = []
+    for name in ("Kitchen", "Hall", "Attic", "Garage", "Office", "Porch"):
+        area = area_registry.async_create(name)
+        satellite = device_registry.async_get_or_create(
+            config_entry_id=entry.entry_id, identifiers={("test", name)}, name=name
         )
-        assert speech(result) == "Hello from the simulator."
-
-    await ask()
-    first = agent.loaded.recent[-1]
-    assert first.cache == "system"  # the leading identical tokens were still reused
+        device_registry.async_update_device(satellite.id, area_id=area.id)
+        satellites.append(satellite.id)
     async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=31))
     await hass.async_block_till_done(wait_background_tasks=True)
-    assert agent.cache is not None
-    assert agent.cache.metadata is not None
-    assert agent.cache.metadata.prompt_sha256 != setup_sha
-    await ask()
-    assert agent.loaded.recent[-1].prefill_tokens < first.prefill_tokens
+
+    async def ask(device_id: str) -> RunStats:
+        result = await conversation.async_converse(
+            hass, "hello", None, Context(), agent_id=AGENT, device_id=device_id
+        )
+        assert speech(result) == "Hello from the simulator."
+        return agent.loaded.recent[-1]
+
+    first = await ask(satellites[0])
+    assert first.cache == "system"  # the identical leading tokens were still reused
+    async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=62))
+    await hass.async_block_till_done(wait_background_tasks=True)
+    again = await ask(satellites[0])
+    assert again.cache is not None
+    assert again.cache.startswith("auto_")
+    assert again.prefill_tokens < first.prefill_tokens
+    assert agent.cache is system  # requests without an area keep theirs
+
+    for index, device_id in enumerate(satellites[1:], start=2):
+        await ask(device_id)
+        async_fire_time_changed(
+            hass, dt_util.utcnow() + timedelta(seconds=31 * index + 62)
+        )
+        await hass.async_block_till_done(wait_background_tasks=True)
+    listed = await hass.services.async_call(
+        "rockchip_llm", "list_caches", {}, blocking=True, return_response=True
+    )
+    names = [cache["name"] for cache in listed["caches"]]  # type: ignore[index,union-attr]
+    assert "system" in names
+    assert len([name for name in names if name.startswith("auto_")]) == MAX_AUTO_CACHES
 
 
 async def test_follow_up_after_tool_call_reuses_kv(

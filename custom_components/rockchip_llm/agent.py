@@ -10,6 +10,7 @@ from homeassistant.helpers.debounce import Debouncer
 from .agent_prefix import async_render_prefix
 from .chat import SystemPrefix
 from .const import (
+    AUTO_CACHE_PREFIX,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
     CONF_MAX_CONTEXT_LEN,
@@ -30,6 +31,7 @@ from .const import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     LOGGER,
+    MAX_AUTO_CACHES,
     REBUILD_DEBOUNCE_SECONDS,
     SYSTEM_CACHE_NAME,
     HistoryStrategy,
@@ -144,26 +146,40 @@ class Agent:
         """Re-render the prefix later (debounced) and rebuild the cache if it changed."""
         self._rebuild.async_schedule_call()
 
-    def prefix_seen(self, prefix: SystemPrefix) -> None:
-        """Note the prefix a request carried; a new one schedules a rebuild for it."""
-        if self.cache is None or self.prefix is None or prefix.key != self.prefix.key:
-            LOGGER.debug(
-                "A request carried a new system prefix; scheduling a cache rebuild"
-            )
-            self._requested = prefix
-            self.schedule_refresh()
+    def prefix_seen(self, prefix: SystemPrefix, *, cached: bool) -> None:
+        """Note the prefix a request carried; one without a cache gets one, debounced."""
+        if cached:
+            return
+        LOGGER.debug("A request carried a prefix without a cache; scheduling a build")
+        self._requested = prefix
+        self.schedule_refresh()
 
     async def _async_refresh_auto(self) -> None:
-        """Rebuild for the prefix requests carry (or the rendered one) if it changed."""
-        prefix = self._requested or await async_render_prefix(self.hass, self.options)
-        self._requested = None
-        if (
-            self.cache is not None
-            and self.prefix is not None
-            and prefix.key == self.prefix.key
-        ):
+        """Keep the system cache current and build one for the prefix requests carry.
+
+        The system cache is for the prefix a request without an area carries; other
+        prefixes (a satellite in an area adds a line to the prompt) get caches of their
+        own, the most recent MAX_AUTO_CACHES of them kept.
+        """
+        requested, self._requested = self._requested, None
+        rendered = await async_render_prefix(self.hass, self.options)
+        if self.cache is None or self.prefix is None or rendered.key != self.prefix.key:
+            await self.async_prepare("auto", rendered)
+        if requested is None or requested.key == rendered.key:
             return
-        await self.async_prepare("auto", prefix)
+        async with self.loaded.lock:
+            found = await self.engine.async_find_cache(self.loaded, requested)
+            if self.engine.is_exact(found, requested):
+                return
+            await self.engine.async_build_cache(
+                self.loaded,
+                requested,
+                f"{AUTO_CACHE_PREFIX}{requested.key[:12]}",
+                "auto",
+            )
+            await self.engine.async_prune(
+                self.loaded, AUTO_CACHE_PREFIX, MAX_AUTO_CACHES
+            )
 
     async def async_refresh_now(self) -> None:
         """Re-render the prefix now and rebuild the cache if it changed."""

@@ -64,5 +64,8 @@ DEFAULT_HISTORY_STRATEGY: Final = HistoryStrategy.AUTO
 DEFAULT_PROMPT_FILE: Final = Path(__file__).parent / "prompts" / "system.txt"
 
 SYSTEM_CACHE_NAME: Final = "system"
+AUTO_CACHE_PREFIX: Final = "auto_"
+"""Caches built for prefixes requests carry (e.g. a satellite's area line)."""
+MAX_AUTO_CACHES: Final = 4
 REBUILD_DEBOUNCE_SECONDS: Final = 30.0
 MAX_TOOL_ITERATIONS: Final = 10

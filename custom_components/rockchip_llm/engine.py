@@ -239,6 +239,33 @@ class Engine:
                 best = entry
         return best
 
+    @staticmethod
+    def is_exact(entry: CacheEntry | None, prefix: SystemPrefix) -> bool:
+        """Whether a cache found for prefix holds all of its prompt."""
+        return (
+            entry is not None
+            and entry.metadata is not None
+            and entry.metadata.prompt_length == len(prefix.prompt)
+        )
+
+    async def async_prune(
+        self, loaded: LoadedModel, name_prefix: str, keep: int
+    ) -> None:
+        """Delete the oldest caches whose name starts with name_prefix beyond keep."""
+        if loaded.caches is None:
+            loaded.caches = await self._run_blocking(self.store.list, loaded.name)
+        named = sorted(
+            (
+                entry
+                for entry in loaded.caches
+                if entry.name.startswith(name_prefix) and entry.metadata is not None
+            ),
+            key=lambda entry: entry.metadata.created_at if entry.metadata else "",
+            reverse=True,
+        )
+        for entry in named[keep:]:
+            await self.async_delete_cache(loaded, entry.name)
+
     async def async_use_cache(
         self, loaded: LoadedModel, entry: CacheEntry | None
     ) -> None:

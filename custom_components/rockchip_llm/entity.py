@@ -130,8 +130,6 @@ class RockchipLLMBaseEntity(Entity):
         loaded = agent.loaded
         engine = agent.engine
         prefix = prefix_from_chat_log(chat_log)
-        if agent.chat:
-            agent.prefix_seen(prefix)
         strategy = self.history_strategy
         keep_history = strategy is HistoryStrategy.AUTO
         async with loaded.lock:
@@ -140,9 +138,11 @@ class RockchipLLMBaseEntity(Entity):
                 if strategy is HistoryStrategy.OFF:
                     await engine.async_use_cache(loaded, None)
                 else:
+                    cache = await engine.async_find_cache(loaded, prefix)
+                    if agent.chat:
+                        agent.prefix_seen(prefix, cached=engine.is_exact(cache, prefix))
                     # Without a cache for this exact prompt, the agent's system
                     # cache still saves its identical leading tokens.
-                    cache = await engine.async_find_cache(loaded, prefix)
                     await engine.async_use_cache(loaded, cache or agent.cache)
                 for _iteration in range(MAX_TOOL_ITERATIONS):
                     await self._async_run_once(
