@@ -13,7 +13,15 @@ from homeassistant.util import ulid
 from . import RockchipConfigEntry
 from .agent import Agent
 from .agent_prefix import prefix_from_chat_log
-from .chat import ContextBudget, KVState, Message, PromptTooLong, SystemPrefix, plan_run
+from .chat import (
+    ContextBudget,
+    KVState,
+    Message,
+    PromptTooLong,
+    SystemPrefix,
+    estimate_tokens,
+    plan_run,
+)
 from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS, HistoryStrategy
 from .engine import Generation, RunStats, perf_or_zero
 from .rkllm.errors import RKLLMError
@@ -179,7 +187,12 @@ class RockchipLLMBaseEntity(Entity):
         settings = agent.settings
         loaded = agent.loaded
         cache = loaded.loaded_cache
-        prefix_tokens = cache.metadata.tokens if cache and cache.metadata else 0
+        # Exact for a cache of this very prefix; otherwise a conservative estimate.
+        prefix_tokens = (
+            cache.metadata.tokens
+            if cache and cache.metadata and agent.engine.is_exact(cache, prefix)
+            else estimate_tokens(prefix.prompt + prefix.tools_json)
+        )
         plan = plan_run(
             loaded.kv,
             prefix,
