@@ -212,12 +212,21 @@ async def test_interleaved_conversations_reset_to_system(
     )  # history folded into the turn
 
 
+@pytest.mark.parametrize("strategy", ["auto", "off"])
 async def test_prompt_too_long_is_answered(
-    hass: HomeAssistant, make_entry: EntryFactory
+    hass: HomeAssistant, make_entry: EntryFactory, strategy: str
 ) -> None:
-    """A request that cannot fit the context gets a clear spoken error; nothing crashes."""
-    await make_entry({"max_context_len": 2048, "max_new_tokens": 64})
-    result = await converse(hass, "word " * 3000)
+    """A request that cannot fit the context gets a clear spoken error; nothing crashes.
+
+    With "off" no cache tells the prefix's size: it is estimated from its text.
+    """
+    entry = await make_entry(
+        {"max_context_len": 2048, "max_new_tokens": 64, "history_strategy": strategy}
+    )
+    system_tokens = loaded_model(entry).loaded_cache.metadata.tokens  # type: ignore[union-attr]
+    # " ab" is one simulator token: alone the question would fit, after the prefix not.
+    words = 2048 - 64 - system_tokens // 2
+    result = await converse(hass, "ab " * words)
     assert result.response.response_type is intent.IntentResponseType.ERROR
     assert "context length" in speech(result)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
