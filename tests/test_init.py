@@ -317,3 +317,21 @@ async def test_old_npu_driver_repair(
     if issue is not None:
         assert issue.severity is ir.IssueSeverity.WARNING
         assert issue.translation_placeholders == {"version": version}
+
+
+async def test_cache_the_runtime_refuses_is_rebuilt(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A .bin of the right size but foreign content is refused by the runtime and rebuilt."""
+    entry = await make_entry()
+    bin_path, _json_path = system_cache(cache_dir)
+    bin_path.write_bytes(b"\0" * bin_path.stat().st_size)
+    saves = sim_counter(entry, "prompt_cache_save")
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.LOADED
+    assert "refused prompt cache" in caplog.text
+    assert sim_counter(entry, "prompt_cache_save") == saves + 1
+    assert bin_path.read_bytes().startswith(b"RKLLM-SIM-CACHE")

@@ -117,19 +117,15 @@ class Agent:
 
     async def async_prepare(
         self, source: str, prefix: SystemPrefix | None = None
-    ) -> bool:
-        """Make the system cache of prefix (default: freshly rendered) ready.
-
-        Returns whether the cache was (re)built.
-        """
+    ) -> None:
+        """Make the system cache of prefix (default: freshly rendered) ready."""
         if prefix is None:
             prefix = await async_render_prefix(self.hass, self.options)
         async with self.loaded.lock:
-            self.cache, built = await self.engine.async_prepare(
+            self.cache = await self.engine.async_prepare(
                 self.loaded, prefix, SYSTEM_CACHE_NAME, source
             )
         self.prefix = prefix
-        return built
 
     async def async_rebuild(self, name: str, source: str) -> CacheEntry:
         """Build the named cache from the agent's current prefix."""

@@ -27,6 +27,7 @@ from .prompt_cache import (
     PromptCacheStore,
     prompt_sha256,
 )
+from .rkllm.errors import RKLLMError
 from .rkllm.library import RuntimeLibrary
 from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
 
@@ -339,25 +340,24 @@ class Engine:
 
     async def async_prepare(
         self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
-    ) -> tuple[CacheEntry, bool]:
-        """Load the valid named cache for prefix, building it if needed.
-
-        Returns the entry and whether it was built now.
-        """
-        entry = await self._run_blocking(self.store.get, loaded.name, name)
+    ) -> CacheEntry:
+        """Load the valid named cache for prefix, building it if needed."""
+        entry: CacheEntry | None = await self._run_blocking(
+            self.store.get, loaded.name, name
+        )
         if entry is not None:
             reason = entry.invalid_reason(self.expectation(loaded, prefix))
             if reason is None:
                 await self.async_set_prefix(loaded, prefix)
                 try:
                     await self.async_use_cache(loaded, entry)
-                except Exception:  # noqa: BLE001 - a cache the runtime refuses is rebuilt
+                except RKLLMError:  # a cache the runtime refuses is rebuilt
                     _LOGGER.warning(
                         "The runtime refused prompt cache %s; rebuilding it",
                         entry.bin_path,
                     )
                 else:
-                    return entry, False
+                    return entry
             else:
                 _LOGGER.info(
                     "Prompt cache %s/%s is stale (%s); rebuilding it",
@@ -365,7 +365,7 @@ class Engine:
                     name,
                     reason,
                 )
-        return await self.async_build_cache(loaded, prefix, name, source), True
+        return await self.async_build_cache(loaded, prefix, name, source)
 
     async def async_delete_cache(self, loaded: LoadedModel, name: str) -> bool:
         """Delete a named cache of the model (released first if loaded)."""
