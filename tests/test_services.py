@@ -1,16 +1,20 @@
 """The cache actions, called as an automation would."""
 
 import asyncio
+from datetime import timedelta
 import json
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
+from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
 from custom_components.rockchip_llm.const import DOMAIN
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
-from homeassistant.exceptions import ServiceValidationError
+from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
+from homeassistant.util import dt as dt_util
 
 from .conftest import EntryFactory, sim_counter
 
@@ -173,3 +177,52 @@ async def test_benchmark_waits_for_voice_requests(
         "speech"
     ] == "Hello from the simulator."
     assert result["cached"]["runs"]
+
+
+async def test_rebuild_failure_is_reported(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Disk full during a rebuild fails the action clearly; the old cache keeps serving."""
+    entry = await make_entry()
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    old = (cache_dir / "Qwen3 Sim" / "system.json").read_bytes()
+    with (
+        patch(
+            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            side_effect=OSError(28, "No space left on device"),
+        ),
+        pytest.raises(HomeAssistantError) as err,
+    ):
+        await call(hass, "rebuild_cache", {"agent": AGENT})
+    assert err.value.translation_key == "cache_build_failed"
+    assert "No space left on device" in str(err.value)
+    assert (cache_dir / "Qwen3 Sim" / "system.json").read_bytes() == old
+    assert loaded.loaded_cache is not None
+    assert loaded.loaded_cache.name == "system"
+    await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
+    assert loaded.recent[-1].cache == "system"
+    assert loaded.recent[-1].prefill_tokens < 25
+
+
+async def test_cache_files_removed_behind_our_back(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """A loaded cache whose files vanish: requests go on without it and a rebuild follows."""
+    entry = await make_entry()
+    agent = next(iter(entry.runtime_data.agents.values()))
+    await hass.services.async_call(
+        DOMAIN,
+        "create_cache",
+        {"model": "Qwen3 Sim", "name": "head", "prompt": "x"},
+        blocking=True,
+    )  # another cache is loaded now: the next request switches back to "system"
+    for path in (cache_dir / "Qwen3 Sim").iterdir():
+        path.unlink()
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+    assert agent.loaded.recent[-1].cache is None
+    async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=31))
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert (cache_dir / "Qwen3 Sim" / "system.bin").exists()

@@ -159,7 +159,13 @@ class Agent:
         """
         requested, self._requested = self._requested, None
         rendered = await async_render_prefix(self.hass, self.options)
-        if self.cache is None or self.prefix is None or rendered.key != self.prefix.key:
+        if (
+            self.cache is None
+            or self.prefix is None
+            or rendered.key != self.prefix.key
+            or (requested is not None and requested.key == rendered.key)
+        ):
+            # (the last case: a request found no usable system cache for this prefix)
             await self.async_prepare("auto", rendered)
         if requested is None or requested.key == rendered.key:
             return

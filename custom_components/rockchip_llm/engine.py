@@ -285,10 +285,9 @@ class Engine:
             await call(loaded.model.load_prompt_cache(entry.bin_path))
             loaded.loaded_cache = entry
 
-    async def async_build_cache(
+    async def _async_build(
         self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
-    ) -> CacheEntry:
-        """Prefill prefix once and store it as the named prompt cache."""
+    ) -> tuple[CacheEntry, CacheMetadata, float]:
         await self.async_set_prefix(loaded, prefix)
         await self.async_use_cache(loaded, None)
         await call(loaded.model.clear_kv_cache(keep_system_prompt=False))
@@ -324,6 +323,25 @@ class Engine:
             )
         except BaseException:
             await self._run_blocking(self.store.discard, staging)
+            raise
+        return entry, metadata, build_ms
+
+    async def async_build_cache(
+        self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
+    ) -> CacheEntry:
+        """Prefill prefix once and store it as the named prompt cache.
+
+        On failure the previous cache files are intact (atomic commit) and the
+        handle gets back the cache it had loaded.
+        """
+        previous = loaded.loaded_cache
+        try:
+            entry, metadata, build_ms = await self._async_build(
+                loaded, prefix, name, source
+            )
+        except Exception:
+            if previous is not None:
+                await self.async_try_use_cache(loaded, previous)
             raise
         finally:
             loaded.caches = None
@@ -366,6 +384,20 @@ class Engine:
                     reason,
                 )
         return await self.async_build_cache(loaded, prefix, name, source)
+
+    async def async_try_use_cache(
+        self, loaded: LoadedModel, entry: CacheEntry | None
+    ) -> None:
+        """Like async_use_cache, but a cache the runtime refuses means none."""
+        try:
+            await self.async_use_cache(loaded, entry)
+        except RKLLMError as err:
+            _LOGGER.warning(
+                "Prompt cache %s cannot be loaded (%s); going without",
+                entry and entry.name,
+                err,
+            )
+            loaded.caches = None
 
     async def async_delete_cache(self, loaded: LoadedModel, name: str) -> bool:
         """Delete a named cache of the model (released first if loaded)."""

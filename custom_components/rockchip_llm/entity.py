@@ -151,7 +151,7 @@ class RockchipLLMBaseEntity(Entity):
                         agent.prefix_seen(prefix, cached=engine.is_exact(cache, prefix))
                     # Without a cache for this exact prompt, the agent's system
                     # cache still saves its identical leading tokens.
-                    await engine.async_use_cache(loaded, cache or agent.cache)
+                    await engine.async_try_use_cache(loaded, cache or agent.cache)
                 for _iteration in range(MAX_TOOL_ITERATIONS):
                     await self._async_run_once(
                         chat_log, prefix, keep_history, instructions
