@@ -40,6 +40,12 @@ from typing import Any
 # The repository root holds custom_components/ (run as scripts/bench.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# Home Assistant first, as in its own start-up: from 2026.9 it aliases voluptuous to
+# probatio, which must happen before anything else imports voluptuous.
+import homeassistant  # noqa: F401
+
+# isort: split
+
 from pytest_homeassistant_custom_component.common import (  # type: ignore[import-untyped]
     MockConfigEntry,
     async_mock_service,
@@ -1315,9 +1321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subprocess.run(["make", "-s", "-C", str(SIM_DIR)], check=True)
     with (
         _work_dir() as work_dir,
-        asyncio.Runner(
-            loop_factory=runner.HassEventLoopPolicy(debug=False).new_event_loop
-        ) as loop_runner,
+        asyncio.Runner(loop_factory=_new_hass_event_loop) as loop_runner,
     ):
         report = loop_runner.run(async_benchmark(settings, work_dir))
     data = to_json(report)
@@ -1331,6 +1335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_plot(data, settings.plot_path)
         print(f"Chart written to {settings.plot_path}")
     return 0
+
+
+def _new_hass_event_loop() -> asyncio.AbstractEventLoop:
+    """Create an event loop configured as Home Assistant's own."""
+    if hasattr(runner, "create_event_loop"):  # HA 2026.9 and newer
+        return runner.create_event_loop()
+    return runner.HassEventLoopPolicy(debug=False).new_event_loop()  # type: ignore[attr-defined,no-any-return]
 
 
 if __name__ == "__main__":

@@ -224,8 +224,13 @@ def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
     return record
 
 
-class _BlockingCallLog(logging.Handler):
-    """Collects HA's reports of blocking calls made by this integration."""
+# Where HA reports what an integration does wrong: blocking calls in the event loop,
+# and use of deprecated or removed APIs ("Detected that custom integration ...").
+REPORT_LOGGERS = ("homeassistant.util.loop", "homeassistant.helpers.frame")
+
+
+class _ReportLog(logging.Handler):
+    """Collects HA's reports about this integration."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -241,9 +246,10 @@ class _BlockingCallLog(logging.Handler):
 def blocking_calls(request: pytest.FixtureRequest) -> Generator[list[str]]:
     """Run every Home Assistant test with HA's blocking-call detection on.
 
-    A blocking call our code makes on the event loop fails the test. HA leaves file
-    I/O unchecked under unittest; it is checked here as in a real instance. Plain
-    tests of the binding block on purpose and run without it.
+    A blocking call our code makes on the event loop, or HA's report of a deprecated
+    API it uses, fails the test. HA leaves file I/O unchecked under unittest; it is
+    checked here as in a real instance. Plain tests of the binding block on purpose
+    and run without it.
     """
     if "hass" not in request.fixturenames:
         yield []
@@ -251,11 +257,12 @@ def blocking_calls(request: pytest.FixtureRequest) -> Generator[list[str]]:
     request.getfixturevalue("disable_block_async_io")  # restores after the test
     with patch.object(block_async_io, "_IN_TESTS", False):
         block_async_io.enable()
-    log = _BlockingCallLog()
-    logger = logging.getLogger("homeassistant.util.loop")
-    logger.addHandler(log)
+    log = _ReportLog()
+    for name in REPORT_LOGGERS:
+        logging.getLogger(name).addHandler(log)
     try:
         yield log.calls
     finally:
-        logger.removeHandler(log)
-    assert not log.calls, "blocking calls in the event loop:\n" + "\n".join(log.calls)
+        for name in REPORT_LOGGERS:
+            logging.getLogger(name).removeHandler(log)
+    assert not log.calls, "Home Assistant reported:\n" + "\n".join(log.calls)

@@ -13,6 +13,8 @@ from pytest_homeassistant_custom_component.common import (
 
 from custom_components.rockchip_llm.const import MAX_AUTO_CACHES
 from custom_components.rockchip_llm.engine import LoadedModel, RunStats
+from custom_components.rockchip_llm.entity import resolve_tool_name
+from custom_components.rockchip_llm.ha_compat import tool_result_data
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.core import Context, HomeAssistant
@@ -152,7 +154,7 @@ async def test_malformed_tool_call_is_fed_back(
                 if isinstance(c, conversation.ToolResultContent)
             ]
     assert [r.tool_name for r in tool_results] == ["invalid_tool_call"]
-    assert "not valid JSON" in str(tool_results[0].tool_result)
+    assert "not valid JSON" in str(tool_result_data(tool_results[0]))
 
 
 async def test_follow_ups_prefill_only_new_tokens(
@@ -490,3 +492,18 @@ async def test_small_model_tool_call_forms(
     turned_on = sorted(str(call.data["entity_id"]) for call in calls)
     assert turned_on[0] in ("light.kitchen", "['light.kitchen']")
     assert len(calls) == (2 if "Porch" in reply else 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("intent__HassTurnOn", "intent__HassTurnOn"),  # as the tools JSON names it
+        ("HassTurnOn", "intent__HassTurnOn"),  # namespace dropped by the model
+        ("GetState", "GetState"),  # two tools end with it: left for HA to refuse
+        ("Unknown", "Unknown"),
+    ],
+)
+def test_resolve_tool_name(name: str, expected: str) -> None:
+    """A tool name without its namespace maps to the one tool that carries it."""
+    tools = {"intent__HassTurnOn", "a__GetState", "b__GetState", "HassTurnOff"}
+    assert resolve_tool_name(name, tools) == expected

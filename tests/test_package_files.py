@@ -8,6 +8,7 @@ import yaml
 
 from custom_components.rockchip_llm import services
 from custom_components.rockchip_llm.const import DOMAIN
+from homeassistant.const import __version__ as HA_VERSION
 from homeassistant.core import HomeAssistant
 
 PACKAGE = Path(__file__).parent.parent / "custom_components" / DOMAIN
@@ -44,12 +45,45 @@ def test_manifest_keys_and_order() -> None:
     assert {"conversation"} <= set(manifest["dependencies"])
 
 
-def test_hacs_json() -> None:
-    """hacs.json names the integration and a minimum HA version."""
+def pinned(requirements: str, package: str) -> str:
+    """The version a requirements file pins a package to."""
+    text = (ROOT / requirements).read_text()
+    match = re.search(rf"^{re.escape(package)}==(\S+)$", text, re.MULTILINE)
+    assert match, f"{requirements} pins no {package}"
+    return match.group(1)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """2026.10.4 as (2026, 10, 4)."""
+    return tuple(int(part) for part in version.split("."))
+
+
+def test_hacs_minimum_is_the_tested_minimum() -> None:
+    """hacs.json's minimum HA is the one the suite runs against, besides the newest.
+
+    2025.10 is the floor: older HA put the time of day into the system prompt, so
+    no prompt cache could ever match.
+    """
     hacs = json.loads((ROOT / "hacs.json").read_text())
     assert hacs["name"]
-    major, minor, _patch = (int(part) for part in hacs["homeassistant"].split("."))
-    assert (major, minor) >= (2025, 8)
+    minimum = pinned("requirements_test_min.txt", "homeassistant")
+    newest = pinned("requirements_test.txt", "homeassistant")
+    assert hacs["homeassistant"] == minimum
+    assert (2025, 10) <= version_tuple(minimum) < version_tuple(newest)
+
+
+def test_running_ha_is_in_the_declared_range() -> None:
+    """The suite runs on one of the two tested HA versions (scripts/test --ha)."""
+    tested = {
+        pinned("requirements_test.txt", "homeassistant"),
+        pinned("requirements_test_min.txt", "homeassistant"),
+    }
+    assert HA_VERSION in tested
+
+
+def test_manifest_requires_nothing_home_assistant_ships() -> None:
+    """Only packages HA lacks belong in manifest.json (none today: ctypes is stdlib)."""
+    assert load_json("manifest.json")["requirements"] == []
 
 
 def test_translations_are_strings() -> None:

@@ -4,8 +4,6 @@ from collections.abc import Mapping
 import json
 from typing import Any
 
-from voluptuous_openapi import convert
-
 from homeassistant.components import conversation
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import Context, HomeAssistant
@@ -13,6 +11,7 @@ from homeassistant.helpers import chat_session, llm
 
 from .chat import SystemPrefix
 from .const import CONF_PROMPT, DOMAIN
+from .ha_compat import schema_to_openapi
 
 _TOOLS_JSON: dict[tuple[tuple[str, str | None, str], ...], str] = {}
 _TOOLS_JSON_SIZE = 8
@@ -36,7 +35,7 @@ def tools_json(llm_api: llm.APIInstance | None) -> str:
     for tool in llm_api.tools:
         spec: dict[str, Any] = {
             "name": tool.name,
-            "parameters": convert(
+            "parameters": schema_to_openapi(
                 tool.parameters, custom_serializer=llm_api.custom_serializer
             ),
         }

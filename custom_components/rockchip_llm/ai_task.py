@@ -3,9 +3,6 @@
 import json
 from typing import Any
 
-import voluptuous as vol
-from voluptuous_openapi import convert
-
 from homeassistant.components import ai_task, conversation
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
@@ -15,6 +12,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from . import RockchipConfigEntry
 from .const import DOMAIN, SUBENTRY_AI_TASK, HistoryStrategy
 from .entity import RockchipLLMBaseEntity, ready_subentries
+from .ha_compat import schema_to_openapi, vol
 
 STRUCTURE_ATTEMPTS = 2
 
@@ -38,7 +36,7 @@ async def async_setup_entry(
 
 def _json_instructions(structure: vol.Schema) -> str:
     """Tell the model to answer with JSON of the structure."""
-    schema = convert(structure, custom_serializer=llm.selector_serializer)
+    schema = schema_to_openapi(structure, custom_serializer=llm.selector_serializer)
     return (
         "Reply with only one JSON object, no other text, matching this JSON schema: "
         + json.dumps(schema, ensure_ascii=False)

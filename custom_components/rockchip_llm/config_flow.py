@@ -8,8 +8,6 @@ from pathlib import Path
 import tempfile
 from typing import Any, Final
 
-import voluptuous as vol
-
 from homeassistant.config_entries import (
     SOURCE_USER,
     ConfigEntry,
@@ -68,6 +66,7 @@ from .const import (
     SUBENTRY_CONVERSATION,
     HistoryStrategy,
 )
+from .ha_compat import vol
 from .models import ModelInfo, ModelsDirError, scan_models
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
@@ -196,7 +195,7 @@ def _number(
     )
 
 
-def _integer(minimum: int, maximum: int) -> vol.All:
+def _integer(minimum: int, maximum: int) -> vol.All[int]:
     """Return an integer input box."""
     return vol.All(_number(minimum, maximum), vol.Coerce(int))
 

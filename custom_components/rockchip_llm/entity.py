@@ -1,6 +1,6 @@
 """Base entity of our agents: device info and the chat loop."""
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 import json
 
 from homeassistant.components import conversation
@@ -24,6 +24,7 @@ from .chat import (
 )
 from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS, HistoryStrategy
 from .engine import Generation, RunStats, perf_or_zero
+from .ha_compat import tool_error_delta, tool_result_data
 from .rkllm.errors import RKLLMError
 from .rkllm.runtime import RunRequest
 from .stream_parser import (
@@ -68,7 +69,7 @@ def messages_from_chat_log(
             result = sent_tool_results.get(content.tool_call_id)
             if result is None:
                 result = json.dumps(
-                    content.tool_result, ensure_ascii=False, default=str
+                    tool_result_data(content), ensure_ascii=False, default=str
                 )
                 sent_tool_results[content.tool_call_id] = result
             messages.append(Message("tool", result))
@@ -231,8 +232,13 @@ class RockchipLLMBaseEntity(Entity):
             ),
         )
         loaded.kv = None  # unknown until the run completes
+        tool_names = (
+            {tool.name for tool in chat_log.llm_api.tools}
+            if chat_log.llm_api
+            else set()
+        )
         async for _content in chat_log.async_add_delta_content_stream(
-            self.entity_id, _deltas(generation)
+            self.entity_id, _deltas(generation, tool_names)
         ):
             pass
         if keep_history:
@@ -262,8 +268,20 @@ class RockchipLLMBaseEntity(Entity):
         )
 
 
+def resolve_tool_name(name: str, tool_names: Collection[str]) -> str:
+    """Return the API's name for a tool the model may have named without its namespace.
+
+    Home Assistant namespaces tool names (intent__HassTurnOn); small models often
+    drop the namespace. A name that matches exactly one tool's suffix is mapped.
+    """
+    if name in tool_names:
+        return name
+    matches = [tool for tool in tool_names if tool.endswith(f"__{name}")]
+    return matches[0] if len(matches) == 1 else name
+
+
 async def _deltas(
-    generation: Generation,
+    generation: Generation, tool_names: Collection[str]
 ) -> AsyncGenerator[
     conversation.AssistantContentDeltaDict | conversation.ToolResultContentDeltaDict
 ]:
@@ -273,25 +291,22 @@ async def _deltas(
     yield {"role": "assistant"}
     async for text in generation:
         for piece in parser.feed(text):
-            if (delta := _delta(piece, errors)) is not None:
+            if (delta := _delta(piece, errors, tool_names)) is not None:
                 yield delta
     for piece in parser.finish():
-        if (delta := _delta(piece, errors)) is not None:
+        if (delta := _delta(piece, errors, tool_names)) is not None:
             yield delta
     for error in errors:
-        yield {
-            "role": "tool_result",
-            "tool_call_id": ulid.ulid_now(),
-            "tool_name": INVALID_TOOL_CALL,
-            "tool_result": {
-                "error": f"Your tool call was not valid JSON ({error.error}). "
-                "Reply with a corrected <tool_call> block.",
-            },
-        }
+        yield tool_error_delta(
+            ulid.ulid_now(),
+            INVALID_TOOL_CALL,
+            f"Your tool call was not valid JSON ({error.error}). "
+            "Reply with a corrected <tool_call> block.",
+        )
 
 
 def _delta(
-    piece: Piece, errors: list[ToolCallError]
+    piece: Piece, errors: list[ToolCallError], tool_names: Collection[str]
 ) -> conversation.AssistantContentDeltaDict | None:
     if isinstance(piece, TextPiece):
         return {"content": piece.text}
@@ -300,7 +315,10 @@ def _delta(
     if isinstance(piece, ParsedToolCall):
         return {
             "tool_calls": [
-                llm.ToolInput(tool_name=piece.name, tool_args=piece.arguments)
+                llm.ToolInput(
+                    tool_name=resolve_tool_name(piece.name, tool_names),
+                    tool_args=piece.arguments,
+                )
             ]
         }
     errors.append(piece)

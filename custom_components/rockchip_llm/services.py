@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
-import voluptuous as vol
-
 from homeassistant.components.conversation import DOMAIN as CONVERSATION_DOMAIN
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import CONF_NAME
@@ -22,6 +20,7 @@ from homeassistant.helpers import config_validation as cv, entity_registry as er
 from .benchmark import async_benchmark
 from .chat import SystemPrefix
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
+from .ha_compat import vol
 from .prompt_cache import CACHE_NAME_PATTERN, CacheEntry, CacheError
 from .rkllm.errors import RKLLMError
 

@@ -344,7 +344,7 @@ def _child_main(argv: list[str]) -> int:
         import resource  # noqa: PLC0415 - POSIX only, and only needed here
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump on a crash
-    except (ImportError, OSError, ValueError):
+    except ImportError, OSError, ValueError:
         pass
     path = Path(argv[0])
     verdict: dict[str, Any]
