@@ -30,6 +30,7 @@ import logging
 import os
 from pathlib import Path
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -405,6 +406,12 @@ async def home_assistant(config_dir: Path) -> AsyncIterator[HomeAssistant]:
 async def async_setup_home(hass: HomeAssistant) -> list[Any]:
     """Create areas and 30 exposed entities, load Assist intents, mock light.turn_on."""
     assert await async_setup_component(hass, "homeassistant", {})
+    # conversation needs http, which would serve on 8123 (a dev instance's port).
+    assert await async_setup_component(
+        hass,
+        "http",
+        {"http": {"server_host": "127.0.0.1", "server_port": _free_port()}},
+    )
     assert await async_setup_component(hass, "conversation", {})
     assert await async_setup_component(hass, "intent", {})
     areas = ar.async_get(hass)
@@ -1335,6 +1342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_plot(data, settings.plot_path)
         print(f"Chart written to {settings.plot_path}")
     return 0
+
+
+def _free_port() -> int:
+    """Return a TCP port on the loopback interface that is free now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _new_hass_event_loop() -> asyncio.AbstractEventLoop:
