@@ -16,6 +16,7 @@ from homeassistant.core import (
 )
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import config_validation as cv, entity_registry as er
+from homeassistant.helpers.service import async_register_admin_service
 
 from .benchmark import async_benchmark
 from .chat import SystemPrefix
@@ -23,6 +24,7 @@ from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .ha_compat import vol
 from .prompt_cache import CACHE_NAME_PATTERN, CacheEntry, CacheError
 from .rkllm.errors import RKLLMError
+from .text_check import refuse_nul
 
 if TYPE_CHECKING:
     from . import RockchipRuntime
@@ -115,11 +117,21 @@ def _agents_for(hass: HomeAssistant, entity_ids: list[str] | None) -> list[Agent
     return found
 
 
+def _check_loaded(hass: HomeAssistant) -> None:
+    """Raise a validation error while an entry is not loaded (starting, failed)."""
+    for entry in hass.config_entries.async_entries(DOMAIN):
+        if entry.state is not ConfigEntryState.LOADED:
+            raise _validation_error(
+                "entry_not_loaded", title=entry.title, state=entry.state.value
+            )
+
+
 def _agent_for_model(hass: HomeAssistant, model: str) -> Agent:
     for runtime in _runtimes(hass):
         for agent in runtime.agents.values():
             if agent.loaded.name == model:
                 return agent
+    _check_loaded(hass)
     raise _validation_error("model_not_loaded", model=model)
 
 
@@ -179,6 +191,12 @@ async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
 
 async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
     model: str | None = call.data.get(CONF_MODEL)
+    if model is None:
+        _check_loaded(call.hass)
+        if not _runtimes(call.hass):
+            raise _validation_error("no_agents")
+    else:
+        _agent_for_model(call.hass, model)
     results: list[dict[str, Any]] = []
     for runtime in _runtimes(call.hass):
         engine = runtime.engine
@@ -205,6 +223,7 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
 async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
     name: str = call.data[CONF_NAME]
     _check_name(name)
+    refuse_nul(call.data[CONF_PROMPT], CONF_PROMPT)
     agent = _agent_for_model(call.hass, call.data[CONF_MODEL])
     tools = agent.prefix.tools_json if agent.prefix is not None else "[]"
     prefix = SystemPrefix(prompt=call.data[CONF_PROMPT], tools_json=tools)
@@ -234,6 +253,7 @@ async def _async_delete_cache(call: ServiceCall) -> None:
 
 
 async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
+    refuse_nul(call.data[ATTR_QUESTION], ATTR_QUESTION)
     [agent] = _agents_for(call.hass, [call.data[ATTR_AGENT]])
     loaded = agent.loaded
     async with loaded.lock:  # waits behind voice requests, never interrupts them
@@ -260,14 +280,11 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
 
 @callback
 def async_setup_services(hass: HomeAssistant) -> None:
-    """Register the integration's actions."""
-    hass.services.async_register(
-        DOMAIN,
-        SERVICE_REBUILD_CACHE,
-        _async_rebuild_cache,
-        schema=REBUILD_SCHEMA,
-        supports_response=SupportsResponse.OPTIONAL,
-    )
+    """Register the integration's actions.
+
+    Those that write files or hold the NPU are for administrators only, as core's
+    are; listing the caches is open to every user.
+    """
     hass.services.async_register(
         DOMAIN,
         SERVICE_LIST_CACHES,
@@ -275,20 +292,22 @@ def async_setup_services(hass: HomeAssistant) -> None:
         schema=LIST_SCHEMA,
         supports_response=SupportsResponse.ONLY,
     )
-    hass.services.async_register(
-        DOMAIN,
-        SERVICE_CREATE_CACHE,
-        _async_create_cache,
-        schema=CREATE_SCHEMA,
-        supports_response=SupportsResponse.OPTIONAL,
-    )
-    hass.services.async_register(
-        DOMAIN, SERVICE_DELETE_CACHE, _async_delete_cache, schema=DELETE_SCHEMA
-    )
-    hass.services.async_register(
-        DOMAIN,
-        SERVICE_BENCHMARK,
-        _async_benchmark,
-        schema=BENCHMARK_SCHEMA,
-        supports_response=SupportsResponse.ONLY,
-    )
+    for name, handler, schema, supports_response in (
+        (
+            SERVICE_REBUILD_CACHE,
+            _async_rebuild_cache,
+            REBUILD_SCHEMA,
+            SupportsResponse.OPTIONAL,
+        ),
+        (
+            SERVICE_CREATE_CACHE,
+            _async_create_cache,
+            CREATE_SCHEMA,
+            SupportsResponse.OPTIONAL,
+        ),
+        (SERVICE_DELETE_CACHE, _async_delete_cache, DELETE_SCHEMA, SupportsResponse.NONE),
+        (SERVICE_BENCHMARK, _async_benchmark, BENCHMARK_SCHEMA, SupportsResponse.ONLY),
+    ):
+        async_register_admin_service(
+            hass, DOMAIN, name, handler, schema, supports_response
+        )
