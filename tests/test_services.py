@@ -22,6 +22,8 @@ from homeassistant.exceptions import (
     ServiceValidationError,
     Unauthorized,
 )
+from homeassistant.helpers import selector
+from homeassistant.helpers.service import async_get_all_descriptions
 from homeassistant.util import dt as dt_util
 
 from .conftest import EntryFactory, sim_counter
@@ -333,3 +335,29 @@ async def test_nul_bytes_are_refused(
         await call(hass, "benchmark", {"agent": AGENT, "question": "on?\0x"})
     assert str(err.value).startswith("The question contains a NUL character")
     assert not loaded.recent
+
+
+async def test_model_and_agent_fields_offer_a_list(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """The UI offers the loaded models and our agents to pick; nothing is typed."""
+    entry = await make_entry()
+    descriptions = (await async_get_all_descriptions(hass))[DOMAIN]
+    for service in ("list_caches", "create_cache", "delete_cache"):
+        model_selector = descriptions[service]["fields"]["model"]["selector"]
+        assert model_selector == {
+            "select": {"options": ["Qwen3 Sim"], "mode": "dropdown"}
+        }
+        selector.validate_selector(model_selector)
+    for service in ("rebuild_cache", "benchmark"):
+        agent_selector = descriptions[service]["fields"]["agent"]["selector"]
+        assert agent_selector["entity"]["filter"] == [
+            {"integration": DOMAIN, "domain": ["conversation"]}
+        ]
+        selector.validate_selector(agent_selector)
+    assert descriptions["create_cache"]["response"] == {"optional": True}
+    await hass.config_entries.async_unload(entry.entry_id)
+    descriptions = (await async_get_all_descriptions(hass))[DOMAIN]
+    assert descriptions["create_cache"]["fields"]["model"]["selector"] == {
+        "select": {"options": [], "mode": "dropdown"}
+    }

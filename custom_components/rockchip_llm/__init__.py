@@ -41,7 +41,7 @@ from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
-from .services import async_setup_services
+from .services import async_setup_services, async_update_model_selectors
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
@@ -69,7 +69,7 @@ type RockchipConfigEntry = ConfigEntry[RockchipRuntime]
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Register the actions."""
-    async_setup_services(hass)
+    await async_setup_services(hass)
     return True
 
 
@@ -122,6 +122,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     _async_track_prefix_sources(hass, entry, runtime)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     entry.async_on_unload(entry.add_update_listener(_async_update_listener))
+    entry.async_on_unload(
+        entry.async_on_state_change(lambda: async_update_model_selectors(hass))
+    )
     return True
 
 

@@ -1,7 +1,9 @@
-"""Actions: rebuild_cache, list_caches, create_cache, delete_cache."""
+"""Actions: rebuild_cache, list_caches, create_cache, delete_cache, benchmark."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from homeassistant.components.conversation import DOMAIN as CONVERSATION_DOMAIN
@@ -16,7 +18,12 @@ from homeassistant.core import (
 )
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import config_validation as cv, entity_registry as er
-from homeassistant.helpers.service import async_register_admin_service
+from homeassistant.helpers.service import (
+    async_register_admin_service,
+    async_set_service_schema,
+)
+from homeassistant.util.yaml import load_yaml_dict
+from homeassistant.util.hass_dict import HassKey
 
 from .benchmark import async_benchmark
 from .chat import SystemPrefix
@@ -39,6 +46,8 @@ ATTR_AGENT = "agent"
 ATTR_RUNS = "runs"
 ATTR_QUESTION = "question"
 DEFAULT_QUESTION = "Is the kitchen light on?"
+MODEL_SERVICES = (SERVICE_LIST_CACHES, SERVICE_CREATE_CACHE, SERVICE_DELETE_CACHE)
+_DESCRIPTIONS: HassKey[dict[str, Any]] = HassKey(f"{DOMAIN}_service_descriptions")
 
 REBUILD_SCHEMA = vol.Schema(
     {
@@ -278,8 +287,7 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
     return cast("ServiceResponse", result)
 
 
-@callback
-def async_setup_services(hass: HomeAssistant) -> None:
+async def async_setup_services(hass: HomeAssistant) -> None:
     """Register the integration's actions.
 
     Those that write files or hold the NPU are for administrators only, as core's
@@ -311,3 +319,22 @@ def async_setup_services(hass: HomeAssistant) -> None:
         async_register_admin_service(
             hass, DOMAIN, name, handler, schema, supports_response
         )
+    hass.data[_DESCRIPTIONS] = await hass.async_add_executor_job(
+        load_yaml_dict, str(Path(__file__).with_name("services.yaml"))
+    )
+    async_update_model_selectors(hass)
+
+
+
+@callback
+def async_update_model_selectors(hass: HomeAssistant) -> None:
+    """Offer the loaded models as a list in the UI's model field of the actions."""
+    models = sorted(
+        {agent.loaded.name for r in _runtimes(hass) for agent in r.agents.values()}
+    )
+    for service in MODEL_SERVICES:
+        description = copy.deepcopy(hass.data[_DESCRIPTIONS][service])
+        description["fields"][CONF_MODEL]["selector"] = {
+            "select": {"options": models, "mode": "dropdown"}
+        }
+        async_set_service_schema(hass, DOMAIN, service, description)
