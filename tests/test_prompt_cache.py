@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 import re
+import stat
 from typing import Any
 
 import pytest
@@ -402,18 +403,67 @@ def test_corrupt_json(
     assert "corrupt cache metadata" in caplog.text
 
 
-def test_unreadable_json(
-    store: PromptCacheStore, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("kind", ["folder", "fifo", "symlink"])
+@pytest.mark.parametrize("which", [".json", ".bin"])
+def test_cache_files_must_be_regular(
+    store: PromptCacheStore, caplog: pytest.LogCaptureFixture, kind: str, which: str
 ) -> None:
-    """A metadata path that cannot be read (here a folder) is corrupt."""
+    """A folder, FIFO or symlink in the place of a cache file is never used.
+
+    Reading never blocks on a FIFO and never follows a symlink (here to a valid
+    cache of another model); a new build moves folders and FIFOs aside, visibly,
+    and leaves nothing else behind.
+    """
     entry = build(store)
-    entry.json_path.unlink()
-    entry.json_path.mkdir()
+    other = build(store, model="Other")
+    path = entry.json_path if which == ".json" else entry.bin_path
+    path.unlink()
+    if kind == "folder":
+        path.mkdir()
+        (path / "inside").write_text("keep me")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(other.json_path if which == ".json" else other.bin_path)
     with caplog.at_level(logging.WARNING):
         got = store.get(MODEL, SYSTEM_CACHE)
+        listed = store.list(MODEL)
     assert got is not None
-    assert got.problem == "metadata_corrupt"
-    assert "Cannot read cache metadata" in caplog.text
+    assert got.problem == "not_a_file"
+    assert got.invalid_reason(expectation()) == "not_a_file"
+    assert listed == [got]
+    assert "not_a_file" in caplog.text
+    rebuilt = build(store)
+    assert rebuilt.problem is None
+    assert store.get(MODEL, SYSTEM_CACHE) == rebuilt
+    assert stat.S_ISREG(path.lstat().st_mode)
+    names = files(store.root / MODEL)
+    moved = [name for name in names if ".moved-" in name]
+    assert len(moved) == (0 if kind == "symlink" else 1)
+    assert sorted(set(names) - set(moved)) == ["system.bin", "system.json"]
+    if kind == "folder":
+        assert (store.root / MODEL / moved[0] / "inside").read_text() == "keep me"
+    assert store.get("Other", SYSTEM_CACHE) == other  # the link's target untouched
+    assert store.delete(MODEL, SYSTEM_CACHE)
+
+
+def test_leftover_temp_folder_is_moved_aside_once(
+    store: PromptCacheStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A temp-named folder (left by an older version) is moved aside, not retried."""
+    build(store)
+    leftover = store.root / MODEL / ".system.bin.tmp-0123456789abcdef"
+    leftover.mkdir()
+    (leftover / "data").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        store.clean_staging()
+    assert "Cannot remove" not in caplog.text
+    [moved] = [p for p in (store.root / MODEL).iterdir() if ".moved-" in p.name]
+    assert (moved / "data").read_text() == "x"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        store.clean_staging()
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize(

@@ -197,8 +197,9 @@ class CacheEntry:
     """A cache on disk; ``metadata`` is None when its JSON is missing or corrupt.
 
     ``problem`` says why the entry is unusable whatever is expected:
-    "metadata_missing", "metadata_corrupt", "name_mismatch", "bin_missing" or
-    "size_mismatch".
+    "metadata_missing", "metadata_corrupt", "not_a_file" (a symlink, folder or
+    other non-regular file in the place of one of its files), "name_mismatch",
+    "bin_missing" or "size_mismatch".
     """
 
     metadata: CacheMetadata | None
@@ -250,20 +251,58 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
 
 
-def _file_size(path: Path) -> int | None:
-    """Return the size of a regular file, None when there is none."""
+def _lstat_mode(path: Path) -> int | None:
+    """Return the mode of ``path`` itself (symlinks not followed), None if absent."""
     try:
-        st = path.stat()
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+
+
+def _is_not_a_file(path: Path) -> bool:
+    """Return True when something other than a regular file is at ``path``."""
+    try:
+        mode = _lstat_mode(path)
+    except OSError:
+        return True
+    return mode is not None and not stat.S_ISREG(mode)
+
+
+def _file_size(path: Path) -> int | None:
+    """Return the size of a regular file (not a symlink), None when there is none."""
+    try:
+        st = path.lstat()
     except OSError:
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
+def _open_regular(path: Path) -> int:
+    """Open a regular file for reading: never through a symlink, never blocking.
+
+    A FIFO opened this way does not wait for a writer; it and any other
+    non-regular file are refused with OSError.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _synced_size(path: Path) -> int:
     """Flush a staged file to disk and return its size; empty is an error."""
-    with path.open("rb") as file:
-        os.fsync(file.fileno())
-        size = os.fstat(file.fileno()).st_size
+    fd = _open_regular(path)
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     if size == 0:
         raise OSError(errno.ENODATA, "the runtime wrote an empty cache", str(path))
     return size
@@ -285,6 +324,21 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _move_out_of_the_way(path: Path) -> bool:
+    """Rename a folder, FIFO or other non-file at ``path`` to a visible name.
+
+    Symlinks and regular files are left alone (renaming over them is safe).
+    Return True when something was moved; log where it went.
+    """
+    mode = _lstat_mode(path)
+    if mode is None or stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return False
+    target = path.with_name(f"{path.name}.moved-{secrets.token_hex(4)}")
+    path.rename(target)
+    _LOGGER.warning("%s was not a file; moved it aside to %s", path, target)
+    return True
 
 
 def _move_aside(path: Path, backup: Path) -> bool:
@@ -326,8 +380,11 @@ def _parse_metadata(raw: bytes) -> CacheMetadata:
 
 def _read_metadata(path: Path) -> tuple[CacheMetadata | None, str | None]:
     """Return the metadata of a JSON file, or None and the problem."""
+    if _is_not_a_file(path):
+        _LOGGER.warning("Ignoring cache metadata %s: not a regular file", path)
+        return None, "not_a_file"
     try:
-        with path.open("rb") as file:
+        with os.fdopen(_open_regular(path), "rb") as file:
             raw = file.read(_MAX_METADATA_BYTES + 1)
     except FileNotFoundError:
         return None, "metadata_missing"
@@ -437,6 +494,8 @@ class PromptCacheStore:
         moved_aside = installed = False
         try:
             metadata = replace(metadata, size_bytes=_synced_size(staging_bin))
+            _move_out_of_the_way(bin_path)
+            _move_out_of_the_way(json_path)
             text = json.dumps(metadata.to_json(), indent=2, sort_keys=True)
             _write_synced(json_tmp, text + "\n")
             moved_aside = _move_aside(bin_path, backup)
@@ -472,7 +531,7 @@ class PromptCacheStore:
         """Delete a cache's files; False when none existed."""
         paths = (self.json_path(model, name), self.bin_path(model, name))
         try:
-            removed = [_unlink(path) for path in paths]
+            removed = [_move_out_of_the_way(path) or _unlink(path) for path in paths]
         except OSError as err:
             raise CacheWriteError(
                 f"Cannot delete cache {model}/{name}: {err}", error=str(err)
@@ -485,6 +544,10 @@ class PromptCacheStore:
             for path in _list_dir(model_dir):
                 if _TEMP_PATTERN.fullmatch(path.name):
                     _LOGGER.debug("Removing leftover %s", path)
+                    try:
+                        _move_out_of_the_way(path)
+                    except OSError as err:
+                        _LOGGER.warning("Cannot move %s aside: %s", path, err)
                     _remove(path)
 
     def _path(self, model: str, name: str, suffix: str) -> Path:
@@ -534,9 +597,12 @@ class PromptCacheStore:
         bin_size = _file_size(bin_path)
         metadata, problem = _read_metadata(json_path)
         if problem == "metadata_missing" and bin_size is None:
-            return None
+            if not _is_not_a_file(bin_path):
+                return None
         if metadata is not None:
             problem = _pair_problem(metadata, model, name, bin_size)
+        if _is_not_a_file(bin_path):
+            problem = "not_a_file"
         if problem not in (None, "metadata_corrupt"):
             _LOGGER.warning("Prompt cache %s/%s is unusable: %s", model, name, problem)
         return CacheEntry(metadata, model, name, bin_path, json_path, problem)

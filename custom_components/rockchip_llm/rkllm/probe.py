@@ -315,7 +315,10 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
     """Return a copy of path named by its content, made atomically once."""
     copy = private_dir / f"librkllmrt-{blob_sha1}.so"
     try:
-        private_dir.mkdir(parents=True, exist_ok=True)
+        _real_directory(private_dir)
+        if copy.is_symlink() or (copy.exists() and not copy.is_file()):
+            _LOGGER.warning("Replacing %s: not a regular file", copy)
+            _discard(copy)
         if not copy.exists():
             staging = private_dir / f".{copy.name}.tmp-{os.getpid()}"
             shutil.copyfile(path, staging)
@@ -334,6 +337,22 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
             f"cannot copy {path} to {private_dir}: {err.strerror}", path=str(path)
         ) from err
     return copy
+
+
+def _real_directory(path: Path) -> None:
+    """Make path a real directory (a symlink there could lead anywhere)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        _LOGGER.warning("Replacing %s with a directory", path)
+        _discard(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _discard(path: Path) -> None:
+    """Remove a symlink (only the link), or move anything else aside."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        path.rename(path.with_name(f"{path.name}.moved-{os.getpid()}"))
 
 
 def _child_main(argv: list[str]) -> int:
