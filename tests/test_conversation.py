@@ -509,7 +509,9 @@ def test_resolve_tool_name(name: str, expected: str) -> None:
     assert resolve_tool_name(name, tools) == expected
 
 
-async def test_nul_byte_is_refused(hass: HomeAssistant, make_entry: EntryFactory) -> None:
+async def test_nul_byte_is_refused(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
     """A message with a NUL is refused with a clear answer, never cut at the NUL."""
     entry = await make_entry()
     result = await converse(hass, "echo a\0b")

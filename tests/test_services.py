@@ -203,8 +203,12 @@ async def test_rebuild_failure_is_reported(
         pytest.raises(HomeAssistantError) as err,
     ):
         await call(hass, "rebuild_cache", {"agent": AGENT})
-    assert err.value.translation_key == "cache_build_failed"
-    assert "No space left on device" in str(err.value)
+    assert err.value.translation_key == "cache_disk_full"
+    assert str(err.value).startswith(
+        "The prompt cache of model Qwen3 Sim could not be written: the disk holding "
+        f"{cache_dir / 'Qwen3 Sim'} is full ("
+    )
+    assert "context length" not in str(err.value)
     assert (cache_dir / "Qwen3 Sim" / "system.json").read_bytes() == old
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.name == "system"

@@ -1,6 +1,7 @@
 """The Rockchip LLM integration: Assist on the Rockchip NPU through the RKLLM runtime."""
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from homeassistant.components.conversation import (
@@ -41,7 +42,11 @@ from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
-from .services import async_setup_services, async_update_model_selectors
+from .services import (
+    async_setup_services,
+    async_update_model_selectors,
+    cache_build_error,
+)
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
@@ -111,7 +116,12 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
         ) from err
     store = PromptCacheStore(Path(entry.data[CONF_CACHE_DIR]))
     await hass.async_add_executor_job(store.clean_staging)
-    engine = Engine(library, store, hass.async_add_executor_job)
+    engine = Engine(
+        library,
+        store,
+        hass.async_add_executor_job,
+        partial(_async_report_cache_write, hass, entry),
+    )
     runtime = RockchipRuntime(engine=engine, scan=scan)
     try:
         await _async_load_agents(hass, entry, runtime)
@@ -188,27 +198,41 @@ async def _async_load_agents(
                 loaded,
                 chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
             )
-    cache_issue = f"cache_dir_{entry.entry_id}"
+    disk_failed = False
     for agent in runtime.chat_agents:
         try:
             await agent.async_prepare("setup")
+        except CacheWriteError as err:
+            if err.disk_problem is None:
+                raise cache_build_error(
+                    ConfigEntryNotReady, agent.loaded.name, err
+                ) from err
+            # The repair is raised; the agent answers without a cache meanwhile.
+            LOGGER.warning("%s runs without a prompt cache: %s", agent.loaded.name, err)
+            disk_failed = True
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
-            if isinstance(err, (CacheWriteError, PermissionError)):
-                _async_create_issue(
-                    hass,
-                    cache_issue,
-                    "cache_dir_not_writable",
-                    {"path": str(runtime.engine.store.root), "error": str(err)},
-                )
-            raise ConfigEntryNotReady(
-                translation_domain=DOMAIN,
-                translation_key="cache_build_failed",
-                translation_placeholders={
-                    "model": agent.loaded.name,
-                    "error": str(err),
-                },
+            raise cache_build_error(
+                ConfigEntryNotReady, agent.loaded.name, err
             ) from err
-    ir.async_delete_issue(hass, DOMAIN, cache_issue)
+    if not disk_failed:
+        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+
+
+def _cache_issue_id(entry: RockchipConfigEntry) -> str:
+    return f"cache_dir_{entry.entry_id}"
+
+
+@callback
+def _async_report_cache_write(
+    hass: HomeAssistant, entry: RockchipConfigEntry, error: CacheWriteError | None
+) -> None:
+    """Raise the disk repair when the disk refuses a cache; clear it once one is written."""
+    if error is None or error.disk_problem is None:
+        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+        return
+    _async_create_issue(
+        hass, _cache_issue_id(entry), error.disk_problem, error.placeholders
+    )
 
 
 async def _async_check_npu_driver(hass: HomeAssistant) -> None:

@@ -62,6 +62,50 @@ class CacheWriteError(CacheError):
 
     translation_key = "cache_write_failed"
 
+    def __init__(self, message: str, err: OSError, folder: Path) -> None:
+        """Keep the OS error number and describe the folder and its free space."""
+        super().__init__(
+            message, error=str(err), path=str(folder), free=_free_text(folder)
+        )
+        self.errno = err.errno
+
+    @property
+    def disk_problem(self) -> str | None:
+        """Return the translation key of the disk's fault, None if not the disk's."""
+        if self.errno in _FULL_ERRNOS:
+            return "cache_disk_full"
+        if self.errno in _READ_ONLY_ERRNOS:
+            return "cache_dir_not_writable"
+        return None
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_PROBE_BYTES = 4096
+_LOW_FREE_BYTES = 16 * 1024 * 1024
+"""Less free space than this after a failed save counts as a full disk."""
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Return the space left for unprivileged writes on folder's disk, if known."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _free_text(folder: Path) -> str:
+    """Return folder's free space for people, e.g. "12.5 MB"."""
+    free = free_bytes(folder)
+    return "unknown" if free is None else f"{free / 1_000_000:.1f} MB"
+
+
+class CacheTooLong(CacheError):
+    """The runtime failed to build a cache whose prompt may not fit the context."""
+
+    translation_key = "cache_prompt_too_long"
+
 
 class CorruptCache(CacheError):
     """Cache metadata is unreadable, malformed or foreign."""
@@ -285,13 +329,10 @@ def _open_regular(path: Path) -> int:
     """
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(path, flags)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        os.set_blocking(fd, True)
-    except BaseException:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    os.set_blocking(fd, True)
     return fd
 
 
@@ -474,7 +515,7 @@ class PromptCacheStore:
             bin_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CacheWriteError(
-                f"Cannot create {bin_path.parent}: {err}", error=str(err)
+                f"Cannot create {bin_path.parent}: {err}", err, bin_path.parent
             ) from err
         return _temp_path(bin_path)
 
@@ -510,7 +551,7 @@ class PromptCacheStore:
             _remove(staging_bin)
             _remove(json_tmp)
             raise CacheWriteError(
-                f"Cannot write cache {bin_path}: {err}", error=str(err)
+                f"Cannot write cache {bin_path}: {err}", err, bin_path.parent
             ) from err
         _remove(backup)
         _fsync_dir(bin_path.parent)
@@ -534,9 +575,33 @@ class PromptCacheStore:
             removed = [_move_out_of_the_way(path) or _unlink(path) for path in paths]
         except OSError as err:
             raise CacheWriteError(
-                f"Cannot delete cache {model}/{name}: {err}", error=str(err)
+                f"Cannot delete cache {model}/{name}: {err}", err, paths[0].parent
             ) from err
         return any(removed)
+
+    def write_problem(self, staging_bin: Path) -> CacheWriteError | None:
+        """Tell whether a failed save was the disk's fault: full, read-only, denied.
+
+        The runtime only prints why it could not save; a small synced probe write
+        next to ``staging_bin`` gets the same answer from the OS.
+        """
+        self._check_staging(staging_bin, None)
+        folder = staging_bin.parent
+        probe = _temp_path(folder / "probe.bin")
+        try:
+            with probe.open("xb") as file:
+                file.write(bytes(_PROBE_BYTES))
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as err:
+            return CacheWriteError(f"Cannot write to {folder}: {err}", err, folder)
+        finally:
+            _remove(probe)
+        free = free_bytes(folder)
+        if free is not None and free < _LOW_FREE_BYTES:
+            low = OSError(errno.ENOSPC, "almost no space left on the device")
+            return CacheWriteError(f"Cannot write to {folder}: {low}", low, folder)
+        return None
 
     def clean_staging(self) -> None:
         """Remove temp files left by a crash; call only while nothing is being built."""

@@ -22,14 +22,20 @@ from homeassistant.helpers.service import (
     async_register_admin_service,
     async_set_service_schema,
 )
-from homeassistant.util.yaml import load_yaml_dict
 from homeassistant.util.hass_dict import HassKey
+from homeassistant.util.yaml import load_yaml_dict
 
 from .benchmark import async_benchmark
 from .chat import SystemPrefix
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .ha_compat import vol
-from .prompt_cache import CACHE_NAME_PATTERN, CacheEntry, CacheError
+from .prompt_cache import (
+    CACHE_NAME_PATTERN,
+    CacheEntry,
+    CacheError,
+    CacheTooLong,
+    CacheWriteError,
+)
 from .rkllm.errors import RKLLMError
 from .text_check import refuse_nul
 
@@ -90,6 +96,27 @@ def _validation_error(key: str, **placeholders: str) -> ServiceValidationError:
         translation_domain=DOMAIN,
         translation_key=key,
         translation_placeholders=placeholders,
+    )
+
+
+def cache_build_error[E: HomeAssistantError](
+    kind: type[E], model: str, err: Exception
+) -> E:
+    """Return a translated error that says why a cache build failed.
+
+    The disk (full, read-only) and a prompt that may not fit the context get
+    messages of their own; anything else is reported as it is.
+    """
+    key = "cache_build_failed"
+    placeholders = {"error": str(err)}
+    if isinstance(err, CacheTooLong):
+        key, placeholders = err.translation_key, err.placeholders
+    elif isinstance(err, CacheWriteError) and err.disk_problem is not None:
+        key, placeholders = err.disk_problem, err.placeholders
+    return kind(
+        translation_domain=DOMAIN,
+        translation_key=key,
+        translation_placeholders={"model": model, **placeholders},
     )
 
 
@@ -165,11 +192,7 @@ async def _async_build(
                 agent.loaded, prefix, name, source
             )
     except (RKLLMError, CacheError) as err:
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="cache_build_failed",
-            translation_placeholders={"model": agent.loaded.name, "error": str(err)},
-        ) from err
+        raise cache_build_error(HomeAssistantError, agent.loaded.name, err) from err
 
 
 async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
@@ -313,7 +336,12 @@ async def async_setup_services(hass: HomeAssistant) -> None:
             CREATE_SCHEMA,
             SupportsResponse.OPTIONAL,
         ),
-        (SERVICE_DELETE_CACHE, _async_delete_cache, DELETE_SCHEMA, SupportsResponse.NONE),
+        (
+            SERVICE_DELETE_CACHE,
+            _async_delete_cache,
+            DELETE_SCHEMA,
+            SupportsResponse.NONE,
+        ),
         (SERVICE_BENCHMARK, _async_benchmark, BENCHMARK_SCHEMA, SupportsResponse.ONLY),
     ):
         async_register_admin_service(
@@ -323,7 +351,6 @@ async def async_setup_services(hass: HomeAssistant) -> None:
         load_yaml_dict, str(Path(__file__).with_name("services.yaml"))
     )
     async_update_model_selectors(hass)
-
 
 
 @callback
