@@ -58,6 +58,12 @@ class Disk:
         """Remove the filler."""
         self.filler.unlink()
 
+    def resize(self, size: str) -> None:
+        """Grow or shrink the tmpfs."""
+        subprocess.run(
+            ["mount", "-o", f"remount,size={size}", str(self.path)], check=True
+        )
+
     def read_only(self, read_only: bool) -> None:
         """Remount read-only or read-write."""
         mode = "ro" if read_only else "rw"
@@ -192,3 +198,31 @@ async def test_context_hint_only_when_context_is_the_cause(
         "Building the prompt cache of model Qwen3 Sim failed: "
     )
     assert "context length" not in (entry.reason or "")
+
+
+async def test_library_copy_on_full_disk(
+    hass: HomeAssistant, make_entry: EntryFactory, disk: Disk, cache_dir: Path
+) -> None:
+    """No room for the library copy: setup is retried, no partial copy stays."""
+    private = cache_dir / ".runtime"
+    private.mkdir()
+    (private / ".librkllmrt-0123.so.tmp-99").write_bytes(b"left by a crash")
+    await hass.async_add_executor_job(disk.resize, "64k")  # the library is ~145 kB
+    entry = await make_entry()
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert (entry.reason or "").startswith(
+        f"The RKLLM runtime library could not be copied into {private}: cannot copy "
+    )
+    assert "No space left on device" in (entry.reason or "")
+    assert [p.name for p in private.iterdir()] == []
+    issue = cache_issue(hass, entry.entry_id)
+    assert issue is not None
+    assert issue.translation_key == "cache_disk_full"
+    assert issue.translation_placeholders is not None
+    assert issue.translation_placeholders["path"] == str(private)
+    # Room again: the retry loads and the repair is gone.
+    await hass.async_add_executor_job(disk.resize, "4m")
+    await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.LOADED
+    assert cache_issue(hass, entry.entry_id) is None
+    assert [p.suffix for p in private.iterdir()] == [".so"]

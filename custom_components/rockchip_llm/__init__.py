@@ -39,7 +39,12 @@ from .engine import Engine
 from .host import npu_driver_too_old, read_host_info
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
-from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
+from .rkllm.errors import (
+    LibraryCopyFailed,
+    LibraryError,
+    LibraryNotFound,
+    RKLLMError,
+)
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
 from .services import (
@@ -82,12 +87,22 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     """Load the runtime, the agents' models and their system caches."""
     library_path = Path(entry.data[CONF_LIBRARY_PATH])
     library_issue = f"library_{entry.entry_id}"
+    private_dir = Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR
     try:
         library = await hass.async_add_executor_job(
-            load_library_safely,
-            library_path,
-            Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR,
+            load_library_safely, library_path, private_dir
         )
+    except LibraryCopyFailed as err:
+        # The cache folder's disk is full or read-only: retried, with its repair.
+        disk = await hass.async_add_executor_job(
+            CacheWriteError, str(err), err.os_error, private_dir
+        )
+        _async_report_cache_write(hass, entry, disk)
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key=err.translation_key,
+            translation_placeholders=err.placeholders,
+        ) from err
     except LibraryError as err:
         missing = isinstance(err, LibraryNotFound)
         _async_create_issue(

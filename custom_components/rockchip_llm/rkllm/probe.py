@@ -40,6 +40,7 @@ from typing import Any, Final, Self
 
 from .abi import AbiFamily
 from .errors import (
+    LibraryCopyFailed,
     LibraryCrashed,
     LibraryError,
     LibraryLoadError,
@@ -316,12 +317,19 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
     copy = private_dir / f"librkllmrt-{blob_sha1}.so"
     try:
         _real_directory(private_dir)
+        for leftover in private_dir.glob(".librkllmrt-*.so.tmp-*"):
+            _LOGGER.debug("Removing leftover %s", leftover)
+            leftover.unlink()
         if copy.is_symlink() or (copy.exists() and not copy.is_file()):
             _LOGGER.warning("Replacing %s: not a regular file", copy)
             _discard(copy)
         if not copy.exists():
             staging = private_dir / f".{copy.name}.tmp-{os.getpid()}"
-            shutil.copyfile(path, staging)
+            try:
+                shutil.copyfile(path, staging)
+            except OSError:
+                staging.unlink(missing_ok=True)  # a partial copy fills the disk
+                raise
             if git_blob_sha1(staging.read_bytes()) != blob_sha1:
                 staging.unlink()
                 raise LibraryLoadError(
@@ -333,8 +341,10 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
             if old != copy:
                 old.unlink(missing_ok=True)  # a loaded old copy stays mapped
     except OSError as err:
-        raise LibraryLoadError(
-            f"cannot copy {path} to {private_dir}: {err.strerror}", path=str(path)
+        raise LibraryCopyFailed(
+            f"cannot copy {path} to {private_dir}: {err.strerror}",
+            err,
+            path=str(private_dir),
         ) from err
     return copy
 
