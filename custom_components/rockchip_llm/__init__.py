@@ -39,12 +39,7 @@ from .engine import Engine
 from .host import npu_driver_too_old, read_host_info
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
-from .rkllm.errors import (
-    LibraryCopyFailed,
-    LibraryError,
-    LibraryNotFound,
-    RKLLMError,
-)
+from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
 from .services import (
