@@ -26,10 +26,12 @@ from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
 from .const import (
+    CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_LIBRARY_PATH,
     CONF_MODEL,
     CONF_MODELS_DIR,
+    DEFAULT_CACHE_BUDGET_MB,
     DOMAIN,
     LOGGER,
     SUBENTRY_AI_TASK,
@@ -124,7 +126,10 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
             translation_key=err.reason,
             translation_placeholders={"path": str(err.path)},
         ) from err
-    store = PromptCacheStore(Path(entry.data[CONF_CACHE_DIR]))
+    budget_mb = entry.data.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB)
+    store = PromptCacheStore(
+        Path(entry.data[CONF_CACHE_DIR]), int(budget_mb * 1_000_000)
+    )
     await hass.async_add_executor_job(store.clean_staging)
     engine = Engine(
         library,

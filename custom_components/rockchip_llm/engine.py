@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from .chat import KVState, SystemPrefix, estimate_tokens
+from .const import AUTO_CACHE_PREFIX
 from .models import ModelInfo, model_fingerprint
 from .prompt_cache import (
     CacheEntry,
@@ -292,10 +293,21 @@ class Engine:
         if entry is not None:
             await call(loaded.model.load_prompt_cache(entry.bin_path))
             loaded.loaded_cache = entry
+            await self._run_blocking(self.store.touch, entry)
 
     async def _async_build(
         self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
     ) -> tuple[CacheEntry, CacheMetadata, float]:
+        evicted: list[CacheEntry] = await self._run_blocking(
+            self.store.make_room,
+            loaded.name,
+            name,
+            len(prefix.prompt),
+            AUTO_CACHE_PREFIX,
+        )
+        if evicted:
+            for other in self._models.values():
+                other.caches = None
         await self.async_set_prefix(loaded, prefix)
         await self.async_use_cache(loaded, None)
         await call(loaded.model.clear_kv_cache(keep_system_prompt=False))

@@ -95,16 +95,37 @@ def free_bytes(folder: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _megabytes(size: int) -> str:
+    """Return a size for people, e.g. "12.5 MB"."""
+    return f"{size / 1_000_000:.1f} MB"
+
+
 def _free_text(folder: Path) -> str:
     """Return folder's free space for people, e.g. "12.5 MB"."""
     free = free_bytes(folder)
-    return "unknown" if free is None else f"{free / 1_000_000:.1f} MB"
+    return "unknown" if free is None else _megabytes(free)
 
 
 class CacheTooLong(CacheError):
     """The runtime failed to build a cache whose prompt may not fit the context."""
 
     translation_key = "cache_prompt_too_long"
+
+
+class CacheBudgetExceeded(CacheWriteError):
+    """A cache would not fit the folder's budget, even without automatic caches."""
+
+    translation_key = "cache_budget_exceeded"
+
+    def __init__(self, message: str, **placeholders: str) -> None:
+        """Store the message and placeholders (no OS error: nothing was written)."""
+        CacheError.__init__(self, message, **placeholders)
+        self.errno = None
+
+    @property
+    def disk_problem(self) -> str | None:
+        """The budget is full: a problem of its own, with its own repair."""
+        return self.translation_key
 
 
 class CorruptCache(CacheError):
@@ -485,6 +506,14 @@ def _visible_names(path: Path) -> list[str]:
     return names
 
 
+def _last_used(entry: CacheEntry) -> float:
+    """When a cache was last used or built (its ``.bin``'s mtime), 0 if unknown."""
+    try:
+        return entry.bin_path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _is_cache_file(path: Path) -> bool:
     """Return True for ``<cache name>.bin`` or ``.json``; log the others."""
     if path.suffix in (_BIN, _JSON) and CACHE_NAME_PATTERN.fullmatch(path.stem):
@@ -496,9 +525,86 @@ def _is_cache_file(path: Path) -> bool:
 class PromptCacheStore:
     """Prompt caches and their metadata under one root directory."""
 
-    def __init__(self, root: Path) -> None:
-        """Use ``root`` (created on demand) as the cache root."""
+    def __init__(self, root: Path, budget_bytes: int | None = None) -> None:
+        """Use ``root`` (created on demand) as the cache root.
+
+        ``budget_bytes`` limits the total size of the caches of every model in it.
+        """
         self.root = root
+        self.budget_bytes = budget_bytes
+
+    def disk_bytes(self, entry: CacheEntry) -> int:
+        """Return the bytes a cache's files take (what counts against the budget)."""
+        return sum(_file_size(path) or 0 for path in (entry.bin_path, entry.json_path))
+
+    def expected_bytes(self, model: str, prompt_length: int) -> int:
+        """Estimate the size of a model's cache of a prompt from its existing caches.
+
+        Tokens × bytes per token, both measured per prompt character on the
+        model's caches (the largest ratio, to be safe); 0 with none to measure.
+        """
+        ratios = [
+            entry.metadata.size_bytes / entry.metadata.prompt_length
+            for entry in self.list(model)
+            if entry.metadata is not None
+            and entry.problem is None
+            and entry.metadata.prompt_length > 0
+        ]
+        return math.ceil(prompt_length * max(ratios, default=0))
+
+    def make_room(
+        self, model: str, name: str, prompt_length: int, evictable: str
+    ) -> list[CacheEntry]:
+        """Keep the budget for a new cache: evict least recently used caches.
+
+        Only caches whose name starts with ``evictable`` (automatic ones) go, the
+        least recently used first (see touch), and only as many as needed. Return
+        the evicted entries. When the cache would not fit even without all of
+        them, raise CacheBudgetExceeded and evict nothing.
+        """
+        if self.budget_bytes is None:
+            return []
+        expected = self.expected_bytes(model, prompt_length)
+        others = [e for e in self.list() if (e.model, e.name) != (model, name)]
+        sizes = {(e.model, e.name): self.disk_bytes(e) for e in others}
+        candidates = sorted(
+            (e for e in others if e.name.startswith(evictable)), key=_last_used
+        )
+        used = sum(sizes.values())
+        kept = used - sum(sizes[e.model, e.name] for e in candidates)
+        if kept + expected > self.budget_bytes:
+            raise CacheBudgetExceeded(
+                f"Cache {model}/{name} needs about {_megabytes(expected)}; the other "
+                f"caches use {_megabytes(kept)} of {_megabytes(self.budget_bytes)}",
+                model=model,
+                name=name,
+                expected=_megabytes(expected),
+                used=_megabytes(kept),
+                budget=_megabytes(self.budget_bytes),
+                path=str(self.root),
+            )
+        evicted: list[CacheEntry] = []
+        for entry in candidates:
+            if used + expected <= self.budget_bytes:
+                break
+            _LOGGER.info(
+                "Evicting prompt cache %s/%s (budget)", entry.model, entry.name
+            )
+            self.delete(entry.model, entry.name)
+            used -= sizes[entry.model, entry.name]
+            evicted.append(entry)
+        return evicted
+
+    def touch(self, entry: CacheEntry) -> None:
+        """Record that a cache was just used (its ``.bin``'s times), best effort."""
+        try:
+            os.utime(entry.bin_path, follow_symlinks=False)
+        except OSError as err:
+            _LOGGER.debug("Cannot touch %s: %s", entry.bin_path, err)
+
+    def used_bytes(self) -> int:
+        """Return the bytes all caches in the root take."""
+        return sum(self.disk_bytes(entry) for entry in self.list())
 
     def bin_path(self, model: str, name: str) -> Path:
         """Return the cache file path; raise InvalidModelName / InvalidCacheName."""

@@ -35,6 +35,8 @@ from .prompt_cache import (
     CacheError,
     CacheTooLong,
     CacheWriteError,
+    PromptCacheStore,
+    free_bytes,
 )
 from .rkllm.errors import RKLLMError
 from .text_check import refuse_nul
@@ -230,15 +232,17 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
     else:
         _agent_for_model(call.hass, model)
     results: list[dict[str, Any]] = []
+    folders: list[dict[str, Any]] = []
     for runtime in _runtimes(call.hass):
         engine = runtime.engine
         try:
-            entries: list[CacheEntry] = await call.hass.async_add_executor_job(
-                engine.store.list, model
+            entries, sizes, folder = await call.hass.async_add_executor_job(
+                _listing, engine.store, model
             )
         except CacheError as err:
             raise _validation_error(err.translation_key, **err.placeholders) from err
-        for entry in entries:
+        folders.append(folder)
+        for entry, disk_bytes in zip(entries, sizes, strict=True):
             loaded = engine.models.get(entry.model)
             agent = next((a for a in runtime.chat_agents if a.loaded is loaded), None)
             valid = (
@@ -248,8 +252,24 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
                 and entry.invalid_reason(engine.expectation(agent.loaded, agent.prefix))
                 is None
             )
-            results.append({**_entry_json(entry), "valid": valid})
-    return cast("ServiceResponse", {"caches": results})
+            results.append(
+                {**_entry_json(entry), "disk_bytes": disk_bytes, "valid": valid}
+            )
+    return cast("ServiceResponse", {"caches": results, "cache_dirs": folders})
+
+
+def _listing(
+    store: PromptCacheStore, model: str | None
+) -> tuple[list[CacheEntry], list[int], dict[str, Any]]:
+    """Return the caches with the bytes each takes, and their folder's budget."""
+    entries = store.list(model)
+    folder = {
+        "path": str(store.root),
+        "budget_bytes": store.budget_bytes,
+        "used_bytes": store.used_bytes(),
+        "free_bytes": free_bytes(store.root),
+    }
+    return entries, [store.disk_bytes(entry) for entry in entries], folder
 
 
 async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
