@@ -16,6 +16,7 @@ import pytest
 from custom_components.rockchip_llm.const import SYSTEM_CACHE_NAME as SYSTEM_CACHE
 from custom_components.rockchip_llm.prompt_cache import (
     METADATA_VERSION,
+    CacheBudgetExceeded,
     CacheEntry,
     CacheExpectation,
     CacheMetadata,
@@ -724,3 +725,49 @@ def test_failed_restore_keeps_old_bin(
     contents = [(folder / name).read_bytes() for name in files(folder)]
     assert b"old cache" in contents
     assert b"new cache" not in contents
+
+
+def test_budget_evicts_least_recently_used_automatic_caches(
+    store: PromptCacheStore,
+) -> None:
+    """Room is made by evicting automatic caches, least recently used first."""
+    system = build(store, data=b"x" * 10_000, prompt_length=1000)
+    autos = [
+        build(store, f"auto_{i}", data=b"x" * 10_000, prompt_length=1000)
+        for i in range(3)
+    ]
+    for age, entry in zip((30, 20, 10), autos, strict=True):
+        os.utime(entry.bin_path, (1_000_000 - age, 1_000_000 - age))
+    store.touch(autos[0])  # just used: the most recent now
+    sizes = [store.disk_bytes(entry) for entry in (system, *autos)]
+    store.budget_bytes = sum(sizes) + 2_000
+    # 10 bytes per prompt character measured: 500 characters need about 5 kB.
+    assert store.expected_bytes(MODEL, 500) == 5000
+    evicted = store.make_room(MODEL, "auto_new", 500, "auto_")
+    assert [entry.name for entry in evicted] == ["auto_1"]  # the oldest use
+    assert [e.name for e in store.list()] == ["auto_0", "auto_2", "system"]
+    assert store.make_room(MODEL, "auto_2", 1000, "auto_") == []  # replaces itself
+    assert store.used_bytes() == sum(sizes) - sizes[2]
+
+
+def test_budget_refuses_a_named_cache_that_cannot_fit(
+    store: PromptCacheStore,
+) -> None:
+    """A cache that would not fit even without automatic caches evicts nothing."""
+    build(store, data=b"x" * 200_000, prompt_length=1000)
+    build(store, "auto_a", data=b"x" * 200_000, prompt_length=1000)
+    store.budget_bytes = 500_000
+    with pytest.raises(CacheBudgetExceeded) as err:
+        store.make_room(MODEL, "notes", 2000, "auto_")
+    assert err.value.placeholders == {
+        "model": MODEL,
+        "name": "notes",
+        "expected": "0.4 MB",
+        "used": "0.2 MB",
+        "budget": "0.5 MB",
+        "path": str(store.root),
+    }
+    assert err.value.disk_problem == "cache_budget_exceeded"
+    assert [e.name for e in store.list()] == ["auto_a", "system"]
+    store.budget_bytes = None  # no budget: nothing is checked
+    assert store.make_room(MODEL, "notes", 10**9, "auto_") == []

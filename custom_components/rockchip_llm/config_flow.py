@@ -270,7 +270,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
 
     def __init__(self) -> None:
         """Initialize the flow."""
-        self._paths: dict[str, str] = {}
+        self._paths: dict[str, str | int] = {}
         self._models: dict[str, ModelInfo] = {}
 
     def _normalize_paths(self, user_input: Mapping[str, Any]) -> dict[str, str]:
