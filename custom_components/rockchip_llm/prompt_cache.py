@@ -20,6 +20,7 @@ from pathlib import Path
 import re
 import secrets
 import stat
+import time
 from typing import Any, Self
 
 _LOGGER = logging.getLogger(__name__)
@@ -506,12 +507,21 @@ def _visible_names(path: Path) -> list[str]:
     return names
 
 
-def _last_used(entry: CacheEntry) -> float:
+def _stamp(path: Path) -> None:
+    """Set a file's times to now, finer than the file system's own clock."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now), follow_symlinks=False)
+    except OSError as err:
+        _LOGGER.debug("Cannot set the times of %s: %s", path, err)
+
+
+def _last_used(entry: CacheEntry) -> int:
     """When a cache was last used or built (its ``.bin``'s mtime), 0 if unknown."""
     try:
-        return entry.bin_path.lstat().st_mtime
+        return entry.bin_path.lstat().st_mtime_ns
     except OSError:
-        return 0.0
+        return 0
 
 
 def _is_cache_file(path: Path) -> bool:
@@ -597,10 +607,7 @@ class PromptCacheStore:
 
     def touch(self, entry: CacheEntry) -> None:
         """Record that a cache was just used (its ``.bin``'s times), best effort."""
-        try:
-            os.utime(entry.bin_path, follow_symlinks=False)
-        except OSError as err:
-            _LOGGER.debug("Cannot touch %s: %s", entry.bin_path, err)
+        _stamp(entry.bin_path)
 
     def used_bytes(self) -> int:
         """Return the bytes all caches in the root take."""
@@ -660,6 +667,7 @@ class PromptCacheStore:
                 f"Cannot write cache {bin_path}: {err}", err, bin_path.parent
             ) from err
         _remove(backup)
+        _stamp(bin_path)  # built counts as used, on the same clock as touch
         _fsync_dir(bin_path.parent)
         return CacheEntry(
             metadata, metadata.model, metadata.name, bin_path, json_path, None
