@@ -517,7 +517,7 @@ async def test_nul_byte_is_refused(
     result = await converse(hass, "echo a\0b")
     assert result.response.response_type is intent.IntentResponseType.ERROR
     assert speech(result) == (
-        "The message contains a NUL character, at which the runtime would silently "
+        "There is a NUL character in the message, where the runtime would silently "
         "cut the text; remove it and try again"
     )
     assert not loaded_model(entry).recent  # nothing reached the runtime

@@ -10,6 +10,7 @@ from pathlib import Path
 import re
 import stat
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -666,6 +667,9 @@ def test_disk_full_keeps_previous_pair(
     monkeypatch.undo()
     assert err.value.translation_key == "cache_write_failed"
     assert os.strerror(errno.ENOSPC) in err.value.placeholders["error"]
+    assert err.value.disk_problem == "cache_disk_full"
+    assert err.value.placeholders["path"] == str(folder)
+    assert err.value.placeholders["free"].endswith(" MB")
     if has_previous:
         assert {name: (folder / name).read_bytes() for name in files(folder)} == before
         assert store.get(MODEL, SYSTEM_CACHE) == old
@@ -771,3 +775,48 @@ def test_budget_refuses_a_named_cache_that_cannot_fit(
     assert [e.name for e in store.list()] == ["auto_a", "system"]
     store.budget_bytes = None  # no budget: nothing is checked
     assert store.make_room(MODEL, "notes", 10**9, "auto_") == []
+
+
+@pytest.mark.parametrize(
+    ("code", "problem"),
+    [
+        (errno.EACCES, "cache_dir_not_writable"),
+        (errno.EROFS, "cache_dir_not_writable"),
+        (errno.ENOSPC, "cache_disk_full"),
+        (errno.EIO, None),
+    ],
+)
+def test_write_errors_name_the_disk_problem(
+    store: PromptCacheStore, code: int, problem: str | None
+) -> None:
+    """Permission denied, read-only and full disks are told apart from other errors."""
+    build(store)
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    staging.write_bytes(b"new")
+    with (
+        patch(
+            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            side_effect=OSError(code, os.strerror(code)),
+        ),
+        pytest.raises(CacheWriteError) as err,
+    ):
+        store.commit(staging, metadata())
+    assert err.value.disk_problem == problem
+    assert os.strerror(code) in str(err.value)
+
+
+def test_write_problem_probe(store: PromptCacheStore) -> None:
+    """After a failed save, a probe write tells whether the disk was the cause."""
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    assert store.write_problem(staging) is None  # a healthy disk: not the disk
+    with patch.object(Path, "open", side_effect=PermissionError(errno.EACCES, "no")):
+        problem = store.write_problem(staging)
+    assert problem is not None
+    assert problem.disk_problem == "cache_dir_not_writable"
+    with patch(
+        "custom_components.rockchip_llm.prompt_cache.free_bytes", return_value=1000
+    ):
+        problem = store.write_problem(staging)
+    assert problem is not None
+    assert problem.disk_problem == "cache_disk_full"
+    assert files(store.root / MODEL) == []  # no probe left behind

@@ -331,13 +331,13 @@ async def test_nul_bytes_are_refused(
             {"model": "Qwen3 Sim", "name": "cut", "prompt": "before\0after"},
         )
     assert err.value.translation_key == "text_has_nul"
-    assert str(err.value).startswith("The prompt contains a NUL character")
+    assert str(err.value).startswith("There is a NUL character in the prompt,")
     assert not (cache_dir / "Qwen3 Sim" / "cut.json").exists()
     assert sim_counter(entry, "prompt_cache_save") == saves
     loaded = next(iter(entry.runtime_data.agents.values())).loaded
     with pytest.raises(ServiceValidationError) as err:
         await call(hass, "benchmark", {"agent": AGENT, "question": "on?\0x"})
-    assert str(err.value).startswith("The question contains a NUL character")
+    assert str(err.value).startswith("There is a NUL character in the question,")
     assert not loaded.recent
 
 
