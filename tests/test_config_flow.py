@@ -552,7 +552,7 @@ async def test_reconfigure(
     assert result["errors"] == {CONF_MODELS_DIR: "models_dir_missing"}
     assert schema_values(result, "suggested_value") == bad
 
-    new = {**paths, CONF_CACHE_DIR: str(tmp_path / "new cache")}
+    new = {**paths, CONF_CACHE_DIR: str(tmp_path / "new cache"), CONF_CACHE_BUDGET: 512}
     result = dict(
         await hass.config_entries.flow.async_configure(result["flow_id"], new)
     )
