@@ -107,3 +107,17 @@ async def test_ai_task_shares_the_conversation_model(
     assert chat.cache is not None
     assert task.cache is None
     assert hass.states.get(TASK) is not None
+
+
+async def test_nul_in_instructions_is_refused(
+    hass: HomeAssistant, ai_task_ready: None, make_entry: EntryFactory
+) -> None:
+    """Instructions with a NUL are refused clearly, never cut at the NUL."""
+    entry = await make_entry(ai_tasks=({},))
+    with pytest.raises(HomeAssistantError) as err:
+        await ai_task.async_generate_data(
+            hass, task_name="cut", entity_id=TASK, instructions="count\0the lights"
+        )
+    assert str(err.value).startswith("There is a NUL character in the instructions,")
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    assert not loaded.recent

@@ -13,6 +13,7 @@ import voluptuous as vol
 
 from custom_components.rockchip_llm import config_flow
 from custom_components.rockchip_llm.const import (
+    CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
@@ -27,6 +28,7 @@ from custom_components.rockchip_llm.const import (
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
+    DEFAULT_CACHE_BUDGET_MB,
     DEFAULT_PROMPT_FILE,
     DOMAIN,
     SUBENTRY_AI_TASK,
@@ -141,6 +143,7 @@ def paths(tmp_path: Path, models_dir: Path, write_model: ModelWriter) -> dict[st
         CONF_LIBRARY_PATH: str(SIM_LIBRARY),
         CONF_MODELS_DIR: str(models_dir),
         CONF_CACHE_DIR: str(tmp_path / "cache"),
+        CONF_CACHE_BUDGET: 2048,
     }
 
 
@@ -262,6 +265,7 @@ async def test_user_form_defaults(
     assert schema_values(result, "default") == {
         CONF_MODELS_DIR: str(config_dir / "rkllm" / "models"),
         CONF_CACHE_DIR: str(config_dir / "rkllm" / "cache"),
+        CONF_CACHE_BUDGET: DEFAULT_CACHE_BUDGET_MB,
     }
 
 
@@ -511,6 +515,7 @@ async def test_paths_normalized(
         CONF_LIBRARY_PATH: paths[CONF_LIBRARY_PATH],
         CONF_MODELS_DIR: paths[CONF_MODELS_DIR],
         CONF_CACHE_DIR: str(config_dir / "rkllm" / "cache"),
+        CONF_CACHE_BUDGET: DEFAULT_CACHE_BUDGET_MB,
     }
 
 
@@ -547,7 +552,7 @@ async def test_reconfigure(
     assert result["errors"] == {CONF_MODELS_DIR: "models_dir_missing"}
     assert schema_values(result, "suggested_value") == bad
 
-    new = {**paths, CONF_CACHE_DIR: str(tmp_path / "new cache")}
+    new = {**paths, CONF_CACHE_DIR: str(tmp_path / "new cache"), CONF_CACHE_BUDGET: 512}
     result = dict(
         await hass.config_entries.flow.async_configure(result["flow_id"], new)
     )

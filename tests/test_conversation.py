@@ -507,3 +507,18 @@ def test_resolve_tool_name(name: str, expected: str) -> None:
     """A tool name without its namespace maps to the one tool that carries it."""
     tools = {"intent__HassTurnOn", "a__GetState", "b__GetState", "HassTurnOff"}
     assert resolve_tool_name(name, tools) == expected
+
+
+async def test_nul_byte_is_refused(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """A message with a NUL is refused with a clear answer, never cut at the NUL."""
+    entry = await make_entry()
+    result = await converse(hass, "echo a\0b")
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert speech(result) == (
+        "There is a NUL character in the message, where the runtime would silently "
+        "cut the text; remove it and try again"
+    )
+    assert not loaded_model(entry).recent  # nothing reached the runtime
+    assert speech(await converse(hass, "hello")) == "Hello from the simulator."

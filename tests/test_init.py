@@ -11,10 +11,11 @@ from pytest_homeassistant_custom_component.common import async_fire_time_changed
 from custom_components.rockchip_llm import host
 from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import EVENT_HOMEASSISTANT_STARTED
-from homeassistant.core import CoreState, HomeAssistant
+from homeassistant.core import Context, CoreState, HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.util import dt as dt_util
 
@@ -117,7 +118,10 @@ async def test_corrupt_cache_is_rebuilt(
 async def test_failed_write_keeps_old_cache(
     hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
 ) -> None:
-    """Disk full while writing a new cache: setup retries, the old pair survives."""
+    """Disk full while writing a new cache: a repair, the agent answers without it.
+
+    The old pair survives; the repair clears itself when a cache is written.
+    """
     entry = await make_entry()
     bin_path, json_path = system_cache(cache_dir)
     old = (bin_path.read_bytes(), json_path.read_bytes())
@@ -130,14 +134,24 @@ async def test_failed_write_keeps_old_cache(
             entry, subentry, data={**subentry.data, "prompt": "New."}
         )
         await hass.async_block_till_done()
-        assert entry.state is ConfigEntryState.SETUP_RETRY
-        assert "No space left" in (entry.reason or "")
+        assert entry.state is ConfigEntryState.LOADED
     assert (bin_path.read_bytes(), json_path.read_bytes()) == old
     issue = ir.async_get(hass).async_get_issue(DOMAIN, f"cache_dir_{entry.entry_id}")
     assert issue is not None
-    assert issue.translation_key == "cache_dir_not_writable"
+    assert issue.translation_key == "cache_disk_full"
+    assert issue.translation_placeholders is not None
+    assert issue.translation_placeholders["path"] == str(cache_dir / "Qwen3 Sim")
+    assert issue.translation_placeholders["free"].endswith(" MB")
+    assert "No space left" in issue.translation_placeholders["error"]
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert agent.cache is None
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id="conversation.agent_0"
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
     await hass.config_entries.async_reload(entry.entry_id)
     assert entry.state is ConfigEntryState.LOADED
+    assert json_path.read_bytes() != old[1]
     assert (
         ir.async_get(hass).async_get_issue(DOMAIN, f"cache_dir_{entry.entry_id}")
         is None

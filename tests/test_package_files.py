@@ -114,7 +114,7 @@ def test_every_flow_field_is_described() -> None:
 
 async def test_services_yaml_matches_registered_actions(hass: HomeAssistant) -> None:
     """services.yaml, strings.json and icons.json cover exactly the registered actions."""
-    services.async_setup_services(hass)
+    await services.async_setup_services(hass)
     registered = set(hass.services.async_services_for_domain(DOMAIN))
     described = yaml.safe_load((PACKAGE / "services.yaml").read_text())
     strings = load_json("strings.json")["services"]

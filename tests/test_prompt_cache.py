@@ -8,13 +8,16 @@ import logging
 import os
 from pathlib import Path
 import re
+import stat
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
 from custom_components.rockchip_llm.const import SYSTEM_CACHE_NAME as SYSTEM_CACHE
 from custom_components.rockchip_llm.prompt_cache import (
     METADATA_VERSION,
+    CacheBudgetExceeded,
     CacheEntry,
     CacheExpectation,
     CacheMetadata,
@@ -402,18 +405,67 @@ def test_corrupt_json(
     assert "corrupt cache metadata" in caplog.text
 
 
-def test_unreadable_json(
-    store: PromptCacheStore, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("kind", ["folder", "fifo", "symlink"])
+@pytest.mark.parametrize("which", [".json", ".bin"])
+def test_cache_files_must_be_regular(
+    store: PromptCacheStore, caplog: pytest.LogCaptureFixture, kind: str, which: str
 ) -> None:
-    """A metadata path that cannot be read (here a folder) is corrupt."""
+    """A folder, FIFO or symlink in the place of a cache file is never used.
+
+    Reading never blocks on a FIFO and never follows a symlink (here to a valid
+    cache of another model); a new build moves folders and FIFOs aside, visibly,
+    and leaves nothing else behind.
+    """
     entry = build(store)
-    entry.json_path.unlink()
-    entry.json_path.mkdir()
+    other = build(store, model="Other")
+    path = entry.json_path if which == ".json" else entry.bin_path
+    path.unlink()
+    if kind == "folder":
+        path.mkdir()
+        (path / "inside").write_text("keep me")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(other.json_path if which == ".json" else other.bin_path)
     with caplog.at_level(logging.WARNING):
         got = store.get(MODEL, SYSTEM_CACHE)
+        listed = store.list(MODEL)
     assert got is not None
-    assert got.problem == "metadata_corrupt"
-    assert "Cannot read cache metadata" in caplog.text
+    assert got.problem == "not_a_file"
+    assert got.invalid_reason(expectation()) == "not_a_file"
+    assert listed == [got]
+    assert "not_a_file" in caplog.text
+    rebuilt = build(store)
+    assert rebuilt.problem is None
+    assert store.get(MODEL, SYSTEM_CACHE) == rebuilt
+    assert stat.S_ISREG(path.lstat().st_mode)
+    names = files(store.root / MODEL)
+    moved = [name for name in names if ".moved-" in name]
+    assert len(moved) == (0 if kind == "symlink" else 1)
+    assert sorted(set(names) - set(moved)) == ["system.bin", "system.json"]
+    if kind == "folder":
+        assert (store.root / MODEL / moved[0] / "inside").read_text() == "keep me"
+    assert store.get("Other", SYSTEM_CACHE) == other  # the link's target untouched
+    assert store.delete(MODEL, SYSTEM_CACHE)
+
+
+def test_leftover_temp_folder_is_moved_aside_once(
+    store: PromptCacheStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A temp-named folder (left by an older version) is moved aside, not retried."""
+    build(store)
+    leftover = store.root / MODEL / ".system.bin.tmp-0123456789abcdef"
+    leftover.mkdir()
+    (leftover / "data").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        store.clean_staging()
+    assert "Cannot remove" not in caplog.text
+    [moved] = [p for p in (store.root / MODEL).iterdir() if ".moved-" in p.name]
+    assert (moved / "data").read_text() == "x"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        store.clean_staging()
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize(
@@ -615,6 +667,9 @@ def test_disk_full_keeps_previous_pair(
     monkeypatch.undo()
     assert err.value.translation_key == "cache_write_failed"
     assert os.strerror(errno.ENOSPC) in err.value.placeholders["error"]
+    assert err.value.disk_problem == "cache_disk_full"
+    assert err.value.placeholders["path"] == str(folder)
+    assert err.value.placeholders["free"].endswith(" MB")
     if has_previous:
         assert {name: (folder / name).read_bytes() for name in files(folder)} == before
         assert store.get(MODEL, SYSTEM_CACHE) == old
@@ -674,3 +729,94 @@ def test_failed_restore_keeps_old_bin(
     contents = [(folder / name).read_bytes() for name in files(folder)]
     assert b"old cache" in contents
     assert b"new cache" not in contents
+
+
+def test_budget_evicts_least_recently_used_automatic_caches(
+    store: PromptCacheStore,
+) -> None:
+    """Room is made by evicting automatic caches, least recently used first."""
+    system = build(store, data=b"x" * 10_000, prompt_length=1000)
+    autos = [
+        build(store, f"auto_{i}", data=b"x" * 10_000, prompt_length=1000)
+        for i in range(3)
+    ]
+    for age, entry in zip((30, 20, 10), autos, strict=True):
+        os.utime(entry.bin_path, (1_000_000 - age, 1_000_000 - age))
+    store.touch(autos[0])  # just used: the most recent now
+    sizes = [store.disk_bytes(entry) for entry in (system, *autos)]
+    store.budget_bytes = sum(sizes) + 2_000
+    # 10 bytes per prompt character measured: 500 characters need about 5 kB.
+    assert store.expected_bytes(MODEL, 500) == 5000
+    evicted = store.make_room(MODEL, "auto_new", 500, "auto_")
+    assert [entry.name for entry in evicted] == ["auto_1"]  # the oldest use
+    assert [e.name for e in store.list()] == ["auto_0", "auto_2", "system"]
+    assert store.make_room(MODEL, "auto_2", 1000, "auto_") == []  # replaces itself
+    assert store.used_bytes() == sum(sizes) - sizes[2]
+
+
+def test_budget_refuses_a_named_cache_that_cannot_fit(
+    store: PromptCacheStore,
+) -> None:
+    """A cache that would not fit even without automatic caches evicts nothing."""
+    build(store, data=b"x" * 200_000, prompt_length=1000)
+    build(store, "auto_a", data=b"x" * 200_000, prompt_length=1000)
+    store.budget_bytes = 500_000
+    with pytest.raises(CacheBudgetExceeded) as err:
+        store.make_room(MODEL, "notes", 2000, "auto_")
+    assert err.value.placeholders == {
+        "model": MODEL,
+        "name": "notes",
+        "expected": "0.4 MB",
+        "used": "0.2 MB",
+        "budget": "0.5 MB",
+        "path": str(store.root),
+    }
+    assert err.value.disk_problem == "cache_budget_exceeded"
+    assert [e.name for e in store.list()] == ["auto_a", "system"]
+    store.budget_bytes = None  # no budget: nothing is checked
+    assert store.make_room(MODEL, "notes", 10**9, "auto_") == []
+
+
+@pytest.mark.parametrize(
+    ("code", "problem"),
+    [
+        (errno.EACCES, "cache_dir_not_writable"),
+        (errno.EROFS, "cache_dir_not_writable"),
+        (errno.ENOSPC, "cache_disk_full"),
+        (errno.EIO, None),
+    ],
+)
+def test_write_errors_name_the_disk_problem(
+    store: PromptCacheStore, code: int, problem: str | None
+) -> None:
+    """Permission denied, read-only and full disks are told apart from other errors."""
+    build(store)
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    staging.write_bytes(b"new")
+    with (
+        patch(
+            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            side_effect=OSError(code, os.strerror(code)),
+        ),
+        pytest.raises(CacheWriteError) as err,
+    ):
+        store.commit(staging, metadata())
+    assert err.value.disk_problem == problem
+    assert os.strerror(code) in str(err.value)
+
+
+def test_write_problem_probe(store: PromptCacheStore) -> None:
+    """After a failed save, a probe write tells whether the disk was the cause."""
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    assert store.write_problem(staging) is None  # a healthy disk: not the disk
+    with patch.object(Path, "open", side_effect=PermissionError(errno.EACCES, "no")):
+        problem = store.write_problem(staging)
+    assert problem is not None
+    assert problem.disk_problem == "cache_dir_not_writable"
+    with patch(
+        "custom_components.rockchip_llm.prompt_cache.free_bytes", return_value=1000
+    ):
+        problem = store.write_problem(staging)
+    assert problem is not None
+    assert problem.disk_problem == "cache_disk_full"
+    assert files(store.root / MODEL) == []  # no probe left behind

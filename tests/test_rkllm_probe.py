@@ -20,6 +20,7 @@ from custom_components.rockchip_llm.const import (
 from custom_components.rockchip_llm.rkllm import probe
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.rkllm.errors import (
+    LibraryCopyFailed,
     LibraryCrashed,
     LibraryError,
     LibraryLoadError,
@@ -137,7 +138,7 @@ def test_private_copy_failure(sim_library: Path, tmp_path: Path) -> None:
     """A private folder that cannot be written is a clear load error."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(LibraryLoadError, match="cannot copy"):
+    with pytest.raises(LibraryCopyFailed, match="cannot copy"):
         load_library_safely(sim_library, blocker / "private")
 
 

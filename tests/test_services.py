@@ -8,12 +8,22 @@ from typing import Any
 from unittest.mock import patch
 
 import pytest
-from pytest_homeassistant_custom_component.common import async_fire_time_changed
+from pytest_homeassistant_custom_component.common import (
+    MockUser,
+    async_fire_time_changed,
+)
 
 from custom_components.rockchip_llm.const import DOMAIN
 from homeassistant.components import conversation
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
-from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
+from homeassistant.exceptions import (
+    HomeAssistantError,
+    ServiceValidationError,
+    Unauthorized,
+)
+from homeassistant.helpers import selector
+from homeassistant.helpers.service import async_get_all_descriptions
 from homeassistant.util import dt as dt_util
 
 from .conftest import EntryFactory, sim_counter
@@ -78,7 +88,6 @@ async def test_list_create_delete(
     assert set(by_name) == {"system", "head"}
     assert by_name["system"]["valid"] is True
     assert by_name["head"]["valid"] is False  # another prompt than the agent's
-    assert (await call(hass, "list_caches", {"model": "Other"}))["caches"] == []
 
     # The exact system cache is longer than "head", so requests use "system".
     await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
@@ -194,8 +203,12 @@ async def test_rebuild_failure_is_reported(
         pytest.raises(HomeAssistantError) as err,
     ):
         await call(hass, "rebuild_cache", {"agent": AGENT})
-    assert err.value.translation_key == "cache_build_failed"
-    assert "No space left on device" in str(err.value)
+    assert err.value.translation_key == "cache_disk_full"
+    assert str(err.value).startswith(
+        "The prompt cache of model Qwen3 Sim could not be written: the disk holding "
+        f"{cache_dir / 'Qwen3 Sim'} is full ("
+    )
+    assert "context length" not in str(err.value)
     assert (cache_dir / "Qwen3 Sim" / "system.json").read_bytes() == old
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.name == "system"
@@ -226,3 +239,129 @@ async def test_cache_files_removed_behind_our_back(
     async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=31))
     await hass.async_block_till_done(wait_background_tasks=True)
     assert (cache_dir / "Qwen3 Sim" / "system.bin").exists()
+
+
+async def test_writing_actions_are_admin_only(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
+    hass_read_only_user: MockUser,
+    hass_admin_user: MockUser,
+) -> None:
+    """A non-admin user cannot write caches or hold the NPU; listing stays open."""
+    entry = await make_entry()
+    folder = cache_dir / "Qwen3 Sim"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    saves = sim_counter(entry, "prompt_cache_save")
+    user = Context(user_id=hass_read_only_user.id)
+    for service, data, response in (
+        ("rebuild_cache", {"agent": AGENT}, True),
+        ("create_cache", {"model": "Qwen3 Sim", "name": "x", "prompt": "x"}, True),
+        ("delete_cache", {"model": "Qwen3 Sim", "name": "system"}, False),
+        ("benchmark", {"agent": AGENT, "runs": 20}, True),
+    ):
+        with pytest.raises(Unauthorized):
+            await hass.services.async_call(
+                DOMAIN,
+                service,
+                data,
+                blocking=True,
+                context=user,
+                return_response=response,
+            )
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sim_counter(entry, "prompt_cache_save") == saves
+    listed = await hass.services.async_call(
+        DOMAIN, "list_caches", {}, blocking=True, context=user, return_response=True
+    )
+    assert [cache["name"] for cache in listed["caches"]] == ["system"]
+    # An administrator may.
+    await hass.services.async_call(
+        DOMAIN,
+        "create_cache",
+        {"model": "Qwen3 Sim", "name": "x", "prompt": "x"},
+        blocking=True,
+        context=Context(user_id=hass_admin_user.id),
+    )
+    assert (folder / "x.bin").exists()
+
+
+async def test_list_caches_validates(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """list_caches refuses unknown models and entries that are not running."""
+    entry = await make_entry(setup=False, model_kwargs={"prefill_ms_per_token": 3})
+    setup = hass.async_create_task(hass.config_entries.async_setup(entry.entry_id))
+    while entry.state is not ConfigEntryState.SETUP_IN_PROGRESS:
+        await asyncio.sleep(0.001)
+    for data in ({}, {"model": "Qwen3 Sim"}):
+        with pytest.raises(ServiceValidationError) as err:
+            await call(hass, "list_caches", data)
+        assert err.value.translation_key == "entry_not_loaded"
+        assert "setup_in_progress" in str(err.value)
+    assert await setup
+    assert entry.state is ConfigEntryState.LOADED
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, "list_caches", {"model": "Other"})
+    assert err.value.translation_key == "model_not_loaded"
+    assert str(err.value) == 'Model "Other" is not loaded by any Rockchip LLM agent'
+    listed = await call(hass, "list_caches", {"model": "Qwen3 Sim"})
+    assert [cache["name"] for cache in listed["caches"]] == ["system"]
+    await hass.config_entries.async_unload(entry.entry_id)
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, "list_caches", {})
+    assert err.value.translation_key == "entry_not_loaded"
+    assert "not_loaded" in str(err.value)
+    await hass.config_entries.async_remove(entry.entry_id)
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, "list_caches", {})
+    assert err.value.translation_key == "no_agents"
+
+
+async def test_nul_bytes_are_refused(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Cache prompts and benchmark questions with a NUL are refused, not cut."""
+    entry = await make_entry()
+    saves = sim_counter(entry, "prompt_cache_save")
+    with pytest.raises(ServiceValidationError) as err:
+        await call(
+            hass,
+            "create_cache",
+            {"model": "Qwen3 Sim", "name": "cut", "prompt": "before\0after"},
+        )
+    assert err.value.translation_key == "text_has_nul"
+    assert str(err.value).startswith("There is a NUL character in the prompt,")
+    assert not (cache_dir / "Qwen3 Sim" / "cut.json").exists()
+    assert sim_counter(entry, "prompt_cache_save") == saves
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, "benchmark", {"agent": AGENT, "question": "on?\0x"})
+    assert str(err.value).startswith("There is a NUL character in the question,")
+    assert not loaded.recent
+
+
+async def test_model_and_agent_fields_offer_a_list(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """The UI offers the loaded models and our agents to pick; nothing is typed."""
+    entry = await make_entry()
+    descriptions = (await async_get_all_descriptions(hass))[DOMAIN]
+    for service in ("list_caches", "create_cache", "delete_cache"):
+        model_selector = descriptions[service]["fields"]["model"]["selector"]
+        assert model_selector == {
+            "select": {"options": ["Qwen3 Sim"], "mode": "dropdown"}
+        }
+        selector.validate_selector(model_selector)
+    for service in ("rebuild_cache", "benchmark"):
+        agent_selector = descriptions[service]["fields"]["agent"]["selector"]
+        assert agent_selector["entity"]["filter"] == [
+            {"integration": DOMAIN, "domain": ["conversation"]}
+        ]
+        selector.validate_selector(agent_selector)
+    assert descriptions["create_cache"]["response"] == {"optional": True}
+    await hass.config_entries.async_unload(entry.entry_id)
+    descriptions = (await async_get_all_descriptions(hass))[DOMAIN]
+    assert descriptions["create_cache"]["fields"]["model"]["selector"] == {
+        "select": {"options": [], "mode": "dropdown"}
+    }

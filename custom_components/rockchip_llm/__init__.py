@@ -1,6 +1,7 @@
 """The Rockchip LLM integration: Assist on the Rockchip NPU through the RKLLM runtime."""
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from homeassistant.components.conversation import (
@@ -25,10 +26,12 @@ from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
 from .const import (
+    CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_LIBRARY_PATH,
     CONF_MODEL,
     CONF_MODELS_DIR,
+    DEFAULT_CACHE_BUDGET_MB,
     DOMAIN,
     LOGGER,
     SUBENTRY_AI_TASK,
@@ -38,10 +41,14 @@ from .engine import Engine
 from .host import npu_driver_too_old, read_host_info
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
-from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
+from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
-from .services import async_setup_services
+from .services import (
+    async_setup_services,
+    async_update_model_selectors,
+    cache_build_error,
+)
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
@@ -69,7 +76,7 @@ type RockchipConfigEntry = ConfigEntry[RockchipRuntime]
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Register the actions."""
-    async_setup_services(hass)
+    await async_setup_services(hass)
     return True
 
 
@@ -77,12 +84,22 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     """Load the runtime, the agents' models and their system caches."""
     library_path = Path(entry.data[CONF_LIBRARY_PATH])
     library_issue = f"library_{entry.entry_id}"
+    private_dir = Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR
     try:
         library = await hass.async_add_executor_job(
-            load_library_safely,
-            library_path,
-            Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR,
+            load_library_safely, library_path, private_dir
         )
+    except LibraryCopyFailed as err:
+        # The cache folder's disk is full or read-only: retried, with its repair.
+        disk = await hass.async_add_executor_job(
+            CacheWriteError, str(err), err.os_error, private_dir
+        )
+        _async_report_cache_write(hass, entry, disk)
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key=err.translation_key,
+            translation_placeholders=err.placeholders,
+        ) from err
     except LibraryError as err:
         missing = isinstance(err, LibraryNotFound)
         _async_create_issue(
@@ -109,9 +126,17 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
             translation_key=err.reason,
             translation_placeholders={"path": str(err.path)},
         ) from err
-    store = PromptCacheStore(Path(entry.data[CONF_CACHE_DIR]))
+    budget_mb = entry.data.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB)
+    store = PromptCacheStore(
+        Path(entry.data[CONF_CACHE_DIR]), int(budget_mb * 1_000_000)
+    )
     await hass.async_add_executor_job(store.clean_staging)
-    engine = Engine(library, store, hass.async_add_executor_job)
+    engine = Engine(
+        library,
+        store,
+        hass.async_add_executor_job,
+        partial(_async_report_cache_write, hass, entry),
+    )
     runtime = RockchipRuntime(engine=engine, scan=scan)
     try:
         await _async_load_agents(hass, entry, runtime)
@@ -122,6 +147,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     _async_track_prefix_sources(hass, entry, runtime)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     entry.async_on_unload(entry.add_update_listener(_async_update_listener))
+    entry.async_on_unload(
+        entry.async_on_state_change(lambda: async_update_model_selectors(hass))
+    )
     return True
 
 
@@ -185,27 +213,41 @@ async def _async_load_agents(
                 loaded,
                 chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
             )
-    cache_issue = f"cache_dir_{entry.entry_id}"
+    disk_failed = False
     for agent in runtime.chat_agents:
         try:
             await agent.async_prepare("setup")
+        except CacheWriteError as err:
+            if err.disk_problem is None:
+                raise cache_build_error(
+                    ConfigEntryNotReady, agent.loaded.name, err
+                ) from err
+            # The repair is raised; the agent answers without a cache meanwhile.
+            LOGGER.warning("%s runs without a prompt cache: %s", agent.loaded.name, err)
+            disk_failed = True
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
-            if isinstance(err, (CacheWriteError, PermissionError)):
-                _async_create_issue(
-                    hass,
-                    cache_issue,
-                    "cache_dir_not_writable",
-                    {"path": str(runtime.engine.store.root), "error": str(err)},
-                )
-            raise ConfigEntryNotReady(
-                translation_domain=DOMAIN,
-                translation_key="cache_build_failed",
-                translation_placeholders={
-                    "model": agent.loaded.name,
-                    "error": str(err),
-                },
+            raise cache_build_error(
+                ConfigEntryNotReady, agent.loaded.name, err
             ) from err
-    ir.async_delete_issue(hass, DOMAIN, cache_issue)
+    if not disk_failed:
+        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+
+
+def _cache_issue_id(entry: RockchipConfigEntry) -> str:
+    return f"cache_dir_{entry.entry_id}"
+
+
+@callback
+def _async_report_cache_write(
+    hass: HomeAssistant, entry: RockchipConfigEntry, error: CacheWriteError | None
+) -> None:
+    """Raise the disk repair when the disk refuses a cache; clear it once one is written."""
+    if error is None or error.disk_problem is None:
+        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+        return
+    _async_create_issue(
+        hass, _cache_issue_id(entry), error.disk_problem, error.placeholders
+    )
 
 
 async def _async_check_npu_driver(hass: HomeAssistant) -> None:

@@ -37,7 +37,7 @@ from .const import (
     HistoryStrategy,
 )
 from .engine import Engine, LoadedModel
-from .prompt_cache import CacheEntry
+from .prompt_cache import CacheEntry, CacheWriteError
 from .rkllm.runtime import Sampling
 
 
@@ -155,8 +155,17 @@ class Agent:
 
         The system cache is for the prefix a request without an area carries; other
         prefixes (a satellite in an area adds a line to the prompt) get caches of their
-        own, the most recent MAX_AUTO_CACHES of them kept.
+        own, the most recent MAX_AUTO_CACHES of them kept. When the disk refuses
+        a cache (its repair is raised), the agent goes on without it.
         """
+        try:
+            await self._async_refresh_caches()
+        except CacheWriteError as err:
+            if err.disk_problem is None:
+                raise
+            LOGGER.warning("Prompt cache of %s not written: %s", self.loaded.name, err)
+
+    async def _async_refresh_caches(self) -> None:
         requested, self._requested = self._requested, None
         rendered = await async_render_prefix(self.hass, self.options)
         if (

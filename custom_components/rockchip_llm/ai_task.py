@@ -13,6 +13,7 @@ from . import RockchipConfigEntry
 from .const import DOMAIN, SUBENTRY_AI_TASK, HistoryStrategy
 from .entity import RockchipLLMBaseEntity, ready_subentries
 from .ha_compat import schema_to_openapi, vol
+from .text_check import refuse_nul
 
 STRUCTURE_ATTEMPTS = 2
 
@@ -70,6 +71,7 @@ class RockchipAITaskEntity(ai_task.AITaskEntity, RockchipLLMBaseEntity):
         self, task: ai_task.GenDataTask, chat_log: conversation.ChatLog
     ) -> ai_task.GenDataTaskResult:
         """Run the task; structured output gets one retry with the parse error."""
+        refuse_nul(task.instructions, "instructions")
         instructions = _json_instructions(task.structure) if task.structure else None
         for attempt in range(STRUCTURE_ATTEMPTS):
             await self._async_handle_chat_log(chat_log, instructions)

@@ -35,6 +35,7 @@ from homeassistant.helpers.selector import (
 from homeassistant.helpers.typing import VolDictType
 
 from .const import (
+    CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
@@ -50,6 +51,7 @@ from .const import (
     CONF_TOP_K,
     CONF_TOP_P,
     CONFIG_SUBDIR,
+    DEFAULT_CACHE_BUDGET_MB,
     DEFAULT_ENABLE_THINKING,
     DEFAULT_HISTORY_STRATEGY,
     DEFAULT_MAX_CONTEXT_LEN,
@@ -245,6 +247,22 @@ def _agent_schema(
     return vol.Schema(schema)
 
 
+_BUDGET_SELECTOR: Final = NumberSelector(
+    NumberSelectorConfig(
+        min=16,
+        max=1_000_000,
+        step=1,
+        mode=NumberSelectorMode.BOX,
+        unit_of_measurement="MB",
+    )
+)
+
+
+def _budget(user_input: Mapping[str, Any]) -> int:
+    """Return the cache budget in MB from a form."""
+    return int(user_input.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB))
+
+
 class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
     """Set up one RKLLM runtime: library, models folder and cache folder."""
 
@@ -252,7 +270,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
 
     def __init__(self) -> None:
         """Initialize the flow."""
-        self._paths: dict[str, str] = {}
+        self._paths: dict[str, str | int] = {}
         self._models: dict[str, ModelInfo] = {}
 
     def _normalize_paths(self, user_input: Mapping[str, Any]) -> dict[str, str]:
@@ -302,6 +320,9 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                     CONF_CACHE_DIR,
                     default=self.hass.config.path(CONFIG_SUBDIR, "cache"),
                 ): TextSelector(),
+                vol.Required(
+                    CONF_CACHE_BUDGET, default=DEFAULT_CACHE_BUDGET_MB
+                ): _BUDGET_SELECTOR,
             }
         )
         validation = validation or _Validation()
@@ -323,7 +344,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         validation = await self._async_validate(paths)
         if validation.errors:
             return await self._async_show_paths_form("user", user_input, validation)
-        self._paths = paths
+        self._paths = {**paths, CONF_CACHE_BUDGET: _budget(user_input)}
         self._models = validation.models
         return await self.async_step_model()
 
@@ -372,7 +393,9 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             return await self._async_show_paths_form(
                 "reconfigure", user_input, validation
             )
-        return self.async_update_reload_and_abort(entry, data_updates=paths)
+        return self.async_update_reload_and_abort(
+            entry, data_updates={**paths, CONF_CACHE_BUDGET: _budget(user_input)}
+        )
 
     @classmethod
     @callback

@@ -14,6 +14,9 @@ LOGGER = logging.getLogger(__package__)
 CONF_LIBRARY_PATH: Final = "library_path"
 CONF_MODELS_DIR: Final = "models_dir"
 CONF_CACHE_DIR: Final = "cache_dir"
+CONF_CACHE_BUDGET: Final = "cache_budget_mb"
+DEFAULT_CACHE_BUDGET_MB: Final = 2048
+"""Room for a few system and automatic caches of a small model on an SD card."""
 
 LIBRARY_CANDIDATES: Final = (
     Path("/usr/lib/librkllmrt.so"),

@@ -11,6 +11,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from . import RockchipConfigEntry
 from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
 from .entity import RockchipLLMBaseEntity, ready_subentries
+from .text_check import refuse_nul
 
 # Requests are queued per model by the engine, not by entity updates.
 PARALLEL_UPDATES = 0
@@ -60,6 +61,7 @@ class RockchipConversationEntity(
         chat_log: conversation.ChatLog,
     ) -> conversation.ConversationResult:
         """Answer one user message."""
+        refuse_nul(user_input.text, "message")
         options = self.subentry.data
         try:
             await chat_log.async_provide_llm_data(

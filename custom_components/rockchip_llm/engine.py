@@ -18,12 +18,15 @@ from pathlib import Path
 import time
 from typing import Any
 
-from .chat import KVState, SystemPrefix
+from .chat import KVState, SystemPrefix, estimate_tokens
+from .const import AUTO_CACHE_PREFIX
 from .models import ModelInfo, model_fingerprint
 from .prompt_cache import (
     CacheEntry,
     CacheExpectation,
     CacheMetadata,
+    CacheTooLong,
+    CacheWriteError,
     PromptCacheStore,
     prompt_sha256,
 )
@@ -142,11 +145,17 @@ class Engine:
         library: RuntimeLibrary,
         store: PromptCacheStore,
         run_blocking: Callable[..., Any],
+        on_cache_write: Callable[[CacheWriteError | None], None] | None = None,
     ) -> None:
-        """Create an engine; run_blocking runs a blocking function off the loop."""
+        """Create an engine; run_blocking runs a blocking function off the loop.
+
+        on_cache_write hears of every cache build: None when it was written, the
+        error when the disk refused it.
+        """
         self.library = library
         self.store = store
         self._run_blocking = run_blocking
+        self._on_cache_write = on_cache_write or (lambda _error: None)
         self._models: dict[str, LoadedModel] = {}
 
     @property
@@ -284,10 +293,21 @@ class Engine:
         if entry is not None:
             await call(loaded.model.load_prompt_cache(entry.bin_path))
             loaded.loaded_cache = entry
+            await self._run_blocking(self.store.touch, entry)
 
     async def _async_build(
         self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
     ) -> tuple[CacheEntry, CacheMetadata, float]:
+        evicted: list[CacheEntry] = await self._run_blocking(
+            self.store.make_room,
+            loaded.name,
+            name,
+            len(prefix.prompt),
+            AUTO_CACHE_PREFIX,
+        )
+        if evicted:
+            for other in self._models.values():
+                other.caches = None
         await self.async_set_prefix(loaded, prefix)
         await self.async_use_cache(loaded, None)
         await call(loaded.model.clear_kv_cache(keep_system_prompt=False))
@@ -297,10 +317,13 @@ class Engine:
         )
         started = time.monotonic()
         try:
-            result = await Generation(
-                loaded,
-                RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1),
-            ).collect()
+            try:
+                result = await Generation(
+                    loaded,
+                    RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1),
+                ).collect()
+            except RKLLMError as err:
+                raise await self._build_error(loaded, prefix, staging, err) from err
             build_ms = (time.monotonic() - started) * 1000
             info = self.library.info
             metadata = CacheMetadata(
@@ -326,6 +349,29 @@ class Engine:
             raise
         return entry, metadata, build_ms
 
+    async def _build_error(
+        self,
+        loaded: LoadedModel,
+        prefix: SystemPrefix,
+        staging: Path,
+        err: RKLLMError,
+    ) -> Exception:
+        """Say why the runtime failed to build a cache: the disk, the context, or err."""
+        problem: CacheWriteError | None = await self._run_blocking(
+            self.store.write_problem, staging
+        )
+        if problem is not None:
+            return problem
+        tokens = estimate_tokens(prefix.prompt) + estimate_tokens(prefix.tools_json)
+        if tokens >= loaded.params.max_context_len:
+            return CacheTooLong(
+                str(err),
+                error=str(err),
+                tokens=str(tokens),
+                max_context_len=str(loaded.params.max_context_len),
+            )
+        return err
+
     async def async_build_cache(
         self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
     ) -> CacheEntry:
@@ -339,12 +385,15 @@ class Engine:
             entry, metadata, build_ms = await self._async_build(
                 loaded, prefix, name, source
             )
-        except Exception:
+        except Exception as err:
+            if isinstance(err, CacheWriteError) and err.disk_problem is not None:
+                self._on_cache_write(err)
             if previous is not None:
                 await self.async_try_use_cache(loaded, previous)
             raise
         finally:
             loaded.caches = None
+        self._on_cache_write(None)
         _LOGGER.info(
             "Built prompt cache %s/%s: %d tokens in %.0f ms, %d bytes",
             loaded.name,

@@ -20,6 +20,7 @@ from pathlib import Path
 import re
 import secrets
 import stat
+import time
 from typing import Any, Self
 
 _LOGGER = logging.getLogger(__name__)
@@ -61,6 +62,71 @@ class CacheWriteError(CacheError):
     """Writing or deleting a cache failed; the previous pair is kept."""
 
     translation_key = "cache_write_failed"
+
+    def __init__(self, message: str, err: OSError, folder: Path) -> None:
+        """Keep the OS error number and describe the folder and its free space."""
+        super().__init__(
+            message, error=str(err), path=str(folder), free=_free_text(folder)
+        )
+        self.errno = err.errno
+
+    @property
+    def disk_problem(self) -> str | None:
+        """Return the translation key of the disk's fault, None if not the disk's."""
+        if self.errno in _FULL_ERRNOS:
+            return "cache_disk_full"
+        if self.errno in _READ_ONLY_ERRNOS:
+            return "cache_dir_not_writable"
+        return None
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_PROBE_BYTES = 4096
+_LOW_FREE_BYTES = 16 * 1024 * 1024
+"""Less free space than this after a failed save counts as a full disk."""
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Return the space left for unprivileged writes on folder's disk, if known."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _megabytes(size: int) -> str:
+    """Return a size for people, e.g. "12.5 MB"."""
+    return f"{size / 1_000_000:.1f} MB"
+
+
+def _free_text(folder: Path) -> str:
+    """Return folder's free space for people, e.g. "12.5 MB"."""
+    free = free_bytes(folder)
+    return "unknown" if free is None else _megabytes(free)
+
+
+class CacheTooLong(CacheError):
+    """The runtime failed to build a cache whose prompt may not fit the context."""
+
+    translation_key = "cache_prompt_too_long"
+
+
+class CacheBudgetExceeded(CacheWriteError):
+    """A cache would not fit the folder's budget, even without automatic caches."""
+
+    translation_key = "cache_budget_exceeded"
+
+    def __init__(self, message: str, **placeholders: str) -> None:
+        """Store the message and placeholders (no OS error: nothing was written)."""
+        CacheError.__init__(self, message, **placeholders)
+        self.errno = None
+
+    @property
+    def disk_problem(self) -> str | None:
+        """The budget is full: a problem of its own, with its own repair."""
+        return self.translation_key
 
 
 class CorruptCache(CacheError):
@@ -197,8 +263,9 @@ class CacheEntry:
     """A cache on disk; ``metadata`` is None when its JSON is missing or corrupt.
 
     ``problem`` says why the entry is unusable whatever is expected:
-    "metadata_missing", "metadata_corrupt", "name_mismatch", "bin_missing" or
-    "size_mismatch".
+    "metadata_missing", "metadata_corrupt", "not_a_file" (a symlink, folder or
+    other non-regular file in the place of one of its files), "name_mismatch",
+    "bin_missing" or "size_mismatch".
     """
 
     metadata: CacheMetadata | None
@@ -250,20 +317,55 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
 
 
-def _file_size(path: Path) -> int | None:
-    """Return the size of a regular file, None when there is none."""
+def _lstat_mode(path: Path) -> int | None:
+    """Return the mode of ``path`` itself (symlinks not followed), None if absent."""
     try:
-        st = path.stat()
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+
+
+def _is_not_a_file(path: Path) -> bool:
+    """Return True when something other than a regular file is at ``path``."""
+    try:
+        mode = _lstat_mode(path)
+    except OSError:
+        return True
+    return mode is not None and not stat.S_ISREG(mode)
+
+
+def _file_size(path: Path) -> int | None:
+    """Return the size of a regular file (not a symlink), None when there is none."""
+    try:
+        st = path.lstat()
     except OSError:
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
+def _open_regular(path: Path) -> int:
+    """Open a regular file for reading: never through a symlink, never blocking.
+
+    A FIFO opened this way does not wait for a writer; it and any other
+    non-regular file are refused with OSError.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _synced_size(path: Path) -> int:
     """Flush a staged file to disk and return its size; empty is an error."""
-    with path.open("rb") as file:
-        os.fsync(file.fileno())
-        size = os.fstat(file.fileno()).st_size
+    fd = _open_regular(path)
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     if size == 0:
         raise OSError(errno.ENODATA, "the runtime wrote an empty cache", str(path))
     return size
@@ -285,6 +387,21 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _move_out_of_the_way(path: Path) -> bool:
+    """Rename a folder, FIFO or other non-file at ``path`` to a visible name.
+
+    Symlinks and regular files are left alone (renaming over them is safe).
+    Return True when something was moved; log where it went.
+    """
+    mode = _lstat_mode(path)
+    if mode is None or stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return False
+    target = path.with_name(f"{path.name}.moved-{secrets.token_hex(4)}")
+    path.rename(target)
+    _LOGGER.warning("%s was not a file; moved it aside to %s", path, target)
+    return True
 
 
 def _move_aside(path: Path, backup: Path) -> bool:
@@ -326,8 +443,11 @@ def _parse_metadata(raw: bytes) -> CacheMetadata:
 
 def _read_metadata(path: Path) -> tuple[CacheMetadata | None, str | None]:
     """Return the metadata of a JSON file, or None and the problem."""
+    if _is_not_a_file(path):
+        _LOGGER.warning("Ignoring cache metadata %s: not a regular file", path)
+        return None, "not_a_file"
     try:
-        with path.open("rb") as file:
+        with os.fdopen(_open_regular(path), "rb") as file:
             raw = file.read(_MAX_METADATA_BYTES + 1)
     except FileNotFoundError:
         return None, "metadata_missing"
@@ -387,6 +507,23 @@ def _visible_names(path: Path) -> list[str]:
     return names
 
 
+def _stamp(path: Path) -> None:
+    """Set a file's times to now, finer than the file system's own clock."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now), follow_symlinks=False)
+    except OSError as err:
+        _LOGGER.debug("Cannot set the times of %s: %s", path, err)
+
+
+def _last_used(entry: CacheEntry) -> int:
+    """When a cache was last used or built (its ``.bin``'s mtime), 0 if unknown."""
+    try:
+        return entry.bin_path.lstat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _is_cache_file(path: Path) -> bool:
     """Return True for ``<cache name>.bin`` or ``.json``; log the others."""
     if path.suffix in (_BIN, _JSON) and CACHE_NAME_PATTERN.fullmatch(path.stem):
@@ -398,9 +535,83 @@ def _is_cache_file(path: Path) -> bool:
 class PromptCacheStore:
     """Prompt caches and their metadata under one root directory."""
 
-    def __init__(self, root: Path) -> None:
-        """Use ``root`` (created on demand) as the cache root."""
+    def __init__(self, root: Path, budget_bytes: int | None = None) -> None:
+        """Use ``root`` (created on demand) as the cache root.
+
+        ``budget_bytes`` limits the total size of the caches of every model in it.
+        """
         self.root = root
+        self.budget_bytes = budget_bytes
+
+    def disk_bytes(self, entry: CacheEntry) -> int:
+        """Return the bytes a cache's files take (what counts against the budget)."""
+        return sum(_file_size(path) or 0 for path in (entry.bin_path, entry.json_path))
+
+    def expected_bytes(self, model: str, prompt_length: int) -> int:
+        """Estimate the size of a model's cache of a prompt from its existing caches.
+
+        Tokens × bytes per token, both measured per prompt character on the
+        model's caches (the largest ratio, to be safe); 0 with none to measure.
+        """
+        ratios = [
+            entry.metadata.size_bytes / entry.metadata.prompt_length
+            for entry in self.list(model)
+            if entry.metadata is not None
+            and entry.problem is None
+            and entry.metadata.prompt_length > 0
+        ]
+        return math.ceil(prompt_length * max(ratios, default=0))
+
+    def make_room(
+        self, model: str, name: str, prompt_length: int, evictable: str
+    ) -> list[CacheEntry]:
+        """Keep the budget for a new cache: evict least recently used caches.
+
+        Only caches whose name starts with ``evictable`` (automatic ones) go, the
+        least recently used first (see touch), and only as many as needed. Return
+        the evicted entries. When the cache would not fit even without all of
+        them, raise CacheBudgetExceeded and evict nothing.
+        """
+        if self.budget_bytes is None:
+            return []
+        expected = self.expected_bytes(model, prompt_length)
+        others = [e for e in self.list() if (e.model, e.name) != (model, name)]
+        sizes = {(e.model, e.name): self.disk_bytes(e) for e in others}
+        candidates = sorted(
+            (e for e in others if e.name.startswith(evictable)), key=_last_used
+        )
+        used = sum(sizes.values())
+        kept = used - sum(sizes[e.model, e.name] for e in candidates)
+        if kept + expected > self.budget_bytes:
+            raise CacheBudgetExceeded(
+                f"Cache {model}/{name} needs about {_megabytes(expected)}; the other "
+                f"caches use {_megabytes(kept)} of {_megabytes(self.budget_bytes)}",
+                model=model,
+                name=name,
+                expected=_megabytes(expected),
+                used=_megabytes(kept),
+                budget=_megabytes(self.budget_bytes),
+                path=str(self.root),
+            )
+        evicted: list[CacheEntry] = []
+        for entry in candidates:
+            if used + expected <= self.budget_bytes:
+                break
+            _LOGGER.info(
+                "Evicting prompt cache %s/%s (budget)", entry.model, entry.name
+            )
+            self.delete(entry.model, entry.name)
+            used -= sizes[entry.model, entry.name]
+            evicted.append(entry)
+        return evicted
+
+    def touch(self, entry: CacheEntry) -> None:
+        """Record that a cache was just used (its ``.bin``'s times), best effort."""
+        _stamp(entry.bin_path)
+
+    def used_bytes(self) -> int:
+        """Return the bytes all caches in the root take."""
+        return sum(self.disk_bytes(entry) for entry in self.list())
 
     def bin_path(self, model: str, name: str) -> Path:
         """Return the cache file path; raise InvalidModelName / InvalidCacheName."""
@@ -417,7 +628,7 @@ class PromptCacheStore:
             bin_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CacheWriteError(
-                f"Cannot create {bin_path.parent}: {err}", error=str(err)
+                f"Cannot create {bin_path.parent}: {err}", err, bin_path.parent
             ) from err
         return _temp_path(bin_path)
 
@@ -437,6 +648,8 @@ class PromptCacheStore:
         moved_aside = installed = False
         try:
             metadata = replace(metadata, size_bytes=_synced_size(staging_bin))
+            _move_out_of_the_way(bin_path)
+            _move_out_of_the_way(json_path)
             text = json.dumps(metadata.to_json(), indent=2, sort_keys=True)
             _write_synced(json_tmp, text + "\n")
             moved_aside = _move_aside(bin_path, backup)
@@ -451,9 +664,10 @@ class PromptCacheStore:
             _remove(staging_bin)
             _remove(json_tmp)
             raise CacheWriteError(
-                f"Cannot write cache {bin_path}: {err}", error=str(err)
+                f"Cannot write cache {bin_path}: {err}", err, bin_path.parent
             ) from err
         _remove(backup)
+        _stamp(bin_path)  # built counts as used, on the same clock as touch
         _fsync_dir(bin_path.parent)
         return CacheEntry(
             metadata, metadata.model, metadata.name, bin_path, json_path, None
@@ -472,12 +686,36 @@ class PromptCacheStore:
         """Delete a cache's files; False when none existed."""
         paths = (self.json_path(model, name), self.bin_path(model, name))
         try:
-            removed = [_unlink(path) for path in paths]
+            removed = [_move_out_of_the_way(path) or _unlink(path) for path in paths]
         except OSError as err:
             raise CacheWriteError(
-                f"Cannot delete cache {model}/{name}: {err}", error=str(err)
+                f"Cannot delete cache {model}/{name}: {err}", err, paths[0].parent
             ) from err
         return any(removed)
+
+    def write_problem(self, staging_bin: Path) -> CacheWriteError | None:
+        """Tell whether a failed save was the disk's fault: full, read-only, denied.
+
+        The runtime only prints why it could not save; a small synced probe write
+        next to ``staging_bin`` gets the same answer from the OS.
+        """
+        self._check_staging(staging_bin, None)
+        folder = staging_bin.parent
+        probe = _temp_path(folder / "probe.bin")
+        try:
+            with probe.open("xb") as file:
+                file.write(bytes(_PROBE_BYTES))
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as err:
+            return CacheWriteError(f"Cannot write to {folder}: {err}", err, folder)
+        finally:
+            _remove(probe)
+        free = free_bytes(folder)
+        if free is not None and free < _LOW_FREE_BYTES:
+            low = OSError(errno.ENOSPC, "almost no space left on the device")
+            return CacheWriteError(f"Cannot write to {folder}: {low}", low, folder)
+        return None
 
     def clean_staging(self) -> None:
         """Remove temp files left by a crash; call only while nothing is being built."""
@@ -485,6 +723,10 @@ class PromptCacheStore:
             for path in _list_dir(model_dir):
                 if _TEMP_PATTERN.fullmatch(path.name):
                     _LOGGER.debug("Removing leftover %s", path)
+                    try:
+                        _move_out_of_the_way(path)
+                    except OSError as err:
+                        _LOGGER.warning("Cannot move %s aside: %s", path, err)
                     _remove(path)
 
     def _path(self, model: str, name: str, suffix: str) -> Path:
@@ -534,9 +776,12 @@ class PromptCacheStore:
         bin_size = _file_size(bin_path)
         metadata, problem = _read_metadata(json_path)
         if problem == "metadata_missing" and bin_size is None:
-            return None
+            if not _is_not_a_file(bin_path):
+                return None
         if metadata is not None:
             problem = _pair_problem(metadata, model, name, bin_size)
+        if _is_not_a_file(bin_path):
+            problem = "not_a_file"
         if problem not in (None, "metadata_corrupt"):
             _LOGGER.warning("Prompt cache %s/%s is unusable: %s", model, name, problem)
         return CacheEntry(metadata, model, name, bin_path, json_path, problem)

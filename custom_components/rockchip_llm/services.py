@@ -1,7 +1,9 @@
-"""Actions: rebuild_cache, list_caches, create_cache, delete_cache."""
+"""Actions: rebuild_cache, list_caches, create_cache, delete_cache, benchmark."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from homeassistant.components.conversation import DOMAIN as CONVERSATION_DOMAIN
@@ -16,13 +18,28 @@ from homeassistant.core import (
 )
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import config_validation as cv, entity_registry as er
+from homeassistant.helpers.service import (
+    async_register_admin_service,
+    async_set_service_schema,
+)
+from homeassistant.util.hass_dict import HassKey
+from homeassistant.util.yaml import load_yaml_dict
 
 from .benchmark import async_benchmark
 from .chat import SystemPrefix
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .ha_compat import vol
-from .prompt_cache import CACHE_NAME_PATTERN, CacheEntry, CacheError
+from .prompt_cache import (
+    CACHE_NAME_PATTERN,
+    CacheEntry,
+    CacheError,
+    CacheTooLong,
+    CacheWriteError,
+    PromptCacheStore,
+    free_bytes,
+)
 from .rkllm.errors import RKLLMError
+from .text_check import refuse_nul
 
 if TYPE_CHECKING:
     from . import RockchipRuntime
@@ -37,6 +54,8 @@ ATTR_AGENT = "agent"
 ATTR_RUNS = "runs"
 ATTR_QUESTION = "question"
 DEFAULT_QUESTION = "Is the kitchen light on?"
+MODEL_SERVICES = (SERVICE_LIST_CACHES, SERVICE_CREATE_CACHE, SERVICE_DELETE_CACHE)
+_DESCRIPTIONS: HassKey[dict[str, Any]] = HassKey(f"{DOMAIN}_service_descriptions")
 
 REBUILD_SCHEMA = vol.Schema(
     {
@@ -82,6 +101,27 @@ def _validation_error(key: str, **placeholders: str) -> ServiceValidationError:
     )
 
 
+def cache_build_error[E: HomeAssistantError](
+    kind: type[E], model: str, err: Exception
+) -> E:
+    """Return a translated error that says why a cache build failed.
+
+    The disk (full, read-only) and a prompt that may not fit the context get
+    messages of their own; anything else is reported as it is.
+    """
+    key = "cache_build_failed"
+    placeholders = {"error": str(err)}
+    if isinstance(err, CacheTooLong):
+        key, placeholders = err.translation_key, err.placeholders
+    elif isinstance(err, CacheWriteError) and err.disk_problem is not None:
+        key, placeholders = err.disk_problem, err.placeholders
+    return kind(
+        translation_domain=DOMAIN,
+        translation_key=key,
+        translation_placeholders={"model": model, **placeholders},
+    )
+
+
 def _check_name(name: str) -> None:
     if not CACHE_NAME_PATTERN.fullmatch(name):
         raise _validation_error("invalid_cache_name", name=name)
@@ -115,11 +155,21 @@ def _agents_for(hass: HomeAssistant, entity_ids: list[str] | None) -> list[Agent
     return found
 
 
+def _check_loaded(hass: HomeAssistant) -> None:
+    """Raise a validation error while an entry is not loaded (starting, failed)."""
+    for entry in hass.config_entries.async_entries(DOMAIN):
+        if entry.state is not ConfigEntryState.LOADED:
+            raise _validation_error(
+                "entry_not_loaded", title=entry.title, state=entry.state.value
+            )
+
+
 def _agent_for_model(hass: HomeAssistant, model: str) -> Agent:
     for runtime in _runtimes(hass):
         for agent in runtime.agents.values():
             if agent.loaded.name == model:
                 return agent
+    _check_loaded(hass)
     raise _validation_error("model_not_loaded", model=model)
 
 
@@ -144,11 +194,7 @@ async def _async_build(
                 agent.loaded, prefix, name, source
             )
     except (RKLLMError, CacheError) as err:
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="cache_build_failed",
-            translation_placeholders={"model": agent.loaded.name, "error": str(err)},
-        ) from err
+        raise cache_build_error(HomeAssistantError, agent.loaded.name, err) from err
 
 
 async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
@@ -179,16 +225,24 @@ async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
 
 async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
     model: str | None = call.data.get(CONF_MODEL)
+    if model is None:
+        _check_loaded(call.hass)
+        if not _runtimes(call.hass):
+            raise _validation_error("no_agents")
+    else:
+        _agent_for_model(call.hass, model)
     results: list[dict[str, Any]] = []
+    folders: list[dict[str, Any]] = []
     for runtime in _runtimes(call.hass):
         engine = runtime.engine
         try:
-            entries: list[CacheEntry] = await call.hass.async_add_executor_job(
-                engine.store.list, model
+            entries, sizes, folder = await call.hass.async_add_executor_job(
+                _listing, engine.store, model
             )
         except CacheError as err:
             raise _validation_error(err.translation_key, **err.placeholders) from err
-        for entry in entries:
+        folders.append(folder)
+        for entry, disk_bytes in zip(entries, sizes, strict=True):
             loaded = engine.models.get(entry.model)
             agent = next((a for a in runtime.chat_agents if a.loaded is loaded), None)
             valid = (
@@ -198,13 +252,30 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
                 and entry.invalid_reason(engine.expectation(agent.loaded, agent.prefix))
                 is None
             )
-            results.append({**_entry_json(entry), "valid": valid})
-    return cast("ServiceResponse", {"caches": results})
+            results.append(
+                {**_entry_json(entry), "disk_bytes": disk_bytes, "valid": valid}
+            )
+    return cast("ServiceResponse", {"caches": results, "cache_dirs": folders})
+
+
+def _listing(
+    store: PromptCacheStore, model: str | None
+) -> tuple[list[CacheEntry], list[int], dict[str, Any]]:
+    """Return the caches with the bytes each takes, and their folder's budget."""
+    entries = store.list(model)
+    folder = {
+        "path": str(store.root),
+        "budget_bytes": store.budget_bytes,
+        "used_bytes": store.used_bytes(),
+        "free_bytes": free_bytes(store.root),
+    }
+    return entries, [store.disk_bytes(entry) for entry in entries], folder
 
 
 async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
     name: str = call.data[CONF_NAME]
     _check_name(name)
+    refuse_nul(call.data[CONF_PROMPT], CONF_PROMPT)
     agent = _agent_for_model(call.hass, call.data[CONF_MODEL])
     tools = agent.prefix.tools_json if agent.prefix is not None else "[]"
     prefix = SystemPrefix(prompt=call.data[CONF_PROMPT], tools_json=tools)
@@ -234,6 +305,7 @@ async def _async_delete_cache(call: ServiceCall) -> None:
 
 
 async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
+    refuse_nul(call.data[ATTR_QUESTION], ATTR_QUESTION)
     [agent] = _agents_for(call.hass, [call.data[ATTR_AGENT]])
     loaded = agent.loaded
     async with loaded.lock:  # waits behind voice requests, never interrupts them
@@ -258,16 +330,12 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
     return cast("ServiceResponse", result)
 
 
-@callback
-def async_setup_services(hass: HomeAssistant) -> None:
-    """Register the integration's actions."""
-    hass.services.async_register(
-        DOMAIN,
-        SERVICE_REBUILD_CACHE,
-        _async_rebuild_cache,
-        schema=REBUILD_SCHEMA,
-        supports_response=SupportsResponse.OPTIONAL,
-    )
+async def async_setup_services(hass: HomeAssistant) -> None:
+    """Register the integration's actions.
+
+    Those that write files or hold the NPU are for administrators only, as core's
+    are; listing the caches is open to every user.
+    """
     hass.services.async_register(
         DOMAIN,
         SERVICE_LIST_CACHES,
@@ -275,20 +343,45 @@ def async_setup_services(hass: HomeAssistant) -> None:
         schema=LIST_SCHEMA,
         supports_response=SupportsResponse.ONLY,
     )
-    hass.services.async_register(
-        DOMAIN,
-        SERVICE_CREATE_CACHE,
-        _async_create_cache,
-        schema=CREATE_SCHEMA,
-        supports_response=SupportsResponse.OPTIONAL,
+    for name, handler, schema, supports_response in (
+        (
+            SERVICE_REBUILD_CACHE,
+            _async_rebuild_cache,
+            REBUILD_SCHEMA,
+            SupportsResponse.OPTIONAL,
+        ),
+        (
+            SERVICE_CREATE_CACHE,
+            _async_create_cache,
+            CREATE_SCHEMA,
+            SupportsResponse.OPTIONAL,
+        ),
+        (
+            SERVICE_DELETE_CACHE,
+            _async_delete_cache,
+            DELETE_SCHEMA,
+            SupportsResponse.NONE,
+        ),
+        (SERVICE_BENCHMARK, _async_benchmark, BENCHMARK_SCHEMA, SupportsResponse.ONLY),
+    ):
+        async_register_admin_service(
+            hass, DOMAIN, name, handler, schema, supports_response
+        )
+    hass.data[_DESCRIPTIONS] = await hass.async_add_executor_job(
+        load_yaml_dict, str(Path(__file__).with_name("services.yaml"))
     )
-    hass.services.async_register(
-        DOMAIN, SERVICE_DELETE_CACHE, _async_delete_cache, schema=DELETE_SCHEMA
+    async_update_model_selectors(hass)
+
+
+@callback
+def async_update_model_selectors(hass: HomeAssistant) -> None:
+    """Offer the loaded models as a list in the UI's model field of the actions."""
+    models = sorted(
+        {agent.loaded.name for r in _runtimes(hass) for agent in r.agents.values()}
     )
-    hass.services.async_register(
-        DOMAIN,
-        SERVICE_BENCHMARK,
-        _async_benchmark,
-        schema=BENCHMARK_SCHEMA,
-        supports_response=SupportsResponse.ONLY,
-    )
+    for service in MODEL_SERVICES:
+        description = copy.deepcopy(hass.data[_DESCRIPTIONS][service])
+        description["fields"][CONF_MODEL]["selector"] = {
+            "select": {"options": models, "mode": "dropdown"}
+        }
+        async_set_service_schema(hass, DOMAIN, service, description)

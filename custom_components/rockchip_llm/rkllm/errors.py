@@ -64,6 +64,17 @@ class LibraryLoadError(LibraryError):
     translation_key = "library_load_failed"
 
 
+class LibraryCopyFailed(LibraryError):
+    """The private copy of the library could not be written (disk full, read-only)."""
+
+    translation_key = "library_copy_failed"
+
+    def __init__(self, message: str, os_error: OSError, **placeholders: str) -> None:
+        """Keep the OS error, whose number tells what to fix."""
+        super().__init__(message, **placeholders)
+        self.os_error = os_error
+
+
 class LibraryCrashed(LibraryError):
     """Loading the library killed (or hung) the process that tried it."""
 

@@ -40,6 +40,7 @@ from typing import Any, Final, Self
 
 from .abi import AbiFamily
 from .errors import (
+    LibraryCopyFailed,
     LibraryCrashed,
     LibraryError,
     LibraryLoadError,
@@ -315,10 +316,20 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
     """Return a copy of path named by its content, made atomically once."""
     copy = private_dir / f"librkllmrt-{blob_sha1}.so"
     try:
-        private_dir.mkdir(parents=True, exist_ok=True)
+        _real_directory(private_dir)
+        for leftover in private_dir.glob(".librkllmrt-*.so.tmp-*"):
+            _LOGGER.debug("Removing leftover %s", leftover)
+            leftover.unlink()
+        if copy.is_symlink() or (copy.exists() and not copy.is_file()):
+            _LOGGER.warning("Replacing %s: not a regular file", copy)
+            _discard(copy)
         if not copy.exists():
             staging = private_dir / f".{copy.name}.tmp-{os.getpid()}"
-            shutil.copyfile(path, staging)
+            try:
+                shutil.copyfile(path, staging)
+            except OSError:
+                staging.unlink(missing_ok=True)  # a partial copy fills the disk
+                raise
             if git_blob_sha1(staging.read_bytes()) != blob_sha1:
                 staging.unlink()
                 raise LibraryLoadError(
@@ -330,10 +341,28 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
             if old != copy:
                 old.unlink(missing_ok=True)  # a loaded old copy stays mapped
     except OSError as err:
-        raise LibraryLoadError(
-            f"cannot copy {path} to {private_dir}: {err.strerror}", path=str(path)
+        raise LibraryCopyFailed(
+            f"cannot copy {path} to {private_dir}: {err.strerror}",
+            err,
+            path=str(private_dir),
         ) from err
     return copy
+
+
+def _real_directory(path: Path) -> None:
+    """Make path a real directory (a symlink there could lead anywhere)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        _LOGGER.warning("Replacing %s with a directory", path)
+        _discard(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _discard(path: Path) -> None:
+    """Remove a symlink (only the link), or move anything else aside."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        path.rename(path.with_name(f"{path.name}.moved-{os.getpid()}"))
 
 
 def _child_main(argv: list[str]) -> int:
