@@ -47,7 +47,12 @@ CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
 PRIVATE_LIBRARY_DIR = ".runtime"
 """Under the cache folder: the private copy of the runtime library this process maps."""
-PLATFORMS = (Platform.AI_TASK, Platform.CONVERSATION)
+PLATFORMS = (
+    Platform.AI_TASK,
+    Platform.BINARY_SENSOR,
+    Platform.CONVERSATION,
+    Platform.SENSOR,
+)
 
 
 @dataclass(slots=True)

@@ -96,6 +96,22 @@ def ready_subentries(
     ]
 
 
+def agent_device_info(agent: Agent, subentry: ConfigSubentry) -> dr.DeviceInfo:
+    """Return the device of an agent; with the simulator, its labels say so."""
+    version = agent.engine.library.info.version
+    simulated = agent.engine.simulated
+    return dr.DeviceInfo(
+        identifiers={(DOMAIN, subentry.subentry_id)},
+        name=subentry.title,
+        manufacturer="Rockchip",
+        model=f"{agent.loaded.name} (simulated)" if simulated else agent.loaded.name,
+        sw_version=f"RKLLM simulator (runtime {version} ABI)"
+        if simulated
+        else f"RKLLM runtime {version}",
+        entry_type=dr.DeviceEntryType.SERVICE,
+    )
+
+
 class RockchipLLMBaseEntity(Entity):
     """An agent backed by a model on the NPU."""
 
@@ -107,15 +123,7 @@ class RockchipLLMBaseEntity(Entity):
         self.entry = entry
         self.subentry = subentry
         self._attr_unique_id = subentry.subentry_id
-        agent = self.agent
-        self._attr_device_info = dr.DeviceInfo(
-            identifiers={(DOMAIN, subentry.subentry_id)},
-            name=subentry.title,
-            manufacturer="Rockchip",
-            model=agent.loaded.name,
-            sw_version=f"RKLLM runtime {agent.engine.library.info.version}",
-            entry_type=dr.DeviceEntryType.SERVICE,
-        )
+        self._attr_device_info = agent_device_info(self.agent, subentry)
 
     @property
     def agent(self) -> Agent:
