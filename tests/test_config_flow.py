@@ -32,6 +32,7 @@ from custom_components.rockchip_llm.const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
+from custom_components.rockchip_llm.models import scan_models
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
 from homeassistant import config_entries
 from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
@@ -178,13 +179,13 @@ async def loaded_entry(
     return entry
 
 
-async def start_user_flow(hass: HomeAssistant) -> dict[str, Any]:
-    """Start the config flow of a new runtime."""
+async def start_user_flow(hass: HomeAssistant, step: str = "user") -> dict[str, Any]:
+    """Start the config flow of a new runtime; step is the form it must show."""
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": config_entries.SOURCE_USER}
     )
     assert result["type"] is FlowResultType.FORM
-    assert result["step_id"] == "user"
+    assert result["step_id"] == step
     return dict(result)
 
 
@@ -213,10 +214,11 @@ async def test_full_flow(
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "model"
     assert schema_values(result, "default") == {CONF_MODEL: "Beta"}
+    # The simulator's model files are tiny text files: no size, but the truth.
     options = select_options(result, CONF_MODEL)
     assert options == [
-        {"value": "Beta", "label": "Beta (1.5 MB)"},
-        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (0.0 MB)"},
+        {"value": "Beta", "label": "Beta (simulated)"},
+        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (simulated)"},
     ]
 
     result = dict(
@@ -243,6 +245,20 @@ def test_format_size() -> None:
     """Sizes show in GB from one GB on, in MB below."""
     assert config_flow._format_size(1_234_000_000) == "1.2 GB"
     assert config_flow._format_size(999_000_000) == "999.0 MB"
+
+
+async def test_model_labels(
+    hass: HomeAssistant, models_dir: Path, write_model: ModelWriter
+) -> None:
+    """Real models are labelled with their size, simulated ones as simulated."""
+    write_model("Beta").write_bytes(b"x" * 1_500_000)
+    models = (await hass.async_add_executor_job(scan_models, models_dir)).models
+    real = config_flow._model_selector(models, simulated=False)
+    assert real.config["options"] == [{"value": "Beta", "label": "Beta (1.5 MB)"}]
+    simulated = config_flow._model_selector(models, simulated=True)
+    assert simulated.config["options"] == [
+        {"value": "Beta", "label": "Beta (simulated)"}
+    ]
 
 
 async def test_user_form_defaults(
@@ -308,7 +324,8 @@ async def test_suggested_simulator(
         str(SIM_LIBRARY if simulator else tmp_path / "none.so"),
     )
     with patch.object(config_flow, "LIBRARY_CANDIDATES", ()):
-        result = await start_user_flow(hass)
+        # With the simulator the form is its own step, which says it is simulated.
+        result = await start_user_flow(hass, "simulator" if simulator else "user")
     expected = SIM_LIBRARY if simulator else config_dir / "rkllm" / "librkllmrt.so"
     assert schema_values(result, "suggested_value") == {
         CONF_LIBRARY_PATH: str(expected)
@@ -473,7 +490,7 @@ async def test_recover_after_error(
     )
     assert result["step_id"] == "model"
     assert select_options(result, CONF_MODEL) == [
-        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (0.0 MB)"}
+        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (simulated)"}
     ]
     result = dict(
         await hass.config_entries.flow.async_configure(
@@ -649,7 +666,7 @@ async def test_subentry_reconfigure(
     subentry_id = next(iter(loaded_entry.subentries))
     result = await loaded_entry.start_subentry_reconfigure_flow(hass, subentry_id)
     assert result["type"] is FlowResultType.FORM
-    assert result["step_id"] == "set_options"
+    assert result["step_id"] == "reconfigure"
     assert CONF_NAME not in result["data_schema"].schema
     assert schema_values(dict(result), "suggested_value") == {
         CONF_MODEL: "Qwen3 Sim",

@@ -208,7 +208,7 @@ async def async_get_config_entry_diagnostics(
     runtime = entry.runtime_data
     engine = runtime.engine
     data |= {
-        "runtime": _runtime_info(engine.library.info),
+        "runtime": _runtime_info(engine.library.info) | {"simulated": engine.simulated},
         "models": _scan(runtime.scan),
         "loaded_models": {
             name: _loaded_model(loaded) for name, loaded in engine.models.items()
