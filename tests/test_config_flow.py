@@ -253,9 +253,9 @@ async def test_model_labels(
     """Real models are labelled with their size, simulated ones as simulated."""
     write_model("Beta").write_bytes(b"x" * 1_500_000)
     models = (await hass.async_add_executor_job(scan_models, models_dir)).models
-    real = config_flow._model_selector(models, simulated=False)
+    real = config_flow.model_selector(models, simulated=False)
     assert real.config["options"] == [{"value": "Beta", "label": "Beta (1.5 MB)"}]
-    simulated = config_flow._model_selector(models, simulated=True)
+    simulated = config_flow.model_selector(models, simulated=True)
     assert simulated.config["options"] == [
         {"value": "Beta", "label": "Beta (simulated)"}
     ]
@@ -781,6 +781,11 @@ async def test_ai_task_subentry(
     assert dict(subentry.data) == {
         key: value for key, value in AGENT_DATA.items() if key not in CHAT_ONLY
     }
+    # Reconfiguring shows the AI Task agent's own reconfigure form.
+    result = await loaded_entry.start_subentry_reconfigure_flow(hass, added)
+    assert result["step_id"] == "reconfigure"
+    fields = {str(key) for key in result["data_schema"].schema}
+    assert not fields & {*CHAT_ONLY, CONF_NAME}
 
 
 @pytest.mark.parametrize(

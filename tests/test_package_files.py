@@ -147,3 +147,22 @@ def test_exception_keys_are_translated() -> None:
     keys -= {key for platform in strings["entity"].values() for key in platform}
     missing = keys - translated
     assert not missing
+
+
+def test_agent_forms_have_their_own_texts() -> None:
+    """Conversation and AI Task forms, adding and reconfiguring, each say what they are."""
+    english = load_json("translations/en.json")["config_subentries"]
+    texts = [
+        (
+            english[kind]["step"][step]["title"],
+            english[kind]["step"][step]["description"],
+        )
+        for kind in ("conversation", "ai_task_data")
+        for step in ("set_options", "reconfigure")
+    ]
+    assert len({title for title, _ in texts}) == 4
+    assert len({description for _, description in texts}) == 4
+    assert "AI Task" in english["ai_task_data"]["step"]["set_options"]["title"]
+    labels = english["conversation"]["step"]["set_options"]
+    assert labels["data"]["max_history"] == "Earlier questions remembered"
+    assert "questions" in labels["data_description"]["max_history"]

@@ -161,6 +161,10 @@ async def _async_load_agents(
                 issue_id,
                 "model_missing",
                 {"model": model, "agent": subentry.title},
+                fix_data={
+                    "entry_id": entry.entry_id,
+                    "subentry_id": subentry.subentry_id,
+                },
             )
             continue
         ir.async_delete_issue(hass, DOMAIN, issue_id)
@@ -236,13 +240,16 @@ def _async_create_issue(
     key: str,
     placeholders: dict[str, str],
     severity: ir.IssueSeverity = ir.IssueSeverity.ERROR,
+    *,
+    fix_data: dict[str, str | int | float | None] | None = None,
 ) -> None:
-    """Raise a repair issue the user can act on."""
+    """Raise a repair issue the user can act on; with fix_data, repairs.py fixes it."""
     ir.async_create_issue(
         hass,
         DOMAIN,
         issue_id,
-        is_fixable=False,
+        is_fixable=fix_data is not None,
+        data=fix_data,
         severity=severity,
         translation_key=key,
         translation_placeholders=placeholders,

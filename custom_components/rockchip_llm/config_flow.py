@@ -152,7 +152,7 @@ def _format_size(size_bytes: int) -> str:
     return f"{size_bytes / 1_000_000:.1f} MB"
 
 
-def _model_selector(models: Mapping[str, ModelInfo], simulated: bool) -> SelectSelector:
+def model_selector(models: Mapping[str, ModelInfo], simulated: bool) -> SelectSelector:
     """Return a dropdown of the discovered models, labelled with their size.
 
     Simulated models are tiny text files: their size would mean nothing.
@@ -223,7 +223,7 @@ def _agent_schema(
 ) -> vol.Schema:
     """Return the schema of the agent options form (chat: a conversation agent)."""
     schema: VolDictType = {vol.Optional(CONF_NAME): str} if is_new else {}
-    schema[vol.Required(CONF_MODEL)] = _model_selector(models, simulated)
+    schema[vol.Required(CONF_MODEL)] = model_selector(models, simulated)
     if chat:
         schema[vol.Optional(CONF_PROMPT)] = TemplateSelector()
         schema[vol.Optional(CONF_LLM_HASS_API)] = SelectSelector(
@@ -372,7 +372,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                     {
                         vol.Required(
                             CONF_MODEL, default=next(iter(self._models))
-                        ): _model_selector(self._models, self._simulated)
+                        ): model_selector(self._models, self._simulated)
                     }
                 ),
             )
