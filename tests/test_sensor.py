@@ -202,6 +202,33 @@ async def test_failed_build_is_shown(
     assert cache.attributes["last_build_error"] is None
 
 
+async def test_deleted_system_cache_shows_none_then_failed(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Without a system cache the state is none, after a failed build failed."""
+    await make_entry()
+    await hass.services.async_call(
+        DOMAIN,
+        "delete_cache",
+        {"model": "Qwen3 Sim", "name": "system"},
+        blocking=True,
+    )
+    assert state(hass, "prompt_cache") == "none"
+    assert state(hass, "system_prompt_tokens") == STATE_UNKNOWN
+    assert state(hass, "context_use") == STATE_UNKNOWN
+    with (
+        patch(
+            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            side_effect=OSError(28, "No space left on device"),
+        ),
+        pytest.raises(HomeAssistantError),
+    ):
+        await call(hass, "rebuild_cache", {"agent": AGENT})
+    assert state(hass, "prompt_cache") == "failed"
+    await call(hass, "rebuild_cache", {"agent": AGENT})
+    assert state(hass, "prompt_cache") == "ready"
+
+
 async def test_queue_length_and_busy(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:

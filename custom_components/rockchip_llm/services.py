@@ -239,6 +239,7 @@ async def _async_delete_cache(call: ServiceCall) -> None:
                 if other.loaded is loaded:
                     other.cache = None
                     other.prefix = None
+        loaded.notify()
 
 
 async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
