@@ -259,6 +259,11 @@ async def test_model_labels(
     assert simulated.config["options"] == [
         {"value": "Beta", "label": "Beta (simulated)"}
     ]
+    # A folder whose name already says so is not labelled twice.
+    demo = {"Demo (SIMULATED)": models["Beta"]}
+    assert config_flow.model_selector(demo, simulated=True).config["options"] == [
+        {"value": "Demo (SIMULATED)", "label": "Demo (SIMULATED)"}
+    ]
 
 
 async def test_user_form_defaults(

@@ -71,7 +71,7 @@ from .models import ModelInfo, ModelsDirError, scan_models
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
 from .rkllm.probe import verify_library
-from .simulation import SIMULATOR_ENV, file_is_simulator
+from .simulation import SIMULATOR_ENV, file_is_simulator, simulated_label
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def model_selector(models: Mapping[str, ModelInfo], simulated: bool) -> SelectSe
             options=[
                 SelectOptionDict(
                     value=name,
-                    label=f"{name} (simulated)"
+                    label=simulated_label(name)
                     if simulated
                     else f"{name} ({_format_size(info.size_bytes)})",
                 )

@@ -27,6 +27,7 @@ from .engine import Generation, RunStats, perf_or_zero
 from .ha_compat import tool_error_delta, tool_result_data
 from .rkllm.errors import RKLLMError
 from .rkllm.runtime import RunRequest
+from .simulation import simulated_label
 from .stream_parser import (
     ParsedToolCall,
     Piece,
@@ -104,7 +105,7 @@ def agent_device_info(agent: Agent, subentry: ConfigSubentry) -> dr.DeviceInfo:
         identifiers={(DOMAIN, subentry.subentry_id)},
         name=subentry.title,
         manufacturer="Rockchip",
-        model=f"{agent.loaded.name} (simulated)" if simulated else agent.loaded.name,
+        model=simulated_label(agent.loaded.name) if simulated else agent.loaded.name,
         sw_version=f"RKLLM simulator (runtime {version} ABI)"
         if simulated
         else f"RKLLM runtime {version}",

@@ -29,3 +29,8 @@ def file_is_simulator(path: Path) -> bool:
             return data.find(SIMULATOR_SYMBOL.encode()) >= 0
     except OSError, ValueError:
         return False
+
+
+def simulated_label(name: str) -> str:
+    """Return name marked as simulated, unless it already says so."""
+    return name if "simulated" in name.lower() else f"{name} (simulated)"
