@@ -153,3 +153,19 @@ async def test_agent_removed_meanwhile(
     result = await start_fix(hass_client, issue_id)
     assert result["type"] == "abort"
     assert result["reason"] == "agent_removed"
+
+
+async def test_models_folder_gone(
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    make_entry: EntryFactory,
+    models_dir: Path,
+    write_model: ModelWriter,
+) -> None:
+    """Without the models folder (drive unmounted) the flow says so."""
+    _entry, subentry_id = await broken_agent(hass, make_entry, models_dir, write_model)
+    await hass.async_add_executor_job(shutil.rmtree, models_dir)
+    result = await start_fix(hass_client, f"model_missing_{subentry_id}")
+    assert result["type"] == "abort"
+    assert result["reason"] == "models_dir_missing"
+    assert result["description_placeholders"]["models_dir"] == str(models_dir)

@@ -3,6 +3,7 @@
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,7 +38,7 @@ SCAN_INTERVAL = timedelta(seconds=10)
 """Only the NPU load is polled: it is a kernel file, not the model."""
 
 
-class CacheState:
+class CacheState(StrEnum):
     """States of the prompt cache sensor."""
 
     READY = "ready"
@@ -110,12 +111,7 @@ SENSORS: Final = (
         key="prompt_cache",
         translation_key="prompt_cache",
         device_class=SensorDeviceClass.ENUM,
-        options=[
-            CacheState.READY,
-            CacheState.BUILDING,
-            CacheState.FAILED,
-            CacheState.NONE,
-        ],
+        options=[state.value for state in CacheState],
         value_fn=cache_state,
         attributes_fn=_cache_attributes,
         chat_only=True,
