@@ -1,6 +1,7 @@
 """The "model folder missing" repair, fixed through Home Assistant's repairs API."""
 
 from http import HTTPStatus
+import json
 from pathlib import Path
 import shutil
 from typing import Any
@@ -17,6 +18,15 @@ from homeassistant.setup import async_setup_component
 from .conftest import EntryFactory, ModelWriter
 
 FIX_URL = "/api/repairs/issues/fix"
+FIX_FLOW = json.loads(
+    (
+        Path(__file__).parent.parent
+        / "custom_components"
+        / DOMAIN
+        / "translations"
+        / "en.json"
+    ).read_text()
+)["issues"]["model_missing"]["fix_flow"]
 
 
 async def broken_agent(
@@ -82,6 +92,7 @@ async def test_pick_another_model(
     result = await start_fix(hass_client, issue_id)
     assert result["type"] == "form"
     assert result["step_id"] == "init"
+    assert "{agent}" in FIX_FLOW["step"]["init"]["title"]
     assert result["description_placeholders"] == {
         "models_dir": str(models_dir),
         "agent": "Agent 0",
@@ -117,6 +128,7 @@ async def test_picked_folder_vanished(
     result = await submit_fix(hass_client, result["flow_id"], {"model": "Renamed"})
     assert result["type"] == "form"
     assert result["errors"] == {"model": "model_gone"}
+    assert "gone too" in FIX_FLOW["error"]["model_gone"]
     assert entry.subentries[subentry_id].data["model"] == "Qwen3 Sim"
 
 
@@ -135,6 +147,7 @@ async def test_no_models_left(
     result = await start_fix(hass_client, issue_id)
     assert result["type"] == "abort"
     assert result["reason"] == "no_models"
+    assert "No models found in {models_dir}" in FIX_FLOW["abort"]["no_models"]
     assert ir.async_get(hass).async_get_issue(DOMAIN, issue_id) is not None
 
 
@@ -153,6 +166,7 @@ async def test_agent_removed_meanwhile(
     result = await start_fix(hass_client, issue_id)
     assert result["type"] == "abort"
     assert result["reason"] == "agent_removed"
+    assert "removed" in FIX_FLOW["abort"]["agent_removed"]
 
 
 async def test_models_folder_gone(
@@ -168,4 +182,5 @@ async def test_models_folder_gone(
     result = await start_fix(hass_client, f"model_missing_{subentry_id}")
     assert result["type"] == "abort"
     assert result["reason"] == "models_dir_missing"
+    assert "{models_dir} does not exist" in FIX_FLOW["abort"]["models_dir_missing"]
     assert result["description_placeholders"]["models_dir"] == str(models_dir)

@@ -18,13 +18,14 @@ from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.engine import LoadedModel
 from homeassistant.components import conversation
 from homeassistant.const import (
+    EVENT_STATE_CHANGED,
     STATE_OFF,
     STATE_ON,
     STATE_UNAVAILABLE,
     STATE_UNKNOWN,
     EntityCategory,
 )
-from homeassistant.core import Context, HomeAssistant
+from homeassistant.core import Context, Event, EventStateChangedData, HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import entity_registry as er
 from homeassistant.util import dt as dt_util
@@ -118,7 +119,17 @@ async def test_sensors_after_setup_and_a_conversation(
     # The cache build ran on the model: the runtime reported its memory.
     assert float(state(hass, "memory")) == 812.5
 
+    queue_states: list[str] = []
+    queue_id = sensor_id(hass, "queue_length")
+
+    def record_queue(event: Event[EventStateChangedData]) -> None:
+        if event.data["entity_id"] == queue_id and event.data["new_state"]:
+            queue_states.append(event.data["new_state"].state)
+
+    unsubscribe = hass.bus.async_listen(EVENT_STATE_CHANGED, record_queue)
     await converse(hass)
+    unsubscribe()
+    assert queue_states == []  # a request that did not wait was never counted
     run = loaded_model(entry).recent[-1]
     assert run.ttft_ms is not None and run.generate_tokens > 0
     assert int(state(hass, "prefill_tokens")) == run.prefill_tokens > 0

@@ -50,7 +50,11 @@ class ObservedLock(asyncio.Lock):
         """How many callers wait for the lock."""
 
     async def acquire(self) -> Literal[True]:
-        """Wait for the lock, counted in ``waiting`` meanwhile."""
+        """Take the lock; a caller that has to wait is counted in ``waiting``."""
+        if not self.locked():
+            await super().acquire()
+            self._changed()
+            return True
         self.waiting += 1
         self._changed()
         try:
