@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+import shutil
 from unittest.mock import patch
 
 import pytest
@@ -20,6 +21,7 @@ from custom_components.rockchip_llm.const import (
 )
 from custom_components.rockchip_llm.simulation import SIMULATOR_ENV
 from homeassistant import config_entries
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import device_registry as dr, entity_registry as er
@@ -69,9 +71,17 @@ async def test_diagnostics_say_simulated(
     hass: HomeAssistant,
     hass_client: ClientSessionGenerator,
     make_entry: EntryFactory,
+    models_dir: Path,
 ) -> None:
-    """Diagnostics flag the runtime as simulated."""
+    """Diagnostics flag the runtime as simulated, loaded or not."""
     entry = await make_entry()
+    data = await get_diagnostics_for_config_entry(hass, hass_client, entry)
+    assert data["runtime"]["simulated"] is True
+    # Also while the entry is not loaded (here: its models folder is gone).
+    await hass.config_entries.async_unload(entry.entry_id)
+    await hass.async_add_executor_job(shutil.rmtree, models_dir)
+    await hass.config_entries.async_setup(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
     data = await get_diagnostics_for_config_entry(hass, hass_client, entry)
     assert data["runtime"]["simulated"] is True
 
