@@ -15,7 +15,7 @@ from pytest_homeassistant_custom_component.common import (
 
 from custom_components.rockchip_llm import host
 from custom_components.rockchip_llm.const import DOMAIN
-from custom_components.rockchip_llm.engine import LoadedModel
+from custom_components.rockchip_llm.engine import RECENT_RUNS, LoadedModel
 from homeassistant.components import conversation
 from homeassistant.const import (
     EVENT_STATE_CHANGED,
@@ -313,3 +313,23 @@ async def test_npu_load_from_the_kernel(
     async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=22))
     await hass.async_block_till_done(wait_background_tasks=True)
     assert state(hass, "npu_load") == STATE_UNKNOWN
+
+
+async def test_last_answer_is_per_agent(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Agents sharing a model each show their own last answer, however busy the other."""
+    entry = await make_entry({}, {"temperature": 0.1})
+    loaded = loaded_model(entry)
+    await converse(hass, "hello")
+    first = loaded.recent[-1]
+    for _turn in range(RECENT_RUNS):
+        await conversation.async_converse(
+            hass, "hello", None, Context(), agent_id="conversation.agent_1"
+        )
+    assert first not in loaded.recent  # the model's history moved on
+    assert float(state(hass, "time_to_first_token")) == round(first.ttft_ms or 0, 1)
+    other = loaded.recent[-1]
+    other_id = sensor_id(hass, "time_to_first_token", "conversation.agent_1")
+    assert other_id is not None
+    assert float(hass.states.get(other_id).state) == round(other.ttft_ms or 0, 1)

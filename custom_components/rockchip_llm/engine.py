@@ -115,6 +115,8 @@ class LoadedModel:
     sent_tool_results: dict[str, str] = field(default_factory=dict)
     """Tool results as first sent to the model, by tool call id (see entity.py)."""
     recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
+    last_runs: dict[str, RunStats] = field(default_factory=dict)
+    """The most recent run of each agent, by subentry id."""
 
     def __post_init__(self) -> None:
         """Create the lock that reports to the listeners."""
@@ -498,6 +500,7 @@ class Engine:
     def record(self, loaded: LoadedModel, stats: RunStats) -> None:
         """Remember a run's measurements."""
         loaded.recent.append(stats)
+        loaded.last_runs[stats.agent] = stats
         loaded.notify()
         _LOGGER.debug(
             "%s: prefilled %d tokens in %.1f ms (history reused: %s, cache: %s), "

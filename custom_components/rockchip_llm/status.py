@@ -52,12 +52,5 @@ class AgentStatusEntity(Entity):
 
 
 def last_run(agent: Agent) -> RunStats | None:
-    """Return the agent's most recent answer, if the model still remembers it."""
-    return next(
-        (
-            run
-            for run in reversed(agent.loaded.recent)
-            if run.agent == agent.subentry_id
-        ),
-        None,
-    )
+    """Return the agent's most recent answer (others on the same model do not push it out)."""
+    return agent.loaded.last_runs.get(agent.subentry_id)
