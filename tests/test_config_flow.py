@@ -34,6 +34,7 @@ from custom_components.rockchip_llm.const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
+from custom_components.rockchip_llm.models import scan_models
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
 from homeassistant import config_entries
 from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
@@ -181,13 +182,13 @@ async def loaded_entry(
     return entry
 
 
-async def start_user_flow(hass: HomeAssistant) -> dict[str, Any]:
-    """Start the config flow of a new runtime."""
+async def start_user_flow(hass: HomeAssistant, step: str = "user") -> dict[str, Any]:
+    """Start the config flow of a new runtime; step is the form it must show."""
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": config_entries.SOURCE_USER}
     )
     assert result["type"] is FlowResultType.FORM
-    assert result["step_id"] == "user"
+    assert result["step_id"] == step
     return dict(result)
 
 
@@ -216,10 +217,11 @@ async def test_full_flow(
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "model"
     assert schema_values(result, "default") == {CONF_MODEL: "Beta"}
+    # The simulator's model files are tiny text files: no size, but the truth.
     options = select_options(result, CONF_MODEL)
     assert options == [
-        {"value": "Beta", "label": "Beta (1.5 MB)"},
-        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (0.0 MB)"},
+        {"value": "Beta", "label": "Beta (simulated)"},
+        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (simulated)"},
     ]
 
     result = dict(
@@ -246,6 +248,25 @@ def test_format_size() -> None:
     """Sizes show in GB from one GB on, in MB below."""
     assert config_flow._format_size(1_234_000_000) == "1.2 GB"
     assert config_flow._format_size(999_000_000) == "999.0 MB"
+
+
+async def test_model_labels(
+    hass: HomeAssistant, models_dir: Path, write_model: ModelWriter
+) -> None:
+    """Real models are labelled with their size, simulated ones as simulated."""
+    write_model("Beta").write_bytes(b"x" * 1_500_000)
+    models = (await hass.async_add_executor_job(scan_models, models_dir)).models
+    real = config_flow.model_selector(models, simulated=False)
+    assert real.config["options"] == [{"value": "Beta", "label": "Beta (1.5 MB)"}]
+    simulated = config_flow.model_selector(models, simulated=True)
+    assert simulated.config["options"] == [
+        {"value": "Beta", "label": "Beta (simulated)"}
+    ]
+    # A folder whose name already says so is not labelled twice.
+    demo = {"Demo (SIMULATED)": models["Beta"]}
+    assert config_flow.model_selector(demo, simulated=True).config["options"] == [
+        {"value": "Demo (SIMULATED)", "label": "Demo (SIMULATED)"}
+    ]
 
 
 async def test_user_form_defaults(
@@ -312,7 +333,8 @@ async def test_suggested_simulator(
         str(SIM_LIBRARY if simulator else tmp_path / "none.so"),
     )
     with patch.object(config_flow, "LIBRARY_CANDIDATES", ()):
-        result = await start_user_flow(hass)
+        # With the simulator the form is its own step, which says it is simulated.
+        result = await start_user_flow(hass, "simulator" if simulator else "user")
     expected = SIM_LIBRARY if simulator else config_dir / "rkllm" / "librkllmrt.so"
     assert schema_values(result, "suggested_value") == {
         CONF_LIBRARY_PATH: str(expected)
@@ -477,7 +499,7 @@ async def test_recover_after_error(
     )
     assert result["step_id"] == "model"
     assert select_options(result, CONF_MODEL) == [
-        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (0.0 MB)"}
+        {"value": "Qwen3 Sim", "label": "Qwen3 Sim (simulated)"}
     ]
     result = dict(
         await hass.config_entries.flow.async_configure(
@@ -654,7 +676,7 @@ async def test_subentry_reconfigure(
     subentry_id = next(iter(loaded_entry.subentries))
     result = await loaded_entry.start_subentry_reconfigure_flow(hass, subentry_id)
     assert result["type"] is FlowResultType.FORM
-    assert result["step_id"] == "set_options"
+    assert result["step_id"] == "reconfigure"
     assert CONF_NAME not in result["data_schema"].schema
     assert schema_values(dict(result), "suggested_value") == {
         CONF_MODEL: "Qwen3 Sim",
@@ -769,6 +791,11 @@ async def test_ai_task_subentry(
     assert dict(subentry.data) == {
         key: value for key, value in AGENT_DATA.items() if key not in CHAT_ONLY
     }
+    # Reconfiguring shows the AI Task agent's own reconfigure form.
+    result = await loaded_entry.start_subentry_reconfigure_flow(hass, added)
+    assert result["step_id"] == "reconfigure"
+    fields = {str(key) for key in result["data_schema"].schema}
+    assert not fields & {*CHAT_ONLY, CONF_NAME}
 
 
 @pytest.mark.parametrize(

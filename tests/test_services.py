@@ -26,7 +26,7 @@ from homeassistant.helpers import selector
 from homeassistant.helpers.service import async_get_all_descriptions
 from homeassistant.util import dt as dt_util
 
-from .conftest import EntryFactory, sim_counter
+from .conftest import EntryFactory, ModelWriter, sim_counter
 
 AGENT = "conversation.agent_0"
 
@@ -87,7 +87,9 @@ async def test_list_create_delete(
     by_name = {cache["name"]: cache for cache in listed["caches"]}
     assert set(by_name) == {"system", "head"}
     assert by_name["system"]["valid"] is True
+    assert by_name["system"]["problem"] is None
     assert by_name["head"]["valid"] is False  # another prompt than the agent's
+    assert by_name["head"]["problem"] == "prompt_changed"
 
     # The exact system cache is longer than "head", so requests use "system".
     await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
@@ -365,3 +367,25 @@ async def test_model_and_agent_fields_offer_a_list(
     assert descriptions["create_cache"]["fields"]["model"]["selector"] == {
         "select": {"options": [], "mode": "dropdown"}
     }
+
+
+async def test_list_caches_after_model_folder_rename(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    models_dir: Path,
+    write_model: ModelWriter,
+) -> None:
+    """A cache whose model folder was renamed is invalid and says why."""
+    write_model()
+    write_model("Other")
+    entry = await make_entry({}, {"model": "Other"})
+    await hass.async_add_executor_job(
+        (models_dir / "Qwen3 Sim").rename, models_dir / "Renamed"
+    )
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    listed = await call(hass, "list_caches", {})
+    by_model = {cache["model"]: cache for cache in listed["caches"]}
+    assert by_model["Qwen3 Sim"]["valid"] is False
+    assert by_model["Qwen3 Sim"]["problem"] == "model_missing"
+    assert by_model["Other"]["valid"] is True
+    assert all(cache["problem"] for cache in listed["caches"] if not cache["valid"])

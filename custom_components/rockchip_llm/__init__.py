@@ -54,7 +54,12 @@ CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
 PRIVATE_LIBRARY_DIR = ".runtime"
 """Under the cache folder: the private copy of the runtime library this process maps."""
-PLATFORMS = (Platform.AI_TASK, Platform.CONVERSATION)
+PLATFORMS = (
+    Platform.AI_TASK,
+    Platform.BINARY_SENSOR,
+    Platform.CONVERSATION,
+    Platform.SENSOR,
+)
 
 
 @dataclass(slots=True)
@@ -184,6 +189,10 @@ async def _async_load_agents(
                 issue_id,
                 "model_missing",
                 {"model": model, "agent": subentry.title},
+                fix_data={
+                    "entry_id": entry.entry_id,
+                    "subentry_id": subentry.subentry_id,
+                },
             )
             continue
         ir.async_delete_issue(hass, DOMAIN, issue_id)
@@ -273,13 +282,16 @@ def _async_create_issue(
     key: str,
     placeholders: dict[str, str],
     severity: ir.IssueSeverity = ir.IssueSeverity.ERROR,
+    *,
+    fix_data: dict[str, str | int | float | None] | None = None,
 ) -> None:
-    """Raise a repair issue the user can act on."""
+    """Raise a repair issue the user can act on; with fix_data, repairs.py fixes it."""
     ir.async_create_issue(
         hass,
         DOMAIN,
         issue_id,
-        is_fixable=False,
+        is_fixable=fix_data is not None,
+        data=fix_data,
         severity=severity,
         translation_key=key,
         translation_placeholders=placeholders,

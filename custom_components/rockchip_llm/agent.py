@@ -136,6 +136,7 @@ class Agent:
             )
         if name == SYSTEM_CACHE_NAME:
             self.prefix, self.cache = prefix, entry
+            self.loaded.notify()
         return entry
 
     def schedule_refresh(self) -> None:

@@ -82,6 +82,7 @@ async def async_benchmark(
     return {
         "model": loaded.name,
         "runtime_version": engine.library.info.version,
+        "simulated": engine.simulated,
         "question": question,
         "system_prompt_tokens": cache.metadata.tokens if cache.metadata else None,
         "cold": _summary(cold),

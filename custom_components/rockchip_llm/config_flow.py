@@ -73,13 +73,11 @@ from .models import ModelInfo, ModelsDirError, scan_models
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
 from .rkllm.probe import verify_library
+from .simulation import SIMULATOR_ENV, file_is_simulator, simulated_label
 
 _LOGGER = logging.getLogger(__name__)
 
 _ENTRY_TITLE: Final = "Rockchip LLM"
-_SIMULATOR_ENV: Final = "ROCKCHIP_LLM_SIMULATOR"
-"""Development fallback: path of the simulator library, used when no runtime exists."""
-
 _PATH_FIELDS: Final = (CONF_LIBRARY_PATH, CONF_MODELS_DIR, CONF_CACHE_DIR)
 
 
@@ -90,6 +88,8 @@ class _Validation:
     errors: dict[str, str] = field(default_factory=dict)
     placeholders: dict[str, str] = field(default_factory=dict)
     models: dict[str, ModelInfo] = field(default_factory=dict)
+    simulated: bool = False
+    """The library is the development simulator."""
 
 
 def _detect_library(config_location: Path) -> Path:
@@ -97,7 +97,7 @@ def _detect_library(config_location: Path) -> Path:
     for candidate in (*LIBRARY_CANDIDATES, config_location):
         if candidate.is_file():
             return candidate
-    if (simulator := os.environ.get(_SIMULATOR_ENV)) and Path(simulator).is_file():
+    if (simulator := os.environ.get(SIMULATOR_ENV)) and Path(simulator).is_file():
         return Path(simulator)
     return config_location
 
@@ -123,6 +123,8 @@ def _validate_paths(
     except LibraryError as err:
         result.errors[CONF_LIBRARY_PATH] = err.translation_key
         result.placeholders.update(err.placeholders)
+    else:
+        result.simulated = file_is_simulator(library_path)
     try:
         result.models = scan_models(models_dir).models
     except ModelsDirError as err:
@@ -152,13 +154,19 @@ def _format_size(size_bytes: int) -> str:
     return f"{size_bytes / 1_000_000:.1f} MB"
 
 
-def _model_selector(models: Mapping[str, ModelInfo]) -> SelectSelector:
-    """Return a dropdown of the discovered models, labelled with their size."""
+def model_selector(models: Mapping[str, ModelInfo], simulated: bool) -> SelectSelector:
+    """Return a dropdown of the discovered models, labelled with their size.
+
+    Simulated models are tiny text files: their size would mean nothing.
+    """
     return SelectSelector(
         SelectSelectorConfig(
             options=[
                 SelectOptionDict(
-                    value=name, label=f"{name} ({_format_size(info.size_bytes)})"
+                    value=name,
+                    label=simulated_label(name)
+                    if simulated
+                    else f"{name} ({_format_size(info.size_bytes)})",
                 )
                 for name, info in models.items()
             ],
@@ -208,11 +216,16 @@ def _slider(minimum: float, maximum: float) -> NumberSelector:
 
 
 def _agent_schema(
-    hass: HomeAssistant, models: Mapping[str, ModelInfo], is_new: bool, chat: bool
+    hass: HomeAssistant,
+    models: Mapping[str, ModelInfo],
+    *,
+    is_new: bool,
+    chat: bool,
+    simulated: bool,
 ) -> vol.Schema:
     """Return the schema of the agent options form (chat: a conversation agent)."""
     schema: VolDictType = {vol.Optional(CONF_NAME): str} if is_new else {}
-    schema[vol.Required(CONF_MODEL)] = _model_selector(models)
+    schema[vol.Required(CONF_MODEL)] = model_selector(models, simulated)
     if chat:
         schema[vol.Optional(CONF_PROMPT)] = TemplateSelector()
         schema[vol.Optional(CONF_LLM_HASS_API)] = SelectSelector(
@@ -272,6 +285,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         """Initialize the flow."""
         self._paths: dict[str, str | int] = {}
         self._models: dict[str, ModelInfo] = {}
+        self._simulated = False
 
     def _normalize_paths(self, user_input: Mapping[str, Any]) -> dict[str, str]:
         """Return the paths made absolute; relative paths are under the config folder."""
@@ -302,13 +316,21 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         suggested: Mapping[str, Any] | None = None,
         validation: _Validation | None = None,
     ) -> ConfigFlowResult:
-        """Show the form of the three runtime paths."""
+        """Show the form of the three runtime paths.
+
+        Without suggestions the library is detected; when that finds only the
+        development simulator, the form is the "simulator" step, which says so.
+        """
         if suggested is None:
             library = await self.hass.async_add_executor_job(
                 _detect_library,
                 Path(self.hass.config.path(CONFIG_SUBDIR, LIBRARY_NAME)),
             )
             suggested = {CONF_LIBRARY_PATH: str(library)}
+            if step_id == "user" and await self.hass.async_add_executor_job(
+                file_is_simulator, library
+            ):
+                step_id = "simulator"
         schema = vol.Schema(
             {
                 vol.Required(CONF_LIBRARY_PATH): TextSelector(),
@@ -337,15 +359,27 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
         """Ask for the runtime library, the models folder and the cache folder."""
+        return await self._async_step_paths("user", user_input)
+
+    async def async_step_simulator(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask for the paths, pre-filled with the simulator (no runtime was found)."""
+        return await self._async_step_paths("simulator", user_input)
+
+    async def _async_step_paths(
+        self, step_id: str, user_input: dict[str, Any] | None
+    ) -> ConfigFlowResult:
         if user_input is None:
-            return await self._async_show_paths_form("user")
+            return await self._async_show_paths_form(step_id)
         paths = self._normalize_paths(user_input)
         self._async_abort_entries_match(_runtime_identity(paths))
         validation = await self._async_validate(paths)
         if validation.errors:
-            return await self._async_show_paths_form("user", user_input, validation)
+            return await self._async_show_paths_form(step_id, user_input, validation)
         self._paths = {**paths, CONF_CACHE_BUDGET: _budget(user_input)}
         self._models = validation.models
+        self._simulated = validation.simulated
         return await self.async_step_model()
 
     async def async_step_model(
@@ -359,7 +393,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                     {
                         vol.Required(
                             CONF_MODEL, default=next(iter(self._models))
-                        ): _model_selector(self._models)
+                        ): model_selector(self._models, self._simulated)
                     }
                 ),
             )
@@ -442,6 +476,9 @@ class ConversationFlowHandler(ConfigSubentryFlow):
                 reason="no_models", description_placeholders=placeholders
             )
         prompt = await self.hass.async_add_executor_job(_read_default_prompt)
+        simulated = await self.hass.async_add_executor_job(
+            file_is_simulator, Path(entry.data[CONF_LIBRARY_PATH])
+        )
         options = _default_agent_options(next(iter(scan.models)), prompt)
         if not self._is_new:
             data = self._get_reconfigure_subentry().data
@@ -452,9 +489,15 @@ class ConversationFlowHandler(ConfigSubentryFlow):
             api for api in options[CONF_LLM_HASS_API] if api in known_apis
         ]
         return self.async_show_form(
-            step_id="set_options",
+            step_id="set_options" if self._is_new else "reconfigure",
             data_schema=self.add_suggested_values_to_schema(
-                _agent_schema(self.hass, scan.models, self._is_new, self._chat),
+                _agent_schema(
+                    self.hass,
+                    scan.models,
+                    is_new=self._is_new,
+                    chat=self._chat,
+                    simulated=simulated,
+                ),
                 options,
             ),
         )

@@ -24,6 +24,7 @@ from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheEntry, CacheError
 from .rkllm.errors import LibraryError
 from .rkllm.library import RuntimeInfo, inspect_library
+from .simulation import file_is_simulator
 
 TO_REDACT: Final = {CONF_PROMPT}
 
@@ -166,7 +167,9 @@ def _inspect_unloaded(library_path: Path, models_dir: Path) -> dict[str, Any]:
     """Inspect the library and scan the models of an entry that is not loaded."""
     result: dict[str, Any] = {}
     try:
-        result["runtime"] = _runtime_info(inspect_library(library_path))
+        result["runtime"] = _runtime_info(inspect_library(library_path)) | {
+            "simulated": file_is_simulator(library_path)
+        }
     except (LibraryError, OSError, ValueError) as err:
         result["runtime"] = {"path": str(library_path), "error": str(err)}
     try:
@@ -208,7 +211,7 @@ async def async_get_config_entry_diagnostics(
     runtime = entry.runtime_data
     engine = runtime.engine
     data |= {
-        "runtime": _runtime_info(engine.library.info),
+        "runtime": _runtime_info(engine.library.info) | {"simulated": engine.simulated},
         "models": _scan(runtime.scan),
         "loaded_models": {
             name: _loaded_model(loaded) for name, loaded in engine.models.items()

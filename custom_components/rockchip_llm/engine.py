@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import logging
 from pathlib import Path
 import time
-from typing import Any
+from typing import Any, Literal
 
 from .chat import KVState, SystemPrefix, estimate_tokens
 from .const import AUTO_CACHE_PREFIX
@@ -33,10 +33,44 @@ from .prompt_cache import (
 from .rkllm.errors import RKLLMError
 from .rkllm.library import RuntimeLibrary
 from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
+from .simulation import library_is_simulated
 
 _LOGGER = logging.getLogger(__name__)
 
 RECENT_RUNS = 20
+
+type Listener = Callable[[], None]
+
+
+class ObservedLock(asyncio.Lock):
+    """A FIFO lock that reports when it is waited for, taken and released."""
+
+    def __init__(self, changed: Listener) -> None:
+        """Create the lock; changed is called on every change of its state."""
+        super().__init__()
+        self._changed = changed
+        self.waiting = 0
+        """How many callers wait for the lock."""
+
+    async def acquire(self) -> Literal[True]:
+        """Take the lock; a caller that has to wait is counted in ``waiting``."""
+        if not self.locked():
+            await super().acquire()
+            self._changed()
+            return True
+        self.waiting += 1
+        self._changed()
+        try:
+            await super().acquire()
+        finally:
+            self.waiting -= 1
+            self._changed()
+        return True
+
+    def release(self) -> None:
+        """Release the lock."""
+        super().release()
+        self._changed()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +96,16 @@ class LoadedModel:
     params: ModelParams
     model: RKLLMModel
     fingerprint: dict[str, int | str]
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: ObservedLock = field(init=False)
+    """FIFO access to the handle; waiting, taking and releasing it notify listeners."""
+    listeners: list[Listener] = field(default_factory=list)
+    """Called (in the event loop) whenever what entities show may have changed."""
+    building: str | None = None
+    """The name of the cache being built now."""
+    build_error: str | None = None
+    """Why the last cache build failed; None after a success."""
+    memory_mb: float | None = None
+    """The runtime's memory use reported by the last run."""
     users: int = 0
     """How many agents share this handle."""
     prefix_key: str | None = None
@@ -75,11 +118,27 @@ class LoadedModel:
     sent_tool_results: dict[str, str] = field(default_factory=dict)
     """Tool results as first sent to the model, by tool call id (see entity.py)."""
     recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
+    last_runs: dict[str, RunStats] = field(default_factory=dict)
+    """The most recent run of each agent, by subentry id."""
+
+    def __post_init__(self) -> None:
+        """Create the lock that reports to the listeners."""
+        self.lock = ObservedLock(self.notify)
 
     @property
     def name(self) -> str:
         """The model's friendly name."""
         return self.info.name
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call listener on every change; return a function that removes it."""
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener)
+
+    def notify(self) -> None:
+        """Tell the listeners that the model's state changed."""
+        for listener in list(self.listeners):
+            listener()
 
 
 class Generation:
@@ -111,6 +170,8 @@ class Generation:
                     self.ttft_ms = (time.monotonic() - started) * 1000
                 yield text
             self.result = await asyncio.wrap_future(future)
+            if self.result.perf is not None:
+                self._loaded.memory_mb = self.result.perf.memory_usage_mb
         finally:
             if not future.done():
                 self._loaded.model.abort()
@@ -157,6 +218,8 @@ class Engine:
         self._run_blocking = run_blocking
         self._on_cache_write = on_cache_write or (lambda _error: None)
         self._models: dict[str, LoadedModel] = {}
+        self.simulated = library_is_simulated(library.cdll)
+        """Whether the library is the development simulator, not Rockchip's runtime."""
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -185,6 +248,7 @@ class Engine:
         models, self._models = list(self._models.values()), {}
         for loaded in models:
             await self._run_blocking(loaded.model.close)
+            loaded.notify()
 
     # Prefix and prompt caches (callers hold loaded.lock)
 
@@ -381,6 +445,8 @@ class Engine:
         handle gets back the cache it had loaded.
         """
         previous = loaded.loaded_cache
+        loaded.building = name
+        loaded.notify()
         try:
             entry, metadata, build_ms = await self._async_build(
                 loaded, prefix, name, source
@@ -388,11 +454,16 @@ class Engine:
         except Exception as err:
             if isinstance(err, CacheWriteError) and err.disk_problem is not None:
                 self._on_cache_write(err)
+            loaded.build_error = str(err) or type(err).__name__
             if previous is not None:
                 await self.async_try_use_cache(loaded, previous)
             raise
+        else:
+            loaded.build_error = None
         finally:
             loaded.caches = None
+            loaded.building = None
+            loaded.notify()
         self._on_cache_write(None)
         _LOGGER.info(
             "Built prompt cache %s/%s: %d tokens in %.0f ms, %d bytes",
@@ -478,6 +549,8 @@ class Engine:
     def record(self, loaded: LoadedModel, stats: RunStats) -> None:
         """Remember a run's measurements."""
         loaded.recent.append(stats)
+        loaded.last_runs[stats.agent] = stats
+        loaded.notify()
         _LOGGER.debug(
             "%s: prefilled %d tokens in %.1f ms (history reused: %s, cache: %s), "
             "generated %d tokens in %.1f ms",

@@ -27,6 +27,7 @@ from .engine import Generation, RunStats, perf_or_zero
 from .ha_compat import tool_error_delta, tool_result_data
 from .rkllm.errors import RKLLMError
 from .rkllm.runtime import RunRequest
+from .simulation import simulated_label
 from .stream_parser import (
     ParsedToolCall,
     Piece,
@@ -96,6 +97,22 @@ def ready_subentries(
     ]
 
 
+def agent_device_info(agent: Agent, subentry: ConfigSubentry) -> dr.DeviceInfo:
+    """Return the device of an agent; with the simulator, its labels say so."""
+    version = agent.engine.library.info.version
+    simulated = agent.engine.simulated
+    return dr.DeviceInfo(
+        identifiers={(DOMAIN, subentry.subentry_id)},
+        name=subentry.title,
+        manufacturer="Rockchip",
+        model=simulated_label(agent.loaded.name) if simulated else agent.loaded.name,
+        sw_version=f"RKLLM simulator (runtime {version} ABI)"
+        if simulated
+        else f"RKLLM runtime {version}",
+        entry_type=dr.DeviceEntryType.SERVICE,
+    )
+
+
 class RockchipLLMBaseEntity(Entity):
     """An agent backed by a model on the NPU."""
 
@@ -107,15 +124,7 @@ class RockchipLLMBaseEntity(Entity):
         self.entry = entry
         self.subentry = subentry
         self._attr_unique_id = subentry.subentry_id
-        agent = self.agent
-        self._attr_device_info = dr.DeviceInfo(
-            identifiers={(DOMAIN, subentry.subentry_id)},
-            name=subentry.title,
-            manufacturer="Rockchip",
-            model=agent.loaded.name,
-            sw_version=f"RKLLM runtime {agent.engine.library.info.version}",
-            entry_type=dr.DeviceEntryType.SERVICE,
-        )
+        self._attr_device_info = agent_device_info(self.agent, subentry)
 
     @property
     def agent(self) -> Agent:

@@ -8,6 +8,7 @@ import re
 from typing import Any, Final
 
 NPU_DRIVER_VERSION_PATH: Final = Path("/sys/kernel/debug/rknpu/version")
+NPU_LOAD_PATH: Final = Path("/sys/kernel/debug/rknpu/load")
 DEVICE_TREE_COMPATIBLE_PATH: Final = Path("/proc/device-tree/compatible")
 _MAX_HOST_FILE_BYTES: Final = 4096
 
@@ -15,6 +16,7 @@ MIN_NPU_DRIVER: Final = (0, 9, 8)
 """The RKNPU driver version RKLLM runtimes >= 1.1 need."""
 
 _VERSION: Final = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+_PERCENT: Final = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 
 
 def _read_host_file(path: Path) -> bytes | None:
@@ -65,3 +67,16 @@ def npu_driver_too_old(version: str | None) -> bool:
     if match is None:
         return False
     return tuple(int(part) for part in match.groups()) < MIN_NPU_DRIVER
+
+
+def read_npu_load(path: Path = NPU_LOAD_PATH) -> float | None:
+    """Return the mean load of the NPU cores in percent, None when not exposed (blocking).
+
+    The kernel reports one percentage per core ("NPU load:  Core0: 12%, Core1:  0%,
+    Core2:  0%," on RK3588; a single value on one-core NPUs).
+    """
+    raw = _read_host_file(path)
+    if raw is None:
+        return None
+    loads = [float(value) for value in _PERCENT.findall(raw.decode("utf-8", "replace"))]
+    return round(sum(loads) / len(loads), 1) if loads else None

@@ -245,15 +245,26 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
         for entry, disk_bytes in zip(entries, sizes, strict=True):
             loaded = engine.models.get(entry.model)
             agent = next((a for a in runtime.chat_agents if a.loaded is loaded), None)
-            valid = (
-                entry.problem is None
-                and agent is not None
-                and agent.prefix is not None
-                and entry.invalid_reason(engine.expectation(agent.loaded, agent.prefix))
-                is None
-            )
+            problem = entry.problem
+            if problem is None and agent is None:
+                problem = (
+                    "model_not_loaded"
+                    if entry.model in runtime.scan.models
+                    else "model_missing"
+                )
+            elif problem is None and agent is not None:
+                problem = (
+                    entry.invalid_reason(engine.expectation(agent.loaded, agent.prefix))
+                    if agent.prefix is not None
+                    else "agent_not_ready"
+                )
             results.append(
-                {**_entry_json(entry), "disk_bytes": disk_bytes, "valid": valid}
+                {
+                    **_entry_json(entry),
+                    "disk_bytes": disk_bytes,
+                    "valid": problem is None,
+                    "problem": problem,
+                }
             )
     return cast("ServiceResponse", {"caches": results, "cache_dirs": folders})
 
@@ -302,6 +313,7 @@ async def _async_delete_cache(call: ServiceCall) -> None:
                 if other.loaded is loaded:
                     other.cache = None
                     other.prefix = None
+        loaded.notify()
 
 
 async def _async_benchmark(call: ServiceCall) -> ServiceResponse:

@@ -1,0 +1,260 @@
+"""Sensors of an agent's model: prompt cache, context use, speed, queue, memory, NPU."""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+
+from homeassistant.components.sensor import (
+    SensorDeviceClass,
+    SensorEntity,
+    SensorEntityDescription,
+    SensorStateClass,
+)
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.const import (
+    PERCENTAGE,
+    EntityCategory,
+    UnitOfInformation,
+    UnitOfTime,
+)
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+from homeassistant.helpers.typing import StateType
+
+from . import RockchipConfigEntry, host
+from .agent import Agent
+from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
+from .entity import ready_subentries
+from .status import AgentStatusEntity, last_run
+
+# Readings are pushed by the model's handle; nothing waits for an update.
+PARALLEL_UPDATES = 0
+
+TOKENS: Final = "tokens"
+SCAN_INTERVAL = timedelta(seconds=10)
+"""Only the NPU load is polled: it is a kernel file, not the model."""
+
+
+class CacheState(StrEnum):
+    """States of the prompt cache sensor."""
+
+    READY = "ready"
+    BUILDING = "building"
+    FAILED = "failed"
+    NONE = "none"
+
+
+def cache_state(agent: Agent) -> str:
+    """Whether the agent's system prompt cache is ready, being built or missing."""
+    loaded = agent.loaded
+    if loaded.building is not None:
+        return CacheState.BUILDING
+    if agent.cache is not None:
+        return CacheState.READY
+    return CacheState.FAILED if loaded.build_error else CacheState.NONE
+
+
+def _cache_attributes(agent: Agent) -> Mapping[str, Any]:
+    return {"last_build_error": agent.loaded.build_error}
+
+
+def _prompt_tokens(agent: Agent) -> int | None:
+    """Tokens of the system prompt and tools, as counted by the cache build."""
+    cache = agent.cache
+    return cache.metadata.tokens if cache and cache.metadata else None
+
+
+def _context_use(agent: Agent) -> float | None:
+    tokens = _prompt_tokens(agent)
+    if tokens is None:
+        return None
+    return round(tokens * 100 / agent.settings.max_context_len, 1)
+
+
+def _cache_size(agent: Agent) -> int | None:
+    cache = agent.cache
+    return cache.metadata.size_bytes if cache and cache.metadata else None
+
+
+def _ttft(agent: Agent) -> float | None:
+    run = last_run(agent)
+    return round(run.ttft_ms, 1) if run and run.ttft_ms is not None else None
+
+
+def _tokens_per_second(agent: Agent) -> float | None:
+    run = last_run(agent)
+    if run is None or run.generate_ms <= 0:
+        return None
+    return round(run.generate_tokens * 1000 / run.generate_ms, 2)
+
+
+def _prefill_tokens(agent: Agent) -> int | None:
+    run = last_run(agent)
+    return run.prefill_tokens if run else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentSensorDescription(SensorEntityDescription):
+    """A reading of an agent's model."""
+
+    value_fn: Callable[[Agent], StateType]
+    attributes_fn: Callable[[Agent], Mapping[str, Any]] | None = None
+    chat_only: bool = False
+    """Only conversation agents have a system prompt cache."""
+
+
+SENSORS: Final = (
+    AgentSensorDescription(
+        key="prompt_cache",
+        translation_key="prompt_cache",
+        device_class=SensorDeviceClass.ENUM,
+        options=[state.value for state in CacheState],
+        value_fn=cache_state,
+        attributes_fn=_cache_attributes,
+        chat_only=True,
+    ),
+    AgentSensorDescription(
+        key="system_prompt_tokens",
+        translation_key="system_prompt_tokens",
+        native_unit_of_measurement=TOKENS,
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=_prompt_tokens,
+        chat_only=True,
+    ),
+    AgentSensorDescription(
+        key="context_use",
+        translation_key="context_use",
+        native_unit_of_measurement=PERCENTAGE,
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=0,
+        value_fn=_context_use,
+        chat_only=True,
+    ),
+    AgentSensorDescription(
+        key="prompt_cache_size",
+        translation_key="prompt_cache_size",
+        device_class=SensorDeviceClass.DATA_SIZE,
+        native_unit_of_measurement=UnitOfInformation.BYTES,
+        suggested_unit_of_measurement=UnitOfInformation.MEGABYTES,
+        suggested_display_precision=1,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        entity_registry_enabled_default=False,
+        value_fn=_cache_size,
+        chat_only=True,
+    ),
+    AgentSensorDescription(
+        key="time_to_first_token",
+        translation_key="time_to_first_token",
+        device_class=SensorDeviceClass.DURATION,
+        native_unit_of_measurement=UnitOfTime.MILLISECONDS,
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=0,
+        value_fn=_ttft,
+    ),
+    AgentSensorDescription(
+        key="tokens_per_second",
+        translation_key="tokens_per_second",
+        native_unit_of_measurement="tokens/s",
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=1,
+        value_fn=_tokens_per_second,
+    ),
+    AgentSensorDescription(
+        key="prefill_tokens",
+        translation_key="prefill_tokens",
+        native_unit_of_measurement=TOKENS,
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=_prefill_tokens,
+    ),
+    AgentSensorDescription(
+        key="queue_length",
+        translation_key="queue_length",
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda agent: agent.loaded.lock.waiting,
+    ),
+    AgentSensorDescription(
+        key="memory",
+        translation_key="memory",
+        device_class=SensorDeviceClass.DATA_SIZE,
+        native_unit_of_measurement=UnitOfInformation.MEGABYTES,
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=0,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda agent: agent.loaded.memory_mb,
+    ),
+)
+
+NPU_LOAD: Final = SensorEntityDescription(
+    key="npu_load",
+    translation_key="npu_load",
+    native_unit_of_measurement=PERCENTAGE,
+    state_class=SensorStateClass.MEASUREMENT,
+    suggested_display_precision=0,
+    entity_category=EntityCategory.DIAGNOSTIC,
+)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,
+    entry: RockchipConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add the sensors of every ready agent; NPU load only where the kernel shows it."""
+    npu_load_path = host.NPU_LOAD_PATH
+    npu_load = await hass.async_add_executor_job(host.read_npu_load, npu_load_path)
+    for subentry_type in (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK):
+        chat = subentry_type == SUBENTRY_CONVERSATION
+        for subentry in ready_subentries(entry, subentry_type):
+            entities: list[SensorEntity] = [
+                AgentSensor(entry, subentry, description)
+                for description in SENSORS
+                if chat or not description.chat_only
+            ]
+            if npu_load is not None:
+                entities.append(NPULoadSensor(entry, subentry, npu_load_path, npu_load))
+            async_add_entities(entities, config_subentry_id=subentry.subentry_id)
+
+
+class AgentSensor(AgentStatusEntity, SensorEntity):
+    """A pushed reading of an agent's model."""
+
+    entity_description: AgentSensorDescription
+
+    @property
+    def native_value(self) -> StateType:
+        """The reading."""
+        return self.entity_description.value_fn(self.agent)
+
+    @property
+    def extra_state_attributes(self) -> Mapping[str, Any] | None:
+        """Extra details of the reading, where it has them."""
+        if (attributes := self.entity_description.attributes_fn) is None:
+            return None
+        return attributes(self.agent)
+
+
+class NPULoadSensor(AgentStatusEntity, SensorEntity):
+    """The load of the NPU cores, read from the kernel's debug file."""
+
+    _attr_should_poll = True
+
+    def __init__(
+        self,
+        entry: RockchipConfigEntry,
+        subentry: ConfigSubentry,
+        path: Path,
+        load: float,
+    ) -> None:
+        """Read the load from path; load is its first reading."""
+        super().__init__(entry, subentry, NPU_LOAD)
+        self._path = path
+        self._attr_native_value = load
+
+    async def async_update(self) -> None:
+        """Read the kernel's NPU load."""
+        self._attr_native_value = await self.hass.async_add_executor_job(
+            host.read_npu_load, self._path
+        )

@@ -1,0 +1,56 @@
+"""Base of the entities that show what an agent's model is doing.
+
+They are pushed: the model's handle notifies its listeners when a run ends, a
+cache build starts or ends, and requests wait for or take the model.
+"""
+
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.helpers.entity import Entity, EntityDescription
+
+from . import RockchipConfigEntry
+from .agent import Agent
+from .engine import RunStats
+from .entity import agent_device_info
+
+
+class AgentStatusEntity(Entity):
+    """A reading of an agent's model, on the agent's device."""
+
+    _attr_has_entity_name = True
+    _attr_should_poll = False
+
+    def __init__(
+        self,
+        entry: RockchipConfigEntry,
+        subentry: ConfigSubentry,
+        description: EntityDescription,
+    ) -> None:
+        """Bind the entity to its agent."""
+        self.entity_description = description
+        self._agent = entry.runtime_data.agents[subentry.subentry_id]
+        self._attr_unique_id = f"{subentry.subentry_id}_{description.key}"
+        self._attr_device_info = agent_device_info(self._agent, subentry)
+
+    @property
+    def agent(self) -> Agent:
+        """The agent whose model this entity reads."""
+        return self._agent
+
+    @property
+    def available(self) -> bool:
+        """Available while the agent's model is loaded."""
+        loaded = self._agent.loaded
+        return (
+            self._agent.engine.models.get(loaded.name) is loaded
+            and not loaded.model.closed
+        )
+
+    async def async_added_to_hass(self) -> None:
+        """Follow the model's changes."""
+        await super().async_added_to_hass()
+        self.async_on_remove(self._agent.loaded.add_listener(self.async_write_ha_state))
+
+
+def last_run(agent: Agent) -> RunStats | None:
+    """Return the agent's most recent answer (others on the same model do not push it out)."""
+    return agent.loaded.last_runs.get(agent.subentry_id)
