@@ -138,7 +138,7 @@ class RockchipLLMBaseEntity(Entity):
         settings = agent.settings
         loaded = agent.loaded
         engine = agent.engine
-        prefix = prefix_from_chat_log(chat_log)
+        prefix, volatile = prefix_from_chat_log(chat_log)
         strategy = self.history_strategy
         keep_history = strategy is HistoryStrategy.AUTO
         async with loaded.lock:
@@ -155,7 +155,7 @@ class RockchipLLMBaseEntity(Entity):
                     await engine.async_try_use_cache(loaded, cache or agent.cache)
                 for _iteration in range(MAX_TOOL_ITERATIONS):
                     await self._async_run_once(
-                        chat_log, prefix, keep_history, instructions
+                        chat_log, prefix, keep_history, instructions, volatile
                     )
                     instructions = None
                     if not chat_log.unresponded_tool_results:
@@ -182,8 +182,13 @@ class RockchipLLMBaseEntity(Entity):
         prefix: SystemPrefix,
         keep_history: bool,
         instructions: str | None,
+        volatile: str,
     ) -> None:
-        """Send the chat log's pending input to the model and stream the answer."""
+        """Send the chat log's pending input to the model and stream the answer.
+
+        volatile (HA's current-time line, kept out of the cached prefix) goes in
+        front of a user turn.
+        """
         agent = self.agent
         settings = agent.settings
         loaded = agent.loaded
@@ -218,12 +223,13 @@ class RockchipLLMBaseEntity(Entity):
             await agent.engine.async_reset_kv(
                 loaded, keep_system=self.history_strategy is not HistoryStrategy.OFF
             )
+        prompt = f"{plan.prompt}\n\n{instructions}" if instructions else plan.prompt
+        if volatile and plan.role == "user":
+            prompt = f"{volatile}\n\n{prompt}"
         generation = Generation(
             loaded,
             RunRequest(
-                prompt=f"{plan.prompt}\n\n{instructions}"
-                if instructions
-                else plan.prompt,
+                prompt=prompt,
                 role=plan.role,
                 enable_thinking=settings.enable_thinking,
                 keep_history=keep_history,
