@@ -8,10 +8,7 @@ import sys
 
 from freezegun.api import FrozenDateTimeFactory
 
-from custom_components.rockchip_llm.agent_prefix import (
-    canonical_schema,
-    split_volatile,
-)
+from custom_components.rockchip_llm.agent_prefix import canonical_schema, split_volatile
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
 

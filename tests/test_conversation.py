@@ -507,3 +507,16 @@ def test_resolve_tool_name(name: str, expected: str) -> None:
     """A tool name without its namespace maps to the one tool that carries it."""
     tools = {"intent__HassTurnOn", "a__GetState", "b__GetState", "HassTurnOff"}
     assert resolve_tool_name(name, tools) == expected
+
+
+async def test_unknown_kv_size_does_not_fail_a_turn(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """A runtime that gives no KV size: turns are answered, history folded, not reused."""
+    entry = await make_entry(model_kwargs={"extra": ("kv_cache_size_error 1",)})
+    loaded = loaded_model(entry)
+    first = await converse(hass, "hello")
+    second = await converse(hass, "again", first.conversation_id)
+    assert speech(first) == speech(second) == "Hello from the simulator."
+    assert [run.reused_history for run in loaded.recent] == [False, False]
+    assert "Earlier in this conversation" in last_run_record(entry)["prompt"]

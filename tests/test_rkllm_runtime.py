@@ -102,6 +102,46 @@ def test_null_text_is_ignored(
     assert "".join(pieces) == "Fine."
 
 
+def test_null_result_is_harmless(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A callback with a NULL RKLLMResult* neither raises nor stops the run."""
+    model = open_model(
+        write_model(replies=("default => Fine.",), extra=("emit_null_result 1",))
+    )
+    pieces, result = run(model, "hi")
+    assert "".join(pieces) == "Fine."
+    assert result.perf is not None
+    assert "Error in the RKLLM result callback" not in caplog.text
+
+
+def test_waiting_text_is_not_emitted(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
+) -> None:
+    """WAITING carries part of a character the next NORMAL repeats whole: said once."""
+    model = open_model(write_model(replies=("default => é🙂",)))
+    pieces, result = run(model, "hi")
+    assert pieces == ["é", "🙂"]
+    assert result.perf is not None
+    assert result.perf.generate_tokens == 2
+    assert last_run(runtime, model)["reply"] == "é🙂"
+
+
+def test_kv_cache_size_failure_does_not_fail_the_run(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
+    """rkllm_get_kv_cache_size has no documented return value: -1 means unknown."""
+    model = open_model(write_model(extra=("kv_cache_size_error 1",)))
+    pieces, result = run(model, "hello", keep_history=True)
+    assert "".join(pieces) == "Hello from the simulator."
+    assert result.kv_cache_size is None
+    assert model.kv_cache_size().result() is None
+
+
 def test_tool_call_and_thinking_intact(
     write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
 ) -> None:

@@ -76,7 +76,9 @@ def canonical_schema(value: Any) -> Any:
     result = {key: canonical_schema(item) for key, item in value.items()}
     for key in ("enum", "required"):
         if isinstance(items := result.get(key), list):
-            result[key] = sorted(items, key=lambda item: (type(item).__name__, str(item)))
+            result[key] = sorted(
+                items, key=lambda item: (type(item).__name__, str(item))
+            )
     return result
 
 
@@ -97,7 +99,9 @@ def prefix_from_chat_log(chat_log: conversation.ChatLog) -> tuple[SystemPrefix, 
     system = chat_log.content[0]
     assert isinstance(system, conversation.SystemContent)
     prompt, volatile = split_volatile(system.content)
-    return SystemPrefix(prompt=prompt, tools_json=tools_json(chat_log.llm_api)), volatile
+    return SystemPrefix(
+        prompt=prompt, tools_json=tools_json(chat_log.llm_api)
+    ), volatile
 
 
 async def async_render_prefix(

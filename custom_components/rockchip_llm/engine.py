@@ -110,8 +110,11 @@ class Generation:
             self.result = await asyncio.wrap_future(future)
         finally:
             if not future.done():
-                self._loaded.model.abort()
+                # rkllm_abort may block until the prefill ends (rknn-llm #400):
+                # never on the event loop.
+                aborting = loop.run_in_executor(None, self._loaded.model.abort)
                 await _wait_quietly(future)
+                await _wait_quietly(aborting)
 
     async def collect(self) -> RunResult:
         """Run to the end, discarding the text, and return the result."""
@@ -121,8 +124,8 @@ class Generation:
         return self.result
 
 
-async def _wait_quietly(future: Future[Any]) -> None:
-    """Wait for an aborted run to end, even while being cancelled."""
+async def _wait_quietly(future: Future[Any] | asyncio.Future[Any]) -> None:
+    """Wait for an aborted run (or the abort) to end, even while being cancelled."""
     try:
         await asyncio.shield(asyncio.wrap_future(future))
     except Exception:  # noqa: BLE001 - the run's own error is irrelevant after abort
@@ -423,8 +426,10 @@ class Engine:
     @staticmethod
     def note_kv(loaded: LoadedModel, state: KVState, result: RunResult | None) -> None:
         """Record what the KV holds after a run that kept history."""
-        loaded.kv = state
-        loaded.kv_tokens = (result.kv_cache_size if result else None) or 0
+        size = result.kv_cache_size if result else None
+        # Without the runtime's count the KV cannot be budgeted: start over next time.
+        loaded.kv = state if size is not None else None
+        loaded.kv_tokens = size or 0
 
     def record(self, loaded: LoadedModel, stats: RunStats) -> None:
         """Remember a run's measurements."""

@@ -298,6 +298,11 @@ class RKLLMModel:
         active = self._active
         if active is None:
             return CallbackAction.CONTINUE
+        if not result:
+            # A NULL RKLLMResult*: nothing to read, but the state still counts.
+            if state == CallState.ERROR:
+                active.error = True
+            return CallbackAction.CONTINUE
         try:
             return self._handle_result(active, result.contents, state)
         except Exception:
@@ -324,6 +329,10 @@ class RKLLMModel:
             # An abort that reached the runtime just before the run began is
             # honoured here: stop at the first token.
             return CallbackAction.PAUSE
+        if state != CallState.NORMAL:
+            # WAITING carries the first bytes of a character that the next NORMAL
+            # callback delivers whole (as every upstream client assumes): skip it.
+            return CallbackAction.CONTINUE
         if result.text:
             text = active.decoder.decode(result.text, final=False)
             if text:
@@ -373,16 +382,23 @@ class RKLLMModel:
             )
         )
 
-    def kv_cache_size(self) -> Future[int]:
+    def kv_cache_size(self) -> Future[int | None]:
         """Return the number of KV positions in use."""
         return self._submit(self._kv_cache_size)
 
-    def _kv_cache_size(self) -> int:
-        sizes = (ctypes.c_int * 8)()  # one entry per batch; we run one
-        self._check(
-            "rkllm_get_kv_cache_size",
-            self._lib.rkllm_get_kv_cache_size(self._require_handle(), sizes),
-        )
+    def _kv_cache_size(self) -> int | None:
+        """KV positions in use, or None when the runtime does not say.
+
+        rkllm_get_kv_cache_size has no documented return value: any non-zero code
+        or a negative size means "unknown", never a failed run.
+        """
+        sizes = (ctypes.c_int * 8)(*([-1] * 8))  # one entry per batch; we run one
+        code = self._lib.rkllm_get_kv_cache_size(self._require_handle(), sizes)
+        if code != 0 or sizes[0] < 0:
+            _LOGGER.debug(
+                "rkllm_get_kv_cache_size gave code %s for %s", code, self.name
+            )
+            return None
         return int(sizes[0])
 
     def set_chat_template(self, system: str, prefix: str, postfix: str) -> Future[None]:
