@@ -50,8 +50,9 @@ def _tools_json_in_child(seed: str) -> str:
         env={**os.environ, "PYTHONHASHSEED": seed},
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 

@@ -142,6 +142,21 @@ def test_kv_cache_size_failure_does_not_fail_the_run(
     assert model.kv_cache_size().result() is None
 
 
+def test_token_limit_is_not_a_pause_on_13(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
+) -> None:
+    """1.3 stops at the per-run limit itself; only 1.2 has to pause the run."""
+    long_reply = " ".join(f"word{i}" for i in range(40))
+    model = open_model(write_model(replies=(f"default => {long_reply}",)))
+    pieces, result = run(model, "talk", max_new_tokens=3)
+    assert len(pieces) == 3
+    assert result.stopped_at_limit
+    expected = "max_new_tokens" if runtime.layout.has_sampling_params else "paused"
+    assert last_run(runtime, model)["status"] == expected
+
+
 def test_tool_call_and_thinking_intact(
     write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
 ) -> None:

@@ -27,7 +27,7 @@ from .prompt_cache import (
     PromptCacheStore,
     prompt_sha256,
 )
-from .rkllm.errors import RKLLMError
+from .rkllm.errors import RKLLMError, RunError
 from .rkllm.library import RuntimeLibrary
 from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
 
@@ -305,6 +305,13 @@ class Engine:
                 RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1),
             ).collect()
             build_ms = (time.monotonic() - started) * 1000
+            if result.perf is None or result.aborted:
+                # Without FINISH and its perf nothing says what the file holds.
+                raise RunError(
+                    f"the runtime did not finish building prompt cache {name} "
+                    f"of {loaded.name}",
+                    -1,
+                )
             info = self.library.info
             metadata = CacheMetadata(
                 name=name,
@@ -312,7 +319,7 @@ class Engine:
                 created_at=datetime.now(UTC).isoformat(),
                 prompt_sha256=prompt_sha256(prefix.prompt),
                 prompt_length=len(prefix.prompt),
-                tokens=result.perf.prefill_tokens if result.perf else 0,
+                tokens=result.perf.prefill_tokens,
                 size_bytes=0,  # commit() measures the staged file
                 build_ms=round(build_ms, 1),
                 source=source,
@@ -425,11 +432,21 @@ class Engine:
 
     @staticmethod
     def note_kv(loaded: LoadedModel, state: KVState, result: RunResult | None) -> None:
-        """Record what the KV holds after a run that kept history."""
+        """Record what the KV holds after a run that kept history.
+
+        Only a run that finished (FINISH with perf, no abort, under its token limit)
+        leaves a KV we know; otherwise it is unknown and reset before the next turn.
+        Without the runtime's count the KV cannot be budgeted either.
+        """
         size = result.kv_cache_size if result else None
-        # Without the runtime's count the KV cannot be budgeted: start over next time.
-        loaded.kv = state if size is not None else None
-        loaded.kv_tokens = size or 0
+        finished = (
+            result is not None
+            and result.perf is not None
+            and not result.aborted
+            and not result.stopped_at_limit
+        )
+        loaded.kv = state if finished and size is not None else None
+        loaded.kv_tokens = size if loaded.kv is not None and size is not None else 0
 
     def record(self, loaded: LoadedModel, stats: RunStats) -> None:
         """Remember a run's measurements."""

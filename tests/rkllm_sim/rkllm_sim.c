@@ -563,7 +563,8 @@ static int run_core(sim_handle *h, run_job *job)
     tv_assign(&ctx, &seq);
     double t_decode = sim_now_ms();
     int stop = rep.aborted;
-    if (!stop && m->emit_null_result && emit(h, job, NULL, RKLLM_RUN_NORMAL) == 1) {
+    if (!stop && m->emit_null_result == 1 &&
+        emit(h, job, NULL, RKLLM_RUN_NORMAL) == 1) {
         rep.status = "paused";
         stop = 1;
     }
@@ -677,7 +678,7 @@ static int run_core(sim_handle *h, run_job *job)
                 result.perf.prefill_tokens, (double)result.perf.prefill_time_ms,
                 result.perf.generate_tokens, (double)result.perf.generate_time_ms,
                 (double)result.perf.memory_usage_mb);
-    emit(h, job, &result, RKLLM_RUN_FINISH);
+    emit(h, job, m->emit_null_result == 2 ? NULL : &result, RKLLM_RUN_FINISH);
     goto out;
 
 fail:

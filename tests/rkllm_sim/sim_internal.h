@@ -91,7 +91,7 @@ typedef struct {
     int init_error;
     long error_at_token;
     int emit_null_text;
-    int emit_null_result;          /* 1: one NORMAL callback with a NULL result */
+    int emit_null_result;          /* 1: a NORMAL, 2: the FINISH callback gets NULL */
     int abort_after_prefill;       /* 1: abort waits for the prefill (and the run) */
     int no_prompt_cache_save;      /* 1: saving a prompt cache writes nothing */
     int ignore_cache_with_history; /* 1: a loaded cache is not used when keep_history */

@@ -143,7 +143,7 @@ static int parse_setting(sim_model *m, char *line, const char *path, int lineno)
             goto bad;
         m->emit_null_text = (int)l;
     } else if (strcmp(key, "emit_null_result") == 0) {
-        if (parse_long(value, &l) || (l != 0 && l != 1))
+        if (parse_long(value, &l) || l < 0 || l > 2)
             goto bad;
         m->emit_null_result = (int)l;
     } else if (strcmp(key, "abort_after_prefill") == 0) {

@@ -107,6 +107,7 @@ class _ActiveRun:
 
     sink: TextSink
     token_limit: int | None
+    pause_at_limit: bool
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
     )
@@ -263,7 +264,13 @@ class RKLLMModel:
                 keep.append(sampling)
                 infer.sampling_params = ctypes.pointer(sampling)
             infer.max_new_tokens = request.max_new_tokens or 0
-        active = _ActiveRun(sink=sink, token_limit=request.max_new_tokens)
+        # On 1.3 the runtime stops at the per-run limit itself; on 1.2 the only way is
+        # to pause the run from the callback (the KV is then unknown: callers reset it).
+        active = _ActiveRun(
+            sink=sink,
+            token_limit=request.max_new_tokens,
+            pause_at_limit=not self._layout.has_sampling_params,
+        )
         self._abort_requested = False
         # Plain assignments: abort() holds _handle_lock while rkllm_abort runs, and a
         # runtime whose abort waits for the run to end must not find us waiting too.
@@ -286,10 +293,13 @@ class RKLLMModel:
                 f"(code {code})",
                 code,
             )
+        limit = request.max_new_tokens
+        generated = active.perf.generate_tokens if active.perf else active.tokens
         return RunResult(
             perf=active.perf,
             aborted=self._abort_requested,
-            stopped_at_limit=active.stopped_at_limit,
+            stopped_at_limit=active.stopped_at_limit
+            or (limit is not None and generated >= limit),
             kv_cache_size=self._kv_cache_size() if request.keep_history else None,
         )
 
@@ -326,9 +336,9 @@ class RKLLMModel:
             active.error = True
             return CallbackAction.CONTINUE
         if self._abort_requested:
-            # An abort that reached the runtime just before the run began is
-            # honoured here: stop at the first token.
-            return CallbackAction.PAUSE
+            # Pausing is not stopping (it keeps the KV for a resume): rkllm_abort
+            # ends the run; until it lands, text is no longer wanted.
+            return CallbackAction.CONTINUE
         if state != CallState.NORMAL:
             # WAITING carries the first bytes of a character that the next NORMAL
             # callback delivers whole (as every upstream client assumes): skip it.
@@ -337,11 +347,14 @@ class RKLLMModel:
             text = active.decoder.decode(result.text, final=False)
             if text:
                 active.sink(text)
-        if state == CallState.NORMAL:
-            active.tokens += 1
-            if active.token_limit is not None and active.tokens >= active.token_limit:
-                active.stopped_at_limit = True
-                return CallbackAction.PAUSE
+        active.tokens += 1
+        if (
+            active.pause_at_limit
+            and active.token_limit is not None
+            and active.tokens >= active.token_limit
+        ):
+            active.stopped_at_limit = True
+            return CallbackAction.PAUSE
         return CallbackAction.CONTINUE
 
     def _is_running(self, handle: LLMHandle) -> bool:
