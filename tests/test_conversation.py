@@ -16,8 +16,8 @@ from custom_components.rockchip_llm.engine import LoadedModel, RunStats
 from custom_components.rockchip_llm.entity import resolve_tool_name
 from custom_components.rockchip_llm.ha_compat import tool_result_data
 from homeassistant.components import conversation
-from homeassistant.config_entries import ConfigEntryState
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import (
     area_registry as ar,

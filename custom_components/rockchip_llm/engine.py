@@ -305,13 +305,7 @@ class Engine:
                 RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1),
             ).collect()
             build_ms = (time.monotonic() - started) * 1000
-            if result.perf is None or result.aborted:
-                # Without FINISH and its perf nothing says what the file holds.
-                raise RunError(
-                    f"the runtime did not finish building prompt cache {name} "
-                    f"of {loaded.name}",
-                    -1,
-                )
+            _require_finish(result, loaded.name, name)
             info = self.library.info
             metadata = CacheMetadata(
                 name=name,
@@ -461,6 +455,17 @@ class Engine:
             stats.cache,
             stats.generate_tokens,
             stats.generate_ms,
+        )
+
+
+def _require_finish(result: RunResult, model: str, name: str) -> None:
+    """Refuse a cache build whose FINISH (with its perf) did not arrive.
+
+    Without it nothing says what the file holds.
+    """
+    if result.perf is None or result.aborted:
+        raise RunError(
+            f"the runtime did not finish building prompt cache {name} of {model}", -1
         )
 
 
