@@ -305,7 +305,7 @@ class Engine:
                 RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1),
             ).collect()
             build_ms = (time.monotonic() - started) * 1000
-            _require_finish(result, loaded.name, name)
+            perf = _finished_perf(result, loaded.name, name)
             info = self.library.info
             metadata = CacheMetadata(
                 name=name,
@@ -313,7 +313,7 @@ class Engine:
                 created_at=datetime.now(UTC).isoformat(),
                 prompt_sha256=prompt_sha256(prefix.prompt),
                 prompt_length=len(prefix.prompt),
-                tokens=result.perf.prefill_tokens,
+                tokens=perf.prefill_tokens,
                 size_bytes=0,  # commit() measures the staged file
                 build_ms=round(build_ms, 1),
                 source=source,
@@ -458,15 +458,16 @@ class Engine:
         )
 
 
-def _require_finish(result: RunResult, model: str, name: str) -> None:
-    """Refuse a cache build whose FINISH (with its perf) did not arrive.
+def _finished_perf(result: RunResult, model: str, name: str) -> PerfStats:
+    """Return the perf of a cache build; refuse one whose FINISH did not arrive.
 
-    Without it nothing says what the file holds.
+    Without FINISH and its perf nothing says what the file holds.
     """
     if result.perf is None or result.aborted:
         raise RunError(
             f"the runtime did not finish building prompt cache {name} of {model}", -1
         )
+    return result.perf
 
 
 def perf_or_zero(perf: PerfStats | None) -> PerfStats:
