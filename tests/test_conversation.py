@@ -231,7 +231,7 @@ async def test_prompt_too_long_is_answered(
     words = 2048 - 64 - system_tokens // 2
     result = await converse(hass, "ab " * words)
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "context length" in speech(result)
+    assert "too long for me" in speech(result)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
 
 

@@ -161,11 +161,20 @@ class RockchipLLMBaseEntity(Entity):
                     if not chat_log.unresponded_tool_results:
                         break
             except PromptTooLong as err:
+                LOGGER.warning(
+                    "%s: request refused, it does not fit the context: %s",
+                    loaded.name,
+                    err,
+                )
                 raise HomeAssistantError(
                     translation_domain=DOMAIN,
-                    translation_key="prompt_too_long",
+                    translation_key="prompt_too_long"
+                    if err.prefix_too_long
+                    else "input_too_long",
                     translation_placeholders={
-                        "max_context_len": str(settings.max_context_len)
+                        "max_context_len": str(settings.max_context_len),
+                        "prefix_tokens": str(err.budget.prefix_tokens),
+                        "input_tokens": str(err.input_tokens),
                     },
                 ) from err
             except RKLLMError as err:
@@ -210,8 +219,19 @@ class RockchipLLMBaseEntity(Entity):
                 prefix_tokens=prefix_tokens,
                 kv_tokens=max(loaded.kv_tokens, prefix_tokens),
                 reply_tokens=settings.max_new_tokens,
+                extra_tokens=estimate_tokens(
+                    f"{volatile}\n\n{instructions or ''}\n\n"
+                    if volatile or instructions
+                    else ""
+                ),
             ),
         )
+        if plan.max_new_tokens < settings.max_new_tokens:
+            LOGGER.debug(
+                "%s: answer budget shrunk to %d tokens to fit the context",
+                loaded.name,
+                plan.max_new_tokens,
+            )
         if plan.dropped_messages:
             LOGGER.debug(
                 "%s: %d earlier messages left out to fit the context",
@@ -234,7 +254,7 @@ class RockchipLLMBaseEntity(Entity):
                 enable_thinking=settings.enable_thinking,
                 keep_history=keep_history,
                 sampling=settings.sampling,
-                max_new_tokens=settings.max_new_tokens,
+                max_new_tokens=plan.max_new_tokens,
             ),
         )
         loaded.kv = None  # unknown until the run completes
