@@ -144,7 +144,7 @@ class Agent:
 
     def prefix_seen(self, prefix: SystemPrefix, *, cached: bool) -> None:
         """Note the prefix a request carried; one without a cache gets one, debounced."""
-        if cached:
+        if cached or self.loaded.cache_unsupported is not None:
             return
         LOGGER.debug("A request carried a prefix without a cache; scheduling a build")
         self._requested = prefix
@@ -168,6 +168,8 @@ class Agent:
             # (the last case: a request found no usable system cache for this prefix)
             await self.async_prepare("auto", rendered)
         if requested is None or requested.key == rendered.key:
+            return
+        if self.loaded.cache_unsupported is not None:
             return
         async with self.loaded.lock:
             found = await self.engine.async_find_cache(self.loaded, requested)

@@ -82,6 +82,7 @@ def _loaded_model(loaded: LoadedModel) -> dict[str, Any]:
         "params": _jsonable(params),
         "users": loaded.users,
         "loaded_cache": loaded.loaded_cache.name if loaded.loaded_cache else None,
+        "prompt_cache_unsupported": loaded.cache_unsupported,
         "kv_tokens": loaded.kv_tokens,
         "kv_messages": len(loaded.kv.messages) if loaded.kv is not None else None,
         "busy": loaded.lock.locked(),

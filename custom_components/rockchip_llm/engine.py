@@ -27,7 +27,7 @@ from .prompt_cache import (
     PromptCacheStore,
     prompt_sha256,
 )
-from .rkllm.errors import RKLLMError, RunError
+from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
 from .rkllm.library import RuntimeLibrary
 from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
 
@@ -67,6 +67,8 @@ class LoadedModel:
     loaded_cache: CacheEntry | None = None
     caches: list[CacheEntry] | None = None
     """The store's listing for this model, read once and dropped on every change."""
+    cache_unsupported: str | None = None
+    """Why the runtime saves no prompt cache for this model (then none is built)."""
     kv: KVState | None = None
     kv_tokens: int = 0
     sent_tool_results: dict[str, str] = field(default_factory=dict)
@@ -306,6 +308,7 @@ class Engine:
             ).collect()
             build_ms = (time.monotonic() - started) * 1000
             perf = _finished_perf(result, loaded.name, name)
+            await self._run_blocking(_require_saved, staging, loaded.name)
             info = self.library.info
             metadata = CacheMetadata(
                 name=name,
@@ -343,6 +346,17 @@ class Engine:
             entry, metadata, build_ms = await self._async_build(
                 loaded, prefix, name, source
             )
+        except PromptCacheNotSaved as err:
+            if loaded.cache_unsupported is None:
+                _LOGGER.warning(
+                    "%s; its agents work without a prompt cache (slower first "
+                    "answers) until the integration is reloaded",
+                    err,
+                )
+                loaded.cache_unsupported = str(err)
+            if previous is not None:
+                await self.async_try_use_cache(loaded, previous)
+            raise
         except Exception:
             if previous is not None:
                 await self.async_try_use_cache(loaded, previous)
@@ -362,8 +376,15 @@ class Engine:
 
     async def async_prepare(
         self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
-    ) -> CacheEntry:
-        """Load the valid named cache for prefix, building it if needed."""
+    ) -> CacheEntry | None:
+        """Load the valid named cache for prefix, building it if needed.
+
+        None: the runtime saves no prompt cache for this model; the prefix is set
+        and requests run uncached.
+        """
+        if loaded.cache_unsupported is not None:
+            await self.async_set_prefix(loaded, prefix)
+            return None
         entry: CacheEntry | None = await self._run_blocking(
             self.store.get, loaded.name, name
         )
@@ -387,7 +408,10 @@ class Engine:
                     name,
                     reason,
                 )
-        return await self.async_build_cache(loaded, prefix, name, source)
+        try:
+            return await self.async_build_cache(loaded, prefix, name, source)
+        except PromptCacheNotSaved:
+            return None
 
     async def async_try_use_cache(
         self, loaded: LoadedModel, entry: CacheEntry | None
@@ -455,6 +479,15 @@ class Engine:
             stats.cache,
             stats.generate_tokens,
             stats.generate_ms,
+        )
+
+
+def _require_saved(staging: Path, model: str) -> None:
+    """Refuse a build after which the runtime wrote no file (blocking)."""
+    if not staging.exists():
+        raise PromptCacheNotSaved(
+            f"the runtime wrote no prompt cache file for {model}; "
+            "it may not support saving one for this model (rknn-llm #517)"
         )
 
 
