@@ -7,12 +7,13 @@ from typing import Any
 import pytest
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
 from homeassistant.config_entries import ConfigEntryState
+from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 
-from .conftest import EntryFactory, sim_counter
+from .conftest import EntryFactory, last_run_record, sim_counter
 from .test_conversation import converse, loaded_model, speech
 from .test_diagnostics import get_diagnostics
 
@@ -55,3 +56,37 @@ async def test_runtime_that_saves_no_cache(
         "wrote no prompt cache"
         in (data["loaded_models"]["Qwen3 Sim"]["prompt_cache_unsupported"])
     )
+
+
+async def test_agent_without_tools_sets_a_template(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """No rkllm_set_function_tools("[]") (rknn-llm #377): the prompt is a chat template."""
+    entry = await make_entry(
+        {CONF_LLM_HASS_API: [], CONF_PROMPT: "Speak like a pirate."}
+    )
+    result = await converse(hass, "hello")
+    assert speech(result) == "Hello from the simulator."
+    assert sim_counter(entry, "set_function_tools") == 0
+    assert sim_counter(entry, "set_chat_template") >= 1
+    record = last_run_record(entry)
+    assert record["tools"] is None
+    assert record["system"].startswith("<|im_start|>system\nSpeak like a pirate.")
+    # thinking off: the template closes an empty thinking block itself
+    assert record["prompt"].endswith("<think>\n\n</think>\n\n")
+
+
+async def test_prefix_change_clears_the_kv(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """A runtime whose set_function_tools keeps the KV: the new prompt still applies."""
+    entry = await make_entry(
+        {CONF_PROMPT: "First agent speaks."},
+        {CONF_PROMPT: "Second agent speaks."},
+        model_kwargs={"extra": ("tools_keep_kv 1",)},
+    )
+    await converse(hass, "hello", agent="conversation.agent_0")
+    await converse(hass, "hello", agent="conversation.agent_1")
+    record = last_run_record(entry)
+    assert "Second agent speaks." in record["prompt"]
+    assert "First agent speaks." not in record["prompt"]

@@ -10,7 +10,7 @@ from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, llm
 
-from .chat import SystemPrefix
+from .chat import NO_TOOLS, SystemPrefix
 from .const import CONF_PROMPT, DOMAIN
 from .ha_compat import schema_to_openapi
 
@@ -32,7 +32,7 @@ def tools_json(llm_api: llm.APIInstance | None) -> str:
     the serialisation is kept per content so a request does not redo it.
     """
     if llm_api is None:
-        return "[]"
+        return NO_TOOLS
     key = tuple(
         (tool.name, tool.description, repr(tool.parameters.schema))
         for tool in llm_api.tools

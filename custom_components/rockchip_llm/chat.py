@@ -40,6 +40,37 @@ class SystemPrefix:
         """Identify the tools."""
         return hashlib.sha256(self.tools_json.encode()).hexdigest()
 
+    @property
+    def has_tools(self) -> bool:
+        """Whether the prefix offers tools (else it is set as a chat template)."""
+        return self.tools_json != NO_TOOLS
+
+
+NO_TOOLS = "[]"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """The three strings of rkllm_set_chat_template."""
+
+    system: str
+    user_prefix: str
+    user_postfix: str
+
+
+def chat_template(prompt: str, *, thinking: bool) -> ChatTemplate:
+    """Return the Qwen (ChatML) template that sets prompt without tools.
+
+    After an override the runtime ignores enable_thinking, so the empty thinking
+    block that switches it off is part of the postfix.
+    """
+    return ChatTemplate(
+        system=f"<|im_start|>system\n{prompt}<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        user_postfix="<|im_end|>\n<|im_start|>assistant\n"
+        + ("" if thinking else "<think>\n\n</think>\n\n"),
+    )
+
 
 def prefix_key(prompt: str, tools_json: str) -> str:
     """Return the identity of a prompt + tools pair."""

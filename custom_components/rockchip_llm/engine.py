@@ -18,7 +18,7 @@ from pathlib import Path
 import time
 from typing import Any
 
-from .chat import KVState, SystemPrefix
+from .chat import KVState, SystemPrefix, chat_template
 from .models import ModelInfo, model_fingerprint
 from .prompt_cache import (
     CacheEntry,
@@ -206,14 +206,31 @@ class Engine:
             "tools_sha256": prefix.tools_sha256,
         }
 
-    async def async_set_prefix(self, loaded: LoadedModel, prefix: SystemPrefix) -> None:
-        """Put prefix (system prompt and tools) on the handle if it is not there."""
-        if loaded.prefix_key == prefix.key:
+    async def async_set_prefix(
+        self, loaded: LoadedModel, prefix: SystemPrefix, *, thinking: bool = False
+    ) -> None:
+        """Put prefix (system prompt and tools) on the handle if it is not there.
+
+        A prefix without tools is set as a chat template, never as an empty tool
+        list (rknn-llm #377); thinking then lives in the template. Upstream
+        promises a KV clear only for set_chat_template: it is cleared here.
+        """
+        key = prefix.key if prefix.has_tools else f"{prefix.key}/template/{thinking}"
+        if loaded.prefix_key == key:
             return
-        await call(loaded.model.set_function_tools(prefix.prompt, prefix.tools_json))
-        loaded.prefix_key = prefix.key
-        loaded.kv = None
-        loaded.kv_tokens = 0
+        if prefix.has_tools:
+            await call(
+                loaded.model.set_function_tools(prefix.prompt, prefix.tools_json)
+            )
+        else:
+            template = chat_template(prefix.prompt, thinking=thinking)
+            await call(
+                loaded.model.set_chat_template(
+                    template.system, template.user_prefix, template.user_postfix
+                )
+            )
+        loaded.prefix_key = key
+        await self.async_reset_kv(loaded, keep_system=False)
 
     async def async_find_cache(
         self, loaded: LoadedModel, prefix: SystemPrefix

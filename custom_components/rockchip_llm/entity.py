@@ -143,7 +143,9 @@ class RockchipLLMBaseEntity(Entity):
         keep_history = strategy is HistoryStrategy.AUTO
         async with loaded.lock:
             try:
-                await engine.async_set_prefix(loaded, prefix)
+                await engine.async_set_prefix(
+                    loaded, prefix, thinking=settings.enable_thinking
+                )
                 if strategy is HistoryStrategy.OFF:
                     await engine.async_use_cache(loaded, None)
                 else:
