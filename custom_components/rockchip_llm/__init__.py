@@ -25,6 +25,7 @@ from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
 from .const import (
+    CONF_ABI_FAMILY,
     CONF_CACHE_DIR,
     CONF_LIBRARY_PATH,
     CONF_MODEL,
@@ -38,6 +39,7 @@ from .engine import Engine
 from .host import npu_driver_too_old, read_host_info
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
+from .rkllm.abi import parse_family
 from .rkllm.errors import LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
@@ -82,6 +84,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
             load_library_safely,
             library_path,
             Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR,
+            parse_family(entry.data.get(CONF_ABI_FAMILY)),
         )
     except LibraryError as err:
         missing = isinstance(err, LibraryNotFound)

@@ -35,6 +35,8 @@ from homeassistant.helpers.selector import (
 from homeassistant.helpers.typing import VolDictType
 
 from .const import (
+    ABI_FAMILY_AUTO,
+    CONF_ABI_FAMILY,
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
@@ -68,6 +70,7 @@ from .const import (
 )
 from .ha_compat import vol
 from .models import ModelInfo, ModelsDirError, scan_models
+from .rkllm.abi import AbiFamily, parse_family
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
 from .rkllm.probe import verify_library
@@ -112,12 +115,15 @@ def _check_cache_dir(cache_dir: Path) -> bool:
 
 
 def _validate_paths(
-    library_path: Path, models_dir: Path, cache_dir: Path
+    library_path: Path,
+    models_dir: Path,
+    cache_dir: Path,
+    abi_family: AbiFamily | None = None,
 ) -> _Validation:
     """Check the library, the models folder and the cache folder (blocking)."""
     result = _Validation()
     try:
-        verify_library(library_path)
+        verify_library(library_path, family_override=abi_family)
     except LibraryError as err:
         result.errors[CONF_LIBRARY_PATH] = err.translation_key
         result.placeholders.update(err.placeholders)
@@ -263,6 +269,10 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             paths[key] = str(
                 path if path.is_absolute() else self.hass.config.path(str(path))
             )
+        if (family := user_input.get(CONF_ABI_FAMILY, ABI_FAMILY_AUTO)) != (
+            ABI_FAMILY_AUTO
+        ):
+            paths[CONF_ABI_FAMILY] = family
         return paths
 
     async def _async_validate(self, paths: Mapping[str, str]) -> _Validation:
@@ -273,6 +283,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 Path(paths[CONF_LIBRARY_PATH]),
                 Path(paths[CONF_MODELS_DIR]),
                 Path(paths[CONF_CACHE_DIR]),
+                parse_family(paths.get(CONF_ABI_FAMILY)),
             )
         except Exception:
             _LOGGER.exception("Unexpected error while checking the runtime paths")
@@ -302,6 +313,13 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                     CONF_CACHE_DIR,
                     default=self.hass.config.path(CONFIG_SUBDIR, "cache"),
                 ): TextSelector(),
+                vol.Optional(CONF_ABI_FAMILY): SelectSelector(
+                    SelectSelectorConfig(
+                        options=[ABI_FAMILY_AUTO, *(str(f) for f in AbiFamily)],
+                        translation_key=CONF_ABI_FAMILY,
+                        mode=SelectSelectorMode.DROPDOWN,
+                    )
+                ),
             }
         )
         validation = validation or _Validation()
@@ -372,7 +390,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             return await self._async_show_paths_form(
                 "reconfigure", user_input, validation
             )
-        return self.async_update_reload_and_abort(entry, data_updates=paths)
+        return self.async_update_reload_and_abort(entry, data=paths)
 
     @classmethod
     @callback

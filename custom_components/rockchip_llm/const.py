@@ -14,6 +14,9 @@ LOGGER = logging.getLogger(__package__)
 CONF_LIBRARY_PATH: Final = "library_path"
 CONF_MODELS_DIR: Final = "models_dir"
 CONF_CACHE_DIR: Final = "cache_dir"
+CONF_ABI_FAMILY: Final = "abi_family"
+"""ABI family to use when the library cannot be identified ("auto": none given)."""
+ABI_FAMILY_AUTO: Final = "auto"
 
 LIBRARY_CANDIDATES: Final = (
     Path("/usr/lib/librkllmrt.so"),

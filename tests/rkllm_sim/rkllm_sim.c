@@ -21,9 +21,12 @@
 #define SIM_VERSION "1.3.0"
 #endif
 
-/* Found by the binding's version scan; must stay in the binary. */
+#ifndef RKLLM_SIM_UNVERSIONED
+/* Found by the binding's version scan; must stay in the binary. Real builds
+   carry only the format string (a vendor build: -DRKLLM_SIM_UNVERSIONED). */
 __attribute__((used)) static const char sim_version_banner[] =
     "rkllm-runtime version: " SIM_VERSION " (rockchip_llm simulator)";
+#endif
 
 #define SIM_MAGIC 0x52534d31u
 #define DEFAULT_SYSTEM "You are a helpful assistant."
@@ -769,7 +772,11 @@ RKLLMParam rkllm_createDefaultParam(void)
     p.is_async = false;
     p.extend_param.base_domain_id = 0;
     p.extend_param.embed_flash = 0;
+#ifdef RKLLM_SIM_ODD_DEFAULTS
+    p.extend_param.enabled_cpus_num = 8; /* defaults nobody documented */
+#else
     p.extend_param.enabled_cpus_num = 4;
+#endif
     p.extend_param.enabled_cpus_mask = 0;
     p.extend_param.n_batch = 1;
     p.extend_param.use_cross_attn = 0;

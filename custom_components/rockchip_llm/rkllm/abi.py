@@ -21,6 +21,11 @@ class AbiFamily(StrEnum):
     V1_3 = "1.3"
 
 
+def parse_family(value: str | None) -> AbiFamily | None:
+    """Return the ABI family a setting names ("auto" or nothing: None)."""
+    return None if value in (None, "", "auto") else AbiFamily(value)
+
+
 class CallState(IntEnum):
     """LLMCallState: the state passed to the result callback."""
 
