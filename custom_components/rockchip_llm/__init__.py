@@ -35,7 +35,7 @@ from .const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
-from .engine import Engine
+from .engine import Engine, plan_domains
 from .host import npu_driver_too_old, read_host_info
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
@@ -164,7 +164,10 @@ async def _async_load_agents(
         ir.async_delete_issue(hass, DOMAIN, issue_id)
         by_model.setdefault(model, []).append(subentry.subentry_id)
 
-    for domain_id, (model, subentry_ids) in enumerate(by_model.items()):
+    domains = plan_domains(
+        [runtime.scan.models[model].size_bytes for model in by_model]
+    )
+    for domain_id, (model, subentry_ids) in zip(domains, by_model.items(), strict=True):
         settings = [
             AgentSettings.from_options(entry.subentries[i].data) for i in subentry_ids
         ]

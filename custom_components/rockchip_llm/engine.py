@@ -8,7 +8,7 @@ everything they do with a model, so KV bookkeeping stays consistent.
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
 import contextlib
 from dataclasses import dataclass, field
@@ -27,13 +27,49 @@ from .prompt_cache import (
     PromptCacheStore,
     prompt_sha256,
 )
+from .rkllm.abi import AbiFamily
 from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
-from .rkllm.library import RuntimeLibrary
+from .rkllm.library import RuntimeInfo, RuntimeLibrary
 from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
 
 _LOGGER = logging.getLogger(__name__)
 
 RECENT_RUNS = 20
+
+DOMAIN_BYTES = 4 * 1024**3
+"""About what one NPU memory domain holds (rknn-llm #314, #437)."""
+
+MULTI_INSTANCE_VERSION = (1, 2, 2)
+"""The first runtime that runs several model instances at once."""
+
+
+def plan_domains(sizes: list[int]) -> list[int]:
+    """Give each model (by file size) a base_domain_id of its own.
+
+    A model larger than a domain spans the next ones too, so the following model
+    starts after them.
+    """
+    domains: list[int] = []
+    next_free = 0
+    for size in sizes:
+        domains.append(next_free)
+        next_free += max(1, -(-size // DOMAIN_BYTES))
+    return domains
+
+
+def runs_concurrently(info: RuntimeInfo) -> bool:
+    """Whether the runtime can run several handles at once (1.2.2 and later).
+
+    A version known only as its family (1.2.x) counts as the older one.
+    """
+    if info.family is not AbiFamily.V1_2:
+        return True
+    parts = info.version.split(".")
+    try:
+        version = tuple(int(part) for part in parts[:3])
+    except ValueError:
+        return False
+    return version >= MULTI_INSTANCE_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +110,8 @@ class LoadedModel:
     sent_tool_results: dict[str, str] = field(default_factory=dict)
     """Tool results as first sent to the model, by tool call id (see entity.py)."""
     recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
+    run_gate: asyncio.Lock | None = None
+    """Held during every run when the runtime cannot run handles concurrently."""
 
     @property
     def name(self) -> str:
@@ -92,7 +130,23 @@ class Generation:
         self.ttft_ms: float | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        """Start the run and yield decoded text as the runtime produces it."""
+        """Start the run and yield decoded text as the runtime produces it.
+
+        Runtimes before 1.2.2 run one handle at a time: there the run waits for
+        the engine-wide gate first.
+        """
+        gate = self._loaded.run_gate
+        if gate is not None:
+            await gate.acquire()
+        try:
+            async with contextlib.aclosing(self._run()) as texts:
+                async for text in texts:
+                    yield text
+        finally:
+            if gate is not None:
+                gate.release()
+
+    async def _run(self) -> AsyncGenerator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -153,6 +207,7 @@ class Engine:
         self.store = store
         self._run_blocking = run_blocking
         self._models: dict[str, LoadedModel] = {}
+        self._run_gate = None if runs_concurrently(library.info) else asyncio.Lock()
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -170,7 +225,11 @@ class Engine:
                 await self._run_blocking(model.close)
                 raise
             loaded = LoadedModel(
-                info=info, params=params, model=model, fingerprint=fingerprint
+                info=info,
+                params=params,
+                model=model,
+                fingerprint=fingerprint,
+                run_gate=self._run_gate,
             )
             self._models[info.name] = loaded
         loaded.users += 1
