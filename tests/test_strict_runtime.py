@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
+from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN, HistoryStrategy
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
@@ -90,3 +90,80 @@ async def test_prefix_change_clears_the_kv(
     record = last_run_record(entry)
     assert "Second agent speaks." in record["prompt"]
     assert "First agent speaks." not in record["prompt"]
+
+
+async def test_cache_ignored_with_keep_history_found_at_setup(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    hass_client: ClientSessionGenerator,
+) -> None:
+    """rknn-llm #399: the warm-up finds it; the first request is already fast.
+
+    The agent falls back to prompt_cache_only, a repair says so with the numbers,
+    diagnostics show it, and a reload tries auto again.
+    """
+    entry = await make_entry(model_kwargs={"extra": ("ignore_cache_with_history 1",)})
+    agent = next(iter(entry.runtime_data.agents.values()))
+    loaded = loaded_model(entry)
+    assert agent.strategy is HistoryStrategy.PROMPT_CACHE_ONLY
+    [failure] = agent.reuse_failures
+    assert failure["source"] == "warm-up"
+    assert failure["strategy"] == "auto"
+    assert failure["prefill_tokens"] > failure["prefix_tokens"] > 50
+    issue = ir.async_get(hass).async_get_issue(
+        DOMAIN, f"reuse_not_honoured_{agent.subentry_id}"
+    )
+    assert issue is not None
+    assert issue.translation_placeholders is not None
+    assert issue.translation_placeholders["fallback"] == "prompt_cache_only"
+
+    first = await converse(hass, "hello")
+    await converse(hass, "and again", first.conversation_id)
+    assert speech(first) == "Hello from the simulator."
+    assert all(run.prefill_tokens < 40 for run in loaded.recent)
+    assert all(not run.reused_history for run in loaded.recent)
+
+    data = await get_diagnostics(hass, hass_client, entry)
+    described = data["agents"][agent.subentry_id]
+    assert described["history_strategy_in_force"] == "prompt_cache_only"
+    assert described["reuse_failures"][0]["switched_to"] == "prompt_cache_only"
+
+    await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert [f["strategy"] for f in agent.reuse_failures] == ["auto"]
+
+
+async def test_request_that_is_not_reused_falls_back(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """A request that prefilled the whole prefix again switches the agent down."""
+    entry = await make_entry(model_kwargs={"extra": ("ignore_cache_with_history 1",)})
+    agent = next(iter(entry.runtime_data.agents.values()))
+    agent.strategy = HistoryStrategy.AUTO  # as if the warm-up had not run
+    await converse(hass, "hello")
+    assert agent.strategy is HistoryStrategy.PROMPT_CACHE_ONLY
+    assert agent.reuse_failures[-1]["source"] == "request"
+    await converse(hass, "hello")
+    assert loaded_model(entry).recent[-1].prefill_tokens < 40
+
+
+async def test_realistic_cache_files_survive_a_reload(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Caches of a real KV's size per token are loaded after a reload, not rebuilt."""
+    entry = await make_entry(model_kwargs={"extra": ("cache_bytes_per_token 4096",)})
+    loaded = loaded_model(entry)
+    assert loaded.loaded_cache is not None
+    metadata = loaded.loaded_cache.metadata
+    assert metadata is not None
+    assert metadata.size_bytes >= metadata.tokens * 4096
+    saves = sim_counter(entry, "prompt_cache_save")
+    loads = sim_counter(entry, "prompt_cache_load")
+    await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    assert sim_counter(entry, "prompt_cache_save") == saves
+    assert sim_counter(entry, "prompt_cache_load") == loads + 1
+    result = await converse(hass, "hello")
+    assert speech(result) == "Hello from the simulator."
+    assert loaded_model(entry).recent[-1].prefill_tokens < 40

@@ -190,6 +190,7 @@ async def _async_load_agents(
                 subentry.data,
                 loaded,
                 chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
+                title=subentry.title,
             )
     cache_issue = f"cache_dir_{entry.entry_id}"
     for agent in runtime.chat_agents:

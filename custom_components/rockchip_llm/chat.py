@@ -14,6 +14,9 @@ type Role = Literal["user", "assistant", "tool"]
 CHARS_PER_TOKEN = 3
 """Conservative estimate for text we have not tokenised (real BPE: 3.5-4.5)."""
 
+TURN_TEMPLATE_TOKENS = 16
+"""Tokens the chat template puts around a turn (a bound for Qwen's ChatML)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -98,6 +101,20 @@ class RunPlan:
     dropped_messages: int = 0
 
 
+def expected_prefill(prompt: str) -> int:
+    """Bound the tokens a run of prompt prefills when its prefix is reused."""
+    return estimate_tokens(prompt) + TURN_TEMPLATE_TOKENS
+
+
+def reuse_honoured(prefill_tokens: int, expected: int, prefix_tokens: int) -> bool:
+    """Whether a run that should have reused the prefix (and history) did.
+
+    A run that recomputed the prefix prefills at least its tokens on top of the
+    input; one that reused it stays near the input's estimate (an upper bound).
+    """
+    return prefill_tokens <= expected + max(TURN_TEMPLATE_TOKENS, prefix_tokens // 2)
+
+
 def estimate_tokens(text: str) -> int:
     """Estimate the token count of text (upper bound, no tokenizer needed)."""
     return -(-len(text) // CHARS_PER_TOKEN)
@@ -152,9 +169,6 @@ def fold_history(history: list[Message], new: Message) -> str:
 
 MIN_REPLY_TOKENS = 32
 """The smallest answer budget a run is given before a request is refused."""
-
-TURN_TEMPLATE_TOKENS = 16
-"""Tokens the chat template puts around a turn (a bound for the simulator's Qwen)."""
 
 
 class PromptTooLong(Exception):

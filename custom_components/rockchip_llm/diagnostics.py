@@ -114,6 +114,8 @@ def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
         "chat": agent.chat,
         "model": agent.loaded.name,
         "settings": _jsonable(agent.settings),
+        "history_strategy_in_force": agent.strategy.value,
+        "reuse_failures": list(agent.reuse_failures),
         "cache": agent.cache.name if agent.cache else None,
         "prefix": _prefix(agent),
         "recent_runs": [

@@ -515,6 +515,22 @@ class Engine:
             loaded.caches = None
         return deleted
 
+    async def async_warm_up(
+        self, loaded: LoadedModel, prompt: str, *, keep_history: bool
+    ) -> RunResult:
+        """Run a one-token turn on an empty KV (only a loaded cache can help it).
+
+        The KV is cleared again afterwards.
+        """
+        await self.async_reset_kv(loaded, keep_system=False)
+        try:
+            return await Generation(
+                loaded,
+                RunRequest(prompt=prompt, keep_history=keep_history, max_new_tokens=1),
+            ).collect()
+        finally:
+            await self.async_reset_kv(loaded, keep_system=False)
+
     async def async_reset_kv(
         self, loaded: LoadedModel, *, keep_system: bool = True
     ) -> None:

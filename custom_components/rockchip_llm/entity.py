@@ -20,6 +20,7 @@ from .chat import (
     PromptTooLong,
     SystemPrefix,
     estimate_tokens,
+    expected_prefill,
     plan_run,
 )
 from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS, HistoryStrategy
@@ -124,8 +125,8 @@ class RockchipLLMBaseEntity(Entity):
 
     @property
     def history_strategy(self) -> HistoryStrategy:
-        """How this agent reuses the KV cache."""
-        return self.agent.settings.history_strategy
+        """How this agent reuses the KV cache now (a fallback if the runtime refused)."""
+        return self.agent.strategy
 
     async def _async_handle_chat_log(
         self, chat_log: conversation.ChatLog, instructions: str | None = None
@@ -205,9 +206,15 @@ class RockchipLLMBaseEntity(Entity):
         loaded = agent.loaded
         cache = loaded.loaded_cache
         # Exact for a cache of this very prefix; otherwise a conservative estimate.
+        exact_cache = (
+            self.history_strategy is not HistoryStrategy.OFF
+            and cache is not None
+            and cache.metadata is not None
+            and agent.engine.is_exact(cache, prefix)
+        )
         prefix_tokens = (
             cache.metadata.tokens
-            if cache and cache.metadata and agent.engine.is_exact(cache, prefix)
+            if exact_cache and cache and cache.metadata
             else estimate_tokens(prefix.prompt + prefix.tools_json)
         )
         plan = plan_run(
@@ -280,7 +287,20 @@ class RockchipLLMBaseEntity(Entity):
                 ),
                 generation.result,
             )
-        perf = perf_or_zero(generation.result.perf if generation.result else None)
+        result = generation.result
+        if (
+            result is not None
+            and result.perf is not None
+            and not result.aborted
+            and (plan.reuse_history or exact_cache)
+        ):
+            agent.check_reuse(
+                result.perf.prefill_tokens,
+                expected_prefill(prompt),
+                prefix_tokens,
+                "request",
+            )
+        perf = perf_or_zero(result.perf if result else None)
         agent.engine.record(
             loaded,
             RunStats(
