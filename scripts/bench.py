@@ -15,7 +15,11 @@ three ways:
   (keep_history=0, one prompt cache file per conversation, saved on every run and
   loaded before the next, the whole templated conversation sent every turn).
 
-A last phase measures the integration's own overhead with zero simulator delays.
+A last phase measures the integration's own overhead with zero simulator delays,
+and two fresh Home Assistant starts measure the time to a ready agent without a
+system cache (it is built) and with the one the first start wrote (it is loaded).
+Prompt-cache files have a real KV dump's size (Qwen3-0.6B: about 112 KB per token),
+so writing and loading them costs what it costs on a disk.
 """
 
 import argparse
@@ -30,6 +34,7 @@ import logging
 import os
 from pathlib import Path
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -101,6 +106,8 @@ SIM_LIBRARIES = {
 # Published RK3588 figures of Qwen3-0.6B w8a8 (rknn-llm benchmark table).
 RK3588_PREFILL_MS = 1.56
 RK3588_DECODE_MS = 30.4
+QWEN3_06B_KV_BYTES_PER_TOKEN = 114688
+"""28 layers x 8 KV heads x 128 dims x 2 (K and V) x fp16: 112 KB per token."""
 
 STRATEGIES = ("ours", "full_prompt", "cache_per_conversation")
 MODEL_NAME = "Qwen3-0.6B RK3588 (simulated)"
@@ -262,6 +269,7 @@ class Settings:
     tool_turn: int
     prefill_ms: float
     decode_ms: float
+    cache_bytes_per_token: int
     overhead_requests: int
     overhead_reply_tokens: int
     abi: str
@@ -321,12 +329,19 @@ class Report:
     ha_prompt_ms: float = 0.0
     tools_json_ms: float = 0.0
     tool_calls_executed: int = 0
+    startup: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """HA start to a ready agent: "without_cache" (built), "with_cache" (loaded)."""
 
 
 # The simulated model files
 
 
-def model_file(dialogue: Sequence[Turn], prefill_ms: float, decode_ms: float) -> str:
+def model_file(
+    dialogue: Sequence[Turn],
+    prefill_ms: float,
+    decode_ms: float,
+    cache_bytes_per_token: int = 0,
+) -> str:
     """Return the simulated model: calibrated delays and the dialogue's answers.
 
     The replies match substrings of the raw prompt, and strategies that fold or
@@ -341,6 +356,7 @@ def model_file(dialogue: Sequence[Turn], prefill_ms: float, decode_ms: float) ->
         f"max_context_limit {DEFAULT_MAX_CONTEXT_LEN}",
         f"prefill_ms_per_token {prefill_ms}",
         f"decode_ms_per_token {decode_ms}",
+        f"cache_bytes_per_token {cache_bytes_per_token}",
         f"reply tool * => {TOOL_ANSWER}",
     ]
     for turn in reversed(dialogue):
@@ -405,6 +421,13 @@ async def home_assistant(config_dir: Path) -> AsyncIterator[HomeAssistant]:
 async def async_setup_home(hass: HomeAssistant) -> list[Any]:
     """Create areas and 30 exposed entities, load Assist intents, mock light.turn_on."""
     assert await async_setup_component(hass, "homeassistant", {})
+    # conversation needs http: on a free port, not 8123 (a dev instance may run).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert await async_setup_component(
+        hass, "http", {"http": {"server_host": "127.0.0.1", "server_port": port}}
+    )
     assert await async_setup_component(hass, "conversation", {})
     assert await async_setup_component(hass, "intent", {})
     areas = ar.async_get(hass)
@@ -809,7 +832,12 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
     model_path = write_model(
         models_dir,
         MODEL_NAME,
-        model_file(dialogue, settings.prefill_ms, settings.decode_ms),
+        model_file(
+            dialogue,
+            settings.prefill_ms,
+            settings.decode_ms,
+            settings.cache_bytes_per_token,
+        ),
     )
     zero_models_dir = work_dir / "zero_models"
     write_model(
@@ -894,7 +922,53 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 hass, zero_entry, settings.overhead_requests
             )
             report.tool_calls_executed = len(light_calls)
+    startup_cache = work_dir / "cache_startup"
+    for case in ("without_cache", "with_cache"):
+        _LOGGER.info("Home Assistant start to a ready agent, %s", case)
+        report.startup[case] = await async_startup(
+            library_path, models_dir, startup_cache, work_dir / f"config_{case}"
+        )
+    built, again = report.startup["without_cache"], report.startup["with_cache"]
+    # The second start must load the first one's cache, not build a new one.
+    again["cache_loaded"] = again.pop("cache_created_at") == built.pop(
+        "cache_created_at"
+    )
+    built["cache_loaded"] = False
     return report
+
+
+async def async_startup(
+    library_path: Path, models_dir: Path, cache_dir: Path, config_dir: Path
+) -> dict[str, Any]:
+    """Start Home Assistant, set up the home and one agent; time it until ready.
+
+    The cache's creation time tells the caller whether it was built or loaded.
+    """
+    config_dir.mkdir()
+    started = time.perf_counter()
+    with mock_storage():
+        async with home_assistant(config_dir) as hass:
+            await async_setup_home(hass)
+            entry_started = time.perf_counter()
+            entry, _entity = await async_add_entry(
+                hass,
+                library=library_path,
+                models_dir=models_dir,
+                cache_dir=cache_dir,
+                model=MODEL_NAME,
+                strategy=HistoryStrategy.AUTO,
+                title="Bench startup",
+            )
+            ready = time.perf_counter()
+            cache = loaded_model(entry).loaded_cache
+            metadata = cache.metadata if cache else None
+            return {
+                "ha_start_to_ready_ms": _round((ready - started) * 1000),
+                "entry_setup_ms": _round((ready - entry_started) * 1000),
+                "cache_created_at": metadata.created_at if metadata else None,
+                "cache_bytes": metadata.size_bytes if metadata else None,
+                "cache_tokens": metadata.tokens if metadata else None,
+            }
 
 
 # Output
@@ -1076,6 +1150,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "prefill_ratio": _round(prefill_ratio, 3),
         "overhead_ms_per_request": _round(per_request, 3),
         "overhead_us_per_token": _round(per_token, 2),
+        "startup": report.startup,
     }
 
 
@@ -1155,6 +1230,16 @@ def print_report(data: dict[str, Any]) -> None:
         f"our tools_json {breakdown['ours_tools_json']} ms, rest {breakdown['rest']} ms), "
         f"{data['overhead_us_per_token']} µs/token"
     )
+
+    for case, label in (("without_cache", "without"), ("with_cache", "with")):
+        if (start := data["startup"].get(case)) is not None:
+            how = "loaded" if start["cache_loaded"] else "built"
+            print(
+                f"HA start to agent ready {label} a system cache: "
+                f"{start['ha_start_to_ready_ms']} ms (entry setup "
+                f"{start['entry_setup_ms']} ms, cache {how}, "
+                f"{start['cache_bytes']} bytes)"
+            )
 
     followup = ttft.get("ours", {}).get("followup_mean")
     print("\nTargets (reported, not asserted)")
@@ -1247,6 +1332,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="simulated ms per decoded token (default 30.4)",
     )
     parser.add_argument(
+        "--cache-bytes-per-token",
+        type=int,
+        default=QWEN3_06B_KV_BYTES_PER_TOKEN,
+        help="bytes of prompt-cache file per token (default 114688, Qwen3-0.6B)",
+    )
+    parser.add_argument(
         "--overhead-requests",
         type=int,
         default=50,
@@ -1290,6 +1381,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         tool_turn=args.tool_turn,
         prefill_ms=args.prefill_ms,
         decode_ms=args.decode_ms,
+        cache_bytes_per_token=args.cache_bytes_per_token,
         overhead_requests=args.overhead_requests,
         overhead_reply_tokens=args.overhead_reply_tokens,
         abi=args.abi,

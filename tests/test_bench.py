@@ -8,6 +8,7 @@ import sys
 BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
 STRATEGIES = {"ours", "full_prompt", "cache_per_conversation"}
 TOP_LEVEL = {
+    "startup",
     "conditions",
     "ttft_ms",
     "prefill_tokens",
@@ -29,6 +30,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--tool-turn=1",
             "--prefill-ms=0",
             "--decode-ms=0",
+            "--cache-bytes-per-token=64",
             "--overhead-requests=2",
             "--overhead-reply-tokens=20",
             f"--json={json_path}",
@@ -45,6 +47,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     data = json.loads(json_path.read_text())
     assert set(data) == TOP_LEVEL
+    # The second start loads the first one's system cache instead of building one.
+    startup = data["startup"]
+    assert startup["with_cache"]["cache_loaded"] is True
+    assert startup["without_cache"]["cache_loaded"] is False
+    assert (
+        startup["with_cache"]["cache_bytes"]
+        >= 64 * startup["with_cache"]["cache_tokens"]
+    )
     assert set(data["ttft_ms"]) == STRATEGIES
     assert set(data["prefill_tokens"]) == STRATEGIES
     for name in STRATEGIES:
