@@ -17,10 +17,12 @@ from custom_components.rockchip_llm.chat import (
     plan_run,
 )
 from custom_components.rockchip_llm.const import CONF_MODEL, CONF_PROMPT
+from homeassistant import config_entries
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import intent, llm
 from homeassistant.setup import async_setup_component
 
@@ -223,3 +225,39 @@ async def test_prefix_that_leaves_no_room_names_the_instructions(
     assert "my instructions" in speech(result)
     assert "above 2048 tokens" in speech(result)
     assert "does not fit the context" in caplog.text
+
+
+async def test_agent_flow_checks_the_models_context_limit(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """A context length above what the loaded model allows is refused in the form."""
+    entry = await make_entry()
+    assert loaded_model(entry).model.context_limit == 4096
+    result = await hass.config_entries.subentries.async_init(
+        (entry.entry_id, "conversation"),
+        context={"source": config_entries.SOURCE_USER},
+    )
+    user_input = {
+        CONF_MODEL: "Qwen3 Sim",
+        CONF_PROMPT: "Be brief.",
+        "max_context_len": 8192.0,
+        "max_new_tokens": 128.0,
+        "temperature": 0.7,
+        "top_k": 20.0,
+        "top_p": 0.8,
+        "repeat_penalty": 1.1,
+        "enable_thinking": False,
+        "max_history": 10.0,
+        "history_strategy": "auto",
+    }
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], user_input
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"max_context_len": "context_above_model_limit"}
+    assert result["description_placeholders"]["limit"] == "4096"
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], {**user_input, "max_context_len": 4096.0}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()

@@ -157,6 +157,24 @@ def test_token_limit_is_not_a_pause_on_13(
     assert last_run(runtime, model)["status"] == expected
 
 
+def test_context_limit_read_from_the_runtime_log(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
+) -> None:
+    """The model's limit is known after init; a context above it is named as such."""
+    path = write_model(max_context_limit=2048)
+    model = open_model(path, max_context_len=1024)
+    assert model.context_limit == 2048
+    too_long = RKLLMModel(runtime, "too_long")
+    try:
+        with pytest.raises(ModelInitError, match="above the model's limit of 2048"):
+            too_long.init(ModelParams(model_path=path, max_context_len=4096)).result()
+        assert too_long.context_limit == 2048
+    finally:
+        too_long.close()
+
+
 def test_tool_call_and_thinking_intact(
     write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
 ) -> None:

@@ -404,6 +404,13 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         }
 
 
+def _context_limit(entry: ConfigEntry, model: str) -> int | None:
+    """Return the model's context limit, known once the runtime has loaded it."""
+    runtime = getattr(entry, "runtime_data", None)
+    loaded = runtime.engine.models.get(model) if runtime is not None else None
+    return loaded.model.context_limit if loaded is not None else None
+
+
 class ConversationFlowHandler(ConfigSubentryFlow):
     """Add or change a conversation agent."""
 
@@ -421,8 +428,14 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         entry = self._get_entry()
         if entry.state is not ConfigEntryState.LOADED:
             return self.async_abort(reason="entry_not_loaded")
+        errors: dict[str, str] = {}
+        limits: dict[str, str] = {}
         if user_input is not None:
-            return self._async_save(user_input)
+            limit = _context_limit(entry, user_input[CONF_MODEL])
+            if limit is None or int(user_input[CONF_MAX_CONTEXT_LEN]) <= limit:
+                return self._async_save(user_input)
+            errors[CONF_MAX_CONTEXT_LEN] = "context_above_model_limit"
+            limits["limit"] = str(limit)
 
         models_dir = entry.data[CONF_MODELS_DIR]
         placeholders = {CONF_MODELS_DIR: models_dir}
@@ -442,6 +455,8 @@ class ConversationFlowHandler(ConfigSubentryFlow):
             data = self._get_reconfigure_subentry().data
             options |= data
             options[CONF_LLM_HASS_API] = data.get(CONF_LLM_HASS_API, [])
+        if user_input is not None:
+            options |= user_input
         known_apis = {api.id for api in llm.async_get_apis(self.hass)}
         options[CONF_LLM_HASS_API] = [
             api for api in options[CONF_LLM_HASS_API] if api in known_apis
@@ -452,6 +467,8 @@ class ConversationFlowHandler(ConfigSubentryFlow):
                 _agent_schema(self.hass, scan.models, self._is_new, self._chat),
                 options,
             ),
+            errors=errors,
+            description_placeholders={**placeholders, **limits},
         )
 
     async_step_user = async_step_set_options

@@ -7,12 +7,17 @@ Methods return ``concurrent.futures.Future`` objects: blocking code calls
 """
 
 import codecs
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+import contextlib
 import ctypes
 from dataclasses import dataclass, field
 import logging
+import os
 from pathlib import Path
+import re
+import sys
+import tempfile
 import threading
 from typing import Any, Literal
 
@@ -32,6 +37,10 @@ from .errors import ModelClosedError, ModelInitError, RunError
 from .library import RuntimeLibrary
 
 _LOGGER = logging.getLogger(__name__)
+
+_CONTEXT_LIMIT = re.compile(rb"max_context_limit\W{0,3}(\d+)")
+"""The model's context limit in the runtime's load log (and its init error)."""
+_STDERR_LOCK = threading.Lock()
 
 Role = Literal["user", "tool"]
 TextSink = Callable[[str], None]
@@ -125,6 +134,8 @@ class RKLLMModel:
         self.library = library
         self.name = name
         self.last_perf: PerfStats | None = None
+        self.context_limit: int | None = None
+        """The model's max_context_limit, as the runtime logged it at init."""
         self._lib: Any = library.cdll
         self._layout = library.layout
         self._executor = ThreadPoolExecutor(
@@ -190,11 +201,22 @@ class RKLLMModel:
             if self._layout.has_sampling_params
             else self._c_callback
         )
-        code = self._lib.rkllm_init(
-            ctypes.byref(self._handle), ctypes.byref(param), callback
-        )
+        with _stderr_of_c() as log:
+            code = self._lib.rkllm_init(
+                ctypes.byref(self._handle), ctypes.byref(param), callback
+            )
+        if (found := _CONTEXT_LIMIT.search(b"".join(log))) is not None:
+            self.context_limit = int(found.group(1))
         if code != 0 or not self._handle:
             self._handle = LLMHandle()
+            limit = self.context_limit
+            if limit is not None and params.max_context_len > limit:
+                raise ModelInitError(
+                    f"rkllm_init failed for {params.model_path}: context length "
+                    f"{params.max_context_len} is above the model's limit of {limit} "
+                    "tokens; lower the agents' context length",
+                    model=str(params.model_path),
+                )
             raise ModelInitError(
                 f"rkllm_init failed for {params.model_path} (code {code}); "
                 "check the model file, the runtime version and the context length",
@@ -443,6 +465,29 @@ class RKLLMModel:
                 ),
             )
         )
+
+
+@contextlib.contextmanager
+def _stderr_of_c() -> Iterator[list[bytes]]:
+    """Read what is written to file descriptor 2 meanwhile (the runtime's log).
+
+    It is written through to the real stderr afterwards. One capture at a time.
+    """
+    captured: list[bytes] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as file:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            captured.append(file.read())
+            data = memoryview(captured[0])
+            while data:
+                data = data[os.write(2, data) :]
 
 
 def _c_sampling(sampling: Sampling) -> RKLLMSamplingParam:
