@@ -39,7 +39,7 @@ class Tool(llm.Tool):
     async def async_call(self, hass, tool_input, llm_context):
         return {}
 
-print(serialise_tools([Tool()], cv.custom_serializer))
+print(serialise_tools([Tool()], llm.selector_serializer))
 """
 
 
