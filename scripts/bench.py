@@ -276,6 +276,8 @@ class Settings:
     json_path: Path | None
     plot_path: Path | None
     verbose: bool
+    startup_cache: Path | None = None
+    """Only measure one start with this (persistent) cache folder."""
 
     def dialogue(self) -> list[Turn]:
         """Return the questions asked, in order, with the tool call at tool_turn."""
@@ -937,6 +939,30 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
     return report
 
 
+async def async_one_startup(settings: Settings, work_dir: Path) -> dict[str, Any]:
+    """Measure one start with the persistent cache folder of --startup-only.
+
+    The model file is kept next to it (a rewritten file is another model).
+    """
+    cache_dir = settings.startup_cache
+    assert cache_dir is not None
+    models_dir = cache_dir.with_name(f"{cache_dir.name}-models")
+    if not models_dir.exists():
+        write_model(
+            models_dir,
+            MODEL_NAME,
+            model_file(
+                settings.dialogue(),
+                settings.prefill_ms,
+                settings.decode_ms,
+                settings.cache_bytes_per_token,
+            ),
+        )
+    return await async_startup(
+        SIM_LIBRARIES[settings.abi], models_dir, cache_dir, work_dir / "config"
+    )
+
+
 async def async_startup(
     library_path: Path, models_dir: Path, cache_dir: Path, config_dir: Path
 ) -> dict[str, Any]:
@@ -1364,6 +1390,16 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log progress and HA warnings"
     )
+    parser.add_argument(
+        "--startup-only",
+        type=Path,
+        dest="startup_cache",
+        metavar="CACHE_DIR",
+        help=(
+            "only start Home Assistant once with this cache folder (kept) and print "
+            "the start-up measurement as JSON: run it twice to see a restart"
+        ),
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.turns <= MAX_TURNS:
         parser.error(f"--turns must be between 1 and {MAX_TURNS}")
@@ -1388,6 +1424,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         json_path=args.json_path,
         plot_path=args.plot_path,
         verbose=args.verbose,
+        startup_cache=args.startup_cache,
     )
 
 
@@ -1415,6 +1452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _work_dir() as work_dir,
         asyncio.Runner(loop_factory=_new_hass_event_loop) as loop_runner,
     ):
+        if settings.startup_cache is not None:
+            start = loop_runner.run(async_one_startup(settings, work_dir))
+            print(json.dumps(start))
+            return 0
         report = loop_runner.run(async_benchmark(settings, work_dir))
     data = to_json(report)
     print_report(data)

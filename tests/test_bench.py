@@ -1,6 +1,7 @@
 """Smoke test of scripts/bench.py: a tiny run without delays, checking the JSON shape."""
 
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -87,3 +88,32 @@ def test_bench_smoke(tmp_path: Path) -> None:
     system = conditions["system_prompt_tokens"]
     assert all(value > system for value in data["prefill_tokens"]["full_prompt"])
     assert all(value < system for value in data["prefill_tokens"]["ours"])
+
+
+def test_restart_loads_the_cache(tmp_path: Path) -> None:
+    """Two Home Assistant processes under different hash seeds: the second loads the
+    system cache the first one built (the same prefix key in every process).
+    """
+    cache_dir = tmp_path / "cache"
+    starts = []
+    for seed in ("1", "2"):
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(BENCH),
+                "--prefill-ms=0",
+                "--decode-ms=0",
+                "--cache-bytes-per-token=64",
+                f"--startup-only={cache_dir}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        starts.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    first, second = starts
+    assert first["cache_created_at"] is not None
+    assert second["cache_created_at"] == first["cache_created_at"]
