@@ -140,14 +140,13 @@ class RockchipLLMBaseEntity(Entity):
         loaded = agent.loaded
         engine = agent.engine
         prefix, volatile = prefix_from_chat_log(chat_log)
-        strategy = self.history_strategy
-        keep_history = strategy is HistoryStrategy.AUTO
         async with loaded.lock:
             try:
                 await engine.async_set_prefix(
                     loaded, prefix, thinking=settings.enable_thinking
                 )
-                if strategy is HistoryStrategy.OFF:
+                # Read under the lock: a warm-up check may just have changed it.
+                if self.history_strategy is HistoryStrategy.OFF:
                     await engine.async_use_cache(loaded, None)
                 else:
                     cache = await engine.async_find_cache(loaded, prefix)
@@ -157,6 +156,8 @@ class RockchipLLMBaseEntity(Entity):
                     # cache still saves its identical leading tokens.
                     await engine.async_try_use_cache(loaded, cache or agent.cache)
                 for _iteration in range(MAX_TOOL_ITERATIONS):
+                    # A check of the previous run may have switched the strategy.
+                    keep_history = self.history_strategy is HistoryStrategy.AUTO
                     await self._async_run_once(
                         chat_log, prefix, keep_history, instructions, volatile
                     )
