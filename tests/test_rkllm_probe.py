@@ -474,7 +474,7 @@ async def test_config_flow_offers_the_family_for_an_odd_build(
     assert result["type"] is FlowResultType.FORM
     assert result["errors"] == {CONF_LIBRARY_PATH: "library_unknown_version"}
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {**paths, CONF_ABI_FAMILY: "1.3"}
+        result["flow_id"], {**paths, CONF_ABI_FAMILY: "1_3"}
     )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "model"
@@ -484,6 +484,6 @@ async def test_config_flow_offers_the_family_for_an_odd_build(
     assert result["type"] is FlowResultType.CREATE_ENTRY
     entry = result["result"]
     await hass.async_block_till_done()
-    assert entry.data[CONF_ABI_FAMILY] == "1.3"
+    assert entry.data[CONF_ABI_FAMILY] == "1_3"
     assert entry.state is ConfigEntryState.LOADED
     assert entry.runtime_data.engine.library.info.family is AbiFamily.V1_3

@@ -70,7 +70,7 @@ from .const import (
 )
 from .ha_compat import vol
 from .models import ModelInfo, ModelsDirError, scan_models
-from .rkllm.abi import AbiFamily, parse_family
+from .rkllm.abi import AbiFamily, family_setting, parse_family
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
 from .rkllm.probe import verify_library
@@ -315,7 +315,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 ): TextSelector(),
                 vol.Optional(CONF_ABI_FAMILY): SelectSelector(
                     SelectSelectorConfig(
-                        options=[ABI_FAMILY_AUTO, *(str(f) for f in AbiFamily)],
+                        options=[ABI_FAMILY_AUTO, *map(family_setting, AbiFamily)],
                         translation_key=CONF_ABI_FAMILY,
                         mode=SelectSelectorMode.DROPDOWN,
                     )
