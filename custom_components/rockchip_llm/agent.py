@@ -188,7 +188,7 @@ class Agent:
         if reuse_honoured(prefill_tokens, expected, prefix_tokens):
             return True
         previous = self.strategy
-        fallback = _FALLBACK.get(previous, previous)
+        fallback = _FALLBACK[previous]  # "off" reuses nothing, so is never checked
         self.reuse_failures.append(
             {
                 "at": datetime.now(UTC).isoformat(),
@@ -210,8 +210,6 @@ class Agent:
             previous,
             fallback,
         )
-        if fallback is previous:
-            return False
         self.strategy = fallback
         ir.async_create_issue(
             self.hass,

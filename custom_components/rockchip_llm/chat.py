@@ -218,16 +218,6 @@ class ContextBudget:
         """The smallest answer budget a run may get."""
         return min(self.reply_tokens, MIN_REPLY_TOKENS)
 
-    @property
-    def fresh(self) -> int:
-        """Tokens a run may add after a reset to the system prefix (full answer)."""
-        return self.max_context_len - self.prefix_tokens - self.reply_tokens
-
-    @property
-    def continued(self) -> int:
-        """Tokens a run may add on top of the current KV (full answer)."""
-        return self.max_context_len - self.kv_tokens - self.reply_tokens
-
     def reply_for(self, base_tokens: int, input_tokens: int) -> int | None:
         """Return the answer budget left after base_tokens and the input (None: below floor)."""
         left = self.max_context_len - base_tokens - input_tokens - self.extra_tokens
