@@ -167,3 +167,30 @@ async def test_realistic_cache_files_survive_a_reload(
     result = await converse(hass, "hello")
     assert speech(result) == "Hello from the simulator."
     assert loaded_model(entry).recent[-1].prefill_tokens < 40
+
+
+async def test_prompt_cache_only_falls_back_to_off(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """The second step: a cache not honoured without history either means off."""
+    entry = await make_entry({"history_strategy": "prompt_cache_only"})
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert agent.strategy is HistoryStrategy.PROMPT_CACHE_ONLY  # the warm-up passed
+    assert agent.check_reuse(30, 40, 1800, "request")
+    assert not agent.check_reuse(1830, 40, 1800, "request")
+    assert agent.strategy is HistoryStrategy.OFF
+    issue = ir.async_get(hass).async_get_issue(
+        DOMAIN, f"reuse_not_honoured_{agent.subentry_id}"
+    )
+    assert issue is not None
+    assert issue.translation_placeholders == {
+        "agent": "Agent 0",
+        "strategy": "prompt_cache_only",
+        "fallback": "off",
+        "prefill_tokens": "1830",
+        "expected_tokens": "40",
+        "prefix_tokens": "1800",
+    }
+    result = await converse(hass, "hello")
+    assert speech(result) == "Hello from the simulator."
+    assert loaded_model(entry).loaded_cache is None
