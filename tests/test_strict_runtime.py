@@ -1,5 +1,6 @@
 """The integration stays correct on a runtime as strict as upstream reports."""
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,28 @@ async def test_prompt_cache_only_falls_back_to_off(
     result = await converse(hass, "hello")
     assert speech(result) == "Hello from the simulator."
     assert loaded_model(entry).loaded_cache is None
+
+
+async def test_cache_of_a_tool_list_prefix_is_rebuilt_as_a_template(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """A tool-less agent's cache from set_function_tools("[]") holds other tokens.
+
+    It is stale (rebuilt once), not loaded and then found not reused.
+    """
+    entry = await make_entry({CONF_LLM_HASS_API: []}, setup=False)
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    json_path = next(cache_dir.rglob("system.json"))
+    metadata = json.loads(json_path.read_text())
+    assert metadata["context"]["system_template"] == "chatml"
+    del metadata["context"]["system_template"]  # as an earlier version wrote it
+    json_path.write_text(json.dumps(metadata))
+    await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert agent.cache is not None
+    assert agent.cache.metadata is not None
+    assert agent.cache.metadata.created_at != metadata["created_at"]
+    assert agent.strategy is HistoryStrategy.AUTO
+    assert not agent.reuse_failures

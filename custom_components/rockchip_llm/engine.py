@@ -260,10 +260,15 @@ class Engine:
     def _context(
         loaded: LoadedModel, prefix: SystemPrefix
     ) -> dict[str, int | float | bool | str]:
-        return {
+        context: dict[str, int | float | bool | str] = {
             "max_context_len": loaded.params.max_context_len,
             "tools_sha256": prefix.tools_sha256,
         }
+        if not prefix.has_tools:
+            # Set as a chat template, not as tools: other tokens than a cache made
+            # through set_function_tools("[]") by earlier versions.
+            context["system_template"] = "chatml"
+        return context
 
     async def async_set_prefix(
         self, loaded: LoadedModel, prefix: SystemPrefix, *, thinking: bool = False
