@@ -15,7 +15,11 @@ three ways:
   (keep_history=0, one prompt cache file per conversation, saved on every run and
   loaded before the next, the whole templated conversation sent every turn).
 
-A last phase measures the integration's own overhead with zero simulator delays.
+A last phase measures the integration's own overhead with zero simulator delays,
+and two fresh Home Assistant starts measure the time to a ready agent without a
+system cache (it is built) and with the one the first start wrote (it is loaded).
+Prompt-cache files have a real KV dump's size (Qwen3-0.6B: about 112 KB per token),
+so writing and loading them costs what it costs on a disk.
 """
 
 import argparse
@@ -102,6 +106,8 @@ SIM_LIBRARIES = {
 # Published RK3588 figures of Qwen3-0.6B w8a8 (rknn-llm benchmark table).
 RK3588_PREFILL_MS = 1.56
 RK3588_DECODE_MS = 30.4
+QWEN3_06B_KV_BYTES_PER_TOKEN = 114688
+"""28 layers x 8 KV heads x 128 dims x 2 (K and V) x fp16: 112 KB per token."""
 
 STRATEGIES = ("ours", "full_prompt", "cache_per_conversation")
 MODEL_NAME = "Qwen3-0.6B RK3588 (simulated)"
@@ -263,12 +269,15 @@ class Settings:
     tool_turn: int
     prefill_ms: float
     decode_ms: float
+    cache_bytes_per_token: int
     overhead_requests: int
     overhead_reply_tokens: int
     abi: str
     json_path: Path | None
     plot_path: Path | None
     verbose: bool
+    startup_cache: Path | None = None
+    """Only measure one start with this (persistent) cache folder."""
 
     def dialogue(self) -> list[Turn]:
         """Return the questions asked, in order, with the tool call at tool_turn."""
@@ -322,12 +331,19 @@ class Report:
     ha_prompt_ms: float = 0.0
     tools_json_ms: float = 0.0
     tool_calls_executed: int = 0
+    startup: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """HA start to a ready agent: "without_cache" (built), "with_cache" (loaded)."""
 
 
 # The simulated model files
 
 
-def model_file(dialogue: Sequence[Turn], prefill_ms: float, decode_ms: float) -> str:
+def model_file(
+    dialogue: Sequence[Turn],
+    prefill_ms: float,
+    decode_ms: float,
+    cache_bytes_per_token: int = 0,
+) -> str:
     """Return the simulated model: calibrated delays and the dialogue's answers.
 
     The replies match substrings of the raw prompt, and strategies that fold or
@@ -342,6 +358,7 @@ def model_file(dialogue: Sequence[Turn], prefill_ms: float, decode_ms: float) ->
         f"max_context_limit {DEFAULT_MAX_CONTEXT_LEN}",
         f"prefill_ms_per_token {prefill_ms}",
         f"decode_ms_per_token {decode_ms}",
+        f"cache_bytes_per_token {cache_bytes_per_token}",
         f"reply tool * => {TOOL_ANSWER}",
     ]
     for turn in reversed(dialogue):
@@ -816,7 +833,12 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
     model_path = write_model(
         models_dir,
         MODEL_NAME,
-        model_file(dialogue, settings.prefill_ms, settings.decode_ms),
+        model_file(
+            dialogue,
+            settings.prefill_ms,
+            settings.decode_ms,
+            settings.cache_bytes_per_token,
+        ),
     )
     zero_models_dir = work_dir / "zero_models"
     write_model(
@@ -901,7 +923,77 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 hass, zero_entry, settings.overhead_requests
             )
             report.tool_calls_executed = len(light_calls)
+    startup_cache = work_dir / "cache_startup"
+    for case in ("without_cache", "with_cache"):
+        _LOGGER.info("Home Assistant start to a ready agent, %s", case)
+        report.startup[case] = await async_startup(
+            library_path, models_dir, startup_cache, work_dir / f"config_{case}"
+        )
+    built, again = report.startup["without_cache"], report.startup["with_cache"]
+    # The second start must load the first one's cache, not build a new one.
+    again["cache_loaded"] = again.pop("cache_created_at") == built.pop(
+        "cache_created_at"
+    )
+    built["cache_loaded"] = False
     return report
+
+
+async def async_one_startup(settings: Settings, work_dir: Path) -> dict[str, Any]:
+    """Measure one start with the persistent cache folder of --startup-only.
+
+    The model file is kept next to it (a rewritten file is another model).
+    """
+    cache_dir = settings.startup_cache
+    assert cache_dir is not None
+    models_dir = cache_dir.with_name(f"{cache_dir.name}-models")
+    if not models_dir.exists():
+        write_model(
+            models_dir,
+            MODEL_NAME,
+            model_file(
+                settings.dialogue(),
+                settings.prefill_ms,
+                settings.decode_ms,
+                settings.cache_bytes_per_token,
+            ),
+        )
+    return await async_startup(
+        SIM_LIBRARIES[settings.abi], models_dir, cache_dir, work_dir / "config"
+    )
+
+
+async def async_startup(
+    library_path: Path, models_dir: Path, cache_dir: Path, config_dir: Path
+) -> dict[str, Any]:
+    """Start Home Assistant, set up the home and one agent; time it until ready.
+
+    The cache's creation time tells the caller whether it was built or loaded.
+    """
+    config_dir.mkdir()
+    started = time.perf_counter()
+    with mock_storage():
+        async with home_assistant(config_dir) as hass:
+            await async_setup_home(hass)
+            entry_started = time.perf_counter()
+            entry, _entity = await async_add_entry(
+                hass,
+                library=library_path,
+                models_dir=models_dir,
+                cache_dir=cache_dir,
+                model=MODEL_NAME,
+                strategy=HistoryStrategy.AUTO,
+                title="Bench startup",
+            )
+            ready = time.perf_counter()
+            cache = loaded_model(entry).loaded_cache
+            metadata = cache.metadata if cache else None
+            return {
+                "ha_start_to_ready_ms": _round((ready - started) * 1000),
+                "entry_setup_ms": _round((ready - entry_started) * 1000),
+                "cache_created_at": metadata.created_at if metadata else None,
+                "cache_bytes": metadata.size_bytes if metadata else None,
+                "cache_tokens": metadata.tokens if metadata else None,
+            }
 
 
 # Output
@@ -1083,6 +1175,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "prefill_ratio": _round(prefill_ratio, 3),
         "overhead_ms_per_request": _round(per_request, 3),
         "overhead_us_per_token": _round(per_token, 2),
+        "startup": report.startup,
     }
 
 
@@ -1162,6 +1255,16 @@ def print_report(data: dict[str, Any]) -> None:
         f"our tools_json {breakdown['ours_tools_json']} ms, rest {breakdown['rest']} ms), "
         f"{data['overhead_us_per_token']} µs/token"
     )
+
+    for case, label in (("without_cache", "without"), ("with_cache", "with")):
+        if (start := data["startup"].get(case)) is not None:
+            how = "loaded" if start["cache_loaded"] else "built"
+            print(
+                f"HA start to agent ready {label} a system cache: "
+                f"{start['ha_start_to_ready_ms']} ms (entry setup "
+                f"{start['entry_setup_ms']} ms, cache {how}, "
+                f"{start['cache_bytes']} bytes)"
+            )
 
     followup = ttft.get("ours", {}).get("followup_mean")
     print("\nTargets (reported, not asserted)")
@@ -1254,6 +1357,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="simulated ms per decoded token (default 30.4)",
     )
     parser.add_argument(
+        "--cache-bytes-per-token",
+        type=int,
+        default=QWEN3_06B_KV_BYTES_PER_TOKEN,
+        help="bytes of prompt-cache file per token (default 114688, Qwen3-0.6B)",
+    )
+    parser.add_argument(
         "--overhead-requests",
         type=int,
         default=50,
@@ -1280,6 +1389,16 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log progress and HA warnings"
     )
+    parser.add_argument(
+        "--startup-only",
+        type=Path,
+        dest="startup_cache",
+        metavar="CACHE_DIR",
+        help=(
+            "only start Home Assistant once with this cache folder (kept) and print "
+            "the start-up measurement as JSON: run it twice to see a restart"
+        ),
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.turns <= MAX_TURNS:
         parser.error(f"--turns must be between 1 and {MAX_TURNS}")
@@ -1297,12 +1416,14 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         tool_turn=args.tool_turn,
         prefill_ms=args.prefill_ms,
         decode_ms=args.decode_ms,
+        cache_bytes_per_token=args.cache_bytes_per_token,
         overhead_requests=args.overhead_requests,
         overhead_reply_tokens=args.overhead_reply_tokens,
         abi=args.abi,
         json_path=args.json_path,
         plot_path=args.plot_path,
         verbose=args.verbose,
+        startup_cache=args.startup_cache,
     )
 
 
@@ -1330,6 +1451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _work_dir() as work_dir,
         asyncio.Runner(loop_factory=_new_hass_event_loop) as loop_runner,
     ):
+        if settings.startup_cache is not None:
+            start = loop_runner.run(async_one_startup(settings, work_dir))
+            print(json.dumps(start))
+            return 0
         report = loop_runner.run(async_benchmark(settings, work_dir))
     data = to_json(report)
     print_report(data)

@@ -1,6 +1,7 @@
 """Smoke test of scripts/bench.py: a tiny run without delays, checking the JSON shape."""
 
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
 STRATEGIES = {"ours", "full_prompt", "cache_per_conversation"}
 TOP_LEVEL = {
+    "startup",
     "conditions",
     "ttft_ms",
     "prefill_tokens",
@@ -29,6 +31,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--tool-turn=1",
             "--prefill-ms=0",
             "--decode-ms=0",
+            "--cache-bytes-per-token=64",
             "--overhead-requests=2",
             "--overhead-reply-tokens=20",
             f"--json={json_path}",
@@ -45,6 +48,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     data = json.loads(json_path.read_text())
     assert set(data) == TOP_LEVEL
+    # The second start loads the first one's system cache instead of building one.
+    startup = data["startup"]
+    assert startup["with_cache"]["cache_loaded"] is True
+    assert startup["without_cache"]["cache_loaded"] is False
+    assert (
+        startup["with_cache"]["cache_bytes"]
+        >= 64 * startup["with_cache"]["cache_tokens"]
+    )
     assert set(data["ttft_ms"]) == STRATEGIES
     assert set(data["prefill_tokens"]) == STRATEGIES
     for name in STRATEGIES:
@@ -77,3 +88,32 @@ def test_bench_smoke(tmp_path: Path) -> None:
     system = conditions["system_prompt_tokens"]
     assert all(value > system for value in data["prefill_tokens"]["full_prompt"])
     assert all(value < system for value in data["prefill_tokens"]["ours"])
+
+
+def test_restart_loads_the_cache(tmp_path: Path) -> None:
+    """Two Home Assistant processes under different hash seeds: the second loads the
+    system cache the first one built (the same prefix key in every process).
+    """
+    cache_dir = tmp_path / "cache"
+    starts = []
+    for seed in ("1", "2"):
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(BENCH),
+                "--prefill-ms=0",
+                "--decode-ms=0",
+                "--cache-bytes-per-token=64",
+                f"--startup-only={cache_dir}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        starts.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    first, second = starts
+    assert first["cache_created_at"] is not None
+    assert second["cache_created_at"] == first["cache_created_at"]

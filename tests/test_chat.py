@@ -161,7 +161,8 @@ def test_budget_drops_oldest_turns() -> None:
     )
     assert "q" * 300 not in plan.prompt
     assert "User: short" in plan.prompt
-    assert estimate_tokens(plan.prompt) <= budget.fresh
+    assert plan.max_new_tokens == 256
+    assert estimate_tokens(plan.prompt) <= 1000 - 600 - 256
     assert plan.dropped_messages == 2
 
 

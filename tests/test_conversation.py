@@ -17,6 +17,7 @@ from custom_components.rockchip_llm.entity import resolve_tool_name
 from custom_components.rockchip_llm.ha_compat import tool_result_data
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import (
     area_registry as ar,
@@ -230,7 +231,7 @@ async def test_prompt_too_long_is_answered(
     words = 2048 - 64 - system_tokens // 2
     result = await converse(hass, "ab " * words)
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "context length" in speech(result)
+    assert "too long for me" in speech(result)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
 
 
@@ -522,3 +523,44 @@ async def test_nul_byte_is_refused(
     )
     assert not loaded_model(entry).recent  # nothing reached the runtime
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+
+
+async def test_unknown_kv_size_does_not_fail_a_turn(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """A runtime that gives no KV size: turns are answered, history folded, not reused."""
+    entry = await make_entry(model_kwargs={"extra": ("kv_cache_size_error 1",)})
+    loaded = loaded_model(entry)
+    first = await converse(hass, "hello")
+    second = await converse(hass, "again", first.conversation_id)
+    assert speech(first) == speech(second) == "Hello from the simulator."
+    assert [run.reused_history for run in loaded.recent] == [False, False]
+    assert "Earlier in this conversation" in last_run_record(entry)["prompt"]
+
+
+async def test_turn_stopped_at_the_limit_resets_the_kv(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """After a run cut at max_new_tokens the KV is unknown: the next turn starts over."""
+    long_reply = " ".join(f"w{i}" for i in range(60))
+    entry = await make_entry(
+        {"max_new_tokens": 5},
+        model_kwargs={"replies": (f"default => {long_reply}",)},
+    )
+    loaded = loaded_model(entry)
+    first = await converse(hass, "talk")
+    assert speech(first).startswith("w0 w1")
+    assert loaded.kv is None
+    await converse(hass, "more", first.conversation_id)
+    assert [run.reused_history for run in loaded.recent] == [False, False]
+    record = last_run_record(entry)
+    assert "Earlier in this conversation" in record["prompt"]
+
+
+async def test_cache_without_finish_is_not_recorded(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Any
+) -> None:
+    """A build whose FINISH carries no perf fails; no cache of 0 tokens is stored."""
+    entry = await make_entry(model_kwargs={"extra": ("emit_null_result 2",)})
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert not list(cache_dir.rglob("*.json"))

@@ -51,3 +51,44 @@ async def test_no_slow_callbacks(
         if "took" in record.getMessage()
     ]
     assert slow == []
+
+
+async def test_abort_waits_off_the_loop(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """An abort that only lands after the prefill (rknn-llm #400) never holds the loop."""
+    entry = await make_entry(
+        model_kwargs={
+            "prefill_ms_per_token": 3,
+            "extra": ("abort_after_prefill 1",),
+        }
+    )
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+
+    async def heartbeat() -> None:
+        while True:
+            ticks.append(loop.time())
+            await asyncio.sleep(0.01)
+
+    beat = hass.async_create_background_task(heartbeat(), "heartbeat")
+    request = hass.async_create_task(
+        conversation.async_converse(
+            hass, "ab " * 300, None, Context(), agent_id="conversation.agent_0"
+        )
+    )
+    while not loaded.lock.locked():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    started = loop.time()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    waited = loop.time() - started
+    ticks.append(loop.time())
+    beat.cancel()
+    assert waited > 0.4  # the run went on until its prefill was done
+    gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False)]
+    assert max(gaps) < 0.35  # blocked, the loop would stall for the ~0.8 s prefill
+    assert not loaded.lock.locked()

@@ -12,6 +12,7 @@ from unittest.mock import patch
 import pytest
 
 from custom_components.rockchip_llm.const import (
+    CONF_ABI_FAMILY,
     CONF_CACHE_DIR,
     CONF_LIBRARY_PATH,
     CONF_MODELS_DIR,
@@ -27,17 +28,19 @@ from custom_components.rockchip_llm.rkllm.errors import (
     LibraryNotFound,
     MissingSymbols,
     NotASharedLibrary,
+    UnknownRuntimeVersion,
     UnsupportedRuntime,
 )
-from custom_components.rockchip_llm.rkllm.library import inspect_library
+from custom_components.rockchip_llm.rkllm.library import VersionSource, inspect_library
 from custom_components.rockchip_llm.rkllm.probe import (
     load_library_safely,
     probe_library,
     verify_library,
 )
 from homeassistant import config_entries
+from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
-from homeassistant.core import HomeAssistant
+from homeassistant.core import Context, HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.setup import async_setup_component
 
@@ -71,7 +74,7 @@ def spawned(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 def fake_child(monkeypatch: pytest.MonkeyPatch, *command: str) -> None:
     """Make the probe run command instead of the real child."""
-    monkeypatch.setattr(probe, "_child_command", lambda _path: list(command))
+    monkeypatch.setattr(probe, "_child_command", lambda *_args: list(command))
 
 
 def python(code: str) -> tuple[str, ...]:
@@ -389,3 +392,99 @@ def test_library_changed_between_check_and_copy(
     ):
         load_library_safely(sim_library, private)
     assert list(private.iterdir()) == []
+
+
+VENDOR_LIBRARIES = {
+    AbiFamily.V1_2: SIM_BUILD / "librkllm_sim_1_2_vendor.so",
+    AbiFamily.V1_3: SIM_BUILD / "librkllm_sim_1_3_vendor.so",
+}
+ODD_LIBRARY = SIM_BUILD / "librkllm_sim_odd.so"
+"""No version string, and defaults that match neither family."""
+
+
+def test_unversioned_build_identified_by_behaviour(
+    abi_family: AbiFamily, tmp_path: Path
+) -> None:
+    """A build with only the format string is recognised from its default params."""
+    path = VENDOR_LIBRARIES[abi_family]
+    with pytest.raises(UnknownRuntimeVersion):
+        inspect_library(path)  # no hash, no version string: the file alone says nothing
+    info = verify_library(path)
+    assert (info.family, info.version_source, info.version) == (
+        abi_family,
+        VersionSource.BEHAVIOUR,
+        f"{abi_family}.x",
+    )
+    loaded = load_library_safely(path, tmp_path / "private")
+    assert loaded.layout.family is abi_family
+    assert loaded.cdll.rkllm_createDefaultParam().top_k == 40
+
+
+def test_ambiguous_build_refused_naming_what_was_seen(tmp_path: Path) -> None:
+    """Defaults matching neither family: refused, unless the user names the family."""
+    with pytest.raises(UnknownRuntimeVersion) as caught:
+        verify_library(ODD_LIBRARY)
+    assert "enabled_cpus_num 8" in str(caught.value)
+    assert "top_k 40" in str(caught.value)
+    info = verify_library(ODD_LIBRARY, family_override=AbiFamily.V1_3)
+    assert (info.family, info.version_source) == (
+        AbiFamily.V1_3,
+        VersionSource.OVERRIDE,
+    )
+    loaded = load_library_safely(
+        ODD_LIBRARY, tmp_path / "private", family_override=AbiFamily.V1_3
+    )
+    assert loaded.layout.family is AbiFamily.V1_3
+
+
+async def test_vendor_build_runs_an_agent(
+    hass: HomeAssistant, make_entry: EntryFactory, abi_family: AbiFamily
+) -> None:
+    """An entry on an unversioned build loads and answers."""
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(
+        entry,
+        data={**entry.data, CONF_LIBRARY_PATH: str(VENDOR_LIBRARIES[abi_family])},
+    )
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert entry.runtime_data.engine.library.info.version == f"{abi_family}.x"
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id="conversation.agent_0"
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+
+
+async def test_config_flow_offers_the_family_for_an_odd_build(
+    hass: HomeAssistant, tmp_path: Path, models_dir: Path, write_model: ModelWriter
+) -> None:
+    """The paths form refuses the odd build, then accepts it with a chosen family."""
+    assert await async_setup_component(hass, "homeassistant", {})
+    hass.config.config_dir = str(tmp_path)
+    write_model()
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    paths = {
+        CONF_LIBRARY_PATH: str(ODD_LIBRARY),
+        CONF_MODELS_DIR: str(models_dir),
+        CONF_CACHE_DIR: str(tmp_path / "cache"),
+    }
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], paths)
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_LIBRARY_PATH: "library_unknown_version"}
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {**paths, CONF_ABI_FAMILY: "1_3"}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "model"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"model": "Qwen3 Sim"}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    entry = result["result"]
+    await hass.async_block_till_done()
+    assert entry.data[CONF_ABI_FAMILY] == "1_3"
+    assert entry.state is ConfigEntryState.LOADED
+    assert entry.runtime_data.engine.library.info.family is AbiFamily.V1_3

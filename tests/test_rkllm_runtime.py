@@ -102,6 +102,79 @@ def test_null_text_is_ignored(
     assert "".join(pieces) == "Fine."
 
 
+def test_null_result_is_harmless(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A callback with a NULL RKLLMResult* neither raises nor stops the run."""
+    model = open_model(
+        write_model(replies=("default => Fine.",), extra=("emit_null_result 1",))
+    )
+    pieces, result = run(model, "hi")
+    assert "".join(pieces) == "Fine."
+    assert result.perf is not None
+    assert "Error in the RKLLM result callback" not in caplog.text
+
+
+def test_waiting_text_is_not_emitted(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
+) -> None:
+    """WAITING carries part of a character the next NORMAL repeats whole: said once."""
+    model = open_model(write_model(replies=("default => é🙂",)))
+    pieces, result = run(model, "hi")
+    assert pieces == ["é", "🙂"]
+    assert result.perf is not None
+    assert result.perf.generate_tokens == 2
+    assert last_run(runtime, model)["reply"] == "é🙂"
+
+
+def test_kv_cache_size_failure_does_not_fail_the_run(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
+    """rkllm_get_kv_cache_size has no documented return value: -1 means unknown."""
+    model = open_model(write_model(extra=("kv_cache_size_error 1",)))
+    pieces, result = run(model, "hello", keep_history=True)
+    assert "".join(pieces) == "Hello from the simulator."
+    assert result.kv_cache_size is None
+    assert model.kv_cache_size().result() is None
+
+
+def test_token_limit_is_not_a_pause_on_13(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
+) -> None:
+    """1.3 stops at the per-run limit itself; only 1.2 has to pause the run."""
+    long_reply = " ".join(f"word{i}" for i in range(40))
+    model = open_model(write_model(replies=(f"default => {long_reply}",)))
+    pieces, result = run(model, "talk", max_new_tokens=3)
+    assert len(pieces) == 3
+    assert result.stopped_at_limit
+    expected = "max_new_tokens" if runtime.layout.has_sampling_params else "paused"
+    assert last_run(runtime, model)["status"] == expected
+
+
+def test_context_limit_read_from_the_runtime_log(
+    write_model: ModelWriter,
+    open_model: Callable[..., RKLLMModel],
+    runtime: RuntimeLibrary,
+) -> None:
+    """The model's limit is known after init; a context above it is named as such."""
+    path = write_model(max_context_limit=2048)
+    model = open_model(path, max_context_len=1024)
+    assert model.context_limit == 2048
+    too_long = RKLLMModel(runtime, "too_long")
+    try:
+        with pytest.raises(ModelInitError, match="above the model's limit of 2048"):
+            too_long.init(ModelParams(model_path=path, max_context_len=4096)).result()
+        assert too_long.context_limit == 2048
+    finally:
+        too_long.close()
+
+
 def test_tool_call_and_thinking_intact(
     write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
 ) -> None:

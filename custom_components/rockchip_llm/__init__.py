@@ -27,6 +27,7 @@ from homeassistant.helpers.typing import ConfigType
 from .agent import Agent, AgentSettings
 from .const import (
     CONF_CACHE_BUDGET,
+    CONF_ABI_FAMILY,
     CONF_CACHE_DIR,
     CONF_LIBRARY_PATH,
     CONF_MODEL,
@@ -37,10 +38,11 @@ from .const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
-from .engine import Engine
+from .engine import Engine, plan_domains
 from .host import npu_driver_too_old, read_host_info
 from .models import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
+from .rkllm.abi import parse_family
 from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
@@ -92,7 +94,10 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     private_dir = Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR
     try:
         library = await hass.async_add_executor_job(
-            load_library_safely, library_path, private_dir
+            load_library_safely,
+            library_path,
+            private_dir,
+            parse_family(entry.data.get(CONF_ABI_FAMILY)),
         )
     except LibraryCopyFailed as err:
         # The cache folder's disk is full or read-only: retried, with its repair.
@@ -198,7 +203,10 @@ async def _async_load_agents(
         ir.async_delete_issue(hass, DOMAIN, issue_id)
         by_model.setdefault(model, []).append(subentry.subentry_id)
 
-    for domain_id, (model, subentry_ids) in enumerate(by_model.items()):
+    domains = plan_domains(
+        [runtime.scan.models[model].size_bytes for model in by_model]
+    )
+    for domain_id, (model, subentry_ids) in zip(domains, by_model.items(), strict=True):
         settings = [
             AgentSettings.from_options(entry.subentries[i].data) for i in subentry_ids
         ]
@@ -221,6 +229,7 @@ async def _async_load_agents(
                 subentry.data,
                 loaded,
                 chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
+                title=subentry.title,
             )
     disk_failed = False
     for agent in runtime.chat_agents:

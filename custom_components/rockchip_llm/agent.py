@@ -1,14 +1,17 @@
 """One agent (a conversation subentry): its settings, model and system cache."""
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Self
+from datetime import UTC, datetime
+from typing import Any, Final, Self
 
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.debounce import Debouncer
 
 from .agent_prefix import async_render_prefix
-from .chat import SystemPrefix
+from .chat import SystemPrefix, expected_prefill, reuse_honoured
 from .const import (
     AUTO_CACHE_PREFIX,
     CONF_ENABLE_THINKING,
@@ -30,6 +33,7 @@ from .const import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    DOMAIN,
     LOGGER,
     MAX_AUTO_CACHES,
     REBUILD_DEBOUNCE_SECONDS,
@@ -39,6 +43,17 @@ from .const import (
 from .engine import Engine, LoadedModel
 from .prompt_cache import CacheEntry, CacheWriteError
 from .rkllm.runtime import Sampling
+
+WARM_UP_PROMPT: Final = "Hi"
+"""The turn of the check run made right after a cache is loaded."""
+
+_FALLBACK: Final = {
+    HistoryStrategy.AUTO: HistoryStrategy.PROMPT_CACHE_ONLY,
+    HistoryStrategy.PROMPT_CACHE_ONLY: HistoryStrategy.OFF,
+}
+"""The next strategy to try when the runtime does not honour one."""
+
+REUSE_CHECKS_KEPT: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +109,22 @@ class Agent:
         loaded: LoadedModel,
         *,
         chat: bool,
+        title: str = "",
     ) -> None:
         """Bind an agent to its loaded model; chat agents keep a system cache."""
         self.hass = hass
+        self.title = title or subentry_id
         self.chat = chat
         self.engine = engine
         self.subentry_id = subentry_id
         self.options = options
         self.settings = AgentSettings.from_options(options)
         self.loaded = loaded
+        self.strategy = self.settings.history_strategy
+        """The strategy in force: the setting, or a fallback the runtime honours."""
+        self.reuse_failures: deque[dict[str, Any]] = deque(maxlen=REUSE_CHECKS_KEPT)
+        # A reload tries the preferred strategy again.
+        ir.async_delete_issue(hass, DOMAIN, self._issue_id)
         self.prefix: SystemPrefix | None = None
         self.cache: CacheEntry | None = None
         self._requested: SystemPrefix | None = None
@@ -125,7 +147,87 @@ class Agent:
             self.cache = await self.engine.async_prepare(
                 self.loaded, prefix, SYSTEM_CACHE_NAME, source
             )
+            await self._async_check_cache(self.cache)
         self.prefix = prefix
+
+    async def _async_check_cache(self, cache: CacheEntry | None) -> None:
+        """Run a short turn on the cache just loaded; fall back until it is reused.
+
+        So the first request after a restart is not the one that finds out the
+        runtime ignores the cache in this strategy (callers hold loaded.lock).
+        """
+        if cache is None or cache.metadata is None:
+            return
+        while self.strategy is not HistoryStrategy.OFF:
+            result = await self.engine.async_warm_up(
+                self.loaded,
+                WARM_UP_PROMPT,
+                keep_history=self.strategy is HistoryStrategy.AUTO,
+            )
+            if result.perf is None or self.check_reuse(
+                result.perf.prefill_tokens,
+                expected_prefill(WARM_UP_PROMPT),
+                cache.metadata.tokens,
+                "warm-up",
+            ):
+                return
+
+    @property
+    def _issue_id(self) -> str:
+        return f"reuse_not_honoured_{self.subentry_id}"
+
+    def check_reuse(
+        self, prefill_tokens: int, expected: int, prefix_tokens: int, source: str
+    ) -> bool:
+        """Compare a run that should have reused the prefix with what it prefilled.
+
+        When the runtime prefilled far more (cache or KV not honoured), the agent
+        falls back to the next strategy, logs and raises a repair issue with the
+        numbers. Returns whether the reuse was honoured.
+        """
+        if reuse_honoured(prefill_tokens, expected, prefix_tokens):
+            return True
+        previous = self.strategy
+        fallback = _FALLBACK[previous]  # "off" reuses nothing, so is never checked
+        self.reuse_failures.append(
+            {
+                "at": datetime.now(UTC).isoformat(),
+                "source": source,
+                "strategy": previous.value,
+                "prefill_tokens": prefill_tokens,
+                "expected_tokens": expected,
+                "prefix_tokens": prefix_tokens,
+                "switched_to": fallback.value,
+            }
+        )
+        LOGGER.warning(
+            "Agent %s: the runtime prefilled %d tokens where about %d were expected "
+            "(the %d-token prefix was not reused in %s mode); switching to %s",
+            self.title,
+            prefill_tokens,
+            expected,
+            prefix_tokens,
+            previous,
+            fallback,
+        )
+        self.strategy = fallback
+        ir.async_create_issue(
+            self.hass,
+            DOMAIN,
+            self._issue_id,
+            is_fixable=False,
+            severity=ir.IssueSeverity.WARNING,
+            translation_key="reuse_not_honoured",
+            translation_placeholders={
+                "agent": self.title,
+                "strategy": str(previous),
+                "fallback": str(fallback),
+                "prefill_tokens": str(prefill_tokens),
+                "expected_tokens": str(expected),
+                "prefix_tokens": str(prefix_tokens),
+            },
+        )
+        return False
 
     async def async_rebuild(self, name: str, source: str) -> CacheEntry:
         """Build the named cache from the agent's current prefix."""
@@ -145,7 +247,7 @@ class Agent:
 
     def prefix_seen(self, prefix: SystemPrefix, *, cached: bool) -> None:
         """Note the prefix a request carried; one without a cache gets one, debounced."""
-        if cached:
+        if cached or self.loaded.cache_unsupported is not None:
             return
         LOGGER.debug("A request carried a prefix without a cache; scheduling a build")
         self._requested = prefix
@@ -178,6 +280,8 @@ class Agent:
             # (the last case: a request found no usable system cache for this prefix)
             await self.async_prepare("auto", rendered)
         if requested is None or requested.key == rendered.key:
+            return
+        if self.loaded.cache_unsupported is not None:
             return
         async with self.loaded.lock:
             found = await self.engine.async_find_cache(self.loaded, requested)

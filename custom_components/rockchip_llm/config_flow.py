@@ -36,6 +36,8 @@ from homeassistant.helpers.typing import VolDictType
 
 from .const import (
     CONF_CACHE_BUDGET,
+    ABI_FAMILY_AUTO,
+    CONF_ABI_FAMILY,
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
@@ -70,6 +72,7 @@ from .const import (
 )
 from .ha_compat import vol
 from .models import ModelInfo, ModelsDirError, scan_models
+from .rkllm.abi import AbiFamily, family_setting, parse_family
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
 from .rkllm.probe import verify_library
@@ -114,12 +117,15 @@ def _check_cache_dir(cache_dir: Path) -> bool:
 
 
 def _validate_paths(
-    library_path: Path, models_dir: Path, cache_dir: Path
+    library_path: Path,
+    models_dir: Path,
+    cache_dir: Path,
+    abi_family: AbiFamily | None = None,
 ) -> _Validation:
     """Check the library, the models folder and the cache folder (blocking)."""
     result = _Validation()
     try:
-        verify_library(library_path)
+        verify_library(library_path, family_override=abi_family)
     except LibraryError as err:
         result.errors[CONF_LIBRARY_PATH] = err.translation_key
         result.placeholders.update(err.placeholders)
@@ -295,6 +301,10 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             paths[key] = str(
                 path if path.is_absolute() else self.hass.config.path(str(path))
             )
+        if (family := user_input.get(CONF_ABI_FAMILY, ABI_FAMILY_AUTO)) != (
+            ABI_FAMILY_AUTO
+        ):
+            paths[CONF_ABI_FAMILY] = family
         return paths
 
     async def _async_validate(self, paths: Mapping[str, str]) -> _Validation:
@@ -305,6 +315,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 Path(paths[CONF_LIBRARY_PATH]),
                 Path(paths[CONF_MODELS_DIR]),
                 Path(paths[CONF_CACHE_DIR]),
+                parse_family(paths.get(CONF_ABI_FAMILY)),
             )
         except Exception:
             _LOGGER.exception("Unexpected error while checking the runtime paths")
@@ -345,6 +356,13 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 vol.Required(
                     CONF_CACHE_BUDGET, default=DEFAULT_CACHE_BUDGET_MB
                 ): _BUDGET_SELECTOR,
+                vol.Optional(CONF_ABI_FAMILY): SelectSelector(
+                    SelectSelectorConfig(
+                        options=[ABI_FAMILY_AUTO, *map(family_setting, AbiFamily)],
+                        translation_key=CONF_ABI_FAMILY,
+                        mode=SelectSelectorMode.DROPDOWN,
+                    )
+                ),
             }
         )
         validation = validation or _Validation()
@@ -428,7 +446,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 "reconfigure", user_input, validation
             )
         return self.async_update_reload_and_abort(
-            entry, data_updates={**paths, CONF_CACHE_BUDGET: _budget(user_input)}
+            entry, data={**paths, CONF_CACHE_BUDGET: _budget(user_input)}
         )
 
     @classmethod
@@ -441,6 +459,13 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             SUBENTRY_CONVERSATION: ConversationFlowHandler,
             SUBENTRY_AI_TASK: AITaskFlowHandler,
         }
+
+
+def _context_limit(entry: ConfigEntry, model: str) -> int | None:
+    """Return the model's context limit, known once the runtime has loaded it."""
+    runtime = getattr(entry, "runtime_data", None)
+    loaded = runtime.engine.models.get(model) if runtime is not None else None
+    return loaded.model.context_limit if loaded is not None else None
 
 
 class ConversationFlowHandler(ConfigSubentryFlow):
@@ -460,8 +485,14 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         entry = self._get_entry()
         if entry.state is not ConfigEntryState.LOADED:
             return self.async_abort(reason="entry_not_loaded")
+        errors: dict[str, str] = {}
+        limits: dict[str, str] = {}
         if user_input is not None:
-            return self._async_save(user_input)
+            limit = _context_limit(entry, user_input[CONF_MODEL])
+            if limit is None or int(user_input[CONF_MAX_CONTEXT_LEN]) <= limit:
+                return self._async_save(user_input)
+            errors[CONF_MAX_CONTEXT_LEN] = "context_above_model_limit"
+            limits["limit"] = str(limit)
 
         models_dir = entry.data[CONF_MODELS_DIR]
         placeholders = {CONF_MODELS_DIR: models_dir}
@@ -484,6 +515,8 @@ class ConversationFlowHandler(ConfigSubentryFlow):
             data = self._get_reconfigure_subentry().data
             options |= data
             options[CONF_LLM_HASS_API] = data.get(CONF_LLM_HASS_API, [])
+        if user_input is not None:
+            options |= user_input
         known_apis = {api.id for api in llm.async_get_apis(self.hass)}
         options[CONF_LLM_HASS_API] = [
             api for api in options[CONF_LLM_HASS_API] if api in known_apis
@@ -500,6 +533,8 @@ class ConversationFlowHandler(ConfigSubentryFlow):
                 ),
                 options,
             ),
+            errors=errors,
+            description_placeholders={**placeholders, **limits},
         )
 
     async_step_user = async_step_set_options

@@ -83,6 +83,7 @@ def _loaded_model(loaded: LoadedModel) -> dict[str, Any]:
         "params": _jsonable(params),
         "users": loaded.users,
         "loaded_cache": loaded.loaded_cache.name if loaded.loaded_cache else None,
+        "prompt_cache_unsupported": loaded.cache_unsupported,
         "kv_tokens": loaded.kv_tokens,
         "kv_messages": len(loaded.kv.messages) if loaded.kv is not None else None,
         "busy": loaded.lock.locked(),
@@ -114,6 +115,8 @@ def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
         "chat": agent.chat,
         "model": agent.loaded.name,
         "settings": _jsonable(agent.settings),
+        "history_strategy_in_force": agent.strategy.value,
+        "reuse_failures": list(agent.reuse_failures),
         "cache": agent.cache.name if agent.cache else None,
         "prefix": _prefix(agent),
         "recent_runs": [

@@ -8,7 +8,7 @@ everything they do with a model, so KV bookkeeping stays consistent.
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
 import contextlib
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from pathlib import Path
 import time
 from typing import Any, Literal
 
-from .chat import KVState, SystemPrefix, estimate_tokens
+from .chat import KVState, SystemPrefix, chat_template, estimate_tokens
 from .const import AUTO_CACHE_PREFIX
 from .models import ModelInfo, model_fingerprint
 from .prompt_cache import (
@@ -30,8 +30,9 @@ from .prompt_cache import (
     PromptCacheStore,
     prompt_sha256,
 )
-from .rkllm.errors import RKLLMError
-from .rkllm.library import RuntimeLibrary
+from .rkllm.abi import AbiFamily
+from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
+from .rkllm.library import RuntimeInfo, RuntimeLibrary
 from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
 from .simulation import library_is_simulated
 
@@ -71,6 +72,40 @@ class ObservedLock(asyncio.Lock):
         """Release the lock."""
         super().release()
         self._changed()
+DOMAIN_BYTES = 4 * 1024**3
+"""About what one NPU memory domain holds (rknn-llm #314, #437)."""
+
+MULTI_INSTANCE_VERSION = (1, 2, 2)
+"""The first runtime that runs several model instances at once."""
+
+
+def plan_domains(sizes: list[int]) -> list[int]:
+    """Give each model (by file size) a base_domain_id of its own.
+
+    A model larger than a domain spans the next ones too, so the following model
+    starts after them.
+    """
+    domains: list[int] = []
+    next_free = 0
+    for size in sizes:
+        domains.append(next_free)
+        next_free += max(1, -(-size // DOMAIN_BYTES))
+    return domains
+
+
+def runs_concurrently(info: RuntimeInfo) -> bool:
+    """Whether the runtime can run several handles at once (1.2.2 and later).
+
+    A version known only as its family (1.2.x) counts as the older one.
+    """
+    if info.family is not AbiFamily.V1_2:
+        return True
+    parts = info.version.split(".")
+    try:
+        version = tuple(int(part) for part in parts[:3])
+    except ValueError:
+        return False
+    return version >= MULTI_INSTANCE_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +148,15 @@ class LoadedModel:
     loaded_cache: CacheEntry | None = None
     caches: list[CacheEntry] | None = None
     """The store's listing for this model, read once and dropped on every change."""
+    cache_unsupported: str | None = None
+    """Why the runtime saves no prompt cache for this model (then none is built)."""
     kv: KVState | None = None
     kv_tokens: int = 0
     sent_tool_results: dict[str, str] = field(default_factory=dict)
     """Tool results as first sent to the model, by tool call id (see entity.py)."""
     recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
+    run_gate: asyncio.Lock | None = None
+    """Held during every run when the runtime cannot run handles concurrently."""
     last_runs: dict[str, RunStats] = field(default_factory=dict)
     """The most recent run of each agent, by subentry id."""
 
@@ -152,7 +191,23 @@ class Generation:
         self.ttft_ms: float | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        """Start the run and yield decoded text as the runtime produces it."""
+        """Start the run and yield decoded text as the runtime produces it.
+
+        Runtimes before 1.2.2 run one handle at a time: there the run waits for
+        the engine-wide gate first.
+        """
+        gate = self._loaded.run_gate
+        if gate is not None:
+            await gate.acquire()
+        try:
+            async with contextlib.aclosing(self._run()) as texts:
+                async for text in texts:
+                    yield text
+        finally:
+            if gate is not None:
+                gate.release()
+
+    async def _run(self) -> AsyncGenerator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -174,8 +229,11 @@ class Generation:
                 self._loaded.memory_mb = self.result.perf.memory_usage_mb
         finally:
             if not future.done():
-                self._loaded.model.abort()
+                # rkllm_abort may block until the prefill ends (rknn-llm #400):
+                # never on the event loop.
+                aborting = loop.run_in_executor(None, self._loaded.model.abort)
                 await _wait_quietly(future)
+                await _wait_quietly(aborting)
 
     async def collect(self) -> RunResult:
         """Run to the end, discarding the text, and return the result."""
@@ -185,8 +243,8 @@ class Generation:
         return self.result
 
 
-async def _wait_quietly(future: Future[Any]) -> None:
-    """Wait for an aborted run to end, even while being cancelled."""
+async def _wait_quietly(future: Future[Any] | asyncio.Future[Any]) -> None:
+    """Wait for an aborted run (or the abort) to end, even while being cancelled."""
     try:
         await asyncio.shield(asyncio.wrap_future(future))
     except Exception:  # noqa: BLE001 - the run's own error is irrelevant after abort
@@ -220,6 +278,7 @@ class Engine:
         self._models: dict[str, LoadedModel] = {}
         self.simulated = library_is_simulated(library.cdll)
         """Whether the library is the development simulator, not Rockchip's runtime."""
+        self._run_gate = None if runs_concurrently(library.info) else asyncio.Lock()
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -237,7 +296,11 @@ class Engine:
                 await self._run_blocking(model.close)
                 raise
             loaded = LoadedModel(
-                info=info, params=params, model=model, fingerprint=fingerprint
+                info=info,
+                params=params,
+                model=model,
+                fingerprint=fingerprint,
+                run_gate=self._run_gate,
             )
             self._models[info.name] = loaded
         loaded.users += 1
@@ -269,19 +332,41 @@ class Engine:
     def _context(
         loaded: LoadedModel, prefix: SystemPrefix
     ) -> dict[str, int | float | bool | str]:
-        return {
+        context: dict[str, int | float | bool | str] = {
             "max_context_len": loaded.params.max_context_len,
             "tools_sha256": prefix.tools_sha256,
         }
+        if not prefix.has_tools:
+            # Set as a chat template, not as tools: other tokens than a cache made
+            # through set_function_tools("[]") by earlier versions.
+            context["system_template"] = "chatml"
+        return context
 
-    async def async_set_prefix(self, loaded: LoadedModel, prefix: SystemPrefix) -> None:
-        """Put prefix (system prompt and tools) on the handle if it is not there."""
-        if loaded.prefix_key == prefix.key:
+    async def async_set_prefix(
+        self, loaded: LoadedModel, prefix: SystemPrefix, *, thinking: bool = False
+    ) -> None:
+        """Put prefix (system prompt and tools) on the handle if it is not there.
+
+        A prefix without tools is set as a chat template, never as an empty tool
+        list (rknn-llm #377); thinking then lives in the template. Upstream
+        promises a KV clear only for set_chat_template: it is cleared here.
+        """
+        key = prefix.key if prefix.has_tools else f"{prefix.key}/template/{thinking}"
+        if loaded.prefix_key == key:
             return
-        await call(loaded.model.set_function_tools(prefix.prompt, prefix.tools_json))
-        loaded.prefix_key = prefix.key
-        loaded.kv = None
-        loaded.kv_tokens = 0
+        if prefix.has_tools:
+            await call(
+                loaded.model.set_function_tools(prefix.prompt, prefix.tools_json)
+            )
+        else:
+            template = chat_template(prefix.prompt, thinking=thinking)
+            await call(
+                loaded.model.set_chat_template(
+                    template.system, template.user_prefix, template.user_postfix
+                )
+            )
+        loaded.prefix_key = key
+        await self.async_reset_kv(loaded, keep_system=False)
 
     async def async_find_cache(
         self, loaded: LoadedModel, prefix: SystemPrefix
@@ -389,6 +474,8 @@ class Engine:
             except RKLLMError as err:
                 raise await self._build_error(loaded, prefix, staging, err) from err
             build_ms = (time.monotonic() - started) * 1000
+            perf = _finished_perf(result, loaded.name, name)
+            await self._run_blocking(_require_saved, staging, loaded.name)
             info = self.library.info
             metadata = CacheMetadata(
                 name=name,
@@ -396,7 +483,7 @@ class Engine:
                 created_at=datetime.now(UTC).isoformat(),
                 prompt_sha256=prompt_sha256(prefix.prompt),
                 prompt_length=len(prefix.prompt),
-                tokens=result.perf.prefill_tokens if result.perf else 0,
+                tokens=perf.prefill_tokens,
                 size_bytes=0,  # commit() measures the staged file
                 build_ms=round(build_ms, 1),
                 source=source,
@@ -451,6 +538,18 @@ class Engine:
             entry, metadata, build_ms = await self._async_build(
                 loaded, prefix, name, source
             )
+        except PromptCacheNotSaved as err:
+            if loaded.cache_unsupported is None:
+                _LOGGER.warning(
+                    "%s; its agents work without a prompt cache (slower first "
+                    "answers) until the integration is reloaded",
+                    err,
+                )
+                loaded.cache_unsupported = str(err)
+            loaded.build_error = str(err)
+            if previous is not None:
+                await self.async_try_use_cache(loaded, previous)
+            raise
         except Exception as err:
             if isinstance(err, CacheWriteError) and err.disk_problem is not None:
                 self._on_cache_write(err)
@@ -478,8 +577,15 @@ class Engine:
 
     async def async_prepare(
         self, loaded: LoadedModel, prefix: SystemPrefix, name: str, source: str
-    ) -> CacheEntry:
-        """Load the valid named cache for prefix, building it if needed."""
+    ) -> CacheEntry | None:
+        """Load the valid named cache for prefix, building it if needed.
+
+        None: the runtime saves no prompt cache for this model; the prefix is set
+        and requests run uncached.
+        """
+        if loaded.cache_unsupported is not None:
+            await self.async_set_prefix(loaded, prefix)
+            return None
         entry: CacheEntry | None = await self._run_blocking(
             self.store.get, loaded.name, name
         )
@@ -503,7 +609,10 @@ class Engine:
                     name,
                     reason,
                 )
-        return await self.async_build_cache(loaded, prefix, name, source)
+        try:
+            return await self.async_build_cache(loaded, prefix, name, source)
+        except PromptCacheNotSaved:
+            return None
 
     async def async_try_use_cache(
         self, loaded: LoadedModel, entry: CacheEntry | None
@@ -531,6 +640,22 @@ class Engine:
             loaded.caches = None
         return deleted
 
+    async def async_warm_up(
+        self, loaded: LoadedModel, prompt: str, *, keep_history: bool
+    ) -> RunResult:
+        """Run a one-token turn on an empty KV (only a loaded cache can help it).
+
+        The KV is cleared again afterwards.
+        """
+        await self.async_reset_kv(loaded, keep_system=False)
+        try:
+            return await Generation(
+                loaded,
+                RunRequest(prompt=prompt, keep_history=keep_history, max_new_tokens=1),
+            ).collect()
+        finally:
+            await self.async_reset_kv(loaded, keep_system=False)
+
     async def async_reset_kv(
         self, loaded: LoadedModel, *, keep_system: bool = True
     ) -> None:
@@ -542,9 +667,21 @@ class Engine:
 
     @staticmethod
     def note_kv(loaded: LoadedModel, state: KVState, result: RunResult | None) -> None:
-        """Record what the KV holds after a run that kept history."""
-        loaded.kv = state
-        loaded.kv_tokens = (result.kv_cache_size if result else None) or 0
+        """Record what the KV holds after a run that kept history.
+
+        Only a run that finished (FINISH with perf, no abort, under its token limit)
+        leaves a KV we know; otherwise it is unknown and reset before the next turn.
+        Without the runtime's count the KV cannot be budgeted either.
+        """
+        size = result.kv_cache_size if result else None
+        finished = (
+            result is not None
+            and result.perf is not None
+            and not result.aborted
+            and not result.stopped_at_limit
+        )
+        loaded.kv = state if finished and size is not None else None
+        loaded.kv_tokens = size if loaded.kv is not None and size is not None else 0
 
     def record(self, loaded: LoadedModel, stats: RunStats) -> None:
         """Remember a run's measurements."""
@@ -562,6 +699,27 @@ class Engine:
             stats.generate_tokens,
             stats.generate_ms,
         )
+
+
+def _require_saved(staging: Path, model: str) -> None:
+    """Refuse a build after which the runtime wrote no file (blocking)."""
+    if not staging.exists():
+        raise PromptCacheNotSaved(
+            f"the runtime wrote no prompt cache file for {model}; "
+            "it may not support saving one for this model (rknn-llm #517)"
+        )
+
+
+def _finished_perf(result: RunResult, model: str, name: str) -> PerfStats:
+    """Return the perf of a cache build; refuse one whose FINISH did not arrive.
+
+    Without FINISH and its perf nothing says what the file holds.
+    """
+    if result.perf is None or result.aborted:
+        raise RunError(
+            f"the runtime did not finish building prompt cache {name} of {model}", -1
+        )
+    return result.perf
 
 
 def perf_or_zero(perf: PerfStats | None) -> PerfStats:

@@ -20,6 +20,7 @@ from .chat import (
     PromptTooLong,
     SystemPrefix,
     estimate_tokens,
+    expected_prefill,
     plan_run,
 )
 from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS, HistoryStrategy
@@ -133,8 +134,8 @@ class RockchipLLMBaseEntity(Entity):
 
     @property
     def history_strategy(self) -> HistoryStrategy:
-        """How this agent reuses the KV cache."""
-        return self.agent.settings.history_strategy
+        """How this agent reuses the KV cache now (a fallback if the runtime refused)."""
+        return self.agent.strategy
 
     async def _async_handle_chat_log(
         self, chat_log: conversation.ChatLog, instructions: str | None = None
@@ -147,13 +148,14 @@ class RockchipLLMBaseEntity(Entity):
         settings = agent.settings
         loaded = agent.loaded
         engine = agent.engine
-        prefix = prefix_from_chat_log(chat_log)
-        strategy = self.history_strategy
-        keep_history = strategy is HistoryStrategy.AUTO
+        prefix, volatile = prefix_from_chat_log(chat_log)
         async with loaded.lock:
             try:
-                await engine.async_set_prefix(loaded, prefix)
-                if strategy is HistoryStrategy.OFF:
+                await engine.async_set_prefix(
+                    loaded, prefix, thinking=settings.enable_thinking
+                )
+                # Read under the lock: a warm-up check may just have changed it.
+                if self.history_strategy is HistoryStrategy.OFF:
                     await engine.async_use_cache(loaded, None)
                 else:
                     cache = await engine.async_find_cache(loaded, prefix)
@@ -163,18 +165,29 @@ class RockchipLLMBaseEntity(Entity):
                     # cache still saves its identical leading tokens.
                     await engine.async_try_use_cache(loaded, cache or agent.cache)
                 for _iteration in range(MAX_TOOL_ITERATIONS):
+                    # A check of the previous run may have switched the strategy.
+                    keep_history = self.history_strategy is HistoryStrategy.AUTO
                     await self._async_run_once(
-                        chat_log, prefix, keep_history, instructions
+                        chat_log, prefix, keep_history, instructions, volatile
                     )
                     instructions = None
                     if not chat_log.unresponded_tool_results:
                         break
             except PromptTooLong as err:
+                LOGGER.warning(
+                    "%s: request refused, it does not fit the context: %s",
+                    loaded.name,
+                    err,
+                )
                 raise HomeAssistantError(
                     translation_domain=DOMAIN,
-                    translation_key="prompt_too_long",
+                    translation_key="prompt_too_long"
+                    if err.prefix_too_long
+                    else "input_too_long",
                     translation_placeholders={
-                        "max_context_len": str(settings.max_context_len)
+                        "max_context_len": str(settings.max_context_len),
+                        "prefix_tokens": str(err.budget.prefix_tokens),
+                        "input_tokens": str(err.input_tokens),
                     },
                 ) from err
             except RKLLMError as err:
@@ -191,16 +204,27 @@ class RockchipLLMBaseEntity(Entity):
         prefix: SystemPrefix,
         keep_history: bool,
         instructions: str | None,
+        volatile: str,
     ) -> None:
-        """Send the chat log's pending input to the model and stream the answer."""
+        """Send the chat log's pending input to the model and stream the answer.
+
+        volatile (HA's current-time line, kept out of the cached prefix) goes in
+        front of a user turn.
+        """
         agent = self.agent
         settings = agent.settings
         loaded = agent.loaded
         cache = loaded.loaded_cache
         # Exact for a cache of this very prefix; otherwise a conservative estimate.
+        exact_cache = (
+            self.history_strategy is not HistoryStrategy.OFF
+            and cache is not None
+            and cache.metadata is not None
+            and agent.engine.is_exact(cache, prefix)
+        )
         prefix_tokens = (
             cache.metadata.tokens
-            if cache and cache.metadata and agent.engine.is_exact(cache, prefix)
+            if exact_cache and cache and cache.metadata
             else estimate_tokens(prefix.prompt + prefix.tools_json)
         )
         plan = plan_run(
@@ -214,8 +238,19 @@ class RockchipLLMBaseEntity(Entity):
                 prefix_tokens=prefix_tokens,
                 kv_tokens=max(loaded.kv_tokens, prefix_tokens),
                 reply_tokens=settings.max_new_tokens,
+                extra_tokens=estimate_tokens(
+                    f"{volatile}\n\n{instructions or ''}\n\n"
+                    if volatile or instructions
+                    else ""
+                ),
             ),
         )
+        if plan.max_new_tokens < settings.max_new_tokens:
+            LOGGER.debug(
+                "%s: answer budget shrunk to %d tokens to fit the context",
+                loaded.name,
+                plan.max_new_tokens,
+            )
         if plan.dropped_messages:
             LOGGER.debug(
                 "%s: %d earlier messages left out to fit the context",
@@ -227,17 +262,18 @@ class RockchipLLMBaseEntity(Entity):
             await agent.engine.async_reset_kv(
                 loaded, keep_system=self.history_strategy is not HistoryStrategy.OFF
             )
+        prompt = f"{plan.prompt}\n\n{instructions}" if instructions else plan.prompt
+        if volatile and plan.role == "user":
+            prompt = f"{volatile}\n\n{prompt}"
         generation = Generation(
             loaded,
             RunRequest(
-                prompt=f"{plan.prompt}\n\n{instructions}"
-                if instructions
-                else plan.prompt,
+                prompt=prompt,
                 role=plan.role,
                 enable_thinking=settings.enable_thinking,
                 keep_history=keep_history,
                 sampling=settings.sampling,
-                max_new_tokens=settings.max_new_tokens,
+                max_new_tokens=plan.max_new_tokens,
             ),
         )
         loaded.kv = None  # unknown until the run completes
@@ -261,7 +297,20 @@ class RockchipLLMBaseEntity(Entity):
                 ),
                 generation.result,
             )
-        perf = perf_or_zero(generation.result.perf if generation.result else None)
+        result = generation.result
+        if (
+            result is not None
+            and result.perf is not None
+            and not result.aborted
+            and (plan.reuse_history or exact_cache)
+        ):
+            agent.check_reuse(
+                result.perf.prefill_tokens,
+                expected_prefill(prompt),
+                prefix_tokens,
+                "request",
+            )
+        perf = perf_or_zero(result.perf if result else None)
         agent.engine.record(
             loaded,
             RunStats(

@@ -266,6 +266,17 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
                     "problem": problem,
                 }
             )
+        results.extend(
+            {
+                "model": name,
+                "name": SYSTEM_CACHE_NAME,
+                "problem": "not_saved_by_runtime",
+                "error": loaded.cache_unsupported,
+                "valid": False,
+            }
+            for name, loaded in engine.models.items()
+            if loaded.cache_unsupported is not None and model in (None, name)
+        )
     return cast("ServiceResponse", {"caches": results, "cache_dirs": folders})
 
 

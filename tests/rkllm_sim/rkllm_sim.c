@@ -21,9 +21,12 @@
 #define SIM_VERSION "1.3.0"
 #endif
 
-/* Found by the binding's version scan; must stay in the binary. */
+#ifndef RKLLM_SIM_UNVERSIONED
+/* Found by the binding's version scan; must stay in the binary. Real builds
+   carry only the format string (a vendor build: -DRKLLM_SIM_UNVERSIONED). */
 __attribute__((used)) static const char sim_version_banner[] =
     "rkllm-runtime version: " SIM_VERSION " (rockchip_llm simulator)";
+#endif
 
 #define SIM_MAGIC 0x52534d31u
 #define DEFAULT_SYSTEM "You are a helpful assistant."
@@ -359,6 +362,17 @@ static int wait_until(sim_handle *h, double deadline)
     return aborted;
 }
 
+/* Sleeps until deadline whatever the abort flag says. */
+static void sleep_until(sim_handle *h, double deadline)
+{
+    pthread_mutex_lock(&h->mu);
+    while (sim_now_ms() < deadline) {
+        struct timespec ts = deadline_ts(deadline);
+        pthread_cond_timedwait(&h->cv, &h->mu, &ts);
+    }
+    pthread_mutex_unlock(&h->mu);
+}
+
 typedef struct {
     const char *status;
     size_t seq_tokens;
@@ -476,7 +490,9 @@ static int run_core(sim_handle *h, run_job *job)
         tv_append(&seq, job->tokens.v, job->tokens.n);
     }
     size_t reuse = tv_lcp(&seq, &h->kv);
-    size_t reuse_cache = tv_lcp(&seq, &h->loaded_cache);
+    size_t reuse_cache = m->ignore_cache_with_history && job->keep_history
+                             ? 0
+                             : tv_lcp(&seq, &h->loaded_cache);
     if (reuse_cache > reuse)
         reuse = reuse_cache;
     if (reuse >= seq.n) /* the last token is always computed */
@@ -510,7 +526,11 @@ static int run_core(sim_handle *h, run_job *job)
     /* ---- prefill ---- */
     size_t to_compute = seq.n - reuse;
     double t_prefill = sim_now_ms();
-    if (m->prefill_ms_per_token > 0) {
+    if (m->prefill_ms_per_token > 0 && m->abort_after_prefill) {
+        /* the strict case (R #400): an abort is noticed only after the prefill */
+        sleep_until(h, t_prefill + (double)to_compute * m->prefill_ms_per_token);
+        rep.prefilled = to_compute;
+    } else if (m->prefill_ms_per_token > 0) {
         for (size_t i = 0; i < to_compute; i++) {
             if (wait_until(h, t_prefill + (double)(i + 1) * m->prefill_ms_per_token)) {
                 rep.aborted = 1;
@@ -518,7 +538,7 @@ static int run_core(sim_handle *h, run_job *job)
             }
             rep.prefilled = i + 1;
         }
-    } else if (wait_until(h, 0)) {
+    } else if (!m->abort_after_prefill && wait_until(h, 0)) {
         rep.aborted = 1;
     } else {
         rep.prefilled = to_compute;
@@ -527,8 +547,11 @@ static int run_core(sim_handle *h, run_job *job)
     count(C_PREFILL, (long long)rep.prefilled);
     int prefill_done = !rep.aborted;
 
-    if (prefill_done && job->save_cache) {
-        if (sim_cache_write(job->cache_path, &seq) != 0) {
+    if (prefill_done && job->save_cache && m->no_prompt_cache_save) {
+        /* R #517: some models cannot save a prompt cache; the run goes on */
+        fputs("W rkllm: Current model does not support saving prompt cache\n", stderr);
+    } else if (prefill_done && job->save_cache) {
+        if (sim_cache_write(job->cache_path, &seq, m->cache_bytes_per_token) != 0) {
             rep.status = "cache_write_error";
             rc = -1;
             goto fail;
@@ -543,6 +566,11 @@ static int run_core(sim_handle *h, run_job *job)
     tv_assign(&ctx, &seq);
     double t_decode = sim_now_ms();
     int stop = rep.aborted;
+    if (!stop && m->emit_null_result == 1 &&
+        emit(h, job, NULL, RKLLM_RUN_NORMAL) == 1) {
+        rep.status = "paused";
+        stop = 1;
+    }
     if (!stop && m->emit_null_text) {
         result.text = NULL;
         result.token_id = 0;
@@ -590,7 +618,8 @@ static int run_core(sim_handle *h, run_job *job)
         result.token_id = pc->id;
         int ret = 0;
         if (len >= 2 && (unsigned char)text[0] >= 0x80) {
-            /* a multi-byte character arrives in two pieces */
+            /* a multi-byte character: WAITING with its first bytes, then
+               NORMAL with the whole character (what upstream's clients assume) */
             size_t first = len / 2;
             char head[8];
             memcpy(head, text, first);
@@ -598,7 +627,7 @@ static int run_core(sim_handle *h, run_job *job)
             result.text = head;
             ret = emit(h, job, &result, RKLLM_RUN_WAITING);
             if (ret != 1) {
-                result.text = text + first;
+                result.text = text;
                 ret = emit(h, job, &result, RKLLM_RUN_NORMAL);
             }
         } else {
@@ -652,7 +681,7 @@ static int run_core(sim_handle *h, run_job *job)
                 result.perf.prefill_tokens, (double)result.perf.prefill_time_ms,
                 result.perf.generate_tokens, (double)result.perf.generate_time_ms,
                 (double)result.perf.memory_usage_mb);
-    emit(h, job, &result, RKLLM_RUN_FINISH);
+    emit(h, job, m->emit_null_result == 2 ? NULL : &result, RKLLM_RUN_FINISH);
     goto out;
 
 fail:
@@ -743,7 +772,11 @@ RKLLMParam rkllm_createDefaultParam(void)
     p.is_async = false;
     p.extend_param.base_domain_id = 0;
     p.extend_param.embed_flash = 0;
+#ifdef RKLLM_SIM_ODD_DEFAULTS
+    p.extend_param.enabled_cpus_num = 8; /* defaults nobody documented */
+#else
     p.extend_param.enabled_cpus_num = 4;
+#endif
     p.extend_param.enabled_cpus_mask = 0;
     p.extend_param.n_batch = 1;
     p.extend_param.use_cross_attn = 0;
@@ -1001,6 +1034,11 @@ int rkllm_abort(LLMHandle handle)
     if (h->running) {
         h->abort_flag = 1;
         pthread_cond_broadcast(&h->cv);
+        /* strict model: the call returns only once the run has stopped */
+        if (h->model.abort_after_prefill &&
+            !pthread_equal(h->run_thread, pthread_self()))
+            while (h->running && h->abort_flag)
+                pthread_cond_wait(&h->cv, &h->mu);
     }
     pthread_mutex_unlock(&h->mu);
     count(C_ABORT, 1);
@@ -1064,7 +1102,7 @@ int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_po
 int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes)
 {
     sim_handle *h = lookup(handle);
-    if (!h || !cache_sizes)
+    if (!h || !cache_sizes || h->model.kv_cache_size_error)
         return -1;
     pthread_mutex_lock(&h->mu);
     for (int i = 0; i < h->n_batch; i++)
@@ -1121,8 +1159,10 @@ int rkllm_set_function_tools(LLMHandle handle, const char *system_prompt,
     replace_str(&h->system_text, system_prompt);
     replace_str(&h->tools_json, tools);
     replace_str(&h->tool_tag, tool_response_str);
-    tv_clear(&h->kv);
-    h->system_len = 0;
+    if (!h->model.tools_keep_kv) {
+        tv_clear(&h->kv);
+        h->system_len = 0;
+    }
     pthread_mutex_unlock(&h->mu);
     count(C_SET_TOOLS, 1);
     return 0;

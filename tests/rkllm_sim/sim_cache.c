@@ -16,9 +16,9 @@
 #include "sim_internal.h"
 
 #define CACHE_MAGIC "RKLLM-SIM-CACHE 1\n"
-#define CACHE_MAX_BYTES (256u * 1024u * 1024u)
+#define CACHE_MAX_BYTES (1024u * 1024u * 1024u)
 
-int sim_cache_write(const char *path, const tokvec *tokens)
+int sim_cache_write(const char *path, const tokvec *tokens, long pad_per_token)
 {
     FILE *f = fopen(path, "wb");
     if (!f) {
@@ -34,8 +34,20 @@ int sim_cache_write(const char *path, const tokvec *tokens)
         sb_printf(&b, "%d%s", (int)tokens->v[i],
                   (i % 16 == 15 || i + 1 == tokens->n) ? "\n" : " ");
     sb_puts(&b, "end\n");
+    unsigned long long pad = (unsigned long long)pad_per_token * tokens->n;
+    if (pad)
+        sb_printf(&b, "pad %llu\n", pad);
     size_t written = fwrite(b.s, 1, b.n, f);
-    int failed = written != b.n || fflush(f) != 0 || ferror(f);
+    int failed = written != b.n;
+    /* padding stands for the size of a real KV dump */
+    char dots[65536];
+    memset(dots, '.', sizeof(dots));
+    while (!failed && pad) {
+        size_t n = pad < sizeof(dots) ? (size_t)pad : sizeof(dots);
+        failed = fwrite(dots, 1, n, f) != n;
+        pad -= n;
+    }
+    failed = failed || fflush(f) != 0 || ferror(f);
     int errsv = errno;
     if (fclose(f) != 0 && !failed) {
         failed = 1;
@@ -110,6 +122,14 @@ int sim_cache_read(const char *path, tokvec *out)
                     p++;
                 ok = strncmp(p, "end", 3) == 0 &&
                      (p[3] == '\0' || (p[3] == '\n' && p[4] == '\0'));
+                if (!ok && strncmp(p, "end\npad ", 8) == 0) {
+                    /* padding: "pad <N>\n" and exactly N dots */
+                    errno = 0;
+                    unsigned long long pad = strtoull(p + 8, &end, 10);
+                    size_t rest = data.n - (size_t)(end + 1 - s);
+                    ok = !errno && end != p + 8 && *end == '\n' && rest == pad &&
+                         strspn(end + 1, ".") == pad;
+                }
             }
         }
     }

@@ -91,6 +91,13 @@ typedef struct {
     int init_error;
     long error_at_token;
     int emit_null_text;
+    int emit_null_result;          /* 1: a NORMAL, 2: the FINISH callback gets NULL */
+    int abort_after_prefill;       /* 1: abort waits for the prefill (and the run) */
+    int no_prompt_cache_save;      /* 1: saving a prompt cache writes nothing */
+    int ignore_cache_with_history; /* 1: a loaded cache is not used when keep_history */
+    int tools_keep_kv;             /* 1: set_function_tools leaves the KV as it was */
+    long cache_bytes_per_token;    /* padding written per token to cache files */
+    int kv_cache_size_error;       /* 1: rkllm_get_kv_cache_size returns -1 */
     int context_shift; /* 0: stop generating when full, 1: shift */
     double memory_usage_mb;
     sim_rule *rules;
@@ -108,7 +115,7 @@ char *sim_model_reply(const sim_model *m, const char *role, const char *input,
 /* ---- prompt cache files ------------------------------------------------- */
 
 /* Both print the reason to stderr and return -1 on failure. */
-int sim_cache_write(const char *path, const tokvec *tokens);
+int sim_cache_write(const char *path, const tokvec *tokens, long pad_per_token);
 int sim_cache_read(const char *path, tokvec *out);
 
 /* ---- time ------------------------------------------------------------------ */

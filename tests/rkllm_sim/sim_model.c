@@ -142,6 +142,34 @@ static int parse_setting(sim_model *m, char *line, const char *path, int lineno)
         if (parse_long(value, &l) || (l != 0 && l != 1))
             goto bad;
         m->emit_null_text = (int)l;
+    } else if (strcmp(key, "emit_null_result") == 0) {
+        if (parse_long(value, &l) || l < 0 || l > 2)
+            goto bad;
+        m->emit_null_result = (int)l;
+    } else if (strcmp(key, "abort_after_prefill") == 0) {
+        if (parse_long(value, &l) || (l != 0 && l != 1))
+            goto bad;
+        m->abort_after_prefill = (int)l;
+    } else if (strcmp(key, "no_prompt_cache_save") == 0) {
+        if (parse_long(value, &l) || (l != 0 && l != 1))
+            goto bad;
+        m->no_prompt_cache_save = (int)l;
+    } else if (strcmp(key, "ignore_cache_with_history") == 0) {
+        if (parse_long(value, &l) || (l != 0 && l != 1))
+            goto bad;
+        m->ignore_cache_with_history = (int)l;
+    } else if (strcmp(key, "tools_keep_kv") == 0) {
+        if (parse_long(value, &l) || (l != 0 && l != 1))
+            goto bad;
+        m->tools_keep_kv = (int)l;
+    } else if (strcmp(key, "kv_cache_size_error") == 0) {
+        if (parse_long(value, &l) || (l != 0 && l != 1))
+            goto bad;
+        m->kv_cache_size_error = (int)l;
+    } else if (strcmp(key, "cache_bytes_per_token") == 0) {
+        if (parse_long(value, &l) || l < 0 || l > 1048576)
+            goto bad;
+        m->cache_bytes_per_token = l;
     } else if (strcmp(key, "memory_usage_mb") == 0) {
         if (parse_double(value, &d) || d <= 0)
             goto bad;

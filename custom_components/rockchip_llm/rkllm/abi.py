@@ -21,6 +21,18 @@ class AbiFamily(StrEnum):
     V1_3 = "1.3"
 
 
+def family_setting(family: AbiFamily) -> str:
+    """Return how a setting names a family ("1_3": translation keys have no dots)."""
+    return family.value.replace(".", "_")
+
+
+def parse_family(value: str | None) -> AbiFamily | None:
+    """Return the ABI family a setting names ("auto" or nothing: None)."""
+    if value in (None, "", "auto"):
+        return None
+    return AbiFamily(value.replace("_", "."))
+
+
 class CallState(IntEnum):
     """LLMCallState: the state passed to the result callback."""
 

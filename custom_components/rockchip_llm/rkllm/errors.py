@@ -98,6 +98,12 @@ class RunError(RKLLMError):
         self.code = code
 
 
+class PromptCacheNotSaved(RKLLMError):
+    """The runtime ran the build but wrote no prompt cache file (rknn-llm #517)."""
+
+    translation_key = "prompt_cache_not_saved"
+
+
 class ModelClosedError(RKLLMError):
     """The model was destroyed."""
 

@@ -14,7 +14,15 @@ import platform
 import re
 import struct
 
-from .abi import LAYOUTS, REQUIRED_SYMBOLS, AbiFamily, AbiLayout
+from .abi import (
+    LAYOUTS,
+    REQUIRED_SYMBOLS,
+    AbiFamily,
+    AbiLayout,
+    RKLLMExtendParam,
+    RKLLMParam12,
+    RKLLMParam13,
+)
 from .errors import (
     LibraryLoadError,
     LibraryNotFound,
@@ -69,6 +77,7 @@ class VersionSource(StrEnum):
 
     RELEASE_HASH = "release hash"
     VERSION_STRING = "version string"
+    BEHAVIOUR = "library behaviour"
     OVERRIDE = "override"
 
 
@@ -170,13 +179,89 @@ def family_for_version(version: str) -> AbiFamily:
     )
 
 
+class _DefaultParamBuffer(ctypes.Structure):
+    """Room for any RKLLMParam (1.2: 208 bytes, 1.3: 184), returned by value."""
+
+    _fields_ = [("raw", ctypes.c_uint8 * 512)]
+
+
+# What rkllm_createDefaultParam documents (SDK doc, both families).
+_DEFAULTS: dict[str, float] = {
+    "top_k": 40,
+    "top_p": 0.9,
+    "temperature": 0.8,
+    "repeat_penalty": 1.1,
+}
+_DEFAULT_CPUS = 4
+_FAMILY_PARAMS: dict[AbiFamily, type[ctypes.Structure]] = {
+    AbiFamily.V1_2: RKLLMParam12,
+    AbiFamily.V1_3: RKLLMParam13,
+}
+
+
+def identify_family(cdll: ctypes.CDLL, path: Path) -> AbiFamily:
+    """Tell the ABI family from what rkllm_createDefaultParam returns (blocking).
+
+    The call writes its RKLLMParam into a buffer bigger than either family's; the
+    documented defaults (top_k 40, top_p 0.9, temperature 0.8, repeat_penalty 1.1)
+    must be where both families keep them, and enabled_cpus_num 4 shows where
+    extend_param starts (1.2: offset 88, 1.3: offset 60). Raises
+    UnknownRuntimeVersion, naming what was seen, unless exactly one family fits.
+    Call it only in a process that may crash (the probe's child).
+    """
+    missing = [name for name in REQUIRED_SYMBOLS if not hasattr(cdll, name)]
+    if missing:
+        raise MissingSymbols(
+            f"{path} lacks {', '.join(missing)}; install runtime {SUPPORTED}",
+            path=str(path),
+            symbols=", ".join(missing),
+        )
+    function = cdll.rkllm_createDefaultParam
+    function.restype = _DefaultParamBuffer
+    function.argtypes = []
+    raw = bytes(function().raw)
+    seen: dict[str, float] = {}
+    for name in _DEFAULTS:
+        field = getattr(RKLLMParam13, name)
+        code = "i" if name == "top_k" else "f"
+        seen[name] = struct.unpack_from(f"={code}", raw, field.offset)[0]
+    head_ok = all(
+        abs(seen[name] - expected) < 1e-3 for name, expected in _DEFAULTS.items()
+    )
+    cpus_offset = RKLLMExtendParam.enabled_cpus_num.offset
+    cpus = {
+        family: raw[param.extend_param.offset + cpus_offset]
+        for family, param in _FAMILY_PARAMS.items()
+    }
+    matches = [family for family, value in cpus.items() if value == _DEFAULT_CPUS]
+    if head_ok and len(matches) == 1:
+        return matches[0]
+    described = ", ".join(f"{name} {value:g}" for name, value in seen.items())
+    where = ", ".join(
+        f"enabled_cpus_num {value} at the {family} offset"
+        for family, value in cpus.items()
+    )
+    raise UnknownRuntimeVersion(
+        f"cannot tell which RKLLM runtime {path} is: it has no known release hash "
+        f"or version string, and its default parameters ({described}; {where}) "
+        "match neither ABI family 1.2 nor 1.3; choose the ABI family in the "
+        "integration's setup",
+        path=str(path),
+    )
+
+
 def inspect_library(
     path: Path,
     *,
     family_override: AbiFamily | None = None,
+    identified: AbiFamily | None = None,
     expected_machine: str | None = None,
 ) -> RuntimeInfo:
-    """Check the file and detect its runtime version and ABI family."""
+    """Check the file and detect its runtime version and ABI family.
+
+    In order: a known release hash, a version string, the family identified from
+    the library's behaviour (by the probe's child), the user's override.
+    """
     check_elf(path, expected_machine)
     stat = path.stat()
     with (
@@ -191,6 +276,8 @@ def inspect_library(
         version, source = known, VersionSource.RELEASE_HASH
     elif found is not None:
         version, source = found, VersionSource.VERSION_STRING
+    elif identified is not None:
+        version, source = f"{identified}.x", VersionSource.BEHAVIOUR
     elif family_override is not None:
         version, source = f"{family_override}.x", VersionSource.OVERRIDE
     else:
@@ -198,11 +285,12 @@ def inspect_library(
             f"cannot tell which RKLLM runtime {path} is; install runtime {SUPPORTED}",
             path=str(path),
         )
-    family = (
-        family_override
-        if source is VersionSource.OVERRIDE and family_override is not None
-        else family_for_version(version)
-    )
+    if source is VersionSource.BEHAVIOUR and identified is not None:
+        family = identified
+    elif source is VersionSource.OVERRIDE and family_override is not None:
+        family = family_override
+    else:
+        family = family_for_version(version)
     return RuntimeInfo(
         path=path,
         version=version,
@@ -219,6 +307,7 @@ def load_library(
     *,
     load_from: Path | None = None,
     family_override: AbiFamily | None = None,
+    identified: AbiFamily | None = None,
     expected_machine: str | None = None,
 ) -> RuntimeLibrary:
     """Validate, dlopen and bind the runtime library at path.
@@ -226,7 +315,10 @@ def load_library(
     load_from, when given, is an identical copy of path that is mapped instead.
     """
     info = inspect_library(
-        path, family_override=family_override, expected_machine=expected_machine
+        path,
+        family_override=family_override,
+        identified=identified,
+        expected_machine=expected_machine,
     )
     try:
         cdll = ctypes.CDLL(str(load_from or path))

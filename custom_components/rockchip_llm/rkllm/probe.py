@@ -4,7 +4,11 @@ ctypes cannot catch a library that crashes while it is loaded: a constructor tha
 segfaults or aborts during dlopen takes the whole Home Assistant process down. So
 before the first dlopen of a library file, a child Python loads it (ELF, version
 and symbol checks, dlopen, one ``rkllm_createDefaultParam`` call that touches the
-ABI) and prints a JSON verdict. A refusal comes back as the same typed error; a
+ABI) and prints a JSON verdict. A library with no known release hash and no
+version string (real builds carry only a format string) is identified there by
+its behaviour: where ``rkllm_createDefaultParam`` puts the documented defaults
+(see ``library.identify_family``); the user's ABI-family override counts only
+when that is ambiguous. A refusal comes back as the same typed error; a
 child that dies without a verdict (a signal, an exit, a hang) gives
 :class:`LibraryCrashed`.
 
@@ -26,6 +30,7 @@ Everything here blocks: call it off the event loop.
 """
 
 from collections.abc import Mapping
+import ctypes
 from dataclasses import dataclass, replace
 import json
 import logging
@@ -58,6 +63,7 @@ from .library import (
     VersionSource,
     check_elf,
     git_blob_sha1,
+    identify_family,
     load_library,
 )
 
@@ -129,22 +135,38 @@ class _Refusal:
         return error_class(self.message, **self.placeholders)
 
 
-type _Fingerprint = tuple[str, int, int, int, int]
+type _Fingerprint = tuple[str, int, int, int, int, str]
 
 _verdicts: dict[_Fingerprint, RuntimeInfo | _Refusal] = {}
 _lock = threading.Lock()
 
 
-def _fingerprint(path: Path) -> _Fingerprint:
-    """Return what identifies this version of the file."""
+def _fingerprint(path: Path, family_override: AbiFamily | None) -> _Fingerprint:
+    """Return what identifies this version of the file (and the override)."""
     resolved = path.resolve()
     stat = resolved.stat()
-    return (str(resolved), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return (
+        str(resolved),
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        str(family_override or ""),
+    )
 
 
-def _child_command(path: Path) -> list[str]:
+def _child_command(path: Path, family_override: AbiFamily | None = None) -> list[str]:
     """Return the command of the child that loads path."""
-    return [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, str(_PACKAGE_DIR), str(path)]
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _BOOTSTRAP,
+        str(_PACKAGE_DIR),
+        str(path),
+        str(family_override or ""),
+    ]
 
 
 def _stderr_tail(stderr: bytes | str | None) -> str:
@@ -208,7 +230,12 @@ def _runtime_info(path: Path, verdict: Mapping[str, Any]) -> RuntimeInfo:
         ) from err
 
 
-def probe_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo:
+def probe_library(
+    path: Path,
+    *,
+    family_override: AbiFamily | None = None,
+    timeout: float = PROBE_TIMEOUT,
+) -> RuntimeInfo:
     """Load path in a child process; return what it found or raise its error.
 
     Raises the child's LibraryError subclass when it refused the library, and
@@ -216,7 +243,7 @@ def probe_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo:
     """
     try:
         done = subprocess.run(
-            _child_command(path),
+            _child_command(path, family_override),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
@@ -267,14 +294,19 @@ def probe_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo:
     return _runtime_info(path, verdict)
 
 
-def verify_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo:
+def verify_library(
+    path: Path,
+    *,
+    family_override: AbiFamily | None = None,
+    timeout: float = PROBE_TIMEOUT,
+) -> RuntimeInfo:
     """Probe path in a child process, once per version of the file.
 
     Returns the cached RuntimeInfo (with ``path`` as given) or raises the error
     probe_library raised; see the module docstring for what is cached.
     """
     try:
-        key = _fingerprint(path)
+        key = _fingerprint(path, family_override)
     except OSError as err:
         check_elf(path)  # raises the precise error: missing, unreadable
         raise LibraryLoadError(
@@ -284,7 +316,9 @@ def verify_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo
         verdict = _verdicts.get(key)
         if verdict is None:
             try:
-                verdict = probe_library(path, timeout=timeout)
+                verdict = probe_library(
+                    path, family_override=family_override, timeout=timeout
+                )
             except _FILE_VERDICTS as err:
                 verdict = _Refusal.of(err)
             for old in [old for old in _verdicts if old[0] == key[0]]:
@@ -295,16 +329,25 @@ def verify_library(path: Path, *, timeout: float = PROBE_TIMEOUT) -> RuntimeInfo
     return replace(verdict, path=path)
 
 
-def load_library_safely(path: Path, private_dir: Path) -> RuntimeLibrary:
+def load_library_safely(
+    path: Path, private_dir: Path, family_override: AbiFamily | None = None
+) -> RuntimeLibrary:
     """Check path in a child process (see verify_library), then load a private copy.
 
     The copy, named by content in private_dir, is what this process maps: a user
     who later overwrites the original in place (cp, not a rename) would otherwise
     change code under a running Home Assistant and crash it.
     """
-    info = verify_library(path)
+    info = verify_library(path, family_override=family_override)
     copy = _private_copy(path, info.blob_sha1, private_dir)
-    library = load_library(path, load_from=copy)
+    library = load_library(
+        path,
+        load_from=copy,
+        family_override=family_override,
+        identified=info.family
+        if info.version_source is VersionSource.BEHAVIOUR
+        else None,
+    )
     if library.info.blob_sha1 != info.blob_sha1:
         raise LibraryLoadError(
             f"{path} changed while it was being loaded; try again", path=str(path)
@@ -365,6 +408,27 @@ def _discard(path: Path) -> None:
         path.rename(path.with_name(f"{path.name}.moved-{os.getpid()}"))
 
 
+def _child_load(path: Path, override: AbiFamily | None) -> RuntimeLibrary:
+    """Load path by its hash or version string, else by its behaviour, else override."""
+    try:
+        return load_library(path)
+    except UnknownRuntimeVersion:
+        pass
+    try:
+        cdll = ctypes.CDLL(str(path))
+    except OSError as err:
+        raise LibraryLoadError(
+            f"the dynamic loader refused {path}: {err}", path=str(path)
+        ) from err
+    try:
+        family = identify_family(cdll, path)
+    except UnknownRuntimeVersion:
+        if override is None:
+            raise
+        return load_library(path, family_override=override)
+    return load_library(path, identified=family)
+
+
 def _child_main(argv: list[str]) -> int:
     """Run in the child: load the library, touch its ABI, print the verdict."""
     verdict_fd = os.dup(1)
@@ -376,9 +440,10 @@ def _child_main(argv: list[str]) -> int:
     except ImportError, OSError, ValueError:
         pass
     path = Path(argv[0])
+    override = AbiFamily(argv[1]) if len(argv) > 1 and argv[1] else None
     verdict: dict[str, Any]
     try:
-        loaded = load_library(path)
+        loaded = _child_load(path, override)
         loaded.cdll.rkllm_createDefaultParam()
     except RKLLMError as err:
         verdict = {

@@ -7,12 +7,17 @@ Methods return ``concurrent.futures.Future`` objects: blocking code calls
 """
 
 import codecs
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+import contextlib
 import ctypes
 from dataclasses import dataclass, field
 import logging
+import os
 from pathlib import Path
+import re
+import sys
+import tempfile
 import threading
 from typing import Any, Literal
 
@@ -32,6 +37,10 @@ from .errors import ModelClosedError, ModelInitError, RunError
 from .library import RuntimeLibrary
 
 _LOGGER = logging.getLogger(__name__)
+
+_CONTEXT_LIMIT = re.compile(rb"max_context_limit\W{0,3}(\d+)")
+"""The model's context limit in the runtime's load log (and its init error)."""
+_STDERR_LOCK = threading.Lock()
 
 Role = Literal["user", "tool"]
 TextSink = Callable[[str], None]
@@ -107,6 +116,7 @@ class _ActiveRun:
 
     sink: TextSink
     token_limit: int | None
+    pause_at_limit: bool
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
     )
@@ -124,6 +134,8 @@ class RKLLMModel:
         self.library = library
         self.name = name
         self.last_perf: PerfStats | None = None
+        self.context_limit: int | None = None
+        """The model's max_context_limit, as the runtime logged it at init."""
         self._lib: Any = library.cdll
         self._layout = library.layout
         self._executor = ThreadPoolExecutor(
@@ -189,11 +201,22 @@ class RKLLMModel:
             if self._layout.has_sampling_params
             else self._c_callback
         )
-        code = self._lib.rkllm_init(
-            ctypes.byref(self._handle), ctypes.byref(param), callback
-        )
+        with _stderr_of_c() as log:
+            code = self._lib.rkllm_init(
+                ctypes.byref(self._handle), ctypes.byref(param), callback
+            )
+        if (found := _CONTEXT_LIMIT.search(b"".join(log))) is not None:
+            self.context_limit = int(found.group(1))
         if code != 0 or not self._handle:
             self._handle = LLMHandle()
+            limit = self.context_limit
+            if limit is not None and params.max_context_len > limit:
+                raise ModelInitError(
+                    f"rkllm_init failed for {params.model_path}: context length "
+                    f"{params.max_context_len} is above the model's limit of {limit} "
+                    "tokens; lower the agents' context length",
+                    model=str(params.model_path),
+                )
             raise ModelInitError(
                 f"rkllm_init failed for {params.model_path} (code {code}); "
                 "check the model file, the runtime version and the context length",
@@ -263,7 +286,13 @@ class RKLLMModel:
                 keep.append(sampling)
                 infer.sampling_params = ctypes.pointer(sampling)
             infer.max_new_tokens = request.max_new_tokens or 0
-        active = _ActiveRun(sink=sink, token_limit=request.max_new_tokens)
+        # On 1.3 the runtime stops at the per-run limit itself; on 1.2 the only way is
+        # to pause the run from the callback (the KV is then unknown: callers reset it).
+        active = _ActiveRun(
+            sink=sink,
+            token_limit=request.max_new_tokens,
+            pause_at_limit=not self._layout.has_sampling_params,
+        )
         self._abort_requested = False
         # Plain assignments: abort() holds _handle_lock while rkllm_abort runs, and a
         # runtime whose abort waits for the run to end must not find us waiting too.
@@ -286,10 +315,13 @@ class RKLLMModel:
                 f"(code {code})",
                 code,
             )
+        limit = request.max_new_tokens
+        generated = active.perf.generate_tokens if active.perf else active.tokens
         return RunResult(
             perf=active.perf,
             aborted=self._abort_requested,
-            stopped_at_limit=active.stopped_at_limit,
+            stopped_at_limit=active.stopped_at_limit
+            or (limit is not None and generated >= limit),
             kv_cache_size=self._kv_cache_size() if request.keep_history else None,
         )
 
@@ -297,6 +329,11 @@ class RKLLMModel:
         """Receive one callback from the runtime (on the worker thread)."""
         active = self._active
         if active is None:
+            return CallbackAction.CONTINUE
+        if not result:
+            # A NULL RKLLMResult*: nothing to read, but the state still counts.
+            if state == CallState.ERROR:
+                active.error = True
             return CallbackAction.CONTINUE
         try:
             return self._handle_result(active, result.contents, state)
@@ -321,18 +358,25 @@ class RKLLMModel:
             active.error = True
             return CallbackAction.CONTINUE
         if self._abort_requested:
-            # An abort that reached the runtime just before the run began is
-            # honoured here: stop at the first token.
-            return CallbackAction.PAUSE
+            # Pausing is not stopping (it keeps the KV for a resume): rkllm_abort
+            # ends the run; until it lands, text is no longer wanted.
+            return CallbackAction.CONTINUE
+        if state != CallState.NORMAL:
+            # WAITING carries the first bytes of a character that the next NORMAL
+            # callback delivers whole (as every upstream client assumes): skip it.
+            return CallbackAction.CONTINUE
         if result.text:
             text = active.decoder.decode(result.text, final=False)
             if text:
                 active.sink(text)
-        if state == CallState.NORMAL:
-            active.tokens += 1
-            if active.token_limit is not None and active.tokens >= active.token_limit:
-                active.stopped_at_limit = True
-                return CallbackAction.PAUSE
+        active.tokens += 1
+        if (
+            active.pause_at_limit
+            and active.token_limit is not None
+            and active.tokens >= active.token_limit
+        ):
+            active.stopped_at_limit = True
+            return CallbackAction.PAUSE
         return CallbackAction.CONTINUE
 
     def _is_running(self, handle: LLMHandle) -> bool:
@@ -373,16 +417,23 @@ class RKLLMModel:
             )
         )
 
-    def kv_cache_size(self) -> Future[int]:
+    def kv_cache_size(self) -> Future[int | None]:
         """Return the number of KV positions in use."""
         return self._submit(self._kv_cache_size)
 
-    def _kv_cache_size(self) -> int:
-        sizes = (ctypes.c_int * 8)()  # one entry per batch; we run one
-        self._check(
-            "rkllm_get_kv_cache_size",
-            self._lib.rkllm_get_kv_cache_size(self._require_handle(), sizes),
-        )
+    def _kv_cache_size(self) -> int | None:
+        """KV positions in use, or None when the runtime does not say.
+
+        rkllm_get_kv_cache_size has no documented return value: any non-zero code
+        or a negative size means "unknown", never a failed run.
+        """
+        sizes = (ctypes.c_int * 8)(*([-1] * 8))  # one entry per batch; we run one
+        code = self._lib.rkllm_get_kv_cache_size(self._require_handle(), sizes)
+        if code != 0 or sizes[0] < 0:
+            _LOGGER.debug(
+                "rkllm_get_kv_cache_size gave code %s for %s", code, self.name
+            )
+            return None
         return int(sizes[0])
 
     def set_chat_template(self, system: str, prefix: str, postfix: str) -> Future[None]:
@@ -414,6 +465,29 @@ class RKLLMModel:
                 ),
             )
         )
+
+
+@contextlib.contextmanager
+def _stderr_of_c() -> Iterator[list[bytes]]:
+    """Read what is written to file descriptor 2 meanwhile (the runtime's log).
+
+    It is written through to the real stderr afterwards. One capture at a time.
+    """
+    captured: list[bytes] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as file:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            captured.append(file.read())
+            data = memoryview(captured[0])
+            while data:
+                data = data[os.write(2, data) :]
 
 
 def _c_sampling(sampling: Sampling) -> RKLLMSamplingParam:

@@ -1,0 +1,116 @@
+"""The cached system prefix is the same in every process and at every second."""
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+from freezegun.api import FrozenDateTimeFactory
+
+from custom_components.rockchip_llm.agent_prefix import canonical_schema, split_volatile
+from homeassistant.const import CONF_LLM_HASS_API
+from homeassistant.core import HomeAssistant
+
+from .conftest import EntryFactory, last_run_record
+from .test_conversation import converse, loaded_model
+
+ROOT = Path(__file__).parent.parent
+
+# Builds a tool whose enum list comes from a set of strings, as HA does for some
+# slots (HassTurnOn's device_class on HA 2026.6), and prints its tools JSON.
+_CHILD = """
+from homeassistant.helpers import config_validation as cv, llm
+from custom_components.rockchip_llm.agent_prefix import serialise_tools
+from custom_components.rockchip_llm.ha_compat import vol
+
+class Tool(llm.Tool):
+    name = "HassTurnOn"
+    description = "Turns on a device"
+    parameters = vol.Schema({
+        vol.Optional("device_class"): vol.All(
+            cv.ensure_list,
+            [vol.In(list({"awning", "blind", "curtain", "damper", "door", "garage",
+                          "gate", "shade", "shutter", "window", "outlet", "switch"}))],
+        ),
+        vol.Optional("name"): cv.string,
+    })
+
+    async def async_call(self, hass, tool_input, llm_context):
+        return {}
+
+print(serialise_tools([Tool()], llm.selector_serializer))
+"""
+
+
+def _tools_json_in_child(seed: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": seed},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_tools_json_is_the_same_under_every_hash_seed() -> None:
+    """Two processes with different hash seeds serialise the same tools identically."""
+    outputs = {_tools_json_in_child(seed) for seed in ("1", "2", "3", "4")}
+    assert len(outputs) == 1
+    enum = json.loads(outputs.pop())[0]["function"]["parameters"]["properties"][
+        "device_class"
+    ]["items"]["enum"]
+    assert enum == sorted(enum)
+
+
+def test_canonical_schema_sorts_unordered_lists_only() -> None:
+    """Enum values and required keys are sorted; other lists keep their order."""
+    schema = {
+        "anyOf": [{"required": ["b", "a"]}, {"enum": [3, 1, 2]}],
+        "items": {"enum": ["z", "a"]},
+    }
+    assert canonical_schema(schema) == {
+        "anyOf": [{"required": ["a", "b"]}, {"enum": [1, 2, 3]}],
+        "items": {"enum": ["a", "z"]},
+    }
+
+
+def test_split_volatile() -> None:
+    """HA's date-time line is split from the prompt; a prompt without it is unchanged."""
+    prompt = (
+        "You are a voice assistant.\n"
+        "Current time is 09:05:01. Today's date is 2026-11-30.\n"
+        "\nBe brief."
+    )
+    assert split_volatile(prompt) == (
+        "You are a voice assistant.\n\nBe brief.",
+        "Current time is 09:05:01. Today's date is 2026-11-30.",
+    )
+    assert split_volatile("Be brief.") == ("Be brief.", "")
+
+
+async def test_agent_without_api_keeps_time_out_of_the_cache(
+    hass: HomeAssistant, make_entry: EntryFactory, freezer: FrozenDateTimeFactory
+) -> None:
+    """The time line of an agent without tools goes with the turn, not the prefix.
+
+    So the prefix stays the same over time: no rebuild, the system cache serves.
+    """
+    entry = await make_entry({CONF_LLM_HASS_API: []})
+    loaded = loaded_model(entry)
+    agent = next(iter(entry.runtime_data.agents.values()))
+    cache_before = agent.cache
+    assert cache_before is not None
+    await converse(hass, "hello")
+    record = last_run_record(entry)
+    assert "Current time is" not in record["system"]
+    assert "Current time is" in record["prompt"]
+    freezer.tick(61)
+    await converse(hass, "hello again")
+    await hass.async_block_till_done()
+    assert (loaded.prefix_key or "").startswith(agent.prefix.key)  # type: ignore[union-attr]
+    assert agent.cache is cache_before
+    assert all(run.cache == cache_before.name for run in loaded.recent)
