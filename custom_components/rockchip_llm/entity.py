@@ -149,7 +149,7 @@ class RockchipLLMBaseEntity(Entity):
         loaded = agent.loaded
         engine = agent.engine
         prefix, volatile = prefix_from_chat_log(chat_log)
-        async with loaded.lock:
+        async with engine.async_hold(loaded):
             try:
                 await engine.async_set_prefix(
                     loaded, prefix, thinking=settings.enable_thinking

@@ -103,6 +103,8 @@ class WorkerModel:
         self.library = library
         self.name = name
         self.last_perf: PerfStats | None = None
+        self.context_limit: int | None = None
+        """The model's max_context_limit, as the runtime logged it at init."""
         self.stall_timeout = stall_timeout
         self.abort_grace = abort_grace
         self._on_death = on_death
@@ -159,7 +161,9 @@ class WorkerModel:
         try:
             self._spawn(ready)
             ready.result()
-            self._request("init", {"params": params_to_wire(params)}).result()
+            self._request(
+                "init", {"params": params_to_wire(params)}, convert=self._init_result
+            ).result()
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             future.set_exception(err)
         else:
@@ -299,10 +303,18 @@ class WorkerModel:
         )
         return len(request.prompt) / CHARS_PER_TOKEN * ms_per_token / 1000
 
+    def _init_result(self, data: Any) -> None:
+        self.context_limit = int(data) if data is not None else None
+
     def _run_result(self, data: Any) -> RunResult:
         result = result_from_wire(data)
         if result.perf is not None:
             self.last_perf = result.perf
+        if result.aborted and self._closed:
+            # Cut short by close() (an unload or reload), not by its caller.
+            raise ModelClosedError(
+                f"model {self.name} was unloaded while it was answering"
+            )
         return result
 
     def abort(self) -> None:
@@ -430,6 +442,8 @@ class WorkerModel:
         else:
             try:
                 call.future.set_result(call.convert(message.get("ok")))
+            except RKLLMError as err:
+                call.future.set_exception(err)
             except (KeyError, TypeError, ValueError) as err:
                 call.future.set_exception(
                     RKLLMError(

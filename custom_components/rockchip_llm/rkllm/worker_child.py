@@ -28,7 +28,7 @@ from .protocol import (
     request_from_wire,
     result_to_wire,
 )
-from .runtime import RKLLMModel, RunResult
+from .runtime import ModelParams, RKLLMModel, RunResult
 
 READY_ID: Final = 0
 """The id of the message that says the library is loaded (or why not)."""
@@ -75,10 +75,24 @@ def _result(value: RunResult) -> Message:
     return result_to_wire(value)
 
 
+def _init(model: RKLLMModel, params: ModelParams) -> Future[int | None]:
+    """Initialise the model; the answer is the context limit the runtime logged."""
+    done: Future[int | None] = Future()
+
+    def finish(init: Future[None]) -> None:
+        if (error := init.exception()) is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(model.context_limit)
+
+    model.init(params).add_done_callback(finish)
+    return done
+
+
 type _Call = Callable[[RKLLMModel, Mapping[str, Any]], Future[Any]]
 
 _CALLS: Final[Mapping[str, _Call]] = {
-    "init": lambda model, args: model.init(params_from_wire(args["params"])),
+    "init": lambda model, args: _init(model, params_from_wire(args["params"])),
     "load_prompt_cache": lambda model, args: model.load_prompt_cache(
         Path(args["path"])
     ),
