@@ -117,11 +117,6 @@ def test_crash_in_init_prints_the_model_line_first(
     assert b"returned" not in child.stdout
 
 
-@pytest.mark.xfail(
-    reason="RKLLMModel.init sends fd 2 to a temporary file during rkllm_init "
-    "(_stderr_of_c), so a crash in init loses everything the runtime printed",
-    strict=True,
-)
 def test_the_death_message_has_the_line_printed_before_the_crash(
     write_model: ModelWriter, sim_library: Path, workers: list[WorkerModel]
 ) -> None:

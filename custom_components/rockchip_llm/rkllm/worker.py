@@ -34,7 +34,13 @@ import time
 from typing import Any, Final
 
 from .child import child_command, exit_description
-from .errors import ModelClosedError, RKLLMError, RunStalledError, WorkerDiedError
+from .errors import (
+    ModelClosedError,
+    ModelInitError,
+    RKLLMError,
+    RunStalledError,
+    WorkerDiedError,
+)
 from .library import RuntimeLibrary
 from .protocol import (
     decode,
@@ -44,8 +50,16 @@ from .protocol import (
     request_to_wire,
     result_from_wire,
 )
-from .runtime import ModelParams, PerfStats, RunRequest, RunResult, TextSink
-from .worker_child import READY_ID
+from .runtime import (
+    ModelParams,
+    PerfStats,
+    RunRequest,
+    RunResult,
+    TextSink,
+    context_limit_in,
+    init_failed,
+)
+from .worker_child import INIT_DONE_MARKER, READY_ID
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +75,10 @@ PREFILL_MS_PER_TOKEN: Final = 10.0
 """Prefill speed assumed before the first run measured one (slower than any board)."""
 CHARS_PER_TOKEN: Final = 3
 """Conservative characters per token, to estimate a prompt's prefill time."""
+INIT_TIMEOUT: Final = 300.0
+"""Seconds loading the library and the model may take (a large model from an SD card)."""
+INIT_LOG_WAIT: Final = 5.0
+"""Seconds to wait for the runtime's load log to arrive after rkllm_init returned."""
 _TICK: Final = 0.5
 
 
@@ -68,19 +86,14 @@ _TICK: Final = 0.5
 class _Call:
     """A request waiting for its answer."""
 
+    op: str
     future: Future[Any]
     convert: Callable[[Any], Any]
-    sink: TextSink | None = None
-
-
-@dataclass(slots=True)
-class _Watch:
-    """The run in progress, as the watchdog sees it."""
-
-    request_id: int
     deadline: float
-    """When the run counts as stalled unless it produces text first."""
-    abort_sent: float | None = None
+    """When the call counts as stalled (a run's text moves it on)."""
+    sink: TextSink | None = None
+    stalled_at: float | None = None
+    """When the watchdog found it stalled and sent the abort."""
 
 
 def _unchanged(value: Any) -> Any:
@@ -95,8 +108,8 @@ class WorkerModel:
         library: RuntimeLibrary,
         name: str,
         *,
-        stall_timeout: float = STALL_TIMEOUT,
-        abort_grace: float = ABORT_GRACE,
+        stall_timeout: float | None = None,
+        abort_grace: float | None = None,
         on_death: Callable[[WorkerDiedError], None] | None = None,
     ) -> None:
         """Prepare the worker; init() starts the process and loads the model."""
@@ -105,8 +118,8 @@ class WorkerModel:
         self.last_perf: PerfStats | None = None
         self.context_limit: int | None = None
         """The model's max_context_limit, as the runtime logged it at init."""
-        self.stall_timeout = stall_timeout
-        self.abort_grace = abort_grace
+        self.stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
+        self.abort_grace = ABORT_GRACE if abort_grace is None else abort_grace
         self._on_death = on_death
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
@@ -115,10 +128,9 @@ class WorkerModel:
         self._request_fd: int | None = None
         self._threads: list[threading.Thread] = []
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
-        self._watch: _Watch | None = None
-        self._stalled: set[int] = set()
         self._closed = False
         self._death: WorkerDiedError | None = None
+        self._init_logged = threading.Event()
 
     # Lifecycle
 
@@ -162,12 +174,22 @@ class WorkerModel:
             self._spawn(ready)
             ready.result()
             self._request(
-                "init", {"params": params_to_wire(params)}, convert=self._init_result
+                "init", {"params": params_to_wire(params)}, timeout=INIT_TIMEOUT
             ).result()
+        except ModelInitError as err:
+            self.context_limit = self._logged_context_limit()
+            code = int(err.placeholders.get("code", "-1"))
+            future.set_exception(init_failed(params, code, self.context_limit))
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             future.set_exception(err)
         else:
+            self.context_limit = self._logged_context_limit()
             future.set_result(None)
+
+    def _logged_context_limit(self) -> int | None:
+        """Return the context limit in the runtime's load log, once it is all here."""
+        self._init_logged.wait(INIT_LOG_WAIT)
+        return context_limit_in("\n".join(self.output_tail()).encode())
 
     def _spawn(self, ready: Future[None]) -> None:
         info = self.library.info
@@ -203,7 +225,9 @@ class WorkerModel:
         with self._lock:
             self._process = process
             self._request_fd = request_write
-            self._calls[READY_ID] = _Call(ready, _unchanged)
+            self._calls[READY_ID] = _Call(
+                "load the library", ready, _unchanged, time.monotonic() + INIT_TIMEOUT
+            )
         for target, role in (
             (self._read_answers, "answers"),
             (self._read_output, "output"),
@@ -257,8 +281,12 @@ class WorkerModel:
         *,
         convert: Callable[[Any], Any] = _unchanged,
         sink: TextSink | None = None,
-        expected_prefill_s: float = 0.0,
+        timeout: float | None = None,
     ) -> Future[Any]:
+        """Send a request; its answer (or the watchdog's verdict) completes the future.
+
+        timeout: seconds until the call counts as stalled (default stall_timeout).
+        """
         future: Future[Any] = Future()
         with self._lock:
             if self._death is not None:
@@ -266,12 +294,10 @@ class WorkerModel:
             if self._closed or self._request_fd is None:
                 raise ModelClosedError(f"model {self.name} is closed")
             request_id = next(self._ids)
-            self._calls[request_id] = _Call(future, convert, sink)
-            if sink is not None:
-                self._watch = _Watch(
-                    request_id,
-                    time.monotonic() + self.stall_timeout + expected_prefill_s,
-                )
+            deadline = time.monotonic() + (
+                self.stall_timeout if timeout is None else timeout
+            )
+            self._calls[request_id] = _Call(op, future, convert, deadline, sink)
             try:
                 os.write(
                     self._request_fd,
@@ -291,7 +317,7 @@ class WorkerModel:
             {"request": request_to_wire(request)},
             convert=self._run_result,
             sink=sink,
-            expected_prefill_s=self._expected_prefill_s(request),
+            timeout=self.stall_timeout + self._expected_prefill_s(request),
         )
 
     def _expected_prefill_s(self, request: RunRequest) -> float:
@@ -302,9 +328,6 @@ class WorkerModel:
             else PREFILL_MS_PER_TOKEN
         )
         return len(request.prompt) / CHARS_PER_TOKEN * ms_per_token / 1000
-
-    def _init_result(self, data: Any) -> None:
-        self.context_limit = int(data) if data is not None else None
 
     def _run_result(self, data: Any) -> RunResult:
         result = result_from_wire(data)
@@ -374,6 +397,9 @@ class WorkerModel:
         process = self._process
         assert process is not None and process.stdout is not None
         for raw in process.stdout:
+            if raw.rstrip() == INIT_DONE_MARKER:
+                self._init_logged.set()
+                continue
             line = raw.decode(errors="replace").rstrip()
             if line:
                 with self._lock:
@@ -418,25 +444,21 @@ class WorkerModel:
         request_id = message.get("id")
         if not isinstance(request_id, int):
             return
-        watch = self._watch
         with self._lock:
             if "text" in message:
                 call = self._calls.get(request_id)
-                if watch is not None and watch.request_id == request_id:
-                    watch.deadline = time.monotonic() + self.stall_timeout
+                if call is not None:
+                    call.deadline = time.monotonic() + self.stall_timeout
             else:
                 call = self._calls.pop(request_id, None)
-                if watch is not None and watch.request_id == request_id:
-                    self._watch = None
-            stalled = request_id in self._stalled
         if call is None:
             return
         if "text" in message:
             if call.sink is not None:
                 call.sink(str(message["text"]))
             return
-        if stalled:
-            call.future.set_exception(self._stall_error())
+        if call.stalled_at is not None:
+            call.future.set_exception(self._stall_error(call))
         elif "error" in message:
             call.future.set_exception(error_from_wire(message["error"]))
         else:
@@ -452,34 +474,41 @@ class WorkerModel:
                     )
                 )
 
-    def _stall_error(self) -> RunStalledError:
+    def _stall_error(self, call: _Call) -> RunStalledError:
+        if call.op == "run":
+            message = (
+                f"{self.name} produced no text for {self.stall_timeout:g} s; "
+                "the run was stopped"
+            )
+        else:
+            message = f"the runtime of {self.name} did not finish {call.op} in time"
         return RunStalledError(
-            f"{self.name} produced no text for {self.stall_timeout:g} s; "
-            "the run was stopped",
-            model=self.name,
-            seconds=f"{self.stall_timeout:g}",
+            message, model=self.name, seconds=f"{self.stall_timeout:g}"
         )
 
     def _check_watch(self) -> None:
-        """Abort a stalled run; kill the worker when the abort does not end it."""
+        """Abort stalled calls; kill the worker when the abort does not end them."""
         now = time.monotonic()
         with self._lock:
-            watch = self._watch
-            if watch is None or now < watch.deadline:
-                return
-            first_time = watch.abort_sent is None
-            if watch.abort_sent is None:
-                watch.abort_sent = now
-                self._stalled.add(watch.request_id)
-            kill = now - watch.abort_sent > self.abort_grace
-        if first_time:
+            overdue = [
+                call
+                for call in self._calls.values()
+                if call.stalled_at is None and now >= call.deadline
+            ]
+            for call in overdue:
+                call.stalled_at = now
+            kill = any(
+                call.stalled_at is not None and now - call.stalled_at > self.abort_grace
+                for call in self._calls.values()
+            )
+        if overdue:
             _LOGGER.warning(
-                "%s produced no text for %g s; aborting the run",
+                "%s: the runtime is stuck in %s; aborting",
                 self.name,
-                self.stall_timeout,
+                ", ".join(call.op for call in overdue),
             )
             self.abort()
-        elif kill and self._process is not None and self._process.poll() is None:
+        if kill and self._process is not None and self._process.poll() is None:
             _LOGGER.error(
                 "%s did not stop within %g s of the abort; killing its runtime process",
                 self.name,
@@ -492,8 +521,6 @@ class WorkerModel:
         with self._lock:
             expected = self._closed
             calls, self._calls = self._calls, {}
-            stalled, self._stalled = self._stalled, set()
-            self._watch = None
             tail = "\n".join(self._output) or "(no output)"
             if not expected:
                 self._death = WorkerDiedError(
@@ -505,9 +532,9 @@ class WorkerModel:
             death = self._death
         if death is not None:
             _LOGGER.error("%s", death)
-        for request_id, call in calls.items():
-            if request_id in stalled:
-                call.future.set_exception(self._stall_error())
+        for call in calls.values():
+            if call.stalled_at is not None:
+                call.future.set_exception(self._stall_error(call))
             else:
                 call.future.set_exception(
                     death or ModelClosedError(f"model {self.name} is closed")

@@ -9,6 +9,8 @@ handle and exits.
 
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+import contextlib
+import ctypes
 import functools
 import os
 from pathlib import Path
@@ -30,8 +32,11 @@ from .protocol import (
 )
 from .runtime import ModelParams, RKLLMModel, RunResult
 
+_IOLBF: Final = 1
 READY_ID: Final = 0
 """The id of the message that says the library is loaded (or why not)."""
+INIT_DONE_MARKER: Final = b"rockchip_llm: model init returned"
+"""Written to the output after rkllm_init: what came before is its load log."""
 
 
 class _Writer:
@@ -75,15 +80,16 @@ def _result(value: RunResult) -> Message:
     return result_to_wire(value)
 
 
-def _init(model: RKLLMModel, params: ModelParams) -> Future[int | None]:
-    """Initialise the model; the answer is the context limit the runtime logged."""
-    done: Future[int | None] = Future()
+def _init(model: RKLLMModel, params: ModelParams) -> Future[None]:
+    """Initialise the model, then mark the end of its load log in the output."""
+    done: Future[None] = Future()
 
     def finish(init: Future[None]) -> None:
+        os.write(2, INIT_DONE_MARKER + b"\n")  # after all the runtime printed
         if (error := init.exception()) is not None:
             done.set_exception(error)
         else:
-            done.set_result(model.context_limit)
+            done.set_result(None)
 
     model.init(params).add_done_callback(finish)
     return done
@@ -137,6 +143,14 @@ def _serve(model: RKLLMModel, out: _Writer, commands: Any) -> None:
         future.add_done_callback(functools.partial(out.answer, request_id, wire=wire))
 
 
+def _line_buffer_stdout() -> None:
+    """Make C stdio flush stdout per line: a pipe would hold the runtime's lines."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        libc = ctypes.CDLL(None)
+        stdout = ctypes.c_void_p.in_dll(libc, "stdout")
+        libc.setvbuf(stdout, None, _IOLBF, 0)
+
+
 def _child_main(argv: list[str]) -> int:
     """Run in the worker: load the library, serve requests, destroy the handle."""
     request_fd, answer_fd = int(argv[0]), int(argv[1])
@@ -152,7 +166,8 @@ def _child_main(argv: list[str]) -> int:
     except RKLLMError as err:
         out.send({"id": READY_ID, "error": error_to_wire(err)})
         return 1
-    model = RKLLMModel(library, name)
+    _line_buffer_stdout()
+    model = RKLLMModel(library, name, read_init_log=False)
     out.send({"id": READY_ID, "ok": None})
     try:
         with os.fdopen(request_fd, "rb") as commands:
