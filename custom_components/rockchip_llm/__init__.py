@@ -26,8 +26,8 @@ from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
 from .const import (
-    CONF_CACHE_BUDGET,
     CONF_ABI_FAMILY,
+    CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_LIBRARY_PATH,
     CONF_MODEL,

@@ -35,9 +35,9 @@ from homeassistant.helpers.selector import (
 from homeassistant.helpers.typing import VolDictType
 
 from .const import (
-    CONF_CACHE_BUDGET,
     ABI_FAMILY_AUTO,
     CONF_ABI_FAMILY,
+    CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,

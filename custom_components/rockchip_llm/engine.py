@@ -72,6 +72,8 @@ class ObservedLock(asyncio.Lock):
         """Release the lock."""
         super().release()
         self._changed()
+
+
 DOMAIN_BYTES = 4 * 1024**3
 """About what one NPU memory domain holds (rknn-llm #314, #437)."""
 
