@@ -4,6 +4,7 @@ from collections.abc import Awaitable, Callable, Generator
 import ctypes
 import json
 import logging
+import os
 from pathlib import Path
 import subprocess
 from typing import Any
@@ -197,30 +198,51 @@ def make_entry(
     return make
 
 
+@pytest.fixture(autouse=True)
+def sim_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The simulator's trace of this test: every process it runs in appends to it.
+
+    Models run in worker processes, so the simulator's counters and run records
+    are read from this file (RKLLM_SIM_TRACE, inherited by the workers).
+    """
+    path = tmp_path / "rkllm-sim-trace.log"
+    monkeypatch.setenv("RKLLM_SIM_TRACE", str(path))
+    return path
+
+
+def _trace_lines(kind: str) -> list[list[str]]:
+    """The trace lines of one kind, split into kind, pid, and the rest."""
+    path = Path(os.environ["RKLLM_SIM_TRACE"])
+    if not path.exists():
+        return []
+    return [
+        line.split(" ", 3)
+        for line in path.read_text().splitlines()
+        if line.startswith(f"{kind} ")
+    ]
+
+
 def sim_counter(entry: MockConfigEntry, name: str) -> int:
-    """Read a process-wide counter of the simulator behind a loaded entry."""
-    function = entry.runtime_data.engine.library.cdll.rkllm_sim_counter
-    function.restype = ctypes.c_longlong
-    function.argtypes = [ctypes.c_char_p]
-    return int(function(name.encode()))
+    """A simulator counter, added up over the test's processes (workers included)."""
+    assert entry.domain == DOMAIN
+    return sum(int(fields[3]) for fields in _trace_lines("count") if fields[2] == name)
 
 
 @pytest.fixture(autouse=True)
 def reset_sim_counters() -> None:
-    """Start every test with zeroed simulator counters."""
+    """Start every test with zeroed simulator counters (in this process)."""
     for path in SIM_LIBRARIES.values():
         if path.exists():
             ctypes.CDLL(str(path)).rkllm_sim_reset_counters()
 
 
 def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
-    """The simulator's record of the first agent's last run."""
+    """The simulator's record of the first agent's last run (in its worker)."""
     loaded = next(iter(entry.runtime_data.agents.values())).loaded
-    function = entry.runtime_data.engine.library.cdll.rkllm_sim_last_run
-    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-    buffer = ctypes.create_string_buffer(1 << 20)
-    function(loaded.model._handle, buffer, len(buffer))
-    record: dict[str, Any] = json.loads(buffer.value.decode())
+    pid = str(loaded.model.pid)
+    runs = [fields[3] for fields in _trace_lines("run") if fields[1] == pid]
+    assert runs, f"no run traced for worker {pid}"
+    record: dict[str, Any] = json.loads(runs[-1])
     return record
 
 

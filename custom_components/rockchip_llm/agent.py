@@ -143,7 +143,7 @@ class Agent:
         """Make the system cache of prefix (default: freshly rendered) ready."""
         if prefix is None:
             prefix = await async_render_prefix(self.hass, self.options)
-        async with self.loaded.lock:
+        async with self.engine.async_hold(self.loaded):
             self.cache = await self.engine.async_prepare(
                 self.loaded, prefix, SYSTEM_CACHE_NAME, source
             )
@@ -154,7 +154,7 @@ class Agent:
         """Run a short turn on the cache just loaded; fall back until it is reused.
 
         So the first request after a restart is not the one that finds out the
-        runtime ignores the cache in this strategy (callers hold loaded.lock).
+        runtime ignores the cache in this strategy (callers hold the model: Engine.async_hold).
         """
         if cache is None or cache.metadata is None:
             return
@@ -232,7 +232,7 @@ class Agent:
     async def async_rebuild(self, name: str, source: str) -> CacheEntry:
         """Build the named cache from the agent's current prefix."""
         prefix = await async_render_prefix(self.hass, self.options)
-        async with self.loaded.lock:
+        async with self.engine.async_hold(self.loaded):
             entry = await self.engine.async_build_cache(
                 self.loaded, prefix, name, source
             )
@@ -283,7 +283,7 @@ class Agent:
             return
         if self.loaded.cache_unsupported is not None:
             return
-        async with self.loaded.lock:
+        async with self.engine.async_hold(self.loaded):
             found = await self.engine.async_find_cache(self.loaded, requested)
             if self.engine.is_exact(found, requested):
                 return

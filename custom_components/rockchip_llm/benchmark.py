@@ -66,7 +66,7 @@ async def async_benchmark(
     runs: int,
     max_new_tokens: int,
 ) -> dict[str, Any]:
-    """Measure cold (no prompt cache, empty KV) against cached runs; hold loaded.lock."""
+    """Measure cold (no prompt cache, empty KV) against cached runs; the caller holds the model (Engine.async_hold)."""
     await engine.async_set_prefix(loaded, prefix)
     cold: list[BenchmarkRun] = []
     cached: list[BenchmarkRun] = []

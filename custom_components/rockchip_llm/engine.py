@@ -1,9 +1,10 @@
 """Async facade over the binding: shared model handles, FIFO access, streaming, caches.
 
-No Home Assistant imports. Each loaded model has one worker thread (owned by its
-RKLLMModel); the event loop only awaits futures and receives streamed text through
-``call_soon_threadsafe``. Callers hold ``LoadedModel.lock`` (FIFO) around
-everything they do with a model, so KV bookkeeping stays consistent.
+No Home Assistant imports. Each loaded model lives in a worker process of its own
+(:class:`~.rkllm.worker.WorkerModel`); the event loop only awaits futures and
+receives streamed text through ``call_soon_threadsafe``. Callers hold the model
+with ``Engine.async_hold`` (FIFO, and a dead worker is started again) around
+everything they do with it, so KV bookkeeping stays consistent.
 """
 
 import asyncio
@@ -31,14 +32,20 @@ from .prompt_cache import (
     prompt_sha256,
 )
 from .rkllm.abi import AbiFamily
-from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
+from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError, WorkerDiedError
 from .rkllm.library import RuntimeInfo, RuntimeLibrary
-from .rkllm.runtime import ModelParams, PerfStats, RKLLMModel, RunRequest, RunResult
+from .rkllm.runtime import ModelParams, PerfStats, RunRequest, RunResult
+from .rkllm.worker import WorkerModel
 from .simulation import library_is_simulated
 
 _LOGGER = logging.getLogger(__name__)
 
 RECENT_RUNS = 20
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
+"""Pause before starting a died worker again, by its recent deaths."""
+MAX_DEATHS = 5
+DEATH_WINDOW_S = 600.0
+"""A model whose worker died MAX_DEATHS times within this window is given up."""
 
 type Listener = Callable[[], None]
 
@@ -131,7 +138,8 @@ class LoadedModel:
 
     info: ModelInfo
     params: ModelParams
-    model: RKLLMModel
+    model: WorkerModel
+    """The handle, in a worker process of its own; replaced when that process dies."""
     fingerprint: dict[str, int | str]
     lock: ObservedLock = field(init=False)
     """FIFO access to the handle; waiting, taking and releasing it notify listeners."""
@@ -159,6 +167,10 @@ class LoadedModel:
     recent: deque[RunStats] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
     run_gate: asyncio.Lock | None = None
     """Held during every run when the runtime cannot run handles concurrently."""
+    deaths: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_DEATHS))
+    """When its worker processes died (monotonic seconds), most recent last."""
+    failure: RKLLMError | None = None
+    """Why the model is given up until the integration is reloaded."""
     last_runs: dict[str, RunStats] = field(default_factory=dict)
     """The most recent run of each agent, by subentry id."""
 
@@ -290,9 +302,8 @@ class Engine:
     async def async_acquire(self, info: ModelInfo, params: ModelParams) -> LoadedModel:
         """Return the loaded model for info, loading it on first use."""
         if (loaded := self._models.get(info.name)) is None:
-            model = RKLLMModel(self.library, info.name)
+            model = await self._async_start_worker(info.name, params)
             try:
-                await call(model.init(params))
                 fingerprint = await self._run_blocking(model_fingerprint, info.path)
             except BaseException:
                 await self._run_blocking(model.close)
@@ -308,6 +319,63 @@ class Engine:
         loaded.users += 1
         return loaded
 
+    async def _async_start_worker(self, name: str, params: ModelParams) -> WorkerModel:
+        """Start a worker process for a model and initialise the model in it."""
+        model = WorkerModel(self.library, name)
+        try:
+            await call(model.init(params))
+        except BaseException:
+            await self._run_blocking(model.close)
+            raise
+        return model
+
+    @contextlib.asynccontextmanager
+    async def async_hold(self, loaded: LoadedModel) -> AsyncIterator[None]:
+        """Hold the model (FIFO), with a live worker process.
+
+        A worker that died is started again first, after a pause that grows with
+        each recent death; a model whose worker keeps dying, or dies while the
+        model loads, is given up until the integration is reloaded.
+        """
+        async with loaded.lock:
+            await self._async_revive(loaded)
+            yield
+
+    async def _async_revive(self, loaded: LoadedModel) -> None:
+        if loaded.failure is not None:
+            raise loaded.failure
+        if (death := loaded.model.death) is None:
+            return
+        now = time.monotonic()
+        loaded.deaths.append(now)
+        recent = [t for t in loaded.deaths if now - t < DEATH_WINDOW_S]
+        if len(recent) >= MAX_DEATHS:
+            loaded.failure = WorkerDiedError(
+                f"the runtime process of {loaded.name} died {len(recent)} times within "
+                f"{DEATH_WINDOW_S // 60:.0f} minutes; reload the integration to try "
+                f"again. Last: {death}",
+                model=loaded.name,
+                how=death.placeholders.get("how", ""),
+            )
+            loaded.notify()
+            raise loaded.failure
+        await asyncio.sleep(RESTART_BACKOFF_S[len(recent) - 1])
+        _LOGGER.warning("Restarting the runtime process of %s", loaded.name)
+        await self._run_blocking(loaded.model.close)
+        try:
+            loaded.model = await self._async_start_worker(loaded.name, loaded.params)
+        except WorkerDiedError as err:
+            # It dies while loading the model: retrying would only crash it again.
+            loaded.failure = err
+            loaded.notify()
+            raise
+        # A new process holds nothing: no system prompt, prompt cache or KV.
+        loaded.prefix_key = None
+        loaded.loaded_cache = None
+        loaded.kv = None
+        loaded.kv_tokens = 0
+        loaded.notify()
+
     async def async_close(self) -> None:
         """Abort every run, destroy every handle and join the worker threads."""
         models, self._models = list(self._models.values()), {}
@@ -315,7 +383,7 @@ class Engine:
             await self._run_blocking(loaded.model.close)
             loaded.notify()
 
-    # Prefix and prompt caches (callers hold loaded.lock)
+    # Prefix and prompt caches (callers hold the model: Engine.async_hold)
 
     def expectation(
         self, loaded: LoadedModel, prefix: SystemPrefix

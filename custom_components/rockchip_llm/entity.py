@@ -149,54 +149,59 @@ class RockchipLLMBaseEntity(Entity):
         loaded = agent.loaded
         engine = agent.engine
         prefix, volatile = prefix_from_chat_log(chat_log)
-        async with loaded.lock:
-            try:
-                await engine.async_set_prefix(
-                    loaded, prefix, thinking=settings.enable_thinking
-                )
-                # Read under the lock: a warm-up check may just have changed it.
-                if self.history_strategy is HistoryStrategy.OFF:
-                    await engine.async_use_cache(loaded, None)
-                else:
-                    cache = await engine.async_find_cache(loaded, prefix)
-                    if agent.chat:
-                        agent.prefix_seen(prefix, cached=engine.is_exact(cache, prefix))
-                    # Without a cache for this exact prompt, the agent's system
-                    # cache still saves its identical leading tokens.
-                    await engine.async_try_use_cache(loaded, cache or agent.cache)
-                for _iteration in range(MAX_TOOL_ITERATIONS):
-                    # A check of the previous run may have switched the strategy.
-                    keep_history = self.history_strategy is HistoryStrategy.AUTO
-                    await self._async_run_once(
-                        chat_log, prefix, keep_history, instructions, volatile
+        try:
+            async with engine.async_hold(loaded):
+                try:
+                    await engine.async_set_prefix(
+                        loaded, prefix, thinking=settings.enable_thinking
                     )
-                    instructions = None
-                    if not chat_log.unresponded_tool_results:
-                        break
-            except PromptTooLong as err:
-                LOGGER.warning(
-                    "%s: request refused, it does not fit the context: %s",
-                    loaded.name,
-                    err,
-                )
-                raise HomeAssistantError(
-                    translation_domain=DOMAIN,
-                    translation_key="prompt_too_long"
-                    if err.prefix_too_long
-                    else "input_too_long",
-                    translation_placeholders={
-                        "max_context_len": str(settings.max_context_len),
-                        "prefix_tokens": str(err.budget.prefix_tokens),
-                        "input_tokens": str(err.input_tokens),
-                    },
-                ) from err
-            except RKLLMError as err:
-                loaded.kv = None
-                raise HomeAssistantError(
-                    translation_domain=DOMAIN,
-                    translation_key="generation_failed",
-                    translation_placeholders={"error": str(err)},
-                ) from err
+                    # Read under the lock: a warm-up check may just have changed it.
+                    if self.history_strategy is HistoryStrategy.OFF:
+                        await engine.async_use_cache(loaded, None)
+                    else:
+                        cache = await engine.async_find_cache(loaded, prefix)
+                        if agent.chat:
+                            agent.prefix_seen(
+                                prefix, cached=engine.is_exact(cache, prefix)
+                            )
+                        # Without a cache for this exact prompt, the agent's system
+                        # cache still saves its identical leading tokens.
+                        await engine.async_try_use_cache(loaded, cache or agent.cache)
+                    for _iteration in range(MAX_TOOL_ITERATIONS):
+                        # A check of the previous run may have switched the strategy.
+                        keep_history = self.history_strategy is HistoryStrategy.AUTO
+                        await self._async_run_once(
+                            chat_log, prefix, keep_history, instructions, volatile
+                        )
+                        instructions = None
+                        if not chat_log.unresponded_tool_results:
+                            break
+                except RKLLMError:
+                    loaded.kv = None  # unknown after a failed run
+                    raise
+        except PromptTooLong as err:
+            LOGGER.warning(
+                "%s: request refused, it does not fit the context: %s",
+                loaded.name,
+                err,
+            )
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="prompt_too_long"
+                if err.prefix_too_long
+                else "input_too_long",
+                translation_placeholders={
+                    "max_context_len": str(settings.max_context_len),
+                    "prefix_tokens": str(err.budget.prefix_tokens),
+                    "input_tokens": str(err.input_tokens),
+                },
+            ) from err
+        except RKLLMError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="generation_failed",
+                translation_placeholders={"error": str(err)},
+            ) from err
 
     async def _async_run_once(
         self,

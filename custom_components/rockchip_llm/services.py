@@ -189,7 +189,7 @@ async def _async_build(
     try:
         if prefix is None:
             return await agent.async_rebuild(name, source)
-        async with agent.loaded.lock:
+        async with agent.engine.async_hold(agent.loaded):
             return await agent.engine.async_build_cache(
                 agent.loaded, prefix, name, source
             )
@@ -311,7 +311,7 @@ async def _async_delete_cache(call: ServiceCall) -> None:
     _check_name(name)
     agent = _agent_for_model(call.hass, model)
     engine, loaded = agent.engine, agent.loaded
-    async with loaded.lock:
+    async with engine.async_hold(loaded):
         try:
             deleted = await engine.async_delete_cache(loaded, name)
         except CacheError as err:
@@ -331,7 +331,8 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
     refuse_nul(call.data[ATTR_QUESTION], ATTR_QUESTION)
     [agent] = _agents_for(call.hass, [call.data[ATTR_AGENT]])
     loaded = agent.loaded
-    async with loaded.lock:  # waits behind voice requests, never interrupts them
+    # Waits behind voice requests, never interrupts them.
+    async with agent.engine.async_hold(loaded):
         if agent.prefix is None or agent.cache is None:
             raise _validation_error("cache_not_ready", agent=call.data[ATTR_AGENT])
         try:

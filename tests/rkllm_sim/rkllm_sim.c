@@ -7,10 +7,12 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "rkllm_abi.h"
 #include "sim_internal.h"
@@ -64,6 +66,8 @@ static long long counters[C_COUNT];
 static void count(int which, long long delta)
 {
     __atomic_fetch_add(&counters[which], delta, __ATOMIC_RELAXED);
+    if (delta != 0)
+        sim_trace("count", "%s %lld", counter_names[which], delta);
 }
 
 /* ---- handles ------------------------------------------------------------ */
@@ -151,6 +155,7 @@ static void registry_add(sim_handle *h)
     g_handles = h;
     g_live_handles++;
     pthread_mutex_unlock(&g_registry_mu);
+    sim_trace("count", "live_handles +1");
 }
 
 static int registry_remove(sim_handle *h)
@@ -165,6 +170,8 @@ static int registry_remove(sim_handle *h)
             break;
         }
     pthread_mutex_unlock(&g_registry_mu);
+    if (found)
+        sim_trace("count", "live_handles -1");
     return found;
 }
 
@@ -428,6 +435,15 @@ static void record_last_run(sim_handle *h, const run_job *job,
     sb_puts(&b, "}");
     free(h->last_run_json);
     h->last_run_json = sb_take(&b);
+    sim_trace("run", "%p %s", (void *)h, h->last_run_json);
+}
+
+/* hang_at_token: a wedged driver. Ignores rkllm_abort; a signal still ends it. */
+static void hang_forever(long at)
+{
+    fprintf(stderr, "W rkllm: simulated hang after %ld generated tokens\n", at);
+    for (;;)
+        pause();
 }
 
 static int log_level(void)
@@ -591,6 +607,17 @@ static int run_core(sim_handle *h, run_job *job)
             rc = -1;
             break;
         }
+        if (m->abort_at_token >= 0 && rep.generated == (size_t)m->abort_at_token) {
+            /* like a failed ggml assertion (rknn-llm #129): no callback, the
+               process ends with SIGABRT */
+            fprintf(stderr,
+                    "E rkllm: sim_decode.c:%ld: GGML_ASSERT(n_past < n_ctx_slot) "
+                    "failed\n",
+                    m->abort_at_token);
+            abort();
+        }
+        if (m->hang_at_token >= 0 && rep.generated == (size_t)m->hang_at_token)
+            hang_forever(m->hang_at_token);
         if (ctx.n + 1 > (size_t)max_ctx) {
             size_t keep = sys_len_seq;
             if (n_keep > 0 && (size_t)n_keep > keep)
@@ -809,6 +836,10 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
             "I rkllm: rkllm-toolkit version: simulated, max_context_limit: %d, "
             "npu_core_num: 1, target_platform: SIM, model_dtype: SIM\n",
             model.max_context_limit);
+    if (model.crash_in_init) {
+        /* runtime 1.3.0 segfaults here when NPU memory is exhausted (rknn-llm #522) */
+        raise(SIGSEGV);
+    }
     if (model.init_error) {
         fputs("E RKLLM: simulated init failure (init_error 1 in the model file)\n",
               stderr);

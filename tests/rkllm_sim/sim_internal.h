@@ -89,7 +89,10 @@ typedef struct {
     double prefill_ms_per_token;
     double decode_ms_per_token;
     int init_error;
+    int crash_in_init;             /* 1: rkllm_init raises SIGSEGV */
     long error_at_token;
+    long abort_at_token;           /* N >= 0: abort() after N generated tokens */
+    long hang_at_token;            /* N >= 0: block forever after N generated tokens */
     int emit_null_text;
     int emit_null_result;          /* 1: a NORMAL, 2: the FINISH callback gets NULL */
     int abort_after_prefill;       /* 1: abort waits for the prefill (and the run) */
@@ -117,6 +120,14 @@ char *sim_model_reply(const sim_model *m, const char *role, const char *input,
 /* Both print the reason to stderr and return -1 on failure. */
 int sim_cache_write(const char *path, const tokvec *tokens, long pad_per_token);
 int sim_cache_read(const char *path, tokvec *out);
+
+/* ---- trace file (RKLLM_SIM_TRACE) --------------------------------------- */
+
+/* Appends "<kind> <pid> <printf text>\n" to the file named by RKLLM_SIM_TRACE
+   with one write(), so lines of several processes never interleave. Does
+   nothing when the variable is unset or empty. Keeps errno. */
+void sim_trace(const char *kind, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 
 /* ---- time ------------------------------------------------------------------ */
 

@@ -134,10 +134,22 @@ static int parse_setting(sim_model *m, char *line, const char *path, int lineno)
         if (parse_long(value, &l) || (l != 0 && l != 1))
             goto bad;
         m->init_error = (int)l;
+    } else if (strcmp(key, "crash_in_init") == 0) {
+        if (parse_long(value, &l) || (l != 0 && l != 1))
+            goto bad;
+        m->crash_in_init = (int)l;
     } else if (strcmp(key, "error_at_token") == 0) {
         if (parse_long(value, &l) || l < -1)
             goto bad;
         m->error_at_token = l;
+    } else if (strcmp(key, "abort_at_token") == 0) {
+        if (parse_long(value, &l) || l < -1)
+            goto bad;
+        m->abort_at_token = l;
+    } else if (strcmp(key, "hang_at_token") == 0) {
+        if (parse_long(value, &l) || l < -1)
+            goto bad;
+        m->hang_at_token = l;
     } else if (strcmp(key, "emit_null_text") == 0) {
         if (parse_long(value, &l) || (l != 0 && l != 1))
             goto bad;
@@ -269,6 +281,8 @@ int sim_model_load(const char *path, sim_model *m)
     memset(m, 0, sizeof(*m));
     m->max_context_limit = 4096;
     m->error_at_token = -1;
+    m->abort_at_token = -1;
+    m->hang_at_token = -1;
     m->memory_usage_mb = 790.0;
 
     FILE *f = fopen(path, "rb");

@@ -108,3 +108,15 @@ class ModelClosedError(RKLLMError):
     """The model was destroyed."""
 
     translation_key = "model_closed"
+
+
+class WorkerDiedError(RKLLMError):
+    """The worker process that hosts a model ended unexpectedly."""
+
+    translation_key = "worker_died"
+
+
+class RunStalledError(RKLLMError):
+    """A run produced no text for too long and was stopped."""
+
+    translation_key = "run_stalled"

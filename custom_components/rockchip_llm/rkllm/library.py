@@ -101,6 +101,8 @@ class RuntimeLibrary:
     info: RuntimeInfo
     layout: AbiLayout
     cdll: ctypes.CDLL
+    mapped: Path
+    """The file that was mapped: info.path itself or an identical private copy."""
 
 
 def host_machine() -> str:
@@ -345,4 +347,4 @@ def load_library(
         info.family,
         info.version_source,
     )
-    return RuntimeLibrary(info=info, layout=layout, cdll=cdll)
+    return RuntimeLibrary(info=info, layout=layout, cdll=cdll, mapped=load_from or path)

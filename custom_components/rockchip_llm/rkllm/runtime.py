@@ -129,9 +129,17 @@ class _ActiveRun:
 class RKLLMModel:
     """One loaded model: a handle, its worker thread and its callbacks."""
 
-    def __init__(self, library: RuntimeLibrary, name: str) -> None:
-        """Create the worker thread; call init() next."""
+    def __init__(
+        self, library: RuntimeLibrary, name: str, *, read_init_log: bool = True
+    ) -> None:
+        """Create the worker thread; call init() next.
+
+        read_init_log: capture what the runtime prints while the model loads, to
+        learn its context limit. A worker process leaves that to its parent, which
+        reads all of its output (a capture would lose it if the load crashed).
+        """
         self.library = library
+        self._read_init_log = read_init_log
         self.name = name
         self.last_perf: PerfStats | None = None
         self.context_limit: int | None = None
@@ -201,27 +209,19 @@ class RKLLMModel:
             if self._layout.has_sampling_params
             else self._c_callback
         )
-        with _stderr_of_c() as log:
+        if self._read_init_log:
+            with _stderr_of_c() as log:
+                code = self._lib.rkllm_init(
+                    ctypes.byref(self._handle), ctypes.byref(param), callback
+                )
+            self.context_limit = context_limit_in(b"".join(log))
+        else:
             code = self._lib.rkllm_init(
                 ctypes.byref(self._handle), ctypes.byref(param), callback
             )
-        if (found := _CONTEXT_LIMIT.search(b"".join(log))) is not None:
-            self.context_limit = int(found.group(1))
         if code != 0 or not self._handle:
             self._handle = LLMHandle()
-            limit = self.context_limit
-            if limit is not None and params.max_context_len > limit:
-                raise ModelInitError(
-                    f"rkllm_init failed for {params.model_path}: context length "
-                    f"{params.max_context_len} is above the model's limit of {limit} "
-                    "tokens; lower the agents' context length",
-                    model=str(params.model_path),
-                )
-            raise ModelInitError(
-                f"rkllm_init failed for {params.model_path} (code {code}); "
-                "check the model file, the runtime version and the context length",
-                model=str(params.model_path),
-            )
+            raise init_failed(params, code, self.context_limit)
 
     def close(self) -> None:
         """Abort any run, destroy the handle on its thread and join the thread."""
@@ -465,6 +465,29 @@ class RKLLMModel:
                 ),
             )
         )
+
+
+def context_limit_in(log: bytes) -> int | None:
+    """Return the max_context_limit the runtime printed while loading a model."""
+    found = _CONTEXT_LIMIT.search(log)
+    return int(found.group(1)) if found is not None else None
+
+
+def init_failed(params: ModelParams, code: int, limit: int | None) -> ModelInitError:
+    """Describe a failed rkllm_init, naming a context above the model's limit."""
+    if limit is not None and params.max_context_len > limit:
+        return ModelInitError(
+            f"rkllm_init failed for {params.model_path}: context length "
+            f"{params.max_context_len} is above the model's limit of {limit} "
+            "tokens; lower the agents' context length",
+            model=str(params.model_path),
+        )
+    return ModelInitError(
+        f"rkllm_init failed for {params.model_path} (code {code}); "
+        "check the model file, the runtime version and the context length",
+        model=str(params.model_path),
+        code=str(code),
+    )
 
 
 @contextlib.contextmanager

@@ -1,0 +1,63 @@
+"""Child Python processes that run only the binding modules of this folder.
+
+A child is ``python -I -S -c <bootstrap> <this folder> <module> <args...>``. The
+bootstrap imports this folder as a package of a private name and calls
+``<module>._child_main(args)``, so the child never imports
+``custom_components/rockchip_llm/__init__.py`` and with it Home Assistant.
+"""
+
+from pathlib import Path
+import signal
+import sys
+from typing import Final
+
+_PACKAGE_DIR: Final = Path(__file__).resolve().parent
+_CHILD_PACKAGE: Final = "_rockchip_llm_child_rkllm"
+_BOOTSTRAP: Final = f"""\
+import importlib, importlib.util, os, sys
+folder, module = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location(
+    {_CHILD_PACKAGE!r},
+    os.path.join(folder, "__init__.py"),
+    submodule_search_locations=[folder],
+)
+package = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = package
+spec.loader.exec_module(package)
+main = importlib.import_module({_CHILD_PACKAGE!r} + "." + module)._child_main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def child_command(module: str, *args: str) -> list[str]:
+    """Return the command of a child that runs module's _child_main(args)."""
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _BOOTSTRAP,
+        str(_PACKAGE_DIR),
+        module,
+        *args,
+    ]
+
+
+def exit_description(returncode: int) -> str:
+    """Describe how a process ended: 'SIGSEGV' or 'exit status 3'."""
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def disable_core_dumps() -> None:
+    """Keep a crashing child from writing a core file (call in the child)."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only, and only needed in a child
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except ImportError, OSError, ValueError:
+        pass

@@ -1,0 +1,158 @@
+"""A crash, abort() or hang of the runtime never takes Home Assistant down."""
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from custom_components.rockchip_llm import engine as engine_module
+from custom_components.rockchip_llm.engine import LoadedModel
+from custom_components.rockchip_llm.rkllm import worker as worker_module
+from homeassistant.components import conversation
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers import chat_session, intent
+
+from .conftest import EntryFactory, ModelWriter
+
+AGENT = "conversation.agent_0"
+SLOW = " ".join(f"w{i}" for i in range(200))
+
+
+@pytest.fixture(autouse=True)
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restart died workers without the production pauses."""
+    monkeypatch.setattr(engine_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
+
+
+async def converse(
+    hass: HomeAssistant, text: str, agent: str = AGENT
+) -> conversation.ConversationResult:
+    """Ask an agent."""
+    return await conversation.async_converse(
+        hass, text, None, Context(), agent_id=agent
+    )
+
+
+def speech(result: conversation.ConversationResult) -> str:
+    """The plain speech of a result."""
+    text: str = result.response.speech["plain"]["speech"]
+    return text
+
+
+def loaded_of(entry: object, index: int = 0) -> LoadedModel:
+    """The loaded model of the entry's agent number index."""
+    agents = list(entry.runtime_data.agents.values())  # type: ignore[attr-defined]
+    loaded: LoadedModel = agents[index].loaded
+    return loaded
+
+
+async def start_answer(hass: HomeAssistant) -> asyncio.Task:
+    """Start a long answer and return once its text is streaming."""
+    streaming = asyncio.Event()
+
+    def listener(_chat_log: conversation.ChatLog, delta: dict[str, Any]) -> None:
+        if delta.get("content"):
+            streaming.set()
+
+    async def answer() -> conversation.ConversationResult:
+        with (
+            chat_session.async_get_chat_session(hass) as session,
+            conversation.async_get_chat_log(
+                hass, session, chat_log_delta_listener=listener
+            ),
+        ):
+            return await conversation.async_converse(
+                hass, "talk", session.conversation_id, Context(), agent_id=AGENT
+            )
+
+    task = hass.async_create_task(answer())
+    await asyncio.wait_for(streaming.wait(), 30)
+    return task
+
+
+async def test_crash_mid_answer_is_an_error_and_the_model_comes_back(
+    hass: HomeAssistant, make_entry: EntryFactory, write_model: ModelWriter
+) -> None:
+    """SIGSEGV in the runtime: a spoken error, other models answer, the next request works."""
+    write_model(replies=(f"default => {SLOW}",), decode_ms_per_token=5)
+    write_model("Other")
+    entry = await make_entry({}, {"model": "Other"})
+    loaded = loaded_of(entry)
+    first_pid = loaded.model.pid
+    assert first_pid is not None and first_pid != os.getpid()
+    task = await start_answer(hass)
+    os.kill(first_pid, signal.SIGSEGV)
+    result = await task
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert "SIGSEGV" in speech(result)
+    # Home Assistant and the other model's worker are untouched.
+    other = await converse(hass, "hello", "conversation.agent_1")
+    assert speech(other) == "Hello from the simulator."
+    assert entry.state is ConfigEntryState.LOADED
+    # The crashed model is started again for the next request.
+    again = await converse(hass, "talk")
+    assert speech(again) == SLOW
+    assert loaded.model.pid not in (None, first_pid)
+    assert loaded.failure is None
+
+
+async def test_abort_signal_in_an_idle_worker_is_survived(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """A worker that dies between requests (abort()) is replaced by the next one."""
+    entry = await make_entry()
+    loaded = loaded_of(entry)
+    pid = loaded.model.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGABRT)
+    while loaded.model.death is None:
+        await asyncio.sleep(0.01)
+    assert "SIGABRT" in str(loaded.model.death)
+    assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+
+
+async def test_a_model_that_keeps_dying_is_given_up_until_reload(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """No restart loop hammering the NPU: after 5 deaths in 10 minutes it stays down."""
+    entry = await make_entry()
+    loaded = loaded_of(entry)
+    for _death in range(engine_module.MAX_DEATHS):
+        pid = loaded.model.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        while loaded.model.death is None:
+            await asyncio.sleep(0.01)
+        result = await converse(hass, "hello")
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert "reload the integration" in speech(result)
+    assert loaded.failure is not None
+    assert loaded.model.pid == pid  # not started again
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+
+
+async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    write_model: ModelWriter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that stops producing text and ignores the abort: the worker is killed."""
+    monkeypatch.setattr(worker_module, "STALL_TIMEOUT", 0.5)
+    monkeypatch.setattr(worker_module, "ABORT_GRACE", 0.5)
+    write_model(replies=(f"default => {SLOW}",), decode_ms_per_token=5)
+    entry = await make_entry()
+    loaded = loaded_of(entry)
+    pid = loaded.model.pid
+    assert pid is not None
+    task = await start_answer(hass)
+    os.kill(pid, signal.SIGSTOP)  # frozen: no text, no reaction to the abort
+    result = await task
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert "produced no text for 0.5 s" in speech(result)
+    assert "SIGKILL" in str(loaded.model.death)
+    assert speech(await converse(hass, "talk")) == SLOW
