@@ -25,7 +25,7 @@ from homeassistant import block_async_io
 from homeassistant.config_entries import ConfigSubentryData
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
-from homeassistant.helpers import llm
+from homeassistant.helpers import issue_registry as ir, llm
 from homeassistant.setup import async_setup_component
 
 SIM_DIR = Path(__file__).parent / "rkllm_sim"
@@ -244,6 +244,23 @@ def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
     assert runs, f"no run traced for worker {pid}"
     record: dict[str, Any] = json.loads(runs[-1])
     return record
+
+
+def agent_issues(hass: HomeAssistant) -> list[ir.IssueEntry]:
+    """The repairs of agents that could not start."""
+    return [
+        issue
+        for (domain, issue_id), issue in ir.async_get(hass).issues.items()
+        if domain == DOMAIN and issue_id.startswith("agent_failed_")
+    ]
+
+
+def agent_issue_error(hass: HomeAssistant) -> str:
+    """The reason in the one agent repair there is."""
+    [issue] = agent_issues(hass)
+    assert issue.translation_key == "agent_failed"
+    assert issue.translation_placeholders is not None
+    return issue.translation_placeholders["error"]
 
 
 # Where HA reports what an integration does wrong: blocking calls in the event loop,

@@ -28,7 +28,7 @@ from homeassistant.helpers import (
 from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 
-from .conftest import EntryFactory, last_run_record
+from .conftest import EntryFactory, agent_issue_error, last_run_record
 
 AGENT = "conversation.agent_0"
 
@@ -562,5 +562,6 @@ async def test_cache_without_finish_is_not_recorded(
 ) -> None:
     """A build whose FINISH carries no perf fails; no cache of 0 tokens is stored."""
     entry = await make_entry(model_kwargs={"extra": ("emit_null_result 2",)})
-    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert entry.state is ConfigEntryState.LOADED
+    assert "did not finish building" in agent_issue_error(hass)
     assert not list(cache_dir.rglob("*.json"))

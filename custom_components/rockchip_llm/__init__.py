@@ -11,7 +11,7 @@ from homeassistant.components.conversation import (
 from homeassistant.components.homeassistant.exposed_entities import (
     async_listen_entity_updates,
 )
-from homeassistant.config_entries import ConfigEntry
+from homeassistant.config_entries import ConfigEntry, ConfigSubentry
 from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
@@ -46,11 +46,7 @@ from .rkllm.abi import parse_family
 from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
-from .services import (
-    async_setup_services,
-    async_update_model_selectors,
-    cache_build_error,
-)
+from .services import async_setup_services, async_update_model_selectors
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
@@ -181,6 +177,7 @@ async def _async_load_agents(
     hass: HomeAssistant, entry: RockchipConfigEntry, runtime: RockchipRuntime
 ) -> None:
     """Load each agent's model (shared per model) and prepare its system cache."""
+    _async_clear_agent_issues(hass, entry)
     by_model: dict[str, list[str]] = {}
     for subentry in entry.subentries.values():
         if subentry.subentry_type not in AGENT_SUBENTRIES:
@@ -213,15 +210,14 @@ async def _async_load_agents(
         info = runtime.scan.models[model]
         params = _model_params(info.path, settings, domain_id)
         for subentry_id in subentry_ids:
+            subentry = entry.subentries[subentry_id]
             try:
                 loaded = await runtime.engine.async_acquire(info, params)
             except RKLLMError as err:
-                raise ConfigEntryNotReady(
-                    translation_domain=DOMAIN,
-                    translation_key=err.translation_key,
-                    translation_placeholders=err.placeholders,
-                ) from err
-            subentry = entry.subentries[subentry_id]
+                # Only this model's agents are down; the others and the entry stay up
+                # (and the agents editable). A reload tries again.
+                _async_agent_failed(hass, entry, subentry, err)
+                continue
             runtime.agents[subentry_id] = Agent(
                 hass,
                 runtime.engine,
@@ -237,18 +233,64 @@ async def _async_load_agents(
             await agent.async_prepare("setup")
         except CacheWriteError as err:
             if err.disk_problem is None:
-                raise cache_build_error(
-                    ConfigEntryNotReady, agent.loaded.name, err
-                ) from err
+                _async_agent_failed(
+                    hass,
+                    entry,
+                    entry.subentries[agent.subentry_id],
+                    err,
+                    agent.loaded.name,
+                )
+                del runtime.agents[agent.subentry_id]
+                continue
             # The repair is raised; the agent answers without a cache meanwhile.
             LOGGER.warning("%s runs without a prompt cache: %s", agent.loaded.name, err)
             disk_failed = True
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
-            raise cache_build_error(
-                ConfigEntryNotReady, agent.loaded.name, err
-            ) from err
+            _async_agent_failed(
+                hass, entry, entry.subentries[agent.subentry_id], err, agent.loaded.name
+            )
+            del runtime.agents[agent.subentry_id]
+            continue
     if not disk_failed:
         ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+
+
+def _agent_issue_prefix(entry: RockchipConfigEntry) -> str:
+    return f"agent_failed_{entry.entry_id}_"
+
+
+@callback
+def _async_clear_agent_issues(hass: HomeAssistant, entry: RockchipConfigEntry) -> None:
+    """Remove the entry's agent repairs (setup raises them again where still due)."""
+    prefix = _agent_issue_prefix(entry)
+    for domain, issue_id in list(ir.async_get(hass).issues):
+        if domain == DOMAIN and issue_id.startswith(prefix):
+            ir.async_delete_issue(hass, DOMAIN, issue_id)
+
+
+@callback
+def _async_agent_failed(
+    hass: HomeAssistant,
+    entry: RockchipConfigEntry,
+    subentry: ConfigSubentry,
+    err: Exception,
+    model: str | None = None,
+) -> None:
+    """Report one agent that cannot run: logged, and a repair naming the reason."""
+    model = model or subentry.data[CONF_MODEL]
+    reason = str(err) or type(err).__name__
+    LOGGER.error("Agent %r (model %s) is not available: %s", subentry.title, model, err)
+    _async_create_issue(
+        hass,
+        f"{_agent_issue_prefix(entry)}{subentry.subentry_id}",
+        "agent_failed",
+        {
+            "agent": subentry.title,
+            "model": model,
+            "entry": entry.title,
+            "error": reason,
+        },
+    )
 
 
 def _cache_issue_id(entry: RockchipConfigEntry) -> str:
@@ -351,3 +393,8 @@ async def _async_update_listener(
 ) -> None:
     """Reload when options or subentries change."""
     await hass.config_entries.async_reload(entry.entry_id)
+
+
+async def async_remove_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> None:
+    """Drop the repairs of the removed entry's agents."""
+    _async_clear_agent_issues(hass, entry)

@@ -586,7 +586,9 @@ class Engine:
         tokens = estimate_tokens(prefix.prompt) + estimate_tokens(prefix.tools_json)
         if tokens >= loaded.params.max_context_len:
             return CacheTooLong(
-                str(err),
+                f"{err}. The system prompt (up to {tokens} tokens) may not fit the "
+                f"context length of {loaded.params.max_context_len} tokens: raise "
+                "the agent's context length or expose fewer entities",
                 error=str(err),
                 tokens=str(tokens),
                 max_context_len=str(loaded.params.max_context_len),
