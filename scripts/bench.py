@@ -16,7 +16,8 @@ three ways:
   loaded before the next, the whole templated conversation sent every turn).
 
 A last phase measures the integration's own overhead with zero simulator delays,
-and two fresh Home Assistant starts measure the time to a ready agent without a
+and the cost the worker process adds against the in-process binding (the same
+simulated model in an RKLLMModel and in a WorkerModel, driven directly); two fresh Home Assistant starts measure the time to a ready agent without a
 system cache (it is built) and with the one the first start wrote (it is loaded).
 Prompt-cache files have a real KV dump's size (Qwen3-0.6B: about 112 KB per token),
 so writing and loading them costs what it costs on a disk.
@@ -81,6 +82,7 @@ from custom_components.rockchip_llm.rkllm.runtime import (
     RunRequest,
     RunResult,
 )
+from custom_components.rockchip_llm.rkllm.worker import WorkerModel
 from homeassistant import loader, runner
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
@@ -112,6 +114,11 @@ QWEN3_06B_KV_BYTES_PER_TOKEN = 114688
 STRATEGIES = ("ours", "full_prompt", "cache_per_conversation")
 MODEL_NAME = "Qwen3-0.6B RK3588 (simulated)"
 ZERO_MODEL_NAME = "Zero delay (simulated)"
+WORKER_MODEL_NAME = "Zero delay, worker phase (simulated)"
+HANDLES = ("in_process", "worker")
+"""RKLLMModel (the binding on a thread of this process) and WorkerModel."""
+WORKER_TARGETS = {"us_per_token": 100.0, "ms_per_request": 1.0}
+"""Issue 11: what the worker process may add per streamed token and per request."""
 
 # The simulator's Qwen chat template (tests/rkllm_sim/README.md, "Chat template").
 USER_START = "<|im_start|>user\n"
@@ -272,6 +279,8 @@ class Settings:
     cache_bytes_per_token: int
     overhead_requests: int
     overhead_reply_tokens: int
+    worker_repetitions: int
+    worker_reply_tokens: int
     abi: str
     json_path: Path | None
     plot_path: Path | None
@@ -316,6 +325,17 @@ class OverheadSample:
 
 
 @dataclass(slots=True)
+class HandleTimes:
+    """Wall times (ms) of calls on one kind of model handle, driven directly."""
+
+    clear_kv_cache: list[float] = field(default_factory=list)
+    short_run: list[float] = field(default_factory=list)
+    long_run: list[float] = field(default_factory=list)
+    short_tokens: int = 0
+    long_tokens: int = 0
+
+
+@dataclass(slots=True)
 class Report:
     """Everything measured in one benchmark run."""
 
@@ -333,6 +353,8 @@ class Report:
     tool_calls_executed: int = 0
     startup: dict[str, dict[str, Any]] = field(default_factory=dict)
     """HA start to a ready agent: "without_cache" (built), "with_cache" (loaded)."""
+    handles: dict[str, HandleTimes] = field(default_factory=dict)
+    """The worker phase: "in_process" and "worker"."""
 
 
 # The simulated model files
@@ -793,6 +815,117 @@ def outside_prefill(sample: OverheadSample) -> float:
     return sample.wall_ms - sample.prefill_ms
 
 
+# The worker's added cost
+
+
+def _timed_run(model: RKLLMModel | WorkerModel, prompt: str) -> tuple[float, int]:
+    """Run once to the end (blocking); return the wall ms and the tokens generated."""
+    pieces: list[str] = []
+    started = time.perf_counter()
+    result = model.run(RunRequest(prompt=prompt), pieces.append).result()
+    wall_ms = (time.perf_counter() - started) * 1000
+    return wall_ms, result.perf.generate_tokens if result.perf else len(pieces)
+
+
+def _timed_clear(model: RKLLMModel | WorkerModel) -> float:
+    """Clear the KV cache (blocking); return the wall ms of the round trip."""
+    started = time.perf_counter()
+    model.clear_kv_cache(keep_system_prompt=False).result()
+    return (time.perf_counter() - started) * 1000
+
+
+def measure_handles(
+    library: RuntimeLibrary, model_path: Path, repetitions: int
+) -> dict[str, HandleTimes]:
+    """Time the same calls on an RKLLMModel and a WorkerModel of one zero-delay model.
+
+    Blocking: run it off the event loop. Both handles are loaded at once and the
+    repetitions alternate between them, so load from elsewhere hits both alike;
+    the first three repetitions are warm-up. Text is collected by a sink that only
+    appends, the cheapest consumer, so the difference is the worker's own cost.
+    """
+    params = ModelParams(
+        model_path=model_path,
+        max_context_len=DEFAULT_MAX_CONTEXT_LEN,
+        max_new_tokens=DEFAULT_MAX_CONTEXT_LEN // 2,
+    )
+    models: dict[str, RKLLMModel | WorkerModel] = {
+        "in_process": RKLLMModel(library, "bench_in_process"),
+        "worker": WorkerModel(library, "bench_worker"),
+    }
+    times = {name: HandleTimes() for name in HANDLES}
+    try:
+        for model in models.values():
+            model.init(params).result()
+        for index in range(-3, repetitions):
+            for name in HANDLES:
+                model, into = models[name], times[name]
+                clear_ms = _timed_clear(model)
+                short_ms, into.short_tokens = _timed_run(model, "short request")
+                long_ms, into.long_tokens = _timed_run(model, "long request")
+                if index >= 0:
+                    into.clear_kv_cache.append(clear_ms)
+                    into.short_run.append(short_ms)
+                    into.long_run.append(long_ms)
+    finally:
+        for model in models.values():
+            model.close()
+    return times
+
+
+def handle_costs(times: HandleTimes) -> dict[str, float | int | None]:
+    """Medians of one handle: per request (round trips) and per streamed token."""
+    short = statistics.median(times.short_run)
+    long = statistics.median(times.long_run)
+    extra_tokens = times.long_tokens - times.short_tokens
+    return {
+        "clear_kv_cache_ms": _round(statistics.median(times.clear_kv_cache), 4),
+        "short_run_ms": _round(short, 4),
+        "long_run_ms": _round(long, 4),
+        "short_run_tokens": times.short_tokens,
+        "long_run_tokens": times.long_tokens,
+        "us_per_token": _round(1000 * (long - short) / extra_tokens, 3)
+        if extra_tokens > 0
+        else None,
+    }
+
+
+def worker_overhead(report: Report) -> dict[str, Any] | None:
+    """Return the worker_overhead section of the JSON (in_process, worker, added)."""
+    if not report.handles:
+        return None
+    costs = {name: handle_costs(report.handles[name]) for name in HANDLES}
+
+    def added(key: str, digits: int) -> float | None:
+        inner, outer = costs["in_process"][key], costs["worker"][key]
+        if inner is None or outer is None:
+            return None
+        return _round(float(outer) - float(inner), digits)
+
+    settings = report.settings
+    return {
+        **costs,
+        "added": {
+            "us_per_token": added("us_per_token", 3),
+            "ms_per_request": added("short_run_ms", 4),
+            "clear_kv_cache_ms": added("clear_kv_cache_ms", 4),
+        },
+        "targets": WORKER_TARGETS,
+        "method": (
+            "the same zero-delay simulated model loaded in an RKLLMModel (binding "
+            "on a thread of this process) and in a WorkerModel (a worker process, "
+            "as the engine uses), driven directly off the event loop, the text "
+            f"collected by list.append; {settings.worker_repetitions} repetitions "
+            "(after 3 of warm-up) alternating between the two, each a "
+            "clear_kv_cache round trip, a run with a short reply and a run with a "
+            f"{settings.worker_reply_tokens}-token reply; medians. us_per_token = "
+            "(long run - short run) / (difference in streamed tokens); "
+            "ms_per_request = the short run's wall time (a whole request round "
+            "trip); added = worker - in_process"
+        ),
+    }
+
+
 # The run
 
 
@@ -845,6 +978,11 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
         zero_models_dir,
         ZERO_MODEL_NAME,
         zero_model_file(settings.overhead_reply_tokens),
+    )
+    worker_model_path = write_model(
+        work_dir / "worker_models",
+        WORKER_MODEL_NAME,
+        zero_model_file(settings.worker_reply_tokens),
     )
     config_dir = work_dir / "config"
     config_dir.mkdir()
@@ -923,6 +1061,16 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 hass, zero_entry, settings.overhead_requests
             )
             report.tool_calls_executed = len(light_calls)
+
+            _LOGGER.info(
+                "Worker cost: %d repetitions per handle", settings.worker_repetitions
+            )
+            report.handles = await hass.async_add_executor_job(
+                measure_handles,
+                library,
+                worker_model_path,
+                settings.worker_repetitions,
+            )
     startup_cache = work_dir / "cache_startup"
     for case in ("without_cache", "with_cache"):
         _LOGGER.info("Home Assistant start to a ready agent, %s", case)
@@ -1175,6 +1323,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "prefill_ratio": _round(prefill_ratio, 3),
         "overhead_ms_per_request": _round(per_request, 3),
         "overhead_us_per_token": _round(per_token, 2),
+        "worker_overhead": worker_overhead(report),
         "startup": report.startup,
     }
 
@@ -1266,12 +1415,37 @@ def print_report(data: dict[str, Any]) -> None:
                 f"{start['cache_bytes']} bytes)"
             )
 
+    worker = data["worker_overhead"]
+    if worker is not None:
+        print("\nWorker process against the in-process binding (zero delays, medians)")
+        print(f"{'':>22}{'in_process':>12}{'worker':>12}{'added':>12}")
+        for label, key, added_key in (
+            ("µs per streamed token", "us_per_token", "us_per_token"),
+            ("ms per request (run)", "short_run_ms", "ms_per_request"),
+            ("ms clear_kv_cache", "clear_kv_cache_ms", "clear_kv_cache_ms"),
+        ):
+            cells = (
+                "".join(f"{_cell(worker[name][key], 3):>12}" for name in HANDLES)
+                + f"{_cell(worker['added'][added_key], 3):>12}"
+            )
+            print(f"{label:>22}{cells}")
+
     followup = ttft.get("ours", {}).get("followup_mean")
     print("\nTargets (reported, not asserted)")
     print(f"  cached TTFT ≤ 60 ms (ours, follow-up mean): {_verdict(followup, 60)}")
     print(f"  prefill_ratio ≤ 1.05: {_verdict(data['prefill_ratio'], 1.05)}")
     print(f"  overhead ≤ 2 ms/request: {_verdict(data['overhead_ms_per_request'], 2)}")
     print(f"  overhead ≤ 100 µs/token: {_verdict(data['overhead_us_per_token'], 100)}")
+    if worker is not None:
+        for key, unit in (
+            ("us_per_token", "µs/token"),
+            ("ms_per_request", "ms/request"),
+        ):
+            limit = worker["targets"][key]
+            print(
+                f"  worker adds ≤ {limit:g} {unit}: "
+                f"{_verdict(worker['added'][key], limit)}"
+            )
 
 
 def write_plot(data: dict[str, Any], path: Path) -> None:
@@ -1329,7 +1503,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         description=(
             "TTFT and prefilled tokens of a voice dialogue through Home Assistant, on "
             "the RKLLM simulator calibrated to RK3588 Qwen3-0.6B, for three history "
-            "strategies; plus the integration's overhead per request and per token."
+            "strategies; plus the integration's overhead per request and per token, "
+            "and what the worker process adds to the in-process binding."
         ),
     )
     parser.add_argument(
@@ -1375,6 +1550,18 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="tokens of the long reply (default 200)",
     )
     parser.add_argument(
+        "--worker-repetitions",
+        type=int,
+        default=30,
+        help="repetitions of the worker against in-process comparison (default 30)",
+    )
+    parser.add_argument(
+        "--worker-reply-tokens",
+        type=int,
+        default=400,
+        help="tokens of the long reply of that comparison (default 400)",
+    )
+    parser.add_argument(
         "--abi",
         choices=sorted(SIM_LIBRARIES),
         default="1.3",
@@ -1411,6 +1598,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
             parser.error(f"no such directory: {path.resolve().parent}")
     if args.overhead_requests < 1 or args.overhead_reply_tokens < 10:
         parser.error("--overhead-requests must be >= 1, --overhead-reply-tokens >= 10")
+    if args.worker_repetitions < 1 or args.worker_reply_tokens < 10:
+        parser.error("--worker-repetitions must be >= 1, --worker-reply-tokens >= 10")
     return Settings(
         turns=args.turns,
         tool_turn=args.tool_turn,
@@ -1419,6 +1608,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         cache_bytes_per_token=args.cache_bytes_per_token,
         overhead_requests=args.overhead_requests,
         overhead_reply_tokens=args.overhead_reply_tokens,
+        worker_repetitions=args.worker_repetitions,
+        worker_reply_tokens=args.worker_reply_tokens,
         abi=args.abi,
         json_path=args.json_path,
         plot_path=args.plot_path,

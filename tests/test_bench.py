@@ -16,7 +16,10 @@ TOP_LEVEL = {
     "prefill_ratio",
     "overhead_ms_per_request",
     "overhead_us_per_token",
+    "worker_overhead",
 }
+HANDLES = ("in_process", "worker")
+HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -34,6 +37,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--cache-bytes-per-token=64",
             "--overhead-requests=2",
             "--overhead-reply-tokens=20",
+            "--worker-repetitions=2",
+            "--worker-reply-tokens=20",
             f"--json={json_path}",
             f"--plot={plot_path}",
         ],
@@ -70,6 +75,22 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert all(isinstance(value, int) and value > 0 for value in prefilled)
     for key in ("prefill_ratio", "overhead_ms_per_request", "overhead_us_per_token"):
         assert isinstance(data[key], float), key
+
+    # The worker's added cost against the in-process binding: numbers, not values.
+    worker = data["worker_overhead"]
+    for name in HANDLES:
+        for key in HANDLE_TIMES:
+            assert isinstance(worker[name][key], float), (name, key)
+        assert worker[name]["short_run_tokens"] == 2
+        assert worker[name]["long_run_tokens"] == 20
+    assert set(worker["added"]) == {
+        "us_per_token",
+        "ms_per_request",
+        "clear_kv_cache_ms",
+    }
+    assert all(isinstance(value, float) for value in worker["added"].values())
+    assert worker["targets"] == {"us_per_token": 100.0, "ms_per_request": 1.0}
+    assert "worker adds ≤ 100 µs/token" in completed.stdout
 
     conditions = data["conditions"]
     assert conditions["prefill_ms_per_token"] == 0
