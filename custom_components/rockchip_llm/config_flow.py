@@ -19,6 +19,7 @@ from homeassistant.config_entries import (
 )
 from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
 from homeassistant.core import HomeAssistant, callback
+from homeassistant.data_entry_flow import AbortFlow
 from homeassistant.helpers import llm
 from homeassistant.helpers.selector import (
     BooleanSelector,
@@ -71,7 +72,7 @@ from .const import (
     HistoryStrategy,
 )
 from .ha_compat import vol
-from .models import ModelInfo, ModelsDirError, scan_models
+from .models import ModelInfo, ModelScan, ModelsDirError, scan_models
 from .rkllm.abi import AbiFamily, family_setting, parse_family
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME
@@ -461,6 +462,19 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         }
 
 
+async def async_scan_or_abort(
+    hass: HomeAssistant, models_dir: str, placeholders: dict[str, str]
+) -> ModelScan:
+    """Scan the models folder; abort the flow when it is unusable or holds no model."""
+    try:
+        scan = await hass.async_add_executor_job(scan_models, Path(models_dir))
+    except ModelsDirError as err:
+        raise AbortFlow(err.reason, placeholders) from err
+    if not scan.models:
+        raise AbortFlow("no_models", placeholders)
+    return scan
+
+
 def _context_limit(entry: ConfigEntry, model: str) -> int | None:
     """Return the model's context limit, known once the runtime has loaded it."""
     runtime = getattr(entry, "runtime_data", None)
@@ -494,18 +508,10 @@ class ConversationFlowHandler(ConfigSubentryFlow):
             errors[CONF_MAX_CONTEXT_LEN] = "context_above_model_limit"
             limits["limit"] = str(limit)
 
-        models_dir = entry.data[CONF_MODELS_DIR]
-        placeholders = {CONF_MODELS_DIR: models_dir}
-        try:
-            scan = await self.hass.async_add_executor_job(scan_models, Path(models_dir))
-        except ModelsDirError as err:
-            return self.async_abort(
-                reason=err.reason, description_placeholders=placeholders
-            )
-        if not scan.models:
-            return self.async_abort(
-                reason="no_models", description_placeholders=placeholders
-            )
+        placeholders = {CONF_MODELS_DIR: entry.data[CONF_MODELS_DIR]}
+        scan = await async_scan_or_abort(
+            self.hass, placeholders[CONF_MODELS_DIR], placeholders
+        )
         prompt = await self.hass.async_add_executor_job(_read_default_prompt)
         simulated = await self.hass.async_add_executor_job(
             file_is_simulator, Path(entry.data[CONF_LIBRARY_PATH])

@@ -5,10 +5,9 @@ from pathlib import Path
 from homeassistant.components.repairs import RepairsFlow, RepairsFlowResult
 from homeassistant.core import HomeAssistant
 
-from .config_flow import model_selector
+from .config_flow import async_scan_or_abort, model_selector
 from .const import CONF_LIBRARY_PATH, CONF_MODEL, CONF_MODELS_DIR
 from .ha_compat import vol
-from .models import ModelsDirError, scan_models
 from .simulation import file_is_simulator
 
 
@@ -34,16 +33,7 @@ class ModelMissingRepairFlow(RepairsFlow):
             "agent": subentry.title,
             CONF_MODEL: subentry.data[CONF_MODEL],
         }
-        try:
-            scan = await self.hass.async_add_executor_job(scan_models, Path(models_dir))
-        except ModelsDirError as err:
-            return self.async_abort(
-                reason=err.reason, description_placeholders=placeholders
-            )
-        if not scan.models:
-            return self.async_abort(
-                reason="no_models", description_placeholders=placeholders
-            )
+        scan = await async_scan_or_abort(self.hass, models_dir, placeholders)
         # The first call may carry {"issue_id": ...} (a compatibility shim of HA).
         picked = (user_input or {}).get(CONF_MODEL)
         if picked in scan.models:
