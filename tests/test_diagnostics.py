@@ -104,6 +104,11 @@ async def test_loaded_entry(
     assert loaded["kv_tokens"] > 0
     assert loaded["kv_messages"] == 2
     assert loaded["busy"] is False
+    worker = loaded["worker"]
+    assert isinstance(worker["pid"], int)
+    assert worker["died"] is None
+    assert worker["given_up"] is None
+    assert any("max_context_limit" in line for line in worker["runtime_output"])
     [run] = loaded["recent_runs"]
     assert run["prefill_tokens"] > 0
     assert run["prefill_ms"] >= 0

@@ -87,6 +87,13 @@ def _loaded_model(loaded: LoadedModel) -> dict[str, Any]:
         "kv_tokens": loaded.kv_tokens,
         "kv_messages": len(loaded.kv.messages) if loaded.kv is not None else None,
         "busy": loaded.lock.locked(),
+        "worker": {
+            "pid": loaded.model.pid,
+            "died": str(loaded.model.death) if loaded.model.death else None,
+            "deaths_recent": len(loaded.deaths),
+            "given_up": str(loaded.failure) if loaded.failure else None,
+            "runtime_output": loaded.model.output_tail(),
+        },
         # The engine records runs per model handle, not per agent.
         "recent_runs": _jsonable(loaded.recent),
     }
