@@ -6,15 +6,18 @@ These tests damage the copy on disk and check, through /proc/<pid>/maps, that
 neither Home Assistant nor the model's worker process ever mapped it.
 """
 
+import asyncio
 from collections.abc import Callable
 import errno
 import logging
 import os
 from pathlib import Path
 import shutil
+import signal
 
 import pytest
 
+from custom_components.rockchip_llm import engine as engine_module
 from custom_components.rockchip_llm.rkllm.errors import (
     LibraryCopyFailed,
     LibraryLoadError,
@@ -28,6 +31,7 @@ from custom_components.rockchip_llm.rkllm.probe import load_library_safely
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers import intent
 
 from .conftest import EntryFactory
 
@@ -174,3 +178,70 @@ def test_copy_not_flushed(
         load_library_safely(sim_library, private)
     assert err.value.os_error.errno == errno.ENOSPC
     assert list(private.iterdir()) == []
+
+
+async def test_copy_damaged_while_running(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    sim_library: Path,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker restarted after the copy was damaged refuses it; a reload repairs it."""
+    monkeypatch.setattr(engine_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
+    entry = await make_entry()
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    original = sim_library.read_bytes()
+    copy = cache_dir / ".runtime" / f"librkllmrt-{git_blob_sha1(original)}.so"
+
+    def damage() -> None:  # a new file renamed over it: HA's mapping stays intact
+        staged = copy.with_name("staged")
+        staged.write_bytes(truncated(original))
+        staged.replace(copy)
+
+    await hass.async_add_executor_job(damage)
+    pid = loaded.model.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while loaded.model.death is None:
+        await asyncio.sleep(0.01)
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert (
+        f"the copy {copy} does not match {sim_library}"
+        in (result.response.speech["plain"]["speech"])
+    )
+    assert "reload the integration" in result.response.speech["plain"]["speech"]
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+    assert await hass.async_add_executor_job(copy.read_bytes) == original
+
+
+def test_damaged_copy_moved_aside(
+    sim_library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged copy that cannot be deleted is moved aside, not loaded."""
+    original = sim_library.read_bytes()
+    private = tmp_path / "private"
+    private.mkdir()
+    copy = private / f"librkllmrt-{git_blob_sha1(original)}.so"
+    copy.write_bytes(zero_filled(original))
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path == copy and path.read_bytes() != original:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    loaded = load_library_safely(sim_library, private)
+    assert loaded.mapped == copy
+    assert copy.read_bytes() == original
+    [moved] = [p for p in private.iterdir() if p != copy]
+    assert moved.name == f"{copy.name}.moved-{os.getpid()}"
+    assert moved.read_bytes() == zero_filled(original)

@@ -340,7 +340,8 @@ def load_library(
             damage = err.strerror
         if damage is not None:
             raise LibraryLoadError(
-                f"the copy {load_from} does not match {path} ({damage}); try again",
+                f"the copy {load_from} does not match {path} ({damage}); "
+                "reload the integration to copy it again",
                 path=str(path),
             )
     try:
