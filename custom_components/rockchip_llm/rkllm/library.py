@@ -154,6 +154,16 @@ def git_blob_sha1(data: bytes | mmap.mmap) -> str:
     return digest.hexdigest()
 
 
+def copy_damage(copy: Path, info: RuntimeInfo) -> str | None:
+    """Say how copy differs from the library info describes, or None if intact."""
+    size = copy.stat().st_size
+    if size != info.size:
+        return f"{size} bytes instead of {info.size}"
+    if git_blob_sha1(copy.read_bytes()) != info.blob_sha1:
+        return "its content differs from the original's"
+    return None
+
+
 def family_for_version(version: str) -> AbiFamily:
     """Map a runtime version to its ABI family, or raise UnsupportedRuntime."""
     match = _VERSION_PARTS.match(version)
@@ -314,7 +324,8 @@ def load_library(
 ) -> RuntimeLibrary:
     """Validate, dlopen and bind the runtime library at path.
 
-    load_from, when given, is an identical copy of path that is mapped instead.
+    load_from, when given, is an identical copy of path that is mapped instead;
+    it is checked (size and hash) first, so a damaged copy is never mapped.
     """
     info = inspect_library(
         path,
@@ -322,6 +333,17 @@ def load_library(
         identified=identified,
         expected_machine=expected_machine,
     )
+    if load_from is not None:
+        try:
+            damage = copy_damage(load_from, info)
+        except OSError as err:
+            damage = err.strerror
+        if damage is not None:
+            raise LibraryLoadError(
+                f"the copy {load_from} does not match {path} ({damage}); "
+                "reload the integration to copy it again",
+                path=str(path),
+            )
     try:
         cdll = ctypes.CDLL(str(load_from or path))
     except OSError as err:

@@ -62,7 +62,7 @@ from .library import (
     RuntimeLibrary,
     VersionSource,
     check_elf,
-    git_blob_sha1,
+    copy_damage,
     identify_family,
     load_library,
 )
@@ -339,7 +339,7 @@ def load_library_safely(
     change code under a running Home Assistant and crash it.
     """
     info = verify_library(path, family_override=family_override)
-    copy = _private_copy(path, info.blob_sha1, private_dir)
+    copy = _private_copy(path, info, private_dir)
     library = load_library(
         path,
         load_from=copy,
@@ -355,9 +355,14 @@ def load_library_safely(
     return library
 
 
-def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
-    """Return a copy of path named by its content, made atomically once."""
-    copy = private_dir / f"librkllmrt-{blob_sha1}.so"
+def _private_copy(path: Path, info: RuntimeInfo, private_dir: Path) -> Path:
+    """Return an intact copy of path named by its content, made atomically once.
+
+    A copy already there is loaded only if its size and hash are the verdict's:
+    a damaged one (truncated by a power cut, overwritten) is logged and replaced.
+    A new copy is flushed to disk before it is renamed into place.
+    """
+    copy = private_dir / f"librkllmrt-{info.blob_sha1}.so"
     try:
         _real_directory(private_dir)
         for leftover in private_dir.glob(".librkllmrt-*.so.tmp-*"):
@@ -366,20 +371,11 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
         if copy.is_symlink() or (copy.exists() and not copy.is_file()):
             _LOGGER.warning("Replacing %s: not a regular file", copy)
             _discard(copy)
+        if copy.exists() and (problem := copy_damage(copy, info)) is not None:
+            _LOGGER.warning("Replacing the damaged library copy %s: %s", copy, problem)
+            _remove(copy)
         if not copy.exists():
-            staging = private_dir / f".{copy.name}.tmp-{os.getpid()}"
-            try:
-                shutil.copyfile(path, staging)
-            except OSError:
-                staging.unlink(missing_ok=True)  # a partial copy fills the disk
-                raise
-            if git_blob_sha1(staging.read_bytes()) != blob_sha1:
-                staging.unlink()
-                raise LibraryLoadError(
-                    f"{path} changed while it was being loaded; try again",
-                    path=str(path),
-                )
-            staging.replace(copy)
+            _write_copy(path, info, copy)
         for old in private_dir.glob("librkllmrt-*.so"):
             if old != copy:
                 old.unlink(missing_ok=True)  # a loaded old copy stays mapped
@@ -390,6 +386,50 @@ def _private_copy(path: Path, blob_sha1: str, private_dir: Path) -> Path:
             path=str(private_dir),
         ) from err
     return copy
+
+
+def _write_copy(path: Path, info: RuntimeInfo, copy: Path) -> None:
+    """Copy path to a temporary file, flush and check it, then rename it to copy."""
+    staging = copy.with_name(f".{copy.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(path, staging)
+        fd = os.open(staging, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        staging.unlink(missing_ok=True)  # a partial copy fills the disk
+        raise
+    if copy_damage(staging, info) is not None:
+        staging.unlink()
+        raise LibraryLoadError(
+            f"{path} changed while it was being loaded; try again", path=str(path)
+        )
+    staging.replace(copy)
+    _fsync_directory(copy.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Persist a rename in path, best effort (a lost rename only costs a copy)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        _LOGGER.debug("Cannot flush %s: %s", path, err.strerror)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete path, or move it aside when it cannot be deleted."""
+    try:
+        path.unlink()
+    except OSError:
+        _move_aside(path)
 
 
 def _real_directory(path: Path) -> None:
@@ -405,7 +445,12 @@ def _discard(path: Path) -> None:
     if path.is_symlink():
         path.unlink()
     else:
-        path.rename(path.with_name(f"{path.name}.moved-{os.getpid()}"))
+        _move_aside(path)
+
+
+def _move_aside(path: Path) -> None:
+    """Rename path out of the way, next to where it was."""
+    path.rename(path.with_name(f"{path.name}.moved-{os.getpid()}"))
 
 
 def _child_load(path: Path, override: AbiFamily | None) -> RuntimeLibrary:

@@ -1,0 +1,247 @@
+"""The private copy of the runtime library: checked before every load, written durably.
+
+A copy under ``<cache_dir>/.runtime`` that a power cut truncated (or anything else
+damaged) must never be mapped: a truncated ELF mapped into a process gives SIGBUS.
+These tests damage the copy on disk and check, through /proc/<pid>/maps, that
+neither Home Assistant nor the model's worker process ever mapped it.
+"""
+
+import asyncio
+from collections.abc import Callable
+import errno
+import logging
+import os
+from pathlib import Path
+import shutil
+import signal
+
+import pytest
+
+from custom_components.rockchip_llm import engine as engine_module
+from custom_components.rockchip_llm.rkllm.errors import (
+    LibraryCopyFailed,
+    LibraryLoadError,
+)
+from custom_components.rockchip_llm.rkllm.library import (
+    git_blob_sha1,
+    inspect_library,
+    load_library,
+)
+from custom_components.rockchip_llm.rkllm.probe import load_library_safely
+from homeassistant.components import conversation
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers import intent
+
+from .conftest import EntryFactory
+
+AGENT = "conversation.agent_0"
+
+
+def truncated(data: bytes) -> bytes:
+    """The first half, as a power cut during the write leaves it."""
+    return data[: len(data) // 2]
+
+
+def zero_filled(data: bytes) -> bytes:
+    """Same size, all zeros, as some file systems leave unwritten blocks."""
+    return bytes(len(data))
+
+
+def flipped(data: bytes) -> bytes:
+    """Same size, one byte changed in the middle."""
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+
+
+def mapped_inodes(pid: int | str) -> set[int]:
+    """Inodes of the files a process has mapped."""
+    lines = Path(f"/proc/{pid}/maps").read_text(encoding="utf-8").splitlines()
+    return {int(fields[4]) for fields in map(str.split, lines) if len(fields) > 5}
+
+
+@pytest.mark.parametrize(
+    "damage", [truncated, zero_filled, flipped], ids=["truncated", "zeros", "flipped"]
+)
+async def test_damaged_copy_replaced(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    sim_library: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """A damaged copy is logged and replaced, never mapped; the agent answers."""
+    original = sim_library.read_bytes()
+    private = cache_dir / ".runtime"
+    copy = private / f"librkllmrt-{git_blob_sha1(original)}.so"
+
+    def plant() -> int:
+        private.mkdir(parents=True)
+        copy.write_bytes(damage(original))
+        os.link(copy, tmp_path / "bad.so")  # keeps its inode number from reuse
+        return copy.stat().st_ino
+
+    bad_inode = await hass.async_add_executor_job(plant)
+    with caplog.at_level(logging.WARNING):
+        entry = await make_entry()
+    assert entry.state is ConfigEntryState.LOADED
+    assert f"Replacing the damaged library copy {copy}" in caplog.text
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+    worker = next(iter(entry.runtime_data.agents.values())).loaded.model.pid
+    assert worker is not None
+
+    def check() -> None:
+        assert copy.read_bytes() == original
+        assert copy.stat().st_ino != bad_inode
+        assert [p.name for p in private.iterdir()] == [copy.name]
+        for pid in ("self", worker):
+            inodes = mapped_inodes(pid)
+            assert copy.stat().st_ino in inodes
+            assert bad_inode not in inodes
+
+    await hass.async_add_executor_job(check)
+
+
+async def test_copy_written_with_fsync(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The new copy is flushed before the rename, its folder after it."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if ".runtime" in target:
+            synced.append(target)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    entry = await make_entry()
+    assert entry.state is ConfigEntryState.LOADED
+    private = cache_dir / ".runtime"
+    [copy] = await hass.async_add_executor_job(list, private.iterdir())
+    assert len(synced) == 2
+    assert Path(synced[0]).name.startswith(f".{copy.name}.tmp-")
+    assert synced[1] == str(private)
+
+
+async def test_intact_copy_kept(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """An intact copy from an earlier start is loaded as it is."""
+
+    def inodes() -> list[int]:
+        return [p.stat().st_ino for p in (cache_dir / ".runtime").iterdir()]
+
+    entry = await make_entry()
+    first = await hass.async_add_executor_job(inodes)
+    await hass.config_entries.async_reload(entry.entry_id)
+    assert entry.state is ConfigEntryState.LOADED
+    assert await hass.async_add_executor_job(inodes) == first
+
+
+def test_damaged_copy_refused_at_load(sim_library: Path, tmp_path: Path) -> None:
+    """load_library checks the copy (as a restarted worker does) before mapping it."""
+    copy = tmp_path / "copy.so"
+    copy.write_bytes(flipped(sim_library.read_bytes()))
+    with pytest.raises(LibraryLoadError, match=r"does not match .* content differs"):
+        load_library(sim_library, load_from=copy)
+    assert copy.stat().st_ino not in mapped_inodes("self")
+    shutil.copyfile(sim_library, copy)
+    assert load_library(sim_library, load_from=copy).info == inspect_library(
+        sim_library
+    )
+
+
+def test_copy_not_flushed(
+    sim_library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy whose flush fails (disk full) is not renamed into place."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if ".tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    private = tmp_path / "private"
+    with pytest.raises(LibraryCopyFailed, match="No space left on device") as err:
+        load_library_safely(sim_library, private)
+    assert err.value.os_error.errno == errno.ENOSPC
+    assert list(private.iterdir()) == []
+
+
+async def test_copy_damaged_while_running(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    sim_library: Path,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker restarted after the copy was damaged refuses it; a reload repairs it."""
+    monkeypatch.setattr(engine_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
+    entry = await make_entry()
+    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    original = sim_library.read_bytes()
+    copy = cache_dir / ".runtime" / f"librkllmrt-{git_blob_sha1(original)}.so"
+
+    def damage() -> None:  # a new file renamed over it: HA's mapping stays intact
+        staged = copy.with_name("staged")
+        staged.write_bytes(truncated(original))
+        staged.replace(copy)
+
+    await hass.async_add_executor_job(damage)
+    pid = loaded.model.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while loaded.model.death is None:
+        await asyncio.sleep(0.01)
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert (
+        f"the copy {copy} does not match {sim_library}"
+        in (result.response.speech["plain"]["speech"])
+    )
+    assert "reload the integration" in result.response.speech["plain"]["speech"]
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+    assert await hass.async_add_executor_job(copy.read_bytes) == original
+
+
+def test_damaged_copy_moved_aside(
+    sim_library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged copy that cannot be deleted is moved aside, not loaded."""
+    original = sim_library.read_bytes()
+    private = tmp_path / "private"
+    private.mkdir()
+    copy = private / f"librkllmrt-{git_blob_sha1(original)}.so"
+    copy.write_bytes(zero_filled(original))
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path == copy and path.read_bytes() != original:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    loaded = load_library_safely(sim_library, private)
+    assert loaded.mapped == copy
+    assert copy.read_bytes() == original
+    [moved] = [p for p in private.iterdir() if p != copy]
+    assert moved.name == f"{copy.name}.moved-{os.getpid()}"
+    assert moved.read_bytes() == zero_filled(original)
