@@ -331,12 +331,12 @@ def test_child_imports_only_the_binding(sim_library: Path) -> None:
         for line in done.stderr.splitlines()
         if line.startswith("import time:") and "|" in line
     } - {"imported package"}  # the header line
-    assert "_rockchip_llm_probe_rkllm.library" in modules
+    assert "_rockchip_llm_child_rkllm.library" in modules
     outside = {
         name
         for name in modules
         if name.split(".")[0]
-        not in {*sys.stdlib_module_names, "_rockchip_llm_probe_rkllm"}
+        not in {*sys.stdlib_module_names, "_rockchip_llm_child_rkllm"}
     }
     assert outside == set()
     assert '"version": ' in done.stdout

@@ -12,7 +12,7 @@ when that is ambiguous. A refusal comes back as the same typed error; a
 child that dies without a verdict (a signal, an exit, a hang) gives
 :class:`LibraryCrashed`.
 
-The child is ``python -I -S -c <bootstrap> <this folder> <library>``. The bootstrap
+The child (see :mod:`.child`) is ``python -I -S -c <bootstrap> <folder> probe <library>``. The bootstrap
 imports this folder as a package of a private name, so the child runs only the
 binding modules (``library``, ``abi``, ``errors``, this one) and never
 ``custom_components/rockchip_llm/__init__.py``, which imports Home Assistant.
@@ -37,13 +37,12 @@ import logging
 import os
 from pathlib import Path
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 from typing import Any, Final, Self
 
 from .abi import AbiFamily
+from .child import child_command, disable_core_dumps, exit_description
 from .errors import (
     LibraryCopyFailed,
     LibraryCrashed,
@@ -71,23 +70,6 @@ _LOGGER = logging.getLogger(__name__)
 
 PROBE_TIMEOUT: Final = 20.0
 """Seconds the child may take to load the library."""
-
-_PACKAGE_DIR: Final = Path(__file__).resolve().parent
-_CHILD_PACKAGE: Final = "_rockchip_llm_probe_rkllm"
-_BOOTSTRAP: Final = f"""\
-import importlib, importlib.util, os, sys
-folder = sys.argv[1]
-spec = importlib.util.spec_from_file_location(
-    {_CHILD_PACKAGE!r},
-    os.path.join(folder, "__init__.py"),
-    submodule_search_locations=[folder],
-)
-package = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = package
-spec.loader.exec_module(package)
-probe = importlib.import_module({_CHILD_PACKAGE!r} + ".probe")
-sys.exit(probe._child_main(sys.argv[2:]))
-"""
 
 _ERRORS: Final[Mapping[str, type[LibraryError]]] = {
     cls.translation_key: cls
@@ -157,16 +139,7 @@ def _fingerprint(path: Path, family_override: AbiFamily | None) -> _Fingerprint:
 
 def _child_command(path: Path, family_override: AbiFamily | None = None) -> list[str]:
     """Return the command of the child that loads path."""
-    return [
-        sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        _BOOTSTRAP,
-        str(_PACKAGE_DIR),
-        str(path),
-        str(family_override or ""),
-    ]
+    return child_command("probe", str(path), str(family_override or ""))
 
 
 def _stderr_tail(stderr: bytes | str | None) -> str:
@@ -192,10 +165,7 @@ def _parse_verdict(stdout: bytes) -> dict[str, Any] | None:
 def _death(path: Path, returncode: int, stderr: str) -> LibraryCrashed:
     """Describe a child that ended without a verdict."""
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
+        name = exit_description(returncode)
         return LibraryCrashed(
             f"loading {path} crashed the test process ({name}); "
             "it would have crashed Home Assistant",
@@ -478,12 +448,7 @@ def _child_main(argv: list[str]) -> int:
     """Run in the child: load the library, touch its ABI, print the verdict."""
     verdict_fd = os.dup(1)
     os.dup2(2, 1)  # whatever the library prints goes to stderr, not into the verdict
-    try:
-        import resource  # noqa: PLC0415 - POSIX only, and only needed here
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump on a crash
-    except ImportError, OSError, ValueError:
-        pass
+    disable_core_dumps()
     path = Path(argv[0])
     override = AbiFamily(argv[1]) if len(argv) > 1 and argv[1] else None
     verdict: dict[str, Any]
