@@ -25,11 +25,13 @@ from custom_components.rockchip_llm.const import (
     CONF_MODELS_DIR,
     CONF_PROMPT,
     CONF_REPEAT_PENALTY,
+    CONF_STALL_TIMEOUT,
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
     DEFAULT_CACHE_BUDGET_MB,
     DEFAULT_PROMPT_FILE,
+    DEFAULT_STALL_TIMEOUT_S,
     DOMAIN,
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
@@ -145,6 +147,7 @@ def paths(tmp_path: Path, models_dir: Path, write_model: ModelWriter) -> dict[st
         CONF_MODELS_DIR: str(models_dir),
         CONF_CACHE_DIR: str(tmp_path / "cache"),
         CONF_CACHE_BUDGET: 2048,
+        CONF_STALL_TIMEOUT: 30,
     }
 
 
@@ -287,6 +290,7 @@ async def test_user_form_defaults(
         CONF_MODELS_DIR: str(config_dir / "rkllm" / "models"),
         CONF_CACHE_DIR: str(config_dir / "rkllm" / "cache"),
         CONF_CACHE_BUDGET: DEFAULT_CACHE_BUDGET_MB,
+        CONF_STALL_TIMEOUT: DEFAULT_STALL_TIMEOUT_S,
     }
 
 
@@ -538,6 +542,7 @@ async def test_paths_normalized(
         CONF_MODELS_DIR: paths[CONF_MODELS_DIR],
         CONF_CACHE_DIR: str(config_dir / "rkllm" / "cache"),
         CONF_CACHE_BUDGET: DEFAULT_CACHE_BUDGET_MB,
+        CONF_STALL_TIMEOUT: DEFAULT_STALL_TIMEOUT_S,
     }
 
 
@@ -574,7 +579,12 @@ async def test_reconfigure(
     assert result["errors"] == {CONF_MODELS_DIR: "models_dir_missing"}
     assert schema_values(result, "suggested_value") == bad
 
-    new = {**paths, CONF_CACHE_DIR: str(tmp_path / "new cache"), CONF_CACHE_BUDGET: 512}
+    new = {
+        **paths,
+        CONF_CACHE_DIR: str(tmp_path / "new cache"),
+        CONF_CACHE_BUDGET: 512,
+        CONF_STALL_TIMEOUT: 90,
+    }
     result = dict(
         await hass.config_entries.flow.async_configure(result["flow_id"], new)
     )

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from custom_components.rockchip_llm import engine as engine_module
+from custom_components.rockchip_llm.const import CONF_STALL_TIMEOUT
 from custom_components.rockchip_llm.engine import LoadedModel
 from custom_components.rockchip_llm.rkllm import worker as worker_module
 from homeassistant.components import conversation
@@ -141,11 +142,18 @@ async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
     write_model: ModelWriter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A run that stops producing text and ignores the abort: the worker is killed."""
-    monkeypatch.setattr(worker_module, "STALL_TIMEOUT", 0.5)
+    """A run that stops producing text and ignores the abort: the worker is killed.
+
+    The watchdog time is the entry's setting (1 s here).
+    """
     monkeypatch.setattr(worker_module, "ABORT_GRACE", 0.5)
     write_model(replies=(f"default => {SLOW}",), decode_ms_per_token=5)
-    entry = await make_entry()
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, CONF_STALL_TIMEOUT: 1}
+    )
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
     loaded = loaded_of(entry)
     pid = loaded.model.pid
     assert pid is not None
@@ -153,6 +161,6 @@ async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
     os.kill(pid, signal.SIGSTOP)  # frozen: no text, no reaction to the abort
     result = await task
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "produced no text for 0.5 s" in speech(result)
+    assert "produced no text for 1 s" in speech(result)
     assert "SIGKILL" in str(loaded.model.death)
     assert speech(await converse(hass, "talk")) == SLOW

@@ -32,7 +32,9 @@ from .const import (
     CONF_LIBRARY_PATH,
     CONF_MODEL,
     CONF_MODELS_DIR,
+    CONF_STALL_TIMEOUT,
     DEFAULT_CACHE_BUDGET_MB,
+    DEFAULT_STALL_TIMEOUT_S,
     DOMAIN,
     LOGGER,
     SUBENTRY_AI_TASK,
@@ -142,6 +144,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
         store,
         hass.async_add_executor_job,
         partial(_async_report_cache_write, hass, entry),
+        stall_timeout=float(
+            entry.data.get(CONF_STALL_TIMEOUT, DEFAULT_STALL_TIMEOUT_S)
+        ),
     )
     runtime = RockchipRuntime(engine=engine, scan=scan)
     try:

@@ -50,6 +50,7 @@ from .const import (
     CONF_MODELS_DIR,
     CONF_PROMPT,
     CONF_REPEAT_PENALTY,
+    CONF_STALL_TIMEOUT,
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
@@ -62,6 +63,7 @@ from .const import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PROMPT_FILE,
     DEFAULT_REPEAT_PENALTY,
+    DEFAULT_STALL_TIMEOUT_S,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
@@ -278,9 +280,23 @@ _BUDGET_SELECTOR: Final = NumberSelector(
 )
 
 
-def _budget(user_input: Mapping[str, Any]) -> int:
-    """Return the cache budget in MB from a form."""
-    return int(user_input.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB))
+_STALL_SELECTOR: Final = NumberSelector(
+    NumberSelectorConfig(
+        min=5, max=600, step=1, mode=NumberSelectorMode.BOX, unit_of_measurement="s"
+    )
+)
+
+
+def _runtime_settings(user_input: Mapping[str, Any]) -> dict[str, int]:
+    """Return the runtime's settings from a form: cache budget and watchdog time."""
+    return {
+        CONF_CACHE_BUDGET: int(
+            user_input.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB)
+        ),
+        CONF_STALL_TIMEOUT: int(
+            user_input.get(CONF_STALL_TIMEOUT, DEFAULT_STALL_TIMEOUT_S)
+        ),
+    }
 
 
 class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
@@ -357,6 +373,9 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 vol.Required(
                     CONF_CACHE_BUDGET, default=DEFAULT_CACHE_BUDGET_MB
                 ): _BUDGET_SELECTOR,
+                vol.Required(
+                    CONF_STALL_TIMEOUT, default=DEFAULT_STALL_TIMEOUT_S
+                ): _STALL_SELECTOR,
                 vol.Optional(CONF_ABI_FAMILY): SelectSelector(
                     SelectSelectorConfig(
                         options=[ABI_FAMILY_AUTO, *map(family_setting, AbiFamily)],
@@ -396,7 +415,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         validation = await self._async_validate(paths)
         if validation.errors:
             return await self._async_show_paths_form(step_id, user_input, validation)
-        self._paths = {**paths, CONF_CACHE_BUDGET: _budget(user_input)}
+        self._paths = {**paths, **_runtime_settings(user_input)}
         self._models = validation.models
         self._simulated = validation.simulated
         return await self.async_step_model()
@@ -447,7 +466,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 "reconfigure", user_input, validation
             )
         return self.async_update_reload_and_abort(
-            entry, data={**paths, CONF_CACHE_BUDGET: _budget(user_input)}
+            entry, data={**paths, **_runtime_settings(user_input)}
         )
 
     @classmethod

@@ -17,6 +17,9 @@ CONF_CACHE_DIR: Final = "cache_dir"
 CONF_CACHE_BUDGET: Final = "cache_budget_mb"
 DEFAULT_CACHE_BUDGET_MB: Final = 2048
 """Room for a few system and automatic caches of a small model on an SD card."""
+CONF_STALL_TIMEOUT: Final = "stall_timeout_s"
+DEFAULT_STALL_TIMEOUT_S: Final = 30
+"""Seconds a run may go without new text before the watchdog stops it."""
 CONF_ABI_FAMILY: Final = "abi_family"
 """ABI family to use when the library cannot be identified ("auto": none given)."""
 ABI_FAMILY_AUTO: Final = "auto"

@@ -279,6 +279,8 @@ class Engine:
         store: PromptCacheStore,
         run_blocking: Callable[..., Any],
         on_cache_write: Callable[[CacheWriteError | None], None] | None = None,
+        *,
+        stall_timeout: float | None = None,
     ) -> None:
         """Create an engine; run_blocking runs a blocking function off the loop.
 
@@ -289,6 +291,8 @@ class Engine:
         self.store = store
         self._run_blocking = run_blocking
         self._on_cache_write = on_cache_write or (lambda _error: None)
+        self.stall_timeout = stall_timeout
+        """Seconds without new text before a run is stopped (None: the default)."""
         self._models: dict[str, LoadedModel] = {}
         self.simulated = library_is_simulated(library.cdll)
         """Whether the library is the development simulator, not Rockchip's runtime."""
@@ -321,7 +325,7 @@ class Engine:
 
     async def _async_start_worker(self, name: str, params: ModelParams) -> WorkerModel:
         """Start a worker process for a model and initialise the model in it."""
-        model = WorkerModel(self.library, name)
+        model = WorkerModel(self.library, name, stall_timeout=self.stall_timeout)
         try:
             await call(model.init(params))
         except BaseException:
