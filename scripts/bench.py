@@ -62,14 +62,15 @@ from pytest_homeassistant_custom_component.common import (  # type: ignore[impor
 from custom_components.rockchip_llm.agent_prefix import tools_json
 from custom_components.rockchip_llm.chat import SystemPrefix
 from custom_components.rockchip_llm.const import (
+    AGENT_OPTION_DEFAULTS,
     CONF_CACHE_DIR,
     CONF_HISTORY_STRATEGY,
     CONF_LIBRARY_PATH,
+    CONF_MAX_CONTEXT_LEN,
+    CONF_MAX_NEW_TOKENS,
     CONF_MODEL,
     CONF_MODELS_DIR,
     CONF_PROMPT,
-    DEFAULT_MAX_CONTEXT_LEN,
-    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PROMPT_FILE,
     DOMAIN,
     HistoryStrategy,
@@ -377,7 +378,7 @@ def model_file(
     """
     lines = [
         "RKLLM-SIM 1",
-        f"max_context_limit {DEFAULT_MAX_CONTEXT_LEN}",
+        f"max_context_limit {AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN]}",
         f"prefill_ms_per_token {prefill_ms}",
         f"decode_ms_per_token {decode_ms}",
         f"cache_bytes_per_token {cache_bytes_per_token}",
@@ -401,7 +402,7 @@ def zero_model_file(reply_tokens: int) -> str:
         "\n".join(
             (
                 "RKLLM-SIM 1",
-                f"max_context_limit {DEFAULT_MAX_CONTEXT_LEN}",
+                f"max_context_limit {AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN]}",
                 "prefill_ms_per_token 0",
                 "decode_ms_per_token 0",
                 "reply user short request => OK.",
@@ -710,8 +711,8 @@ async def async_cache_per_conversation(
     model = RKLLMModel(library, "cache_per_conversation")
     params = ModelParams(
         model_path=model_path,
-        max_context_len=DEFAULT_MAX_CONTEXT_LEN,
-        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_NEW_TOKENS],
     )
     cache_path = work_dir / "conversation.bin"
     results: list[TurnResult] = []
@@ -733,7 +734,7 @@ async def async_cache_per_conversation(
                         prompt=f"{history}{ASSISTANT_START}{NO_THINK}",
                         keep_history=False,
                         save_prompt_cache=cache_path,
-                        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+                        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_NEW_TOKENS],
                     ),
                 )
                 have_cache = True
@@ -846,8 +847,8 @@ def measure_handles(
     """
     params = ModelParams(
         model_path=model_path,
-        max_context_len=DEFAULT_MAX_CONTEXT_LEN,
-        max_new_tokens=DEFAULT_MAX_CONTEXT_LEN // 2,
+        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN] // 2,
     )
     models: dict[str, RKLLMModel | WorkerModel] = {
         "in_process": RKLLMModel(library, "bench_in_process"),
@@ -1196,7 +1197,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "calibration": "RK3588, Qwen3-0.6B w8a8 (published rknn-llm figures)",
         "prefill_ms_per_token": settings.prefill_ms,
         "decode_ms_per_token": settings.decode_ms,
-        "max_context_len": DEFAULT_MAX_CONTEXT_LEN,
+        "max_context_len": AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
         "exposed_entities": sum(len(specs) for specs in HOME.values()),
         "areas": len(HOME),
         "tools": report.tools,

@@ -13,6 +13,7 @@ from homeassistant.helpers.debounce import Debouncer
 from .agent_prefix import async_render_prefix
 from .chat import SystemPrefix, expected_prefill, reuse_honoured
 from .const import (
+    AGENT_OPTION_DEFAULTS,
     AUTO_CACHE_PREFIX,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
@@ -24,15 +25,6 @@ from .const import (
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
-    DEFAULT_ENABLE_THINKING,
-    DEFAULT_HISTORY_STRATEGY,
-    DEFAULT_MAX_CONTEXT_LEN,
-    DEFAULT_MAX_HISTORY,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_REPEAT_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
     DOMAIN,
     LOGGER,
     MAX_AUTO_CACHES,
@@ -70,30 +62,21 @@ class AgentSettings:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Self:
-        """Read settings from subentry data."""
+        """Read settings from subentry data, defaults filled in."""
+        values = {**AGENT_OPTION_DEFAULTS, **options}
         return cls(
-            model=options[CONF_MODEL],
-            max_context_len=int(
-                options.get(CONF_MAX_CONTEXT_LEN, DEFAULT_MAX_CONTEXT_LEN)
-            ),
-            max_new_tokens=int(
-                options.get(CONF_MAX_NEW_TOKENS, DEFAULT_MAX_NEW_TOKENS)
-            ),
+            model=values[CONF_MODEL],
+            max_context_len=int(values[CONF_MAX_CONTEXT_LEN]),
+            max_new_tokens=int(values[CONF_MAX_NEW_TOKENS]),
             sampling=Sampling(
-                top_k=int(options.get(CONF_TOP_K, DEFAULT_TOP_K)),
-                top_p=float(options.get(CONF_TOP_P, DEFAULT_TOP_P)),
-                temperature=float(options.get(CONF_TEMPERATURE, DEFAULT_TEMPERATURE)),
-                repeat_penalty=float(
-                    options.get(CONF_REPEAT_PENALTY, DEFAULT_REPEAT_PENALTY)
-                ),
+                top_k=int(values[CONF_TOP_K]),
+                top_p=float(values[CONF_TOP_P]),
+                temperature=float(values[CONF_TEMPERATURE]),
+                repeat_penalty=float(values[CONF_REPEAT_PENALTY]),
             ),
-            enable_thinking=bool(
-                options.get(CONF_ENABLE_THINKING, DEFAULT_ENABLE_THINKING)
-            ),
-            max_history=int(options.get(CONF_MAX_HISTORY, DEFAULT_MAX_HISTORY)),
-            history_strategy=HistoryStrategy(
-                options.get(CONF_HISTORY_STRATEGY, DEFAULT_HISTORY_STRATEGY)
-            ),
+            enable_thinking=bool(values[CONF_ENABLE_THINKING]),
+            max_history=int(values[CONF_MAX_HISTORY]),
+            history_strategy=HistoryStrategy(values[CONF_HISTORY_STRATEGY]),
         )
 
 

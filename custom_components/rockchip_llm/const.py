@@ -1,11 +1,11 @@
 """Constants of the Rockchip LLM integration."""
 
+from collections.abc import Mapping
 from enum import StrEnum
 import logging
 from pathlib import Path
-from typing import Final
-
-from .rkllm.runtime import Sampling
+from types import MappingProxyType
+from typing import Any, Final
 
 DOMAIN: Final = "rockchip_llm"
 LOGGER = logging.getLogger(__package__)
@@ -59,16 +59,21 @@ class HistoryStrategy(StrEnum):
     """No reuse at all: every run prefills the whole prompt."""
 
 
-DEFAULT_MAX_CONTEXT_LEN: Final = 4096
-DEFAULT_MAX_NEW_TOKENS: Final = 256
-_SAMPLING: Final = Sampling()
-DEFAULT_TEMPERATURE: Final = _SAMPLING.temperature
-DEFAULT_TOP_K: Final = _SAMPLING.top_k
-DEFAULT_TOP_P: Final = _SAMPLING.top_p
-DEFAULT_REPEAT_PENALTY: Final = _SAMPLING.repeat_penalty
-DEFAULT_ENABLE_THINKING: Final = False
-DEFAULT_MAX_HISTORY: Final = 10
-DEFAULT_HISTORY_STRATEGY: Final = HistoryStrategy.AUTO
+AGENT_OPTION_DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
+    {
+        CONF_MAX_CONTEXT_LEN: 4096,
+        CONF_MAX_NEW_TOKENS: 256,
+        CONF_TEMPERATURE: 0.7,
+        CONF_TOP_K: 20,
+        CONF_TOP_P: 0.8,
+        CONF_REPEAT_PENALTY: 1.1,
+        CONF_ENABLE_THINKING: False,
+        CONF_MAX_HISTORY: 10,
+        CONF_HISTORY_STRATEGY: HistoryStrategy.AUTO.value,
+    }
+)
+"""The one table of agent option defaults: a new agent's options, and what an agent
+stored before an option existed reads."""
 
 DEFAULT_PROMPT_FILE: Final = Path(__file__).parent / "prompts" / "system.txt"
 
