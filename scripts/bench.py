@@ -60,7 +60,6 @@ from pytest_homeassistant_custom_component.common import (  # type: ignore[impor
 )
 
 from custom_components.rockchip_llm.agent_prefix import tools_json
-from custom_components.rockchip_llm.chat import SystemPrefix
 from custom_components.rockchip_llm.const import (
     AGENT_OPTION_DEFAULTS,
     CONF_CACHE_DIR,
@@ -84,6 +83,7 @@ from custom_components.rockchip_llm.rkllm.runtime import (
     RunResult,
 )
 from custom_components.rockchip_llm.rkllm.worker import WorkerModel
+from custom_components.rockchip_llm.run_planner import SystemPrefix
 from homeassistant import loader, runner
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity

@@ -8,7 +8,8 @@ import pytest
 from pytest_homeassistant_custom_component.common import async_mock_service
 
 from custom_components.rockchip_llm.agent_prefix import async_render_prefix
-from custom_components.rockchip_llm.chat import (
+from custom_components.rockchip_llm.const import CONF_MODEL, CONF_PROMPT
+from custom_components.rockchip_llm.run_planner import (
     ContextBudget,
     KVState,
     Message,
@@ -16,7 +17,6 @@ from custom_components.rockchip_llm.chat import (
     SystemPrefix,
     plan_run,
 )
-from custom_components.rockchip_llm.const import CONF_MODEL, CONF_PROMPT
 from homeassistant import config_entries
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from custom_components.rockchip_llm.models import model_fingerprint
+from custom_components.rockchip_llm.model_files import model_fingerprint
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 

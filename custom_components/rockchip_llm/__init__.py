@@ -42,7 +42,7 @@ from .const import (
 )
 from .engine import Engine, plan_domains
 from .host import npu_driver_too_old, read_host_info
-from .models import ModelScan, ModelsDirError, scan_models
+from .model_files import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
 from .rkllm.abi import parse_family
 from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError

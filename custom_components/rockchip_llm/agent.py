@@ -11,7 +11,6 @@ from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.debounce import Debouncer
 
 from .agent_prefix import async_render_prefix
-from .chat import SystemPrefix, expected_prefill, reuse_honoured
 from .const import (
     AGENT_OPTION_DEFAULTS,
     AUTO_CACHE_PREFIX,
@@ -35,6 +34,7 @@ from .const import (
 from .engine import Engine, LoadedModel
 from .prompt_cache import CacheEntry, CacheWriteError
 from .rkllm.runtime import Sampling
+from .run_planner import SystemPrefix, expected_prefill, reuse_honoured
 
 WARM_UP_PROMPT: Final = "Hi"
 """The turn of the check run made right after a cache is loaded."""

@@ -10,9 +10,9 @@ from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, llm
 
-from .chat import NO_TOOLS, SystemPrefix
 from .const import CONF_PROMPT, DOMAIN
 from .ha_compat import schema_to_openapi
+from .run_planner import NO_TOOLS, SystemPrefix
 
 _TOOLS_JSON: dict[tuple[tuple[str, str | None, str], ...], str] = {}
 _TOOLS_JSON_SIZE = 8

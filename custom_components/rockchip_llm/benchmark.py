@@ -4,10 +4,10 @@ from dataclasses import asdict, dataclass
 from statistics import mean
 from typing import Any
 
-from .chat import SystemPrefix
 from .engine import Engine, Generation, LoadedModel, call, perf_or_zero
 from .prompt_cache import CacheEntry
 from .rkllm.runtime import RunRequest
+from .run_planner import SystemPrefix
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,7 @@ from .const import (
     HistoryStrategy,
 )
 from .ha_compat import vol
-from .models import ModelInfo, ModelScan, ModelsDirError, scan_models
+from .model_files import ModelInfo, ModelScan, ModelsDirError, scan_models
 from .rkllm.abi import AbiFamily, family_setting, parse_family
 from .rkllm.errors import LibraryError
 from .rkllm.library import LIBRARY_NAME

@@ -20,7 +20,7 @@ from .agent import Agent
 from .const import CONF_LIBRARY_PATH, CONF_MODELS_DIR, CONF_PROMPT
 from .engine import Engine, LoadedModel
 from .host import read_host_info
-from .models import ModelScan, ModelsDirError, scan_models
+from .model_files import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheEntry, CacheError
 from .rkllm.errors import LibraryError
 from .rkllm.library import RuntimeInfo, inspect_library

@@ -19,9 +19,8 @@ from pathlib import Path
 import time
 from typing import Any, Literal
 
-from .chat import KVState, SystemPrefix, chat_template, estimate_tokens
 from .const import AUTO_CACHE_PREFIX
-from .models import ModelInfo, model_fingerprint
+from .model_files import ModelInfo, model_fingerprint
 from .prompt_cache import (
     CacheEntry,
     CacheExpectation,
@@ -36,6 +35,7 @@ from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError, WorkerDiedE
 from .rkllm.library import RuntimeInfo, RuntimeLibrary
 from .rkllm.runtime import ModelParams, PerfStats, RunRequest, RunResult
 from .rkllm.worker import WorkerModel
+from .run_planner import KVState, SystemPrefix, chat_template, estimate_tokens
 from .simulation import library_is_simulated
 
 _LOGGER = logging.getLogger(__name__)

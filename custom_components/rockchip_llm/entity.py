@@ -13,7 +13,12 @@ from homeassistant.util import ulid
 from . import RockchipConfigEntry
 from .agent import Agent
 from .agent_prefix import prefix_from_chat_log
-from .chat import (
+from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS, HistoryStrategy
+from .engine import Generation, RunStats, perf_or_zero
+from .ha_compat import tool_error_delta, tool_result_data
+from .rkllm.errors import RKLLMError
+from .rkllm.runtime import RunRequest
+from .run_planner import (
     ContextBudget,
     KVState,
     Message,
@@ -23,11 +28,6 @@ from .chat import (
     expected_prefill,
     plan_run,
 )
-from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS, HistoryStrategy
-from .engine import Generation, RunStats, perf_or_zero
-from .ha_compat import tool_error_delta, tool_result_data
-from .rkllm.errors import RKLLMError
-from .rkllm.runtime import RunRequest
 from .simulation import simulated_label
 from .stream_parser import (
     ParsedToolCall,

@@ -26,7 +26,6 @@ from homeassistant.util.hass_dict import HassKey
 from homeassistant.util.yaml import load_yaml_dict
 
 from .benchmark import async_benchmark
-from .chat import SystemPrefix
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .ha_compat import vol
 from .prompt_cache import (
@@ -39,6 +38,7 @@ from .prompt_cache import (
     free_bytes,
 )
 from .rkllm.errors import RKLLMError
+from .run_planner import SystemPrefix
 from .text_check import refuse_nul
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from custom_components.rockchip_llm.chat import (
+from custom_components.rockchip_llm.run_planner import (
     ContextBudget,
     KVState,
     Message,
