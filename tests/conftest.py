@@ -238,8 +238,8 @@ def reset_sim_counters() -> None:
 
 def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
     """The simulator's record of the first agent's last run (in its worker)."""
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
-    pid = str(loaded.model.pid)
+    loaded = next(iter(entry.runtime_data.agents.values())).session
+    pid = str(loaded.worker.pid)
     runs = [fields[3] for fields in _trace_lines("run") if fields[1] == pid]
     assert runs, f"no run traced for worker {pid}"
     record: dict[str, Any] = json.loads(runs[-1])

@@ -13,7 +13,7 @@ from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
 
 from .conftest import EntryFactory, last_run_record
-from .test_conversation import converse, loaded_model
+from .test_conversation import converse, model_session
 
 ROOT = Path(__file__).parent.parent
 
@@ -100,9 +100,9 @@ async def test_agent_without_api_keeps_time_out_of_the_cache(
     So the prefix stays the same over time: no rebuild, the system cache serves.
     """
     entry = await make_entry({CONF_LLM_HASS_API: []})
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     agent = next(iter(entry.runtime_data.agents.values()))
-    cache_before = agent.cache
+    cache_before = agent.system_cache.cache
     assert cache_before is not None
     await converse(hass, "hello")
     record = last_run_record(entry)
@@ -111,6 +111,6 @@ async def test_agent_without_api_keeps_time_out_of_the_cache(
     freezer.tick(61)
     await converse(hass, "hello again")
     await hass.async_block_till_done()
-    assert (loaded.prefix_key or "").startswith(agent.prefix.key)  # type: ignore[union-attr]
-    assert agent.cache is cache_before
+    assert (loaded._held.prefix_key or "").startswith(agent.system_cache.prefix.key)  # type: ignore[union-attr]
+    assert agent.system_cache.cache is cache_before
     assert all(run.cache == cache_before.name for run in loaded.recent)

@@ -75,7 +75,7 @@ async def test_structured_retry_with_error(
     )
     assert result.data == {"name": "Hall", "count": 1}
     agent = next(a for a in entry.runtime_data.agents.values() if not a.chat)
-    assert len(agent.loaded.recent) == 2
+    assert len(agent.session.recent) == 2
 
 
 async def test_structured_gives_up(
@@ -103,9 +103,10 @@ async def test_ai_task_shares_the_conversation_model(
     """A conversation agent and an AI Task agent on one model share the handle."""
     entry = await make_entry({}, ai_tasks=({},))
     chat, task = entry.runtime_data.agents.values()
-    assert chat.loaded is task.loaded
-    assert chat.cache is not None
-    assert task.cache is None
+    assert chat.session is task.session
+    assert chat.system_cache is not None
+    assert chat.system_cache.cache is not None
+    assert task.system_cache is None
     assert hass.states.get(TASK) is not None
 
 
@@ -119,5 +120,5 @@ async def test_nul_in_instructions_is_refused(
             hass, task_name="cut", entity_id=TASK, instructions="count\0the lights"
         )
     assert str(err.value).startswith("There is a NUL character in the instructions,")
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     assert not loaded.recent

@@ -77,7 +77,7 @@ async def test_budget_in_real_use(
         await conversation.async_converse(
             hass, "hello", None, Context(), agent_id=AGENT, device_id=satellites[name]
         )
-        used = agent.loaded.recent[-1].cache
+        used = agent.session.recent[-1].cache
         async_fire_time_changed(hass, now + timedelta(minutes=minutes))
         await hass.async_block_till_done(wait_background_tasks=True)
         return used
@@ -109,7 +109,11 @@ async def test_budget_in_real_use(
         await hass.services.async_call(
             DOMAIN,
             "create_cache",
-            {"model": "Qwen3 Sim", "name": "big", "prompt": agent.prefix.prompt * 4},  # type: ignore[union-attr]
+            {
+                "model": "Qwen3 Sim",
+                "name": "big",
+                "prompt": agent.system_cache.prefix.prompt * 4,
+            },  # type: ignore[union-attr]
             blocking=True,
         )
     assert err.value.translation_key == "cache_budget_exceeded"
@@ -125,7 +129,11 @@ async def test_budget_in_real_use(
     await hass.services.async_call(
         DOMAIN,
         "create_cache",
-        {"model": "Qwen3 Sim", "name": "half", "prompt": agent.prefix.prompt[:2000]},  # type: ignore[union-attr]
+        {
+            "model": "Qwen3 Sim",
+            "name": "half",
+            "prompt": agent.system_cache.prefix.prompt[:2000],
+        },  # type: ignore[union-attr]
         blocking=True,
     )
     after = await hass.async_add_executor_job(disk_bytes, folder)

@@ -97,7 +97,7 @@ async def test_symlink_to_another_models_cache_is_not_used(
     await reload_and_answer(hass, entry.entry_id)
     assert not (folder / "system.bin").is_symlink()
     assert (other / "system.bin").read_bytes() == target
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.bin_path == folder / "system.bin"
 

@@ -27,7 +27,7 @@ from homeassistant.helpers import intent, llm
 from homeassistant.setup import async_setup_component
 
 from .conftest import EntryFactory
-from .test_conversation import converse, loaded_model, speech
+from .test_conversation import converse, model_session, speech
 
 PREFIX = SystemPrefix("You are a voice assistant.", "[]")
 
@@ -185,7 +185,7 @@ async def test_full_prefix_still_runs_the_tool_result(
     entry = await make_entry(
         {CONF_PROMPT: prompt, "max_context_len": 2048, "max_new_tokens": 256}
     )
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.metadata is not None
     assert 2048 - 130 < loaded.loaded_cache.metadata.tokens < 2048 - 90
@@ -232,7 +232,7 @@ async def test_agent_flow_checks_the_models_context_limit(
 ) -> None:
     """A context length above what the loaded model allows is refused in the form."""
     entry = await make_entry()
-    assert loaded_model(entry).model.context_limit == 4096
+    assert model_session(entry).worker.context_limit == 4096
     result = await hass.config_entries.subentries.async_init(
         (entry.entry_id, "conversation"),
         context={"source": config_entries.SOURCE_USER},

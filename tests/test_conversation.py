@@ -12,9 +12,10 @@ from pytest_homeassistant_custom_component.common import (
 )
 
 from custom_components.rockchip_llm.const import MAX_AUTO_CACHES
-from custom_components.rockchip_llm.engine import LoadedModel, RunStats
 from custom_components.rockchip_llm.entity import resolve_tool_name
 from custom_components.rockchip_llm.ha_compat import tool_result_data
+from custom_components.rockchip_llm.session import ModelSession
+from custom_components.rockchip_llm.turn import RunStats
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.config_entries import ConfigEntryState
@@ -33,10 +34,10 @@ from .conftest import EntryFactory, agent_issue_error, last_run_record
 AGENT = "conversation.agent_0"
 
 
-def loaded_model(entry: Any) -> LoadedModel:
+def model_session(entry: Any) -> ModelSession:
     """The loaded model of the entry's first agent."""
     agent = next(iter(entry.runtime_data.agents.values()))
-    loaded: LoadedModel = agent.loaded
+    loaded: ModelSession = agent.session
     return loaded
 
 
@@ -74,7 +75,7 @@ async def test_streams_before_generation_ends(
     entry = await make_entry(
         model_kwargs={"replies": (f"default => {reply}",), "decode_ms_per_token": 2}
     )
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     runs_at_first_delta: list[int] = []
     contents: list[str] = []
 
@@ -163,7 +164,7 @@ async def test_follow_ups_prefill_only_new_tokens(
 ) -> None:
     """In a 5-turn dialogue every follow-up reuses the KV and prefills only its turn."""
     entry = await make_entry()
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     system_tokens = loaded.loaded_cache.metadata.tokens  # type: ignore[union-attr]
     assert system_tokens > 50
     count_tokens = entry.runtime_data.engine.library.cdll.rkllm_sim_count_tokens
@@ -191,7 +192,7 @@ async def test_strategy_off_prefills_everything(
 ) -> None:
     """With reuse off, every request prefills the whole system prompt again."""
     entry = await make_entry({"history_strategy": "off"})
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     system_tokens = loaded.loaded_cache.metadata.tokens if loaded.loaded_cache else 0  # type: ignore[union-attr]
     result = await converse(hass, "hello")
     await converse(hass, "again", result.conversation_id)
@@ -203,7 +204,7 @@ async def test_interleaved_conversations_reset_to_system(
 ) -> None:
     """Another conversation resets the KV to the system prefix, folding history in."""
     entry = await make_entry()
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     first = await converse(hass, "hello one")
     await converse(hass, "hello two")
     third = await converse(hass, "and one again", first.conversation_id)
@@ -226,7 +227,7 @@ async def test_prompt_too_long_is_answered(
     entry = await make_entry(
         {"max_context_len": 2048, "max_new_tokens": 64, "history_strategy": strategy}
     )
-    system_tokens = loaded_model(entry).loaded_cache.metadata.tokens  # type: ignore[union-attr]
+    system_tokens = model_session(entry).loaded_cache.metadata.tokens  # type: ignore[union-attr]
     # " ab" is one simulator token: alone the question would fit, after the prefix not.
     words = 2048 - 64 - system_tokens // 2
     result = await converse(hass, "ab " * words)
@@ -241,7 +242,7 @@ async def test_error_at_token(hass: HomeAssistant, make_entry: EntryFactory) -> 
     result = await converse(hass, "hello")
     assert result.response.response_type is intent.IntentResponseType.ERROR
     assert "failed while answering" in speech(result)
-    assert loaded_model(entry).kv is None
+    assert model_session(entry).kv_messages is None
 
 
 async def test_concurrent_requests_all_answered(
@@ -251,7 +252,7 @@ async def test_concurrent_requests_all_answered(
     entry = await make_entry(model_kwargs={"decode_ms_per_token": 1})
     results = await asyncio.gather(*(converse(hass, f"hello {i}") for i in range(20)))
     assert [speech(r) for r in results] == ["Hello from the simulator."] * 20
-    assert len(loaded_model(entry).recent) == 20
+    assert len(model_session(entry).recent) == 20
 
 
 async def test_cancel_while_running_and_waiting(
@@ -265,10 +266,10 @@ async def test_cancel_while_running_and_waiting(
             "decode_ms_per_token": 5,
         }
     )
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     running = hass.async_create_task(converse(hass, "long"))
     waiting = hass.async_create_task(converse(hass, "queued"))
-    while not loaded.lock.locked():
+    while not loaded.busy:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)
     waiting.cancel()
@@ -276,8 +277,8 @@ async def test_cancel_while_running_and_waiting(
     for task in (running, waiting):
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert not loaded.lock.locked()
-    assert loaded.kv is None
+    assert not loaded.busy
+    assert loaded.kv_messages is None
     # The model is usable at once.
     result = await converse(hass, "again")
     assert speech(result).startswith("w0 w1")
@@ -330,7 +331,7 @@ async def test_max_history_resets_kv(
     for turn in range(1, 5):
         result = await converse(hass, f"question number {turn}", conversation_id)
         conversation_id = result.conversation_id
-    assert [run.reused_history for run in loaded_model(entry).recent] == [
+    assert [run.reused_history for run in model_session(entry).recent] == [
         False,
         True,
         True,
@@ -353,10 +354,10 @@ async def test_warm_up_rebuilds_a_missing_cache(
         blocking=True,
     )
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert agent.cache is None
+    assert agent.system_cache.cache is None
     await conversation.async_prepare_agent(hass, AGENT, "en")
-    assert agent.cache is not None
-    assert agent.loaded.loaded_cache is agent.cache
+    assert agent.system_cache.cache is not None
+    assert agent.session.loaded_cache is agent.system_cache.cache
 
 
 async def test_satellites_in_areas_get_caches_of_their_own(
@@ -374,7 +375,7 @@ async def test_satellites_in_areas_get_caches_of_their_own(
     async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
     entry = await make_entry()
     agent = next(iter(entry.runtime_data.agents.values()))
-    system = agent.cache
+    system = agent.system_cache.cache
     satellites = []
     for name in ("Kitchen", "Hall", "Attic", "Garage", "Office", "Porch"):
         area = area_registry.async_create(name)
@@ -391,7 +392,7 @@ async def test_satellites_in_areas_get_caches_of_their_own(
             hass, "hello", None, Context(), agent_id=AGENT, device_id=device_id
         )
         assert speech(result) == "Hello from the simulator."
-        return agent.loaded.recent[-1]
+        return agent.session.recent[-1]
 
     first = await ask(satellites[0])
     assert first.cache == "system"  # the identical leading tokens were still reused
@@ -401,7 +402,7 @@ async def test_satellites_in_areas_get_caches_of_their_own(
     assert again.cache is not None
     assert again.cache.startswith("auto_")
     assert again.prefill_tokens < first.prefill_tokens
-    assert agent.cache is system  # requests without an area keep theirs
+    assert agent.system_cache.cache is system  # requests without an area keep theirs
 
     for index, device_id in enumerate(satellites[1:], start=2):
         await ask(device_id)
@@ -429,7 +430,7 @@ async def test_follow_up_after_tool_call_reuses_kv(
     first = await converse(hass, "Turn on the kitchen")
     assert speech(first) == "Done."
     await converse(hass, "thanks a lot", first.conversation_id)
-    runs = list(loaded_model(entry).recent)
+    runs = list(model_session(entry).recent)
     assert [run.reused_history for run in runs] == [False, True, True]
     assert runs[-1].prefill_tokens < 25
 
@@ -439,7 +440,7 @@ async def test_strategy_off_keeps_nothing(
 ) -> None:
     """ "off" prefills the system prompt again even after another agent kept it in the KV."""
     entry = await make_entry({}, {"history_strategy": "off"})
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     system_tokens = loaded.loaded_cache.metadata.tokens  # type: ignore[union-attr]
     await converse(hass, "hello")
     await converse(hass, "hello", agent="conversation.agent_1")
@@ -521,7 +522,7 @@ async def test_nul_byte_is_refused(
         "There is a NUL character in the message, where the runtime would silently "
         "cut the text; remove it and try again"
     )
-    assert not loaded_model(entry).recent  # nothing reached the runtime
+    assert not model_session(entry).recent  # nothing reached the runtime
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
 
 
@@ -530,7 +531,7 @@ async def test_unknown_kv_size_does_not_fail_a_turn(
 ) -> None:
     """A runtime that gives no KV size: turns are answered, history folded, not reused."""
     entry = await make_entry(model_kwargs={"extra": ("kv_cache_size_error 1",)})
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     first = await converse(hass, "hello")
     second = await converse(hass, "again", first.conversation_id)
     assert speech(first) == speech(second) == "Hello from the simulator."
@@ -547,10 +548,10 @@ async def test_turn_stopped_at_the_limit_resets_the_kv(
         {"max_new_tokens": 5},
         model_kwargs={"replies": (f"default => {long_reply}",)},
     )
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     first = await converse(hass, "talk")
     assert speech(first).startswith("w0 w1")
-    assert loaded.kv is None
+    assert loaded.kv_messages is None
     await converse(hass, "more", first.conversation_id)
     assert [run.reused_history for run in loaded.recent] == [False, False]
     record = last_run_record(entry)

@@ -128,7 +128,7 @@ async def test_full_disk_runtime_save(
     assert await hass.async_add_executor_job((folder / "system.json").read_bytes) == old
     assert sorted(p.name for p in folder.iterdir()) == ["system.bin", "system.json"]
     assert await answer(hass) == "Hello from the simulator."
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     assert loaded.recent[-1].cache == "system"
     # Space is back: the next write clears the repair.
     await hass.async_add_executor_job(disk.free)
@@ -177,7 +177,7 @@ async def test_read_only_disk_with_stale_cache(
     )
     assert cache_issue(hass, entry.entry_id) is None
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert agent.cache is not None
+    assert agent.system_cache.cache is not None
     assert await answer(hass) == "Hello from the simulator."
 
 

@@ -63,7 +63,7 @@ async def test_abort_waits_off_the_loop(
             "extra": ("abort_after_prefill 1",),
         }
     )
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     loop = asyncio.get_running_loop()
     ticks: list[float] = []
 
@@ -78,7 +78,7 @@ async def test_abort_waits_off_the_loop(
             hass, "ab " * 300, None, Context(), agent_id="conversation.agent_0"
         )
     )
-    while not loaded.lock.locked():
+    while not loaded.busy:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)
     started = loop.time()
@@ -91,4 +91,4 @@ async def test_abort_waits_off_the_loop(
     assert waited > 0.4  # the run went on until its prefill was done
     gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False)]
     assert max(gaps) < 0.35  # blocked, the loop would stall for the ~0.8 s prefill
-    assert not loaded.lock.locked()
+    assert not loaded.busy

@@ -109,14 +109,14 @@ async def test_abort_during_prefill(
 ) -> None:
     """Cancelling while the model is still prefilling aborts it; the model is free at once."""
     entry = await make_entry(model_kwargs={"prefill_ms_per_token": 1})
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     task = hass.async_create_task(converse(hass, "please " * 400))
-    while not loaded.lock.locked():
+    while not loaded.busy:
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.05)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    assert not loaded.lock.locked()
+    assert not loaded.busy
     assert len(loaded.recent) == 0  # the aborted run produced no answer
     record = last_run_record(entry)
     assert record["status"] == "aborted"
@@ -135,9 +135,9 @@ async def test_unload_during_generation(
             "decode_ms_per_token": 5,
         }
     )
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     task = hass.async_create_task(converse(hass, "talk"))
-    while not loaded.lock.locked():
+    while not loaded.busy:
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.05)
     assert await hass.config_entries.async_unload(entry.entry_id)

@@ -144,7 +144,7 @@ async def test_failed_write_keeps_old_cache(
     assert issue.translation_placeholders["free"].endswith(" MB")
     assert "No space left" in issue.translation_placeholders["error"]
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert agent.cache is None
+    assert agent.system_cache.cache is None
     result = await conversation.async_converse(
         hass, "hello", None, Context(), agent_id="conversation.agent_0"
     )
@@ -232,7 +232,7 @@ async def test_agents_share_a_model_handle(
     """Two agents on one model load it once."""
     entry = await make_entry({}, {"temperature": 0.1})
     agents = list(entry.runtime_data.agents.values())
-    assert agents[0].loaded is agents[1].loaded
+    assert agents[0].session is agents[1].session
     assert sim_counter(entry, "init") == 1
 
 
@@ -241,7 +241,7 @@ async def test_unload_destroys_handles(
 ) -> None:
     """Unload destroys every handle and joins the worker threads."""
     entry = await make_entry()
-    model = next(iter(entry.runtime_data.agents.values())).loaded.model
+    model = next(iter(entry.runtime_data.agents.values())).session.worker
     assert await hass.config_entries.async_unload(entry.entry_id)
     assert model.closed
     assert entry.state is ConfigEntryState.NOT_LOADED

@@ -17,7 +17,7 @@ import signal
 
 import pytest
 
-from custom_components.rockchip_llm import engine as engine_module
+from custom_components.rockchip_llm import session as session_module
 from custom_components.rockchip_llm.rkllm.errors import (
     LibraryCopyFailed,
     LibraryLoadError,
@@ -92,7 +92,7 @@ async def test_damaged_copy_replaced(
         hass, "hello", None, Context(), agent_id=AGENT
     )
     assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
-    worker = next(iter(entry.runtime_data.agents.values())).loaded.model.pid
+    worker = next(iter(entry.runtime_data.agents.values())).session.worker.pid
     assert worker is not None
 
     def check() -> None:
@@ -188,9 +188,9 @@ async def test_copy_damaged_while_running(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker restarted after the copy was damaged refuses it; a reload repairs it."""
-    monkeypatch.setattr(engine_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
+    monkeypatch.setattr(session_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
     entry = await make_entry()
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     original = sim_library.read_bytes()
     copy = cache_dir / ".runtime" / f"librkllmrt-{git_blob_sha1(original)}.so"
 
@@ -200,10 +200,10 @@ async def test_copy_damaged_while_running(
         staged.replace(copy)
 
     await hass.async_add_executor_job(damage)
-    pid = loaded.model.pid
+    pid = loaded.worker.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    while loaded.model.death is None:
+    while loaded.worker.death is None:
         await asyncio.sleep(0.01)
     result = await conversation.async_converse(
         hass, "hello", None, Context(), agent_id=AGENT

@@ -33,7 +33,7 @@ async def _two_models(make_entry: EntryFactory, write_model: ModelWriter) -> lis
     entry = await make_entry({}, {CONF_MODEL: "Other Sim"})
     return sorted(
         loaded.params.base_domain_id
-        for loaded in entry.runtime_data.engine.models.values()
+        for loaded in entry.runtime_data.engine.sessions.values()
     )
 
 

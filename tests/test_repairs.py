@@ -109,7 +109,7 @@ async def test_pick_another_model(
     await hass.async_block_till_done()
     assert entry.subentries[subentry_id].data["model"] == "Renamed"
     assert entry.state is ConfigEntryState.LOADED
-    assert entry.runtime_data.agents[subentry_id].loaded.name == "Renamed"
+    assert entry.runtime_data.agents[subentry_id].session.name == "Renamed"
     assert ir.async_get(hass).async_get_issue(DOMAIN, issue_id) is None
     assert hass.states.get("conversation.agent_0").state != "unavailable"
 

@@ -15,7 +15,7 @@ from pytest_homeassistant_custom_component.common import (
 
 from custom_components.rockchip_llm import host
 from custom_components.rockchip_llm.const import DOMAIN
-from custom_components.rockchip_llm.engine import RECENT_RUNS, LoadedModel
+from custom_components.rockchip_llm.session import RECENT_RUNS, ModelSession
 from homeassistant.components import conversation
 from homeassistant.const import (
     EVENT_STATE_CHANGED,
@@ -73,9 +73,9 @@ def state(hass: HomeAssistant, key: str) -> str:
     return current.state
 
 
-def loaded_model(entry: MockConfigEntry) -> LoadedModel:
+def model_session(entry: MockConfigEntry) -> ModelSession:
     """The model of the entry's first agent."""
-    loaded: LoadedModel = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded: ModelSession = next(iter(entry.runtime_data.agents.values())).session
     return loaded
 
 
@@ -103,14 +103,17 @@ async def test_sensors_after_setup_and_a_conversation(
         model_kwargs={"extra": ("memory_usage_mb 812.5",), "decode_ms_per_token": 2},
     )
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert agent.cache is not None and agent.cache.metadata is not None
-    tokens = agent.cache.metadata.tokens
+    assert (
+        agent.system_cache.cache is not None
+        and agent.system_cache.cache.metadata is not None
+    )
+    tokens = agent.system_cache.cache.metadata.tokens
     assert tokens > 0
     assert state(hass, "prompt_cache") == "ready"
     assert int(state(hass, "system_prompt_tokens")) == tokens
     assert float(state(hass, "context_use")) == round(tokens * 100 / 2048, 1)
     assert float(state(hass, "prompt_cache_size")) == pytest.approx(
-        agent.cache.metadata.size_bytes / 1_000_000, abs=0.05
+        agent.system_cache.cache.metadata.size_bytes / 1_000_000, abs=0.05
     )
     assert state(hass, "time_to_first_token") == STATE_UNKNOWN
     assert state(hass, "prefill_tokens") == STATE_UNKNOWN
@@ -130,7 +133,7 @@ async def test_sensors_after_setup_and_a_conversation(
     await converse(hass)
     unsubscribe()
     assert queue_states == []  # a request that did not wait was never counted
-    run = loaded_model(entry).recent[-1]
+    run = model_session(entry).recent[-1]
     assert run.ttft_ms is not None and run.generate_tokens > 0
     assert int(state(hass, "prefill_tokens")) == run.prefill_tokens > 0
     assert float(state(hass, "time_to_first_token")) == round(run.ttft_ms, 1)
@@ -169,7 +172,7 @@ async def test_building_while_a_cache_build_runs(
 ) -> None:
     """rebuild_cache shows "building" and busy while it runs, then the new cache."""
     entry = await make_entry(model_kwargs={"prefill_ms_per_token": 1.5})
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     seen: list[tuple[str, str]] = []
 
     def record(*_args: object) -> None:
@@ -245,12 +248,12 @@ async def test_queue_length_and_busy(
 ) -> None:
     """Requests waiting for the model are counted; busy follows the model's use."""
     entry = await make_entry()
-    loaded = loaded_model(entry)
-    async with loaded.lock:
+    loaded = model_session(entry)
+    async with loaded._lock:
         assert hass.states.get(BUSY).state == STATE_ON
         first = hass.async_create_task(converse(hass))
         second = hass.async_create_task(converse(hass))
-        while loaded.lock.waiting < 2:
+        while loaded.waiting < 2:
             await asyncio.sleep(0.005)
         assert state(hass, "queue_length") == "2"
     await first
@@ -320,7 +323,7 @@ async def test_last_answer_is_per_agent(
 ) -> None:
     """Agents sharing a model each show their own last answer, however busy the other."""
     entry = await make_entry({}, {"temperature": 0.1})
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     await converse(hass, "hello")
     first = loaded.recent[-1]
     for _turn in range(RECENT_RUNS):

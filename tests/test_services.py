@@ -75,8 +75,8 @@ async def test_list_create_delete(
     """Named caches are created, listed with validity, used by prefix, and deleted."""
     entry = await make_entry()
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert agent.prefix is not None
-    head = agent.prefix.prompt[:80]
+    assert agent.system_cache.prefix is not None
+    head = agent.system_cache.prefix.prompt[:80]
     created = await call(
         hass, "create_cache", {"model": "Qwen3 Sim", "name": "head", "prompt": head}
     )
@@ -93,8 +93,8 @@ async def test_list_create_delete(
 
     # The exact system cache is longer than "head", so requests use "system".
     await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
-    assert agent.loaded.loaded_cache is not None
-    assert agent.loaded.loaded_cache.name == "system"
+    assert agent.session.loaded_cache is not None
+    assert agent.session.loaded_cache.name == "system"
 
     await call(
         hass, "delete_cache", {"model": "Qwen3 Sim", "name": "system"}, response=False
@@ -104,8 +104,8 @@ async def test_list_create_delete(
     await conversation.async_converse(
         hass, "hello again", None, Context(), agent_id=AGENT
     )
-    assert agent.loaded.loaded_cache is not None
-    assert agent.loaded.loaded_cache.name == "head"
+    assert agent.session.loaded_cache is not None
+    assert agent.session.loaded_cache.name == "head"
     # The next setup rebuilds the system cache.
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert (cache_dir / "Qwen3 Sim" / "system.json").exists()
@@ -164,7 +164,7 @@ async def test_benchmark(hass: HomeAssistant, make_entry: EntryFactory) -> None:
     assert cold["memory_mb"] > 0
     assert result["runtime_version"] in {"1.2.3", "1.3.0"}
     # The agent still answers from its cache afterwards.
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.name == "system"
     await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
@@ -176,11 +176,11 @@ async def test_benchmark_waits_for_voice_requests(
 ) -> None:
     """A benchmark called during a voice request runs after it, in the model's queue."""
     entry = await make_entry(model_kwargs={"decode_ms_per_token": 3})
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     voice = hass.async_create_task(
         conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
     )
-    while not loaded.lock.locked():
+    while not loaded.busy:
         await asyncio.sleep(0.005)
     result = await call(hass, "benchmark", {"agent": AGENT, "runs": 1})
     assert voice.done()
@@ -195,7 +195,7 @@ async def test_rebuild_failure_is_reported(
 ) -> None:
     """Disk full during a rebuild fails the action clearly; the old cache keeps serving."""
     entry = await make_entry()
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     old = (cache_dir / "Qwen3 Sim" / "system.json").read_bytes()
     with (
         patch(
@@ -237,7 +237,7 @@ async def test_cache_files_removed_behind_our_back(
         hass, "hello", None, Context(), agent_id=AGENT
     )
     assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
-    assert agent.loaded.recent[-1].cache is None
+    assert agent.session.recent[-1].cache is None
     async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=31))
     await hass.async_block_till_done(wait_background_tasks=True)
     assert (cache_dir / "Qwen3 Sim" / "system.bin").exists()
@@ -336,7 +336,7 @@ async def test_nul_bytes_are_refused(
     assert str(err.value).startswith("There is a NUL character in the prompt,")
     assert not (cache_dir / "Qwen3 Sim" / "cut.json").exists()
     assert sim_counter(entry, "prompt_cache_save") == saves
-    loaded = next(iter(entry.runtime_data.agents.values())).loaded
+    loaded = next(iter(entry.runtime_data.agents.values())).session
     with pytest.raises(ServiceValidationError) as err:
         await call(hass, "benchmark", {"agent": AGENT, "question": "on?\0x"})
     assert str(err.value).startswith("There is a NUL character in the question,")

@@ -15,7 +15,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 
 from .conftest import EntryFactory, last_run_record, sim_counter
-from .test_conversation import converse, loaded_model, speech
+from .test_conversation import converse, model_session, speech
 from .test_diagnostics import get_diagnostics
 
 
@@ -31,8 +31,8 @@ async def test_runtime_that_saves_no_cache(
         entry = await make_entry(model_kwargs={"extra": ("no_prompt_cache_save 1",)})
     assert entry.state is ConfigEntryState.LOADED
     agent = next(iter(entry.runtime_data.agents.values()))
-    loaded = loaded_model(entry)
-    assert agent.cache is None
+    loaded = model_session(entry)
+    assert agent.system_cache.cache is None
     assert loaded.cache_unsupported is not None
     first = await converse(hass, "hello")
     await converse(hass, "hello again", first.conversation_id)
@@ -105,9 +105,9 @@ async def test_cache_ignored_with_keep_history_found_at_setup(
     """
     entry = await make_entry(model_kwargs={"extra": ("ignore_cache_with_history 1",)})
     agent = next(iter(entry.runtime_data.agents.values()))
-    loaded = loaded_model(entry)
-    assert agent.strategy is HistoryStrategy.PROMPT_CACHE_ONLY
-    [failure] = agent.reuse_failures
+    loaded = model_session(entry)
+    assert agent.history.strategy is HistoryStrategy.PROMPT_CACHE_ONLY
+    [failure] = agent.history.failures
     assert failure["source"] == "warm-up"
     assert failure["strategy"] == "auto"
     assert failure["prefill_tokens"] > failure["prefix_tokens"] > 50
@@ -132,7 +132,7 @@ async def test_cache_ignored_with_keep_history_found_at_setup(
     await hass.config_entries.async_reload(entry.entry_id)
     await hass.async_block_till_done()
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert [f["strategy"] for f in agent.reuse_failures] == ["auto"]
+    assert [f["strategy"] for f in agent.history.failures] == ["auto"]
 
 
 async def test_request_that_is_not_reused_falls_back(
@@ -141,12 +141,12 @@ async def test_request_that_is_not_reused_falls_back(
     """A request that prefilled the whole prefix again switches the agent down."""
     entry = await make_entry(model_kwargs={"extra": ("ignore_cache_with_history 1",)})
     agent = next(iter(entry.runtime_data.agents.values()))
-    agent.strategy = HistoryStrategy.AUTO  # as if the warm-up had not run
+    agent.history.strategy = HistoryStrategy.AUTO  # as if the warm-up had not run
     await converse(hass, "hello")
-    assert agent.strategy is HistoryStrategy.PROMPT_CACHE_ONLY
-    assert agent.reuse_failures[-1]["source"] == "request"
+    assert agent.history.strategy is HistoryStrategy.PROMPT_CACHE_ONLY
+    assert agent.history.failures[-1]["source"] == "request"
     await converse(hass, "hello")
-    assert loaded_model(entry).recent[-1].prefill_tokens < 40
+    assert model_session(entry).recent[-1].prefill_tokens < 40
 
 
 async def test_realistic_cache_files_survive_a_reload(
@@ -154,7 +154,7 @@ async def test_realistic_cache_files_survive_a_reload(
 ) -> None:
     """Caches of a real KV's size per token are loaded after a reload, not rebuilt."""
     entry = await make_entry(model_kwargs={"extra": ("cache_bytes_per_token 4096",)})
-    loaded = loaded_model(entry)
+    loaded = model_session(entry)
     assert loaded.loaded_cache is not None
     metadata = loaded.loaded_cache.metadata
     assert metadata is not None
@@ -167,7 +167,7 @@ async def test_realistic_cache_files_survive_a_reload(
     assert sim_counter(entry, "prompt_cache_load") == loads + 1
     result = await converse(hass, "hello")
     assert speech(result) == "Hello from the simulator."
-    assert loaded_model(entry).recent[-1].prefill_tokens < 40
+    assert model_session(entry).recent[-1].prefill_tokens < 40
 
 
 async def test_prompt_cache_only_falls_back_to_off(
@@ -176,10 +176,12 @@ async def test_prompt_cache_only_falls_back_to_off(
     """The second step: a cache not honoured without history either means off."""
     entry = await make_entry({"history_strategy": "prompt_cache_only"})
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert agent.strategy is HistoryStrategy.PROMPT_CACHE_ONLY  # the warm-up passed
-    assert agent.check_reuse(30, 40, 1800, "request")
-    assert not agent.check_reuse(1830, 40, 1800, "request")
-    assert agent.strategy is HistoryStrategy.OFF
+    assert (
+        agent.history.strategy is HistoryStrategy.PROMPT_CACHE_ONLY
+    )  # the warm-up passed
+    assert agent.history.check_reuse(30, 40, 1800, "request")
+    assert not agent.history.check_reuse(1830, 40, 1800, "request")
+    assert agent.history.strategy is HistoryStrategy.OFF
     issue = ir.async_get(hass).async_get_issue(
         DOMAIN, f"reuse_not_honoured_{agent.subentry_id}"
     )
@@ -194,7 +196,7 @@ async def test_prompt_cache_only_falls_back_to_off(
     }
     result = await converse(hass, "hello")
     assert speech(result) == "Hello from the simulator."
-    assert loaded_model(entry).loaded_cache is None
+    assert model_session(entry).loaded_cache is None
 
 
 async def test_cache_of_a_tool_list_prefix_is_rebuilt_as_a_template(
@@ -215,8 +217,8 @@ async def test_cache_of_a_tool_list_prefix_is_rebuilt_as_a_template(
     await hass.config_entries.async_reload(entry.entry_id)
     await hass.async_block_till_done()
     agent = next(iter(entry.runtime_data.agents.values()))
-    assert agent.cache is not None
-    assert agent.cache.metadata is not None
-    assert agent.cache.metadata.created_at != metadata["created_at"]
-    assert agent.strategy is HistoryStrategy.AUTO
-    assert not agent.reuse_failures
+    assert agent.system_cache.cache is not None
+    assert agent.system_cache.cache.metadata is not None
+    assert agent.system_cache.cache.metadata.created_at != metadata["created_at"]
+    assert agent.history.strategy is HistoryStrategy.AUTO
+    assert not agent.history.failures

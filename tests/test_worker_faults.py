@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from custom_components.rockchip_llm import engine as engine_module
+from custom_components.rockchip_llm import session as session_module
 from custom_components.rockchip_llm.const import CONF_STALL_TIMEOUT
-from custom_components.rockchip_llm.engine import LoadedModel
 from custom_components.rockchip_llm.rkllm import worker as worker_module
+from custom_components.rockchip_llm.session import ModelSession
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
@@ -25,7 +25,7 @@ SLOW = " ".join(f"w{i}" for i in range(200))
 @pytest.fixture(autouse=True)
 def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Restart died workers without the production pauses."""
-    monkeypatch.setattr(engine_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
+    monkeypatch.setattr(session_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
 
 
 async def converse(
@@ -43,10 +43,10 @@ def speech(result: conversation.ConversationResult) -> str:
     return text
 
 
-def loaded_of(entry: object, index: int = 0) -> LoadedModel:
+def session_of(entry: object, index: int = 0) -> ModelSession:
     """The loaded model of the entry's agent number index."""
     agents = list(entry.runtime_data.agents.values())  # type: ignore[attr-defined]
-    loaded: LoadedModel = agents[index].loaded
+    loaded: ModelSession = agents[index].session
     return loaded
 
 
@@ -81,8 +81,8 @@ async def test_crash_mid_answer_is_an_error_and_the_model_comes_back(
     write_model(replies=(f"default => {SLOW}",), decode_ms_per_token=5)
     write_model("Other")
     entry = await make_entry({}, {"model": "Other"})
-    loaded = loaded_of(entry)
-    first_pid = loaded.model.pid
+    loaded = session_of(entry)
+    first_pid = loaded.worker.pid
     assert first_pid is not None and first_pid != os.getpid()
     task = await start_answer(hass)
     os.kill(first_pid, signal.SIGSEGV)
@@ -96,7 +96,7 @@ async def test_crash_mid_answer_is_an_error_and_the_model_comes_back(
     # The crashed model is started again for the next request.
     again = await converse(hass, "talk")
     assert speech(again) == SLOW
-    assert loaded.model.pid not in (None, first_pid)
+    assert loaded.worker.pid not in (None, first_pid)
     assert loaded.failure is None
 
 
@@ -105,13 +105,13 @@ async def test_abort_signal_in_an_idle_worker_is_survived(
 ) -> None:
     """A worker that dies between requests (abort()) is replaced by the next one."""
     entry = await make_entry()
-    loaded = loaded_of(entry)
-    pid = loaded.model.pid
+    loaded = session_of(entry)
+    pid = loaded.worker.pid
     assert pid is not None
     os.kill(pid, signal.SIGABRT)
-    while loaded.model.death is None:
+    while loaded.worker.death is None:
         await asyncio.sleep(0.01)
-    assert "SIGABRT" in str(loaded.model.death)
+    assert "SIGABRT" in str(loaded.worker.death)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
 
 
@@ -120,18 +120,18 @@ async def test_a_model_that_keeps_dying_is_given_up_until_reload(
 ) -> None:
     """No restart loop hammering the NPU: after 5 deaths in 10 minutes it stays down."""
     entry = await make_entry()
-    loaded = loaded_of(entry)
-    for _death in range(engine_module.MAX_DEATHS):
-        pid = loaded.model.pid
+    loaded = session_of(entry)
+    for _death in range(session_module.MAX_DEATHS):
+        pid = loaded.worker.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        while loaded.model.death is None:
+        while loaded.worker.death is None:
             await asyncio.sleep(0.01)
         result = await converse(hass, "hello")
     assert result.response.response_type is intent.IntentResponseType.ERROR
     assert "reload the integration" in speech(result)
     assert loaded.failure is not None
-    assert loaded.model.pid == pid  # not started again
+    assert loaded.worker.pid == pid  # not started again
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
 
@@ -154,13 +154,13 @@ async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
     )
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
-    loaded = loaded_of(entry)
-    pid = loaded.model.pid
+    loaded = session_of(entry)
+    pid = loaded.worker.pid
     assert pid is not None
     task = await start_answer(hass)
     os.kill(pid, signal.SIGSTOP)  # frozen: no text, no reaction to the abort
     result = await task
     assert result.response.response_type is intent.IntentResponseType.ERROR
     assert "produced no text for 1 s" in speech(result)
-    assert "SIGKILL" in str(loaded.model.death)
+    assert "SIGKILL" in str(loaded.worker.death)
     assert speech(await converse(hass, "talk")) == SLOW

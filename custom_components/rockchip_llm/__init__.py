@@ -49,6 +49,7 @@ from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLL
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
 from .services import async_setup_services, async_update_model_selectors
+from .system_cache import SystemCacheKeeper
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
@@ -74,6 +75,15 @@ class RockchipRuntime:
     def chat_agents(self) -> list[Agent]:
         """The conversation agents (those with a system cache)."""
         return [agent for agent in self.agents.values() if agent.chat]
+
+    @property
+    def system_caches(self) -> dict[str, SystemCacheKeeper]:
+        """The system prompt caches of the conversation agents, by subentry id."""
+        return {
+            subentry_id: agent.system_cache
+            for subentry_id, agent in self.agents.items()
+            if agent.system_cache is not None
+        }
 
 
 type RockchipConfigEntry = ConfigEntry[RockchipRuntime]
@@ -217,7 +227,7 @@ async def _async_load_agents(
         for subentry_id in subentry_ids:
             subentry = entry.subentries[subentry_id]
             try:
-                loaded = await runtime.engine.async_acquire(info, params)
+                session = await runtime.engine.async_acquire(info, params)
             except RKLLMError as err:
                 # Only this model's agents are down; the others and the entry stay up
                 # (and the agents editable). A reload tries again.
@@ -225,17 +235,17 @@ async def _async_load_agents(
                 continue
             runtime.agents[subentry_id] = Agent(
                 hass,
-                runtime.engine,
+                session,
                 subentry_id,
                 subentry.data,
-                loaded,
                 chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
                 title=subentry.title,
             )
     disk_failed = False
-    for agent in runtime.chat_agents:
+    for subentry_id, system_cache in runtime.system_caches.items():
+        agent = runtime.agents[subentry_id]
         try:
-            await agent.async_prepare("setup")
+            await system_cache.async_prepare("setup")
         except CacheWriteError as err:
             if err.disk_problem is None:
                 _async_agent_failed(
@@ -243,18 +253,24 @@ async def _async_load_agents(
                     entry,
                     entry.subentries[agent.subentry_id],
                     err,
-                    agent.loaded.name,
+                    agent.session.name,
                 )
-                del runtime.agents[agent.subentry_id]
+                runtime.agents.pop(agent.subentry_id).shutdown()
                 continue
             # The repair is raised; the agent answers without a cache meanwhile.
-            LOGGER.warning("%s runs without a prompt cache: %s", agent.loaded.name, err)
+            LOGGER.warning(
+                "%s runs without a prompt cache: %s", agent.session.name, err
+            )
             disk_failed = True
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
             _async_agent_failed(
-                hass, entry, entry.subentries[agent.subentry_id], err, agent.loaded.name
+                hass,
+                entry,
+                entry.subentries[agent.subentry_id],
+                err,
+                agent.session.name,
             )
-            del runtime.agents[agent.subentry_id]
+            runtime.agents.pop(agent.subentry_id).shutdown()
             continue
     if not disk_failed:
         ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
@@ -362,8 +378,8 @@ def _async_track_prefix_sources(
 
     @callback
     def schedule(*_args: object) -> None:
-        for agent in runtime.chat_agents:
-            agent.schedule_refresh()
+        for system_cache in runtime.system_caches.values():
+            system_cache.schedule_refresh()
 
     entry.async_on_unload(
         async_listen_entity_updates(hass, CONVERSATION_DOMAIN, schedule)
@@ -377,8 +393,8 @@ def _async_track_prefix_sources(
 
     async def refresh_after_start(_hass: HomeAssistant) -> None:
         # Other integrations' entities may exist only now: the prefix can differ.
-        for agent in runtime.chat_agents:
-            await agent.async_refresh_now()
+        for system_cache in runtime.system_caches.values():
+            await system_cache.async_refresh_now()
 
     entry.async_on_unload(async_at_started(hass, refresh_after_start))
 

@@ -10,7 +10,7 @@ from homeassistant.helpers import llm
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
-from .const import DOMAIN, SUBENTRY_AI_TASK, HistoryStrategy
+from .const import DOMAIN, SUBENTRY_AI_TASK
 from .entity import RockchipLLMBaseEntity, ready_subentries
 from .ha_compat import schema_to_openapi, vol
 from .text_check import refuse_nul
@@ -61,11 +61,6 @@ class RockchipAITaskEntity(ai_task.AITaskEntity, RockchipLLMBaseEntity):
     """Generates data with a model on the NPU."""
 
     _attr_supported_features = ai_task.AITaskEntityFeature.GENERATE_DATA
-
-    @property
-    def history_strategy(self) -> HistoryStrategy:
-        """Every task stands alone: reuse only prompt caches."""
-        return HistoryStrategy.PROMPT_CACHE_ONLY
 
     async def _async_generate_data(
         self, task: ai_task.GenDataTask, chat_log: conversation.ChatLog

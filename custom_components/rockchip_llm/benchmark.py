@@ -1,13 +1,17 @@
 """On-board benchmark: the same question with and without the system prompt cache."""
 
+from __future__ import annotations
+
 from dataclasses import asdict, dataclass
 from statistics import mean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine import Engine, Generation, LoadedModel, call, perf_or_zero
-from .prompt_cache import CacheEntry
+from .generation import perf_or_zero
 from .rkllm.runtime import RunRequest
-from .run_planner import SystemPrefix
+
+if TYPE_CHECKING:
+    from .held_model import HeldModel
+    from .prompt_cache import CacheEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,11 +27,13 @@ class BenchmarkRun:
 
 
 async def _async_measure(
-    loaded: LoadedModel, question: str, max_new_tokens: int
+    held: HeldModel, cache: CacheEntry | None, question: str, max_new_tokens: int
 ) -> BenchmarkRun:
-    await call(loaded.model.clear_kv_cache(keep_system_prompt=False))
-    generation = Generation(
-        loaded, RunRequest(prompt=question, max_new_tokens=max_new_tokens)
+    """Run question once on an empty KV, with cache loaded (None: no cache)."""
+    await held.async_use_cache(cache)
+    await held.async_reset_kv(keep_system=False)
+    generation = held.generation(
+        RunRequest(prompt=question, max_new_tokens=max_new_tokens)
     )
     result = await generation.collect()
     perf = perf_or_zero(result.perf)
@@ -56,35 +62,21 @@ def _summary(runs: list[BenchmarkRun]) -> dict[str, Any]:
     }
 
 
-async def async_benchmark(
-    engine: Engine,
-    loaded: LoadedModel,
-    prefix: SystemPrefix,
+async def async_measure_cold_and_cached(
+    held: HeldModel,
     cache: CacheEntry,
     *,
     question: str,
     runs: int,
     max_new_tokens: int,
 ) -> dict[str, Any]:
-    """Measure cold (no prompt cache, empty KV) against cached runs; the caller holds the model (Engine.async_hold)."""
-    await engine.async_set_prefix(loaded, prefix)
+    """Alternate cold runs (no prompt cache) and runs on cache; summarise each kind.
+
+    The prefix is set on the held model; the caller restores its cache and KV.
+    """
     cold: list[BenchmarkRun] = []
     cached: list[BenchmarkRun] = []
-    try:
-        for _run in range(runs):
-            await engine.async_use_cache(loaded, None)
-            cold.append(await _async_measure(loaded, question, max_new_tokens))
-            await engine.async_use_cache(loaded, cache)
-            cached.append(await _async_measure(loaded, question, max_new_tokens))
-    finally:
-        await engine.async_use_cache(loaded, cache)
-        await engine.async_reset_kv(loaded)
-    return {
-        "model": loaded.name,
-        "runtime_version": engine.library.info.version,
-        "simulated": engine.simulated,
-        "question": question,
-        "system_prompt_tokens": cache.metadata.tokens if cache.metadata else None,
-        "cold": _summary(cold),
-        "cached": _summary(cached),
-    }
+    for _run in range(runs):
+        cold.append(await _async_measure(held, None, question, max_new_tokens))
+        cached.append(await _async_measure(held, cache, question, max_new_tokens))
+    return {"question": question, "cold": _summary(cold), "cached": _summary(cached)}

@@ -45,4 +45,4 @@ class BusySensor(AgentStatusEntity, BinarySensorEntity):
     @property
     def is_on(self) -> bool:
         """Whether the model is in use."""
-        return self.agent.loaded.lock.locked()
+        return self.agent.session.busy

@@ -481,8 +481,8 @@ async def async_scan_or_abort(
 def _context_limit(entry: ConfigEntry, model: str) -> int | None:
     """Return the model's context limit, known once the runtime has loaded it."""
     runtime = getattr(entry, "runtime_data", None)
-    loaded = runtime.engine.models.get(model) if runtime is not None else None
-    return loaded.model.context_limit if loaded is not None else None
+    session = runtime.engine.sessions.get(model) if runtime is not None else None
+    return session.worker.context_limit if session is not None else None
 
 
 class ConversationFlowHandler(ConfigSubentryFlow):

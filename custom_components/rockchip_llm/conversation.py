@@ -53,7 +53,8 @@ class RockchipConversationEntity(
 
     async def async_prepare(self, language: str | None = None) -> None:
         """Warm up when a pipeline starts: make sure the system cache is current."""
-        await self.agent.async_refresh_now()
+        if (system_cache := self.agent.system_cache) is not None:
+            await system_cache.async_refresh_now()
 
     async def _async_handle_message(
         self,

@@ -18,12 +18,13 @@ from homeassistant.core import HomeAssistant
 from . import RockchipConfigEntry, RockchipRuntime
 from .agent import Agent
 from .const import CONF_LIBRARY_PATH, CONF_MODELS_DIR, CONF_PROMPT
-from .engine import Engine, LoadedModel
+from .engine import Engine
 from .host import read_host_info
 from .model_files import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheEntry, CacheError
 from .rkllm.errors import LibraryError
 from .rkllm.library import RuntimeInfo, inspect_library
+from .session import ModelSession
 from .simulation import file_is_simulator
 
 TO_REDACT: Final = {CONF_PROMPT}
@@ -74,37 +75,38 @@ def _scan(scan: ModelScan) -> dict[str, Any]:
     }
 
 
-def _loaded_model(loaded: LoadedModel) -> dict[str, Any]:
-    """Describe a model handle: identity, init parameters and what it holds."""
-    params = loaded.params
+def _session(session: ModelSession) -> dict[str, Any]:
+    """Describe a loaded model: identity, init parameters and what its handle holds."""
+    worker = session.worker
+    loaded_cache = session.loaded_cache
     return {
-        "path": str(loaded.info.path),
-        "fingerprint": dict(loaded.fingerprint),
-        "params": _jsonable(params),
-        "users": loaded.users,
-        "loaded_cache": loaded.loaded_cache.name if loaded.loaded_cache else None,
-        "prompt_cache_unsupported": loaded.cache_unsupported,
-        "kv_tokens": loaded.kv_tokens,
-        "kv_messages": len(loaded.kv.messages) if loaded.kv is not None else None,
-        "busy": loaded.lock.locked(),
+        "path": str(session.info.path),
+        "fingerprint": dict(session.fingerprint),
+        "params": _jsonable(session.params),
+        "users": session.users,
+        "loaded_cache": loaded_cache.name if loaded_cache else None,
+        "prompt_cache_unsupported": session.cache_unsupported,
+        "kv_tokens": session.kv_tokens,
+        "kv_messages": session.kv_messages,
+        "busy": session.busy,
         "worker": {
-            "pid": loaded.model.pid,
-            "died": str(loaded.model.death) if loaded.model.death else None,
-            "deaths_recent": len(loaded.deaths),
-            "given_up": str(loaded.failure) if loaded.failure else None,
-            "runtime_output": loaded.model.output_tail(),
+            "pid": worker.pid,
+            "died": str(worker.death) if worker.death else None,
+            "deaths_recent": len(session.deaths),
+            "given_up": str(session.failure) if session.failure else None,
+            "runtime_output": worker.output_tail(),
         },
-        # The engine records runs per model handle, not per agent.
-        "recent_runs": _jsonable(loaded.recent),
+        # Runs are recorded per model, not per agent.
+        "recent_runs": _jsonable(session.recent),
     }
 
 
 def _prefix(agent: Agent) -> dict[str, Any] | None:
     """Summarise the agent's rendered system prefix: hashes and sizes, no text."""
-    prefix = agent.prefix
+    prefix = agent.system_cache.prefix if agent.system_cache else None
     if prefix is None:
         return None
-    expectation = agent.engine.expectation(agent.loaded, prefix)
+    expectation = agent.session.expectation(prefix)
     return {
         "prompt_sha256": expectation.prompt_sha256,
         "prompt_length": len(prefix.prompt),
@@ -117,24 +119,25 @@ def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
     """Describe an agent: settings, system prefix and cache, model it shares."""
     runtime = entry.runtime_data
     subentry = entry.subentries.get(agent.subentry_id)
+    cache = agent.system_cache.cache if agent.system_cache else None
     return {
         "title": subentry.title if subentry else None,
         "chat": agent.chat,
-        "model": agent.loaded.name,
+        "model": agent.session.name,
         "settings": _jsonable(agent.settings),
-        "history_strategy_in_force": agent.strategy.value,
-        "reuse_failures": list(agent.reuse_failures),
-        "cache": agent.cache.name if agent.cache else None,
+        "history_strategy_in_force": agent.history.strategy.value,
+        "reuse_failures": list(agent.history.failures),
+        "cache": cache.name if cache else None,
         "prefix": _prefix(agent),
         "recent_runs": [
             _jsonable(run)
-            for run in agent.loaded.recent
+            for run in agent.session.recent
             if run.agent == agent.subentry_id
         ],
         "shares_model_with": [
             other.subentry_id
             for other in runtime.agents.values()
-            if other is not agent and other.loaded is agent.loaded
+            if other is not agent and other.session is agent.session
         ],
     }
 
@@ -142,11 +145,12 @@ def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
 def _cache(runtime: RockchipRuntime, entry: CacheEntry) -> dict[str, Any]:
     """Describe a stored cache and whether it serves its agents' current prefix."""
     checks = {
-        agent.subentry_id: entry.invalid_reason(
-            runtime.engine.expectation(agent.loaded, agent.prefix)
+        subentry_id: entry.invalid_reason(
+            runtime.agents[subentry_id].session.expectation(system_cache.prefix)
         )
-        for agent in runtime.chat_agents
-        if agent.prefix is not None and agent.loaded.name == entry.model
+        for subentry_id, system_cache in runtime.system_caches.items()
+        if system_cache.prefix is not None
+        and runtime.agents[subentry_id].session.name == entry.model
     }
     return {
         "model": entry.model,
@@ -224,7 +228,7 @@ async def async_get_config_entry_diagnostics(
         "runtime": _runtime_info(engine.library.info) | {"simulated": engine.simulated},
         "models": _scan(runtime.scan),
         "loaded_models": {
-            name: _loaded_model(loaded) for name, loaded in engine.models.items()
+            name: _session(session) for name, session in engine.sessions.items()
         },
         "agents": {
             subentry_id: _agent(entry, agent)

@@ -24,6 +24,8 @@ class Message:
 
     role: Role
     text: str
+    tool_call_id: str | None = None
+    """For a tool result: the id of the call it answers."""
 
 
 @dataclass(frozen=True, slots=True)

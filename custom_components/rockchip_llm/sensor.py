@@ -28,6 +28,7 @@ from . import RockchipConfigEntry, host
 from .agent import Agent
 from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
 from .entity import ready_subentries
+from .prompt_cache import CacheEntry
 from .status import AgentStatusEntity, last_run
 
 # Readings are pushed by the model's handle; nothing waits for an update.
@@ -47,23 +48,27 @@ class CacheState(StrEnum):
     NONE = "none"
 
 
+def _system_cache(agent: Agent) -> CacheEntry | None:
+    return agent.system_cache.cache if agent.system_cache else None
+
+
 def cache_state(agent: Agent) -> str:
     """Whether the agent's system prompt cache is ready, being built or missing."""
-    loaded = agent.loaded
-    if loaded.building is not None:
+    session = agent.session
+    if session.building is not None:
         return CacheState.BUILDING
-    if agent.cache is not None:
+    if _system_cache(agent) is not None:
         return CacheState.READY
-    return CacheState.FAILED if loaded.build_error else CacheState.NONE
+    return CacheState.FAILED if session.build_error else CacheState.NONE
 
 
 def _cache_attributes(agent: Agent) -> Mapping[str, Any]:
-    return {"last_build_error": agent.loaded.build_error}
+    return {"last_build_error": agent.session.build_error}
 
 
 def _prompt_tokens(agent: Agent) -> int | None:
     """Tokens of the system prompt and tools, as counted by the cache build."""
-    cache = agent.cache
+    cache = _system_cache(agent)
     return cache.metadata.tokens if cache and cache.metadata else None
 
 
@@ -75,7 +80,7 @@ def _context_use(agent: Agent) -> float | None:
 
 
 def _cache_size(agent: Agent) -> int | None:
-    cache = agent.cache
+    cache = _system_cache(agent)
     return cache.metadata.size_bytes if cache and cache.metadata else None
 
 
@@ -173,7 +178,7 @@ SENSORS: Final = (
         key="queue_length",
         translation_key="queue_length",
         state_class=SensorStateClass.MEASUREMENT,
-        value_fn=lambda agent: agent.loaded.lock.waiting,
+        value_fn=lambda agent: agent.session.waiting,
     ),
     AgentSensorDescription(
         key="memory",
@@ -183,7 +188,7 @@ SENSORS: Final = (
         state_class=SensorStateClass.MEASUREMENT,
         suggested_display_precision=0,
         entity_category=EntityCategory.DIAGNOSTIC,
-        value_fn=lambda agent: agent.loaded.memory_mb,
+        value_fn=lambda agent: agent.session.memory_mb,
     ),
 )
 

@@ -25,7 +25,6 @@ from homeassistant.helpers.service import (
 from homeassistant.util.hass_dict import HassKey
 from homeassistant.util.yaml import load_yaml_dict
 
-from .benchmark import async_benchmark
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .ha_compat import vol
 from .prompt_cache import (
@@ -38,7 +37,7 @@ from .prompt_cache import (
     free_bytes,
 )
 from .rkllm.errors import RKLLMError
-from .run_planner import SystemPrefix
+from .run_planner import NO_TOOLS, SystemPrefix
 from .text_check import refuse_nul
 
 if TYPE_CHECKING:
@@ -122,6 +121,10 @@ def cache_build_error[E: HomeAssistantError](
     )
 
 
+def _runtime_of(hass: HomeAssistant, agent: Agent) -> RockchipRuntime:
+    return next(r for r in _runtimes(hass) if agent in r.agents.values())
+
+
 def _check_name(name: str) -> None:
     if not CACHE_NAME_PATTERN.fullmatch(name):
         raise _validation_error("invalid_cache_name", name=name)
@@ -167,7 +170,7 @@ def _check_loaded(hass: HomeAssistant) -> None:
 def _agent_for_model(hass: HomeAssistant, model: str) -> Agent:
     for runtime in _runtimes(hass):
         for agent in runtime.agents.values():
-            if agent.loaded.name == model:
+            if agent.session.name == model:
                 return agent
     _check_loaded(hass)
     raise _validation_error("model_not_loaded", model=model)
@@ -186,15 +189,14 @@ def _entry_json(entry: CacheEntry) -> dict[str, Any]:
 async def _async_build(
     agent: Agent, name: str, prefix: SystemPrefix | None, source: str
 ) -> CacheEntry:
+    """Build the named cache of prefix (None: the agent's own system prefix)."""
     try:
-        if prefix is None:
-            return await agent.async_rebuild(name, source)
-        async with agent.engine.async_hold(agent.loaded):
-            return await agent.engine.async_build_cache(
-                agent.loaded, prefix, name, source
-            )
+        if prefix is None and agent.system_cache is not None:
+            return await agent.system_cache.async_rebuild(name, source)
+        assert prefix is not None
+        return await agent.session.async_build_cache(prefix, name, source)
     except (RKLLMError, CacheError) as err:
-        raise cache_build_error(HomeAssistantError, agent.loaded.name, err) from err
+        raise cache_build_error(HomeAssistantError, agent.session.name, err) from err
 
 
 async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
@@ -243,19 +245,26 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
             raise _validation_error(err.translation_key, **err.placeholders) from err
         folders.append(folder)
         for entry, disk_bytes in zip(entries, sizes, strict=True):
-            loaded = engine.models.get(entry.model)
-            agent = next((a for a in runtime.chat_agents if a.loaded is loaded), None)
+            session = engine.sessions.get(entry.model)
+            system_cache = next(
+                (
+                    agent.system_cache
+                    for agent in runtime.chat_agents
+                    if agent.session is session
+                ),
+                None,
+            )
             problem = entry.problem
-            if problem is None and agent is None:
+            if problem is None and (session is None or system_cache is None):
                 problem = (
                     "model_not_loaded"
                     if entry.model in runtime.scan.models
                     else "model_missing"
                 )
-            elif problem is None and agent is not None:
+            elif problem is None and session is not None and system_cache is not None:
                 problem = (
-                    entry.invalid_reason(engine.expectation(agent.loaded, agent.prefix))
-                    if agent.prefix is not None
+                    entry.invalid_reason(session.expectation(system_cache.prefix))
+                    if system_cache.prefix is not None
                     else "agent_not_ready"
                 )
             results.append(
@@ -271,11 +280,11 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
                 "model": name,
                 "name": SYSTEM_CACHE_NAME,
                 "problem": "not_saved_by_runtime",
-                "error": loaded.cache_unsupported,
+                "error": session.cache_unsupported,
                 "valid": False,
             }
-            for name, loaded in engine.models.items()
-            if loaded.cache_unsupported is not None and model in (None, name)
+            for name, session in engine.sessions.items()
+            if session.cache_unsupported is not None and model in (None, name)
         )
     return cast("ServiceResponse", {"caches": results, "cache_dirs": folders})
 
@@ -299,7 +308,8 @@ async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
     _check_name(name)
     refuse_nul(call.data[CONF_PROMPT], CONF_PROMPT)
     agent = _agent_for_model(call.hass, call.data[CONF_MODEL])
-    tools = agent.prefix.tools_json if agent.prefix is not None else "[]"
+    system_prefix = agent.system_cache.prefix if agent.system_cache else None
+    tools = system_prefix.tools_json if system_prefix is not None else NO_TOOLS
     prefix = SystemPrefix(prompt=call.data[CONF_PROMPT], tools_json=tools)
     entry = await _async_build(agent, name, prefix, SERVICE_CREATE_CACHE)
     return {"cache": _entry_json(entry)} if call.return_response else None
@@ -310,48 +320,38 @@ async def _async_delete_cache(call: ServiceCall) -> None:
     model: str = call.data[CONF_MODEL]
     _check_name(name)
     agent = _agent_for_model(call.hass, model)
-    engine, loaded = agent.engine, agent.loaded
-    async with engine.async_hold(loaded):
-        try:
-            deleted = await engine.async_delete_cache(loaded, name)
-        except CacheError as err:
-            raise _validation_error(err.translation_key, **err.placeholders) from err
+    try:
+        deleted = await agent.session.async_delete_cache(name)
+    except CacheError as err:
+        raise _validation_error(err.translation_key, **err.placeholders) from err
     if not deleted:
         raise _validation_error("cache_not_found", model=model, name=name)
-    if name == SYSTEM_CACHE_NAME:
-        for runtime in _runtimes(call.hass):
-            for other in runtime.agents.values():
-                if other.loaded is loaded:
-                    other.cache = None
-                    other.prefix = None
-        loaded.notify()
 
 
 async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
     refuse_nul(call.data[ATTR_QUESTION], ATTR_QUESTION)
     [agent] = _agents_for(call.hass, [call.data[ATTR_AGENT]])
-    loaded = agent.loaded
-    # Waits behind voice requests, never interrupts them.
-    async with agent.engine.async_hold(loaded):
-        if agent.prefix is None or agent.cache is None:
-            raise _validation_error("cache_not_ready", agent=call.data[ATTR_AGENT])
-        try:
-            result = await async_benchmark(
-                agent.engine,
-                loaded,
-                agent.prefix,
-                agent.cache,
-                question=call.data[ATTR_QUESTION],
-                runs=call.data[ATTR_RUNS],
-                max_new_tokens=agent.settings.max_new_tokens,
-            )
-        except RKLLMError as err:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="generation_failed",
-                translation_placeholders={"error": str(err)},
-            ) from err
-    return cast("ServiceResponse", result)
+    system_cache = agent.system_cache
+    prefix = system_cache.prefix if system_cache else None
+    cache = system_cache.cache if system_cache else None
+    if prefix is None or cache is None:
+        raise _validation_error("cache_not_ready", agent=call.data[ATTR_AGENT])
+    try:
+        result = await agent.session.async_benchmark(
+            prefix,
+            cache,
+            question=call.data[ATTR_QUESTION],
+            runs=call.data[ATTR_RUNS],
+            max_new_tokens=agent.settings.max_new_tokens,
+        )
+    except RKLLMError as err:
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="generation_failed",
+            translation_placeholders={"error": str(err)},
+        ) from err
+    simulated = _runtime_of(call.hass, agent).engine.simulated
+    return cast("ServiceResponse", result | {"simulated": simulated})
 
 
 async def async_setup_services(hass: HomeAssistant) -> None:
@@ -401,7 +401,7 @@ async def async_setup_services(hass: HomeAssistant) -> None:
 def async_update_model_selectors(hass: HomeAssistant) -> None:
     """Offer the loaded models as a list in the UI's model field of the actions."""
     models = sorted(
-        {agent.loaded.name for r in _runtimes(hass) for agent in r.agents.values()}
+        {agent.session.name for r in _runtimes(hass) for agent in r.agents.values()}
     )
     for service in MODEL_SERVICES:
         description = copy.deepcopy(hass.data[_DESCRIPTIONS][service])

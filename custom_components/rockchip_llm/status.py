@@ -9,8 +9,8 @@ from homeassistant.helpers.entity import Entity, EntityDescription
 
 from . import RockchipConfigEntry
 from .agent import Agent
-from .engine import RunStats
 from .entity import agent_device_info
+from .turn import RunStats
 
 
 class AgentStatusEntity(Entity):
@@ -29,7 +29,7 @@ class AgentStatusEntity(Entity):
         self.entity_description = description
         self._agent = entry.runtime_data.agents[subentry.subentry_id]
         self._attr_unique_id = f"{subentry.subentry_id}_{description.key}"
-        self._attr_device_info = agent_device_info(self._agent, subentry)
+        self._attr_device_info = agent_device_info(entry, subentry)
 
     @property
     def agent(self) -> Agent:
@@ -39,18 +39,16 @@ class AgentStatusEntity(Entity):
     @property
     def available(self) -> bool:
         """Available while the agent's model is loaded."""
-        loaded = self._agent.loaded
-        return (
-            self._agent.engine.models.get(loaded.name) is loaded
-            and not loaded.model.closed
-        )
+        return self._agent.session.available
 
     async def async_added_to_hass(self) -> None:
         """Follow the model's changes."""
         await super().async_added_to_hass()
-        self.async_on_remove(self._agent.loaded.add_listener(self.async_write_ha_state))
+        self.async_on_remove(
+            self._agent.session.add_listener(self.async_write_ha_state)
+        )
 
 
 def last_run(agent: Agent) -> RunStats | None:
     """Return the agent's most recent answer (others on the same model do not push it out)."""
-    return agent.loaded.last_runs.get(agent.subentry_id)
+    return agent.session.last_runs.get(agent.subentry_id)

@@ -1,0 +1,115 @@
+"""Streaming one run of a model handle into the event loop (no Home Assistant imports).
+
+The handle (a worker process, or the binding itself) calls its sink from another
+thread; the text reaches the loop through ``call_soon_threadsafe``. Leaving the
+iteration early aborts the run, off the loop, and waits for it to end.
+"""
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import Future
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+
+from .rkllm.runtime import PerfStats, RunRequest, RunResult, TextSink
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class RunHandle(Protocol):
+    """What a run needs of a model handle (WorkerModel, RKLLMModel)."""
+
+    def run(self, request: RunRequest, sink: TextSink) -> Future[RunResult]:
+        """Start a run; text goes to sink, the future ends with the result."""
+
+    def abort(self) -> None:
+        """Stop the current run (may block until the runtime returns)."""
+
+
+class Generation:
+    """One streaming run: iterate for text, then read ``result``."""
+
+    def __init__(
+        self,
+        handle: RunHandle,
+        request: RunRequest,
+        *,
+        gate: asyncio.Lock | None = None,
+        on_result: Callable[[RunResult], None] | None = None,
+    ) -> None:
+        """Prepare the run; it starts when iteration starts.
+
+        gate, when given, is held during the run (runtimes before 1.2.2 run one
+        handle at a time); on_result hears of the result of a run that ended.
+        """
+        self._handle = handle
+        self._request = request
+        self._gate = gate
+        self._on_result = on_result
+        self.result: RunResult | None = None
+        self.ttft_ms: float | None = None
+        """Milliseconds from the start of the run to its first text."""
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """Start the run and yield decoded text as the runtime produces it."""
+        async with (
+            self._gate or contextlib.nullcontext(),
+            contextlib.aclosing(self._run()) as texts,
+        ):
+            async for text in texts:
+                yield text
+
+    async def _run(self) -> AsyncGenerator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def push(item: str | None) -> None:
+            # A closed loop means nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        started = time.monotonic()
+        future = self._handle.run(self._request, push)
+        future.add_done_callback(lambda _: push(None))
+        try:
+            while (text := await queue.get()) is not None:
+                if self.ttft_ms is None:
+                    self.ttft_ms = (time.monotonic() - started) * 1000
+                yield text
+            self.result = await asyncio.wrap_future(future)
+            if self._on_result is not None:
+                self._on_result(self.result)
+        finally:
+            if not future.done():
+                # rkllm_abort may block until the prefill ends (rknn-llm #400):
+                # never on the event loop.
+                aborting = loop.run_in_executor(None, self._handle.abort)
+                await _wait_quietly(future)
+                await _wait_quietly(aborting)
+
+    async def collect(self) -> RunResult:
+        """Run to the end, discarding the text, and return the result."""
+        async for _text in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+async def _wait_quietly(future: Future[Any] | asyncio.Future[Any]) -> None:
+    """Wait for an aborted run (or the abort) to end, even while being cancelled."""
+    try:
+        await asyncio.shield(asyncio.wrap_future(future))
+    except Exception:  # noqa: BLE001 - the run's own error is irrelevant after abort
+        _LOGGER.debug("Aborted run ended with an error", exc_info=True)
+
+
+async def call[T](future: Future[T]) -> T:
+    """Await a future of a model handle."""
+    return await asyncio.wrap_future(future)
+
+
+def perf_or_zero(perf: PerfStats | None) -> PerfStats:
+    """Return perf, or zeros when the runtime gave none (aborted runs)."""
+    return perf or PerfStats(0.0, 0, 0.0, 0, 0.0)
