@@ -9,14 +9,14 @@ import pytest
 from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
 from custom_components.rockchip_llm import host
-from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import EVENT_HOMEASSISTANT_STARTED
 from homeassistant.core import Context, CoreState, HomeAssistant
-from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers import intent, issue_registry as ir
 from homeassistant.util import dt as dt_util
 
 from .conftest import SIM_LIBRARIES, EntryFactory, ModelWriter, sim_counter
@@ -229,11 +229,16 @@ async def test_removed_model_folder_raises_repair(
 async def test_agents_share_a_model_handle(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
-    """Two agents on one model load it once."""
+    """Two agents on one model load it once; with the same prompt, one cache serves both."""
     entry = await make_entry({}, {"temperature": 0.1})
     agents = list(entry.runtime_data.agents.values())
     assert agents[0].session is agents[1].session
     assert sim_counter(entry, "init") == 1
+    assert sim_counter(entry, "prompt_cache_save") == 1
+    caches = [agent.system_cache.cache for agent in agents if agent.system_cache]
+    assert len(caches) == 2
+    assert caches[0] is not None
+    assert caches[0] is caches[1]
 
 
 async def test_unload_destroys_handles(
@@ -349,3 +354,35 @@ async def test_cache_the_runtime_refuses_is_rebuilt(
     assert "refused prompt cache" in caplog.text
     assert sim_counter(entry, "prompt_cache_save") == saves + 1
     assert bin_path.read_bytes().startswith(b"RKLLM-SIM-CACHE")
+
+
+async def test_agents_with_different_prompts_on_one_model_keep_their_caches(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """Two agents with different prompts on one model each keep a system cache.
+
+    Neither overwrites the other's: requests to both, and the rebuild checks
+    after them, build nothing more.
+    """
+    entry = await make_entry(
+        {CONF_PROMPT: "You are the kitchen assistant."},
+        {CONF_PROMPT: "You are the garage assistant."},
+    )
+    first, second = entry.runtime_data.agents.values()
+    assert first.system_cache is not None and second.system_cache is not None
+    assert first.system_cache.cache is not None
+    assert second.system_cache.cache is not None
+    assert first.system_cache.cache.bin_path != second.system_cache.cache.bin_path
+    saves = sim_counter(entry, "prompt_cache_save")
+    for agent_id in ("conversation.agent_0", "conversation.agent_1"):
+        result = await conversation.async_converse(
+            hass, "hello", None, Context(), agent_id=agent_id
+        )
+        assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+    async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=31))
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert sim_counter(entry, "prompt_cache_save") == saves
+    assert [run.cache for run in first.session.recent][-2:] == [
+        first.system_cache.cache.name,
+        second.system_cache.cache.name,
+    ]

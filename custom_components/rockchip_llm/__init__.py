@@ -43,13 +43,13 @@ from .const import (
 from .engine import Engine, plan_domains
 from .host import npu_driver_too_old, read_host_info
 from .model_files import ModelScan, ModelsDirError, scan_models
-from .prompt_cache import CacheError, CacheWriteError, PromptCacheStore
+from .prompt_cache import CacheEntry, CacheError, CacheWriteError, PromptCacheStore
 from .rkllm.abi import parse_family
 from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError
 from .rkllm.probe import load_library_safely
 from .rkllm.runtime import ModelParams
 from .services import async_setup_services, async_update_model_selectors
-from .system_cache import SystemCacheKeeper
+from .system_cache import SystemCacheKeeper, system_cache_name
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
@@ -75,6 +75,21 @@ class RockchipRuntime:
     def chat_agents(self) -> list[Agent]:
         """The conversation agents (those with a system cache)."""
         return [agent for agent in self.agents.values() if agent.chat]
+
+    def cache_checks(self, entry: CacheEntry) -> dict[str, str | None]:
+        """Check a stored cache against each conversation agent of its model.
+
+        By subentry id: None where the cache serves the agent's current system
+        prefix, else why not. Agents not prepared yet are left out.
+        """
+        return {
+            subentry_id: entry.invalid_reason(
+                self.agents[subentry_id].session.expectation(system_cache.prefix)
+            )
+            for subentry_id, system_cache in self.system_caches.items()
+            if system_cache.prefix is not None
+            and self.agents[subentry_id].session.name == entry.model
+        }
 
     @property
     def system_caches(self) -> dict[str, SystemCacheKeeper]:
@@ -215,6 +230,7 @@ async def _async_load_agents(
         ir.async_delete_issue(hass, DOMAIN, issue_id)
         by_model.setdefault(model, []).append(subentry.subentry_id)
 
+    chat_models: set[str] = set()
     domains = plan_domains(
         [runtime.scan.models[model].size_bytes for model in by_model]
     )
@@ -233,14 +249,20 @@ async def _async_load_agents(
                 # (and the agents editable). A reload tries again.
                 _async_agent_failed(hass, entry, subentry, err)
                 continue
+            chat = subentry.subentry_type == SUBENTRY_CONVERSATION
             runtime.agents[subentry_id] = Agent(
                 hass,
                 session,
                 subentry_id,
                 subentry.data,
-                chat=subentry.subentry_type == SUBENTRY_CONVERSATION,
+                chat=chat,
                 title=subentry.title,
+                system_cache_name=system_cache_name(
+                    subentry_id, first_on_model=chat and model not in chat_models
+                ),
             )
+            if chat:
+                chat_models.add(model)
     disk_failed = False
     for subentry_id, system_cache in runtime.system_caches.items():
         agent = runtime.agents[subentry_id]

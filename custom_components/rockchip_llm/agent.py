@@ -19,6 +19,7 @@ from .const import (
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
+    SYSTEM_CACHE_NAME,
     HistoryStrategy,
 )
 from .history_strategy import HistoryStrategyGuard
@@ -77,6 +78,7 @@ class Agent:
         *,
         chat: bool,
         title: str = "",
+        system_cache_name: str = SYSTEM_CACHE_NAME,
     ) -> None:
         """Bind an agent to the session of its model."""
         self.subentry_id = subentry_id
@@ -92,7 +94,9 @@ class Agent:
             else HistoryStrategy.PROMPT_CACHE_ONLY,
         )
         self.system_cache = (
-            SystemCacheKeeper(hass, session, options, self.history) if chat else None
+            SystemCacheKeeper(hass, session, options, self.history, system_cache_name)
+            if chat
+            else None
         )
         """The system prompt cache a conversation agent keeps (None: AI Task)."""
 

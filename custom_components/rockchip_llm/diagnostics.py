@@ -144,14 +144,7 @@ def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
 
 def _cache(runtime: RockchipRuntime, entry: CacheEntry) -> dict[str, Any]:
     """Describe a stored cache and whether it serves its agents' current prefix."""
-    checks = {
-        subentry_id: entry.invalid_reason(
-            runtime.agents[subentry_id].session.expectation(system_cache.prefix)
-        )
-        for subentry_id, system_cache in runtime.system_caches.items()
-        if system_cache.prefix is not None
-        and runtime.agents[subentry_id].session.name == entry.model
-    }
+    checks = runtime.cache_checks(entry)
     return {
         "model": entry.model,
         "name": entry.name,

@@ -230,35 +230,46 @@ class HeldModel:
         return deleted
 
     async def async_load_or_build(
-        self, prefix: SystemPrefix, name: str, source: str
+        self,
+        prefix: SystemPrefix,
+        name: str,
+        source: str,
+        shared: CacheEntry | None = None,
     ) -> CacheEntry | None:
-        """Load the valid named cache of prefix, or build it (None: none is saved)."""
+        """Load the valid named cache of prefix, else shared, else build the named one.
+
+        shared is a cache known to hold prefix under another name. None: the
+        runtime saves no prompt cache for this model (the prefix is set).
+        """
         if self.session.cache_unsupported is not None:
             await self.async_set_prefix(prefix)
             return None
         entry: CacheEntry | None = await self.services.run_blocking(
             self.services.store.get, self.session.name, name
         )
-        if entry is not None:
-            reason = entry.invalid_reason(self.session.expectation(prefix))
-            if reason is None:
-                await self.async_set_prefix(prefix)
-                try:
-                    await self.async_use_cache(entry)
-                except RKLLMError:  # a cache the runtime refuses is rebuilt
-                    _LOGGER.warning(
-                        "The runtime refused prompt cache %s; rebuilding it",
-                        entry.bin_path,
-                    )
-                else:
-                    return entry
-            else:
-                _LOGGER.info(
-                    "Prompt cache %s/%s is stale (%s); rebuilding it",
-                    self.session.name,
-                    name,
-                    reason,
+        if entry is not None and (
+            reason := entry.invalid_reason(self.session.expectation(prefix))
+        ):
+            _LOGGER.info(
+                "Prompt cache %s/%s is stale (%s); rebuilding it",
+                self.session.name,
+                name,
+                reason,
+            )
+            entry = None
+        for candidate in (entry, shared):
+            if candidate is None:
+                continue
+            await self.async_set_prefix(prefix)
+            try:
+                await self.async_use_cache(candidate)
+            except RKLLMError:  # a cache the runtime refuses is rebuilt
+                _LOGGER.warning(
+                    "The runtime refused prompt cache %s; rebuilding it",
+                    candidate.bin_path,
                 )
+            else:
+                return candidate
         try:
             return await self.async_build_cache(prefix, name, source)
         except PromptCacheNotSaved:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from homeassistant.components.conversation import DOMAIN as CONVERSATION_DOMAIN
 from homeassistant.config_entries import ConfigEntryState
@@ -43,6 +45,7 @@ from .text_check import refuse_nul
 if TYPE_CHECKING:
     from . import RockchipRuntime
     from .agent import Agent
+    from .system_cache import SystemCacheKeeper
 
 SERVICE_REBUILD_CACHE = "rebuild_cache"
 SERVICE_LIST_CACHES = "list_caches"
@@ -59,7 +62,7 @@ _DESCRIPTIONS: HassKey[dict[str, Any]] = HassKey(f"{DOMAIN}_service_descriptions
 REBUILD_SCHEMA = vol.Schema(
     {
         vol.Optional(ATTR_AGENT): cv.entity_ids,
-        vol.Optional(CONF_NAME, default=SYSTEM_CACHE_NAME): cv.string,
+        vol.Optional(CONF_NAME): cv.string,
     }
 )
 LIST_SCHEMA = vol.Schema({vol.Optional(CONF_MODEL): cv.string})
@@ -121,40 +124,51 @@ def cache_build_error[E: HomeAssistantError](
     )
 
 
-def _runtime_of(hass: HomeAssistant, agent: Agent) -> RockchipRuntime:
-    return next(r for r in _runtimes(hass) if agent in r.agents.values())
-
-
 def _check_name(name: str) -> None:
     if not CACHE_NAME_PATTERN.fullmatch(name):
         raise _validation_error("invalid_cache_name", name=name)
 
 
-def _agents_for(hass: HomeAssistant, entity_ids: list[str] | None) -> list[Agent]:
-    runtimes = _runtimes(hass)
+class _ChatAgent(NamedTuple):
+    """A conversation agent, its system prompt cache and the entry it belongs to."""
+
+    runtime: RockchipRuntime
+    agent: Agent
+    system_cache: SystemCacheKeeper
+
+
+def _chat_agents(runtime: RockchipRuntime) -> dict[str, _ChatAgent]:
+    return {
+        subentry_id: _ChatAgent(runtime, runtime.agents[subentry_id], system_cache)
+        for subentry_id, system_cache in runtime.system_caches.items()
+    }
+
+
+def _agents_for(hass: HomeAssistant, entity_ids: list[str] | None) -> list[_ChatAgent]:
+    """Return the conversation agents of entity_ids (None: all of them)."""
+    by_subentry = {
+        subentry_id: chat_agent
+        for runtime in _runtimes(hass)
+        for subentry_id, chat_agent in _chat_agents(runtime).items()
+    }
     if entity_ids is None:
-        agents = [agent for runtime in runtimes for agent in runtime.chat_agents]
-        if not agents:
+        if not by_subentry:
             raise _validation_error("no_agents")
-        return agents
+        return list(by_subentry.values())
     registry = er.async_get(hass)
-    found: list[Agent] = []
+    found: list[_ChatAgent] = []
     for entity_id in entity_ids:
         entity = registry.async_get(entity_id)
-        agent = next(
-            (
-                runtime.agents[entity.config_subentry_id]
-                for runtime in runtimes
-                if entity is not None
-                and entity.platform == DOMAIN
-                and entity.config_subentry_id in runtime.agents
-                and runtime.agents[entity.config_subentry_id].chat
-            ),
-            None,
+        chat_agent = (
+            by_subentry.get(entity.config_subentry_id)
+            if entity is not None
+            and entity.platform == DOMAIN
+            and entity.config_subentry_id is not None
+            else None
         )
-        if agent is None:
+        if chat_agent is None:
             raise _validation_error("unknown_agent", agent=entity_id)
-        found.append(agent)
+        found.append(chat_agent)
     return found
 
 
@@ -186,26 +200,28 @@ def _entry_json(entry: CacheEntry) -> dict[str, Any]:
     }
 
 
-async def _async_build(
-    agent: Agent, name: str, prefix: SystemPrefix | None, source: str
-) -> CacheEntry:
-    """Build the named cache of prefix (None: the agent's own system prefix)."""
+@contextlib.contextmanager
+def _build_errors(model: str) -> Iterator[None]:
+    """Report a failed cache build of model with a translated error."""
     try:
-        if prefix is None and agent.system_cache is not None:
-            return await agent.system_cache.async_rebuild(name, source)
-        assert prefix is not None
-        return await agent.session.async_build_cache(prefix, name, source)
+        yield
     except (RKLLMError, CacheError) as err:
-        raise cache_build_error(HomeAssistantError, agent.session.name, err) from err
+        raise cache_build_error(HomeAssistantError, model, err) from err
 
 
 async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
-    name: str = call.data[CONF_NAME]
-    _check_name(name)
+    name: str | None = call.data.get(CONF_NAME)
+    if name is not None:
+        _check_name(name)
     caches = []
     registry = er.async_get(call.hass)
-    for agent in _agents_for(call.hass, call.data.get(ATTR_AGENT)):
-        entry = await _async_build(agent, name, None, SERVICE_REBUILD_CACHE)
+    for _runtime, agent, system_cache in _agents_for(
+        call.hass, call.data.get(ATTR_AGENT)
+    ):
+        with _build_errors(agent.session.name):
+            entry = await system_cache.async_rebuild(
+                name or system_cache.name, SERVICE_REBUILD_CACHE
+            )
         metadata = entry.metadata
         assert metadata is not None
         caches.append(
@@ -245,28 +261,9 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
             raise _validation_error(err.translation_key, **err.placeholders) from err
         folders.append(folder)
         for entry, disk_bytes in zip(entries, sizes, strict=True):
-            session = engine.sessions.get(entry.model)
-            system_cache = next(
-                (
-                    agent.system_cache
-                    for agent in runtime.chat_agents
-                    if agent.session is session
-                ),
-                None,
-            )
             problem = entry.problem
-            if problem is None and (session is None or system_cache is None):
-                problem = (
-                    "model_not_loaded"
-                    if entry.model in runtime.scan.models
-                    else "model_missing"
-                )
-            elif problem is None and session is not None and system_cache is not None:
-                problem = (
-                    entry.invalid_reason(session.expectation(system_cache.prefix))
-                    if system_cache.prefix is not None
-                    else "agent_not_ready"
-                )
+            if problem is None:
+                problem = _cache_problem(runtime, entry)
             results.append(
                 {
                     **_entry_json(entry),
@@ -287,6 +284,19 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
             if session.cache_unsupported is not None and model in (None, name)
         )
     return cast("ServiceResponse", {"caches": results, "cache_dirs": folders})
+
+
+def _cache_problem(runtime: RockchipRuntime, entry: CacheEntry) -> str | None:
+    """Why a readable cache serves none of its model's agents (None: it serves one)."""
+    checks = runtime.cache_checks(entry)
+    if any(reason is None for reason in checks.values()):
+        return None
+    if checks:
+        return next(iter(checks.values()))
+    chat_models = {agent.session.name for agent in runtime.chat_agents}
+    if entry.model in chat_models:
+        return "agent_not_ready"
+    return "model_not_loaded" if entry.model in runtime.scan.models else "model_missing"
 
 
 def _listing(
@@ -311,7 +321,10 @@ async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
     system_prefix = agent.system_cache.prefix if agent.system_cache else None
     tools = system_prefix.tools_json if system_prefix is not None else NO_TOOLS
     prefix = SystemPrefix(prompt=call.data[CONF_PROMPT], tools_json=tools)
-    entry = await _async_build(agent, name, prefix, SERVICE_CREATE_CACHE)
+    with _build_errors(agent.session.name):
+        entry = await agent.session.async_build_cache(
+            prefix, name, SERVICE_CREATE_CACHE
+        )
     return {"cache": _entry_json(entry)} if call.return_response else None
 
 
@@ -330,10 +343,8 @@ async def _async_delete_cache(call: ServiceCall) -> None:
 
 async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
     refuse_nul(call.data[ATTR_QUESTION], ATTR_QUESTION)
-    [agent] = _agents_for(call.hass, [call.data[ATTR_AGENT]])
-    system_cache = agent.system_cache
-    prefix = system_cache.prefix if system_cache else None
-    cache = system_cache.cache if system_cache else None
+    [(runtime, agent, system_cache)] = _agents_for(call.hass, [call.data[ATTR_AGENT]])
+    prefix, cache = system_cache.prefix, system_cache.cache
     if prefix is None or cache is None:
         raise _validation_error("cache_not_ready", agent=call.data[ATTR_AGENT])
     try:
@@ -350,7 +361,7 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
             translation_key="generation_failed",
             translation_placeholders={"error": str(err)},
         ) from err
-    simulated = _runtime_of(call.hass, agent).engine.simulated
+    simulated = runtime.engine.simulated
     return cast("ServiceResponse", result | {"simulated": simulated})
 
 

@@ -250,18 +250,29 @@ class ModelSession:
     ) -> CacheEntry | None:
         """Load the valid named cache for prefix, building it if needed, and check it.
 
-        The check is a short turn right after loading: when the runtime does not
-        reuse the cache in the guard's strategy, the guard falls back (so the first
-        request after a restart is not the one that finds out). None: the runtime
-        saves no prompt cache for this model; the prefix is set and requests run
-        uncached.
+        Another cache this session made ready for the very same prefix (another
+        agent's with the same prompt) is used instead of building a copy, and
+        returned. The check is a short turn right after loading: when the runtime
+        does not reuse the cache in the guard's strategy, the guard falls back (so
+        the first request after a restart is not the one that finds out). None:
+        the runtime saves no prompt cache for this model; the prefix is set and
+        requests run uncached.
         """
+        expected = self.expectation(prefix)
+        shared = next(
+            (
+                entry
+                for entry in self._ready.values()
+                if entry.name != name and entry.invalid_reason(expected) is None
+            ),
+            None,
+        )
         async with self._hold() as held:
-            entry = await held.async_load_or_build(prefix, name, source)
+            entry = await held.async_load_or_build(prefix, name, source, shared)
             if entry is None:
                 self._ready.pop(name, None)
                 return None
-            self._ready[name] = entry
+            self._ready[entry.name] = entry
             await held.async_check_reuse(entry, guard)
         return entry
 

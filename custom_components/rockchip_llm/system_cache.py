@@ -25,6 +25,17 @@ from .run_planner import SystemPrefix
 from .session import ModelSession
 
 
+def system_cache_name(subentry_id: str, *, first_on_model: bool) -> str:
+    """Name an agent's system cache: "system" for a model's first agent.
+
+    Further agents on the same model get names of their own, so agents with
+    different prompts never overwrite each other's cache.
+    """
+    if first_on_model:
+        return SYSTEM_CACHE_NAME
+    return f"{SYSTEM_CACHE_NAME}_{subentry_id.lower()}"
+
+
 class SystemCacheKeeper:
     """Keeps an agent's system prompt cache ready on its model's session."""
 
@@ -34,12 +45,17 @@ class SystemCacheKeeper:
         session: ModelSession,
         options: Mapping[str, Any],
         guard: ReuseGuard,
+        name: str = SYSTEM_CACHE_NAME,
     ) -> None:
-        """Keep the cache of the prefix rendered from the agent's options."""
+        """Keep the named cache of the prefix rendered from the agent's options."""
         self._hass = hass
         self._session = session
         self._options = options
         self._guard = guard
+        self.name = name
+        """The name of the agent's own system cache."""
+        self._in_use = name
+        """The cache the agent uses: its own, or another agent's of the same prefix."""
         self.prefix: SystemPrefix | None = None
         """The prefix last prepared (None until the first preparation)."""
         self._requested: SystemPrefix | None = None
@@ -55,7 +71,7 @@ class SystemCacheKeeper:
     @property
     def cache(self) -> CacheEntry | None:
         """The system cache, while it holds the prepared prefix."""
-        entry = self._session.ready_cache(SYSTEM_CACHE_NAME)
+        entry = self._session.ready_cache(self._in_use)
         if entry is None or self.prefix is None:
             return None
         expected = self._session.expectation(self.prefix)
@@ -67,17 +83,18 @@ class SystemCacheKeeper:
         """Make the system cache of prefix (default: freshly rendered) ready."""
         if prefix is None:
             prefix = await async_render_prefix(self._hass, self._options)
-        await self._session.async_prepare(
-            prefix, SYSTEM_CACHE_NAME, source, self._guard
+        entry = await self._session.async_prepare(
+            prefix, self.name, source, self._guard
         )
         self.prefix = prefix
+        self._in_use = entry.name if entry is not None else self.name
 
     async def async_rebuild(self, name: str, source: str) -> CacheEntry:
         """Build the named cache from the agent's current prefix."""
         prefix = await async_render_prefix(self._hass, self._options)
         entry = await self._session.async_build_cache(prefix, name, source)
-        if name == SYSTEM_CACHE_NAME:
-            self.prefix = prefix
+        if name == self.name:
+            self.prefix, self._in_use = prefix, name
         return entry
 
     def schedule_refresh(self) -> None:
