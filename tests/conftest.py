@@ -13,20 +13,14 @@ from unittest.mock import patch
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from custom_components.rockchip_llm.const import (
-    CONF_CACHE_DIR,
-    CONF_LIBRARY_PATH,
-    CONF_MODEL,
-    CONF_MODELS_DIR,
-    DOMAIN,
-)
+from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
 from homeassistant import block_async_io
-from homeassistant.config_entries import ConfigSubentryData
-from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
-from homeassistant.helpers import issue_registry as ir, llm
+from homeassistant.helpers import issue_registry as ir
 from homeassistant.setup import async_setup_component
+
+from .entry_factory import runtime_entry
 
 SIM_DIR = Path(__file__).parent / "rkllm_sim"
 SIM_BUILD = SIM_DIR / "build"
@@ -157,37 +151,13 @@ def make_entry(
     ) -> MockConfigEntry:
         if not any(models_dir.iterdir()):
             write_model(**(model_kwargs or {}))
-        agents = agents or ({},)
-        entry = MockConfigEntry(
-            domain=DOMAIN,
-            title="Rockchip LLM",
-            data={
-                CONF_LIBRARY_PATH: str(sim_library),
-                CONF_MODELS_DIR: str(models_dir),
-                CONF_CACHE_DIR: str(cache_dir),
-            },
-            subentries_data=[
-                ConfigSubentryData(
-                    data={
-                        CONF_MODEL: "Qwen3 Sim",
-                        CONF_LLM_HASS_API: [llm.LLM_API_ASSIST],
-                        **options,
-                    },
-                    subentry_type="conversation",
-                    title=f"Agent {index}",
-                    unique_id=None,
-                )
-                for index, options in enumerate(agents)
-            ]
-            + [
-                ConfigSubentryData(
-                    data={CONF_MODEL: "Qwen3 Sim", **options},
-                    subentry_type="ai_task_data",
-                    title=f"Task {index}",
-                    unique_id=None,
-                )
-                for index, options in enumerate(ai_tasks)
-            ],
+        entry = runtime_entry(
+            library=sim_library,
+            models_dir=models_dir,
+            cache_dir=cache_dir,
+            model="Qwen3 Sim",
+            agents=agents or ({},),
+            ai_tasks=ai_tasks,
         )
         entry.add_to_hass(hass)
         if setup:

@@ -1,4 +1,4 @@
-"""Smoke test of scripts/bench.py: a tiny run without delays, checking the JSON shape."""
+"""Smoke test of scripts/bench (scripts/benchmark): tiny runs without delays, checking the JSON."""
 
 import json
 import os
@@ -6,7 +6,8 @@ from pathlib import Path
 import subprocess
 import sys
 
-BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
+ROOT = Path(__file__).parent.parent
+BENCH = (sys.executable, "-m", "scripts.benchmark")
 STRATEGIES = {"ours", "full_prompt", "cache_per_conversation"}
 TOP_LEVEL = {
     "startup",
@@ -28,8 +29,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     plot_path = tmp_path / "bench.png"
     completed = subprocess.run(
         [
-            sys.executable,
-            str(BENCH),
+            *BENCH,
             "--turns=2",
             "--tool-turn=1",
             "--prefill-ms=0",
@@ -46,6 +46,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         text=True,
         timeout=60,
         check=False,
+        cwd=ROOT,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "prefill_ratio" in completed.stdout
@@ -120,8 +121,7 @@ def test_restart_loads_the_cache(tmp_path: Path) -> None:
     for seed in ("1", "2"):
         completed = subprocess.run(
             [
-                sys.executable,
-                str(BENCH),
+                *BENCH,
                 "--prefill-ms=0",
                 "--decode-ms=0",
                 "--cache-bytes-per-token=64",
@@ -131,6 +131,7 @@ def test_restart_loads_the_cache(tmp_path: Path) -> None:
             text=True,
             timeout=120,
             check=False,
+            cwd=ROOT,
             env={**os.environ, "PYTHONHASHSEED": seed},
         )
         assert completed.returncode == 0, completed.stderr[-3000:]

@@ -1,0 +1,306 @@
+"""The measured phases: the three history strategies, the overhead, the worker, start-up."""
+
+import asyncio
+from pathlib import Path
+import statistics
+import time
+from typing import Any
+
+from pytest_homeassistant_custom_component.common import MockConfigEntry, mock_storage  # type: ignore[import-untyped]
+
+from custom_components.rockchip_llm.agent_prefix import tools_json
+from custom_components.rockchip_llm.const import (
+    AGENT_OPTION_DEFAULTS,
+    CONF_MAX_CONTEXT_LEN,
+    CONF_MAX_NEW_TOKENS,
+    CONF_PROMPT,
+    DOMAIN,
+    HistoryStrategy,
+)
+from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary
+from custom_components.rockchip_llm.rkllm.runtime import (
+    ModelParams,
+    RKLLMModel,
+    RunRequest,
+    RunResult,
+)
+from custom_components.rockchip_llm.rkllm.worker import WorkerModel
+from custom_components.rockchip_llm.run_planner import SystemPrefix
+from homeassistant.components import conversation
+from homeassistant.const import CONF_LLM_HASS_API
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers import chat_session, llm
+
+from .harness import (
+    BenchAgent,
+    async_add_entry,
+    async_converse_timed,
+    async_setup_home,
+    async_stream,
+    home_assistant,
+    system_cache,
+)
+from .results import HandleTimes, OverheadSample, TurnResult
+from .scenario import (
+    ASSISTANT_START,
+    HANDLES,
+    MODEL_NAME,
+    NO_THINK,
+    TURN_END,
+    USER_START,
+    Turn,
+    system_block,
+)
+
+# ours and full_prompt, through Home Assistant
+
+
+async def async_ha_dialogue(
+    hass: HomeAssistant, agent: BenchAgent, dialogue: list[Turn]
+) -> list[TurnResult]:
+    """Run the dialogue through conversation.async_converse, in one conversation."""
+    results: list[TurnResult] = []
+    conversation_id: str | None = None
+    for turn in dialogue:
+        conversation_id, result = await async_converse_timed(
+            hass, agent, turn.question, conversation_id
+        )
+        results.append(result)
+    return results
+
+
+# cache_per_conversation, on the binding
+
+
+async def async_cache_per_conversation(
+    library: RuntimeLibrary,
+    *,
+    model_path: Path,
+    prefix: SystemPrefix,
+    dialogue: list[Turn],
+    tool_result: str,
+    work_dir: Path,
+) -> list[TurnResult]:
+    """Run rkllama's pattern: all of the conversation each turn, a cache file per conversation.
+
+    The conversation is templated in Qwen3's chat format (earlier assistant turns
+    without the empty think block, the generation prompt with it) and sent raw:
+    rkllm_set_chat_template gets the same system block and tools the agent's
+    rkllm_set_function_tools produces, with empty user prefix and postfix.
+    keep_history=0; every run saves the prompt cache of the conversation and the
+    next run loads it first. TTFT is the time from the start of the turn (cache
+    load included) to the first streamed text of the run that answers; in the tool
+    turn, the tool result the HA agent got is fed back at once (no tool runs here).
+    """
+    model = RKLLMModel(library, "cache_per_conversation")
+    params = ModelParams(
+        model_path=model_path,
+        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_NEW_TOKENS],
+    )
+    cache_path = work_dir / "conversation.bin"
+    results: list[TurnResult] = []
+    try:
+        await asyncio.wrap_future(model.init(params))
+        await asyncio.wrap_future(model.set_chat_template(system_block(prefix), "", ""))
+        history = ""
+        have_cache = False
+        for turn in dialogue:
+            started = time.perf_counter()
+            history += f"{USER_START}{turn.question}{TURN_END}"
+            runs: list[RunResult] = []
+            while True:
+                if have_cache:
+                    await asyncio.wrap_future(model.load_prompt_cache(cache_path))
+                text, first, result = await async_stream(
+                    model,
+                    RunRequest(
+                        prompt=f"{history}{ASSISTANT_START}{NO_THINK}",
+                        keep_history=False,
+                        save_prompt_cache=cache_path,
+                        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_NEW_TOKENS],
+                    ),
+                )
+                have_cache = True
+                runs.append(result)
+                history += f"{ASSISTANT_START}{text}{TURN_END}"
+                if "<tool_call>" in text and len(runs) < 2:
+                    history += (
+                        f"{USER_START}<tool_response>\n{tool_result}\n"
+                        f"</tool_response>{TURN_END}"
+                    )
+                    continue
+                break
+            ended = time.perf_counter()
+            perfs = [run.perf for run in runs if run.perf is not None]
+            results.append(
+                TurnResult(
+                    ttft_ms=(first - started) * 1000 if first is not None else None,
+                    wall_ms=(ended - started) * 1000,
+                    prefill_tokens=sum(perf.prefill_tokens for perf in perfs),
+                    prefill_ms=sum(perf.prefill_time_ms for perf in perfs),
+                    generate_tokens=sum(perf.generate_tokens for perf in perfs),
+                    runs=len(runs),
+                    reply=text,
+                )
+            )
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, model.close)
+    return results
+
+
+# Overhead
+
+
+async def async_overhead(
+    hass: HomeAssistant, agent: BenchAgent, requests: int
+) -> list[OverheadSample]:
+    """Zero-delay requests, alternating a 2-token and a long reply (new conversations)."""
+    samples: list[OverheadSample] = []
+    for index in range(-4, 2 * requests):
+        text = "long request" if index % 2 else "short request"
+        _conversation_id, result = await async_converse_timed(hass, agent, text, None)
+        if index < 0:
+            continue  # warm-up
+        samples.append(
+            OverheadSample(
+                wall_ms=result.wall_ms,
+                ttft_ms=result.ttft_ms,
+                prefill_ms=result.prefill_ms,
+                generate_ms=result.generate_ms,
+                generate_tokens=result.generate_tokens,
+            )
+        )
+    return samples
+
+
+async def async_prompt_costs(
+    hass: HomeAssistant, entry: MockConfigEntry, samples: int
+) -> tuple[float, float]:
+    """Median ms of HA rendering the agent's prompt and tools, and of our tools JSON.
+
+    Both happen on every request: chat_log.async_provide_llm_data (Home Assistant:
+    the Assist API prompt with the exposed entities, the tool objects) and
+    agent_prefix.tools_json (the integration: the tools as the runtime's JSON).
+    """
+    options = next(iter(entry.subentries.values())).data
+    provide: list[float] = []
+    tools: list[float] = []
+    for _sample in range(samples):
+        llm_context = llm.LLMContext(
+            platform=DOMAIN,
+            context=Context(),
+            language=hass.config.language,
+            assistant=conversation.DOMAIN,
+            device_id=None,
+        )
+        with (
+            chat_session.async_get_chat_session(hass) as session,
+            conversation.async_get_chat_log(hass, session) as chat_log,
+        ):
+            started = time.perf_counter()
+            await chat_log.async_provide_llm_data(
+                llm_context,
+                options.get(CONF_LLM_HASS_API),
+                options.get(CONF_PROMPT),
+                None,
+            )
+            rendered = time.perf_counter()
+            tools_json(chat_log.llm_api)
+            provide.append((rendered - started) * 1000)
+            tools.append((time.perf_counter() - rendered) * 1000)
+    return statistics.median(provide), statistics.median(tools)
+
+
+# The worker's added cost
+
+
+def _timed_run(model: RKLLMModel | WorkerModel, prompt: str) -> tuple[float, int]:
+    """Run once to the end (blocking); return the wall ms and the tokens generated."""
+    pieces: list[str] = []
+    started = time.perf_counter()
+    result = model.run(RunRequest(prompt=prompt), pieces.append).result()
+    wall_ms = (time.perf_counter() - started) * 1000
+    return wall_ms, result.perf.generate_tokens if result.perf else len(pieces)
+
+
+def _timed_clear(model: RKLLMModel | WorkerModel) -> float:
+    """Clear the KV cache (blocking); return the wall ms of the round trip."""
+    started = time.perf_counter()
+    model.clear_kv_cache(keep_system_prompt=False).result()
+    return (time.perf_counter() - started) * 1000
+
+
+def measure_handles(
+    library: RuntimeLibrary, model_path: Path, repetitions: int
+) -> dict[str, HandleTimes]:
+    """Time the same calls on an RKLLMModel and a WorkerModel of one zero-delay model.
+
+    Blocking: run it off the event loop. Both handles are loaded at once and the
+    repetitions alternate between them, so load from elsewhere hits both alike;
+    the first three repetitions are warm-up. Text is collected by a sink that only
+    appends, the cheapest consumer, so the difference is the worker's own cost.
+    """
+    params = ModelParams(
+        model_path=model_path,
+        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN] // 2,
+    )
+    models: dict[str, RKLLMModel | WorkerModel] = {
+        "in_process": RKLLMModel(library, "bench_in_process"),
+        "worker": WorkerModel(library, "bench_worker"),
+    }
+    times = {name: HandleTimes() for name in HANDLES}
+    try:
+        for model in models.values():
+            model.init(params).result()
+        for index in range(-3, repetitions):
+            for name in HANDLES:
+                model, into = models[name], times[name]
+                clear_ms = _timed_clear(model)
+                short_ms, into.short_tokens = _timed_run(model, "short request")
+                long_ms, into.long_tokens = _timed_run(model, "long request")
+                if index >= 0:
+                    into.clear_kv_cache.append(clear_ms)
+                    into.short_run.append(short_ms)
+                    into.long_run.append(long_ms)
+    finally:
+        for model in models.values():
+            model.close()
+    return times
+
+
+# Start-up
+
+
+async def async_startup(
+    library_path: Path, models_dir: Path, cache_dir: Path, config_dir: Path
+) -> dict[str, Any]:
+    """Start Home Assistant, set up the home and one agent; time it until ready.
+
+    The cache's creation time tells the caller whether it was built or loaded.
+    """
+    config_dir.mkdir()
+    started = time.perf_counter()
+    with mock_storage():
+        async with home_assistant(config_dir) as hass:
+            await async_setup_home(hass)
+            entry_started = time.perf_counter()
+            agent = await async_add_entry(
+                hass,
+                library=library_path,
+                models_dir=models_dir,
+                cache_dir=cache_dir,
+                model=MODEL_NAME,
+                strategy=HistoryStrategy.AUTO,
+                title="Bench startup",
+            )
+            ready = time.perf_counter()
+            metadata = system_cache(agent.entry)
+            return {
+                "ha_start_to_ready_ms": round((ready - started) * 1000, 1),
+                "entry_setup_ms": round((ready - entry_started) * 1000, 1),
+                "cache_created_at": metadata.created_at if metadata else None,
+                "cache_bytes": metadata.size_bytes if metadata else None,
+                "cache_tokens": metadata.tokens if metadata else None,
+            }
