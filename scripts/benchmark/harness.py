@@ -29,7 +29,7 @@ from custom_components.rockchip_llm.const import (
     DOMAIN,
     HistoryStrategy,
 )
-from custom_components.rockchip_llm.engine import LoadedModel, RunStats
+from custom_components.rockchip_llm.generation import Generation
 from custom_components.rockchip_llm.prompt_cache import CacheMetadata
 from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary
 from custom_components.rockchip_llm.rkllm.runtime import (
@@ -38,6 +38,7 @@ from custom_components.rockchip_llm.rkllm.runtime import (
     RunResult,
 )
 from custom_components.rockchip_llm.run_planner import SystemPrefix
+from custom_components.rockchip_llm.turn import RunStats
 from homeassistant import loader, runner
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
@@ -229,13 +230,9 @@ class SimCounter:
         return int(self._count(text.encode()))
 
 
-# Integration internals (engine.LoadedModel, engine.RunStats, runtime_data).
-#
-# Everything below reads objects of the integration that are not its public seam:
-# the entry's runtime_data, the agent's cached prefix, the per-model LoadedModel
-# (agent.loaded: its recent runs and loaded system cache) and its RunStats, and
-# async_stream repeats the streaming loop of engine.Generation on a bare handle.
-# When the per-model object changes, only this section changes.
+# What the bench reads of the integration: the entry's runtime_data, the agent's
+# system prompt cache, its model's session (recent runs, loaded cache), and the
+# integration's own streaming loop (generation.Generation) on a bare handle.
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,25 +261,26 @@ def runtime_library(entry: MockConfigEntry) -> RuntimeLibrary:
 
 def agent_prefix(entry: MockConfigEntry) -> SystemPrefix:
     """Return the system prompt and tools of the entry's agent (its cached prefix)."""
-    prefix = _only_agent(entry).prefix
-    assert prefix is not None
-    return prefix
+    system_cache = _only_agent(entry).system_cache
+    assert system_cache is not None
+    assert system_cache.prefix is not None
+    return system_cache.prefix
 
 
 def system_cache(entry: MockConfigEntry) -> CacheMetadata | None:
     """Return the metadata of the system cache the entry's model has loaded."""
-    cache = _only_agent(entry).loaded.loaded_cache
+    cache = _only_agent(entry).session.loaded_cache
     return cache.metadata if cache else None
 
 
 def runs_from_now(entry: MockConfigEntry) -> Callable[[], RunTotals]:
     """Return a function that adds up the runs of the entry's model after this call."""
-    loaded: LoadedModel = _only_agent(entry).loaded
-    last = loaded.recent[-1] if loaded.recent else None
+    session = _only_agent(entry).session
+    last = session.recent[-1] if session.recent else None
 
     def since() -> RunTotals:
         runs: list[RunStats] = []
-        for stats in reversed(loaded.recent):
+        for stats in reversed(session.recent):
             if stats is last:
                 break
             runs.append(stats)
@@ -302,19 +300,12 @@ async def async_stream(
     model: RKLLMModel, request: RunRequest
 ) -> tuple[str, float | None, RunResult]:
     """Run once; return the text, the arrival time of its first text and the result."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def push(item: str | None) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    future = model.run(request, push)
-    future.add_done_callback(lambda _: push(None))
+    generation = Generation(model, request)
     first: float | None = None
     pieces: list[str] = []
-    while (text := await queue.get()) is not None:
+    async for text in generation:
         if first is None:
             first = time.perf_counter()
         pieces.append(text)
-    result = await asyncio.wrap_future(future)
-    return "".join(pieces), first, result
+    assert generation.result is not None
+    return "".join(pieces), first, generation.result
