@@ -42,6 +42,10 @@ async def async_setup_entry(
 class BusySensor(AgentStatusEntity, BinarySensorEntity):
     """On while the model runs a request or builds a cache (agents share models)."""
 
+    def reading(self) -> object:
+        """Return whether the model is in use."""
+        return self.is_on
+
     @property
     def is_on(self) -> bool:
         """Whether the model is in use."""

@@ -390,7 +390,7 @@ class HeldModel:
                 name=name,
                 model=self.session.name,
                 created_at=datetime.now(UTC).isoformat(),
-                prompt_sha256=prompt_sha256(prefix.prompt),
+                prompt_sha256=prefix.prompt_sha256,
                 prompt_length=len(prefix.prompt),
                 tokens=perf.prefill_tokens,
                 size_bytes=0,  # commit() measures the staged file

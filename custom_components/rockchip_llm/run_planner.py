@@ -4,10 +4,12 @@ No Home Assistant imports: the entity converts chat-log content into ``Message``
 records, this module decides what to send.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import hashlib
 import json
 from typing import Literal
+
+from .prompt_cache import prompt_sha256
 
 type Role = Literal["user", "assistant", "tool"]
 
@@ -34,16 +36,18 @@ class SystemPrefix:
 
     prompt: str
     tools_json: str
+    key: str = field(init=False, repr=False, compare=False)
+    """Identifies the prefix (prompt and tools)."""
+    prompt_sha256: str = field(init=False, repr=False, compare=False)
+    tools_sha256: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """Identify the prefix (prompt and tools)."""
-        return prefix_key(self.prompt, self.tools_json)
-
-    @property
-    def tools_sha256(self) -> str:
-        """Identify the tools."""
-        return hashlib.sha256(self.tools_json.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        """Hash the prefix once: it is compared on every request."""
+        object.__setattr__(self, "key", prefix_key(self.prompt, self.tools_json))
+        object.__setattr__(self, "prompt_sha256", prompt_sha256(self.prompt))
+        object.__setattr__(
+            self, "tools_sha256", hashlib.sha256(self.tools_json.encode()).hexdigest()
+        )
 
     @property
     def has_tools(self) -> bool:

@@ -228,6 +228,10 @@ class AgentSensor(AgentStatusEntity, SensorEntity):
 
     entity_description: AgentSensorDescription
 
+    def reading(self) -> object:
+        """Return the value and its attributes."""
+        return (self.native_value, self.extra_state_attributes)
+
     @property
     def native_value(self) -> StateType:
         """The reading."""
@@ -257,6 +261,10 @@ class NPULoadSensor(AgentStatusEntity, SensorEntity):
         super().__init__(entry, subentry, NPU_LOAD)
         self._path = path
         self._attr_native_value = load
+
+    def reading(self) -> object:
+        """Return the last load read (polled, so the model's changes rarely alter it)."""
+        return self._attr_native_value
 
     async def async_update(self) -> None:
         """Read the kernel's NPU load."""

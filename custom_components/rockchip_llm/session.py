@@ -30,7 +30,6 @@ from .prompt_cache import (
     CacheExpectation,
     CacheWriteError,
     PromptCacheStore,
-    prompt_sha256,
 )
 from .rkllm.errors import RKLLMError, WorkerDiedError
 from .rkllm.library import RuntimeLibrary
@@ -216,7 +215,7 @@ class ModelSession:
         """Return what a cache must match to serve prefix on this model and runtime."""
         info = self.services.library.info
         return CacheExpectation(
-            prompt_sha256=prompt_sha256(prefix.prompt),
+            prompt_sha256=prefix.prompt_sha256,
             model_fingerprint=self.fingerprint,
             runtime_family=str(info.family),
             runtime_version=info.version,

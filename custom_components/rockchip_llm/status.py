@@ -5,6 +5,7 @@ cache build starts or ends, and requests wait for or take the model.
 """
 
 from homeassistant.config_entries import ConfigSubentry
+from homeassistant.core import callback
 from homeassistant.helpers.entity import Entity, EntityDescription
 
 from . import RockchipConfigEntry
@@ -41,12 +42,26 @@ class AgentStatusEntity(Entity):
         """Available while the agent's model is loaded."""
         return self._agent.session.available
 
+    def reading(self) -> object:
+        """Return what the entity shows; its state is written when this changes."""
+        raise NotImplementedError
+
     async def async_added_to_hass(self) -> None:
         """Follow the model's changes."""
         await super().async_added_to_hass()
-        self.async_on_remove(
-            self._agent.session.add_listener(self.async_write_ha_state)
-        )
+        shown = (self.available, self.reading())
+
+        @callback
+        def changed() -> None:
+            # The model notifies several times per request (queued, taken,
+            # released, measured): only a reading that changed is written.
+            nonlocal shown
+            now = (self.available, self.reading())
+            if now != shown:
+                shown = now
+                self.async_write_ha_state()
+
+        self.async_on_remove(self._agent.session.add_listener(changed))
 
 
 def last_run(agent: Agent) -> RunStats | None:
