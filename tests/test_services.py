@@ -13,7 +13,7 @@ from pytest_homeassistant_custom_component.common import (
     async_fire_time_changed,
 )
 
-from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
@@ -67,6 +67,34 @@ async def test_rebuild_all_without_response(
     saves = sim_counter(entry, "prompt_cache_save")
     assert await call(hass, "rebuild_cache", {}, response=False) is None
     assert sim_counter(entry, "prompt_cache_save") == saves + 2
+
+
+async def test_agents_on_one_model_rebuild_and_delete_their_own_caches(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Without a name each agent rebuilds its own system cache; deleting one leaves the other."""
+    entry = await make_entry(
+        {CONF_PROMPT: "You are the kitchen assistant."},
+        {CONF_PROMPT: "You are the garage assistant."},
+    )
+    first, second = entry.runtime_data.agents.values()
+    assert first.system_cache is not None and second.system_cache is not None
+    second_name = f"system_{second.subentry_id.lower()}"
+    result = await call(hass, "rebuild_cache", {})
+    assert [(c["agent"], c["name"]) for c in result["caches"]] == [
+        (AGENT, "system"),
+        ("conversation.agent_1", second_name),
+    ]
+    listed = await call(hass, "list_caches", {})
+    assert {c["name"]: c["valid"] for c in listed["caches"]} == {
+        "system": True,
+        second_name: True,
+    }
+    await call(hass, "delete_cache", {"model": "Qwen3 Sim", "name": second_name}, False)
+    assert second.system_cache.cache is None
+    assert first.system_cache.cache is not None
+    assert hass.states.get("sensor.agent_1_prompt_cache").state == "none"
+    assert hass.states.get("sensor.agent_0_prompt_cache").state == "ready"
 
 
 async def test_list_create_delete(
