@@ -139,7 +139,6 @@ def test_kv_cache_size_failure_does_not_fail_the_run(
     pieces, result = run(model, "hello", keep_history=True)
     assert "".join(pieces) == "Hello from the simulator."
     assert result.kv_cache_size is None
-    assert model.kv_cache_size().result() is None
 
 
 def test_token_limit_is_not_a_pause_on_13(
@@ -337,13 +336,14 @@ def test_keep_history_and_clear_kv(
     model = open_model(write_model())
     model.set_function_tools(SYSTEM, "[]").result()
     _, first = run(model, "hello there", keep_history=True)
-    kv_after_first = model.kv_cache_size().result()
-    assert first.kv_cache_size == kv_after_first > 0
+    kv_after_first = first.kv_cache_size
+    assert kv_after_first is not None and kv_after_first > 0
     _, second = run(model, "hello there", keep_history=True)
     assert first.perf is not None
     assert second.perf is not None
     assert second.perf.prefill_tokens < first.perf.prefill_tokens / 4
-    assert model.kv_cache_size().result() > kv_after_first
+    assert second.kv_cache_size is not None
+    assert second.kv_cache_size > kv_after_first
     assert last_run(runtime, model)["reused_tokens"] == kv_after_first
 
     model.clear_kv_cache(keep_system_prompt=True).result()
@@ -352,7 +352,6 @@ def test_keep_history_and_clear_kv(
     assert third.perf.prefill_tokens == second.perf.prefill_tokens
 
     model.clear_kv_cache(keep_system_prompt=False).result()
-    assert model.kv_cache_size().result() == 0
     _, fourth = run(model, "hello there", keep_history=True)
     assert fourth.perf is not None
     assert fourth.perf.prefill_tokens == first.perf.prefill_tokens
@@ -370,14 +369,6 @@ def test_per_run_sampling(
     assert isinstance(temperature, float)
     expected = 0.2 if runtime.layout.has_sampling_params else 0.5
     assert temperature == pytest.approx(expected)
-
-
-def test_is_running_convention(
-    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
-) -> None:
-    """is_running follows each family's return convention (idle here)."""
-    model = open_model(write_model())
-    assert model.is_running().result() is False
 
 
 def test_context_overflow_is_an_error(

@@ -96,11 +96,9 @@ def test_every_call_crosses_the_process_boundary(
     worker.load_prompt_cache(cache).result(timeout=10)
     _pieces, result = run(worker, "again", keep_history=True)
     assert result.kv_cache_size is not None and result.kv_cache_size > 0
-    assert worker.kv_cache_size().result(timeout=10) == result.kv_cache_size
     worker.clear_kv_cache(keep_system_prompt=True).result(timeout=10)
     worker.release_prompt_cache().result(timeout=10)
     worker.set_chat_template("sys", "<u>", "</u>").result(timeout=10)
-    assert worker.is_running().result(timeout=10) is False
 
 
 def test_runtime_errors_keep_their_type(

@@ -358,8 +358,6 @@ class AbiLayout:
     param: type[ctypes.Structure]
     input: type[ctypes.Structure]
     infer_param: type[ctypes.Structure]
-    is_running_when: int
-    """The value rkllm_is_running returns while a run is in progress."""
 
     @property
     def has_sampling_params(self) -> bool:
@@ -417,14 +415,12 @@ LAYOUTS: dict[AbiFamily, AbiLayout] = {
         param=RKLLMParam12,
         input=RKLLMInput12,
         infer_param=RKLLMInferParam12,
-        is_running_when=0,
     ),
     AbiFamily.V1_3: AbiLayout(
         family=AbiFamily.V1_3,
         param=RKLLMParam13,
         input=RKLLMInput13,
         infer_param=RKLLMInferParam13,
-        is_running_when=1,
     ),
 }
 

@@ -379,13 +379,6 @@ class RKLLMModel:
             return CallbackAction.PAUSE
         return CallbackAction.CONTINUE
 
-    def _is_running(self, handle: LLMHandle) -> bool:
-        return bool(self._lib.rkllm_is_running(handle) == self._layout.is_running_when)
-
-    def is_running(self) -> Future[bool]:
-        """Ask the runtime whether the handle is generating."""
-        return self._submit(lambda: self._is_running(self._require_handle()))
-
     def load_prompt_cache(self, path: Path) -> Future[None]:
         """Load a prompt cache file for later runs to reuse."""
 
@@ -416,10 +409,6 @@ class RKLLMModel:
                 ),
             )
         )
-
-    def kv_cache_size(self) -> Future[int | None]:
-        """Return the number of KV positions in use."""
-        return self._submit(self._kv_cache_size)
 
     def _kv_cache_size(self) -> int | None:
         """KV positions in use, or None when the runtime does not say.

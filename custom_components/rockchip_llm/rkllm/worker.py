@@ -348,10 +348,6 @@ class WorkerModel:
             with contextlib.suppress(OSError):
                 os.write(self._request_fd, encode({"id": 0, "op": "abort"}))
 
-    def is_running(self) -> Future[bool]:
-        """Ask the runtime whether the handle is generating."""
-        return self._request("is_running")
-
     def load_prompt_cache(self, path: Path) -> Future[None]:
         """Load a prompt cache file for later runs to reuse."""
         return self._request("load_prompt_cache", {"path": str(path)})
@@ -365,10 +361,6 @@ class WorkerModel:
         return self._request(
             "clear_kv_cache", {"keep_system_prompt": keep_system_prompt}
         )
-
-    def kv_cache_size(self) -> Future[int]:
-        """Return the number of KV positions in use."""
-        return self._request("kv_cache_size")
 
     def set_chat_template(self, system: str, prefix: str, postfix: str) -> Future[None]:
         """Override the chat template (system prompt, user prefix and postfix)."""

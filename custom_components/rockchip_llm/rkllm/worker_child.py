@@ -106,8 +106,6 @@ _CALLS: Final[Mapping[str, _Call]] = {
     "clear_kv_cache": lambda model, args: model.clear_kv_cache(
         keep_system_prompt=bool(args["keep_system_prompt"])
     ),
-    "kv_cache_size": lambda model, _args: model.kv_cache_size(),
-    "is_running": lambda model, _args: model.is_running(),
     "set_chat_template": lambda model, args: model.set_chat_template(
         args["system"], args["prefix"], args["postfix"]
     ),
