@@ -268,23 +268,14 @@ async def _async_load_agents(
         agent = runtime.agents[subentry_id]
         try:
             await system_cache.async_prepare("setup")
-        except CacheWriteError as err:
-            if err.disk_problem is None:
-                _async_agent_failed(
-                    hass,
-                    entry,
-                    entry.subentries[agent.subentry_id],
-                    err,
-                    agent.session.name,
-                )
-                runtime.agents.pop(agent.subentry_id).shutdown()
-                continue
-            # The repair is raised; the agent answers without a cache meanwhile.
-            LOGGER.warning(
-                "%s runs without a prompt cache: %s", agent.session.name, err
-            )
-            disk_failed = True
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
+            if isinstance(err, CacheWriteError) and err.disk_problem is not None:
+                # The repair is raised; the agent answers without a cache meanwhile.
+                LOGGER.warning(
+                    "%s runs without a prompt cache: %s", agent.session.name, err
+                )
+                disk_failed = True
+                continue
             _async_agent_failed(
                 hass,
                 entry,
@@ -293,7 +284,6 @@ async def _async_load_agents(
                 agent.session.name,
             )
             runtime.agents.pop(agent.subentry_id).shutdown()
-            continue
     if not disk_failed:
         ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
 

@@ -1,6 +1,7 @@
 """Render the exact system prefix an Assist request carries, through HA's chat log."""
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+import contextlib
 import json
 import re
 from typing import Any
@@ -104,10 +105,11 @@ def prefix_from_chat_log(chat_log: conversation.ChatLog) -> tuple[SystemPrefix, 
     ), volatile
 
 
-async def async_render_prefix(
-    hass: HomeAssistant, options: Mapping[str, Any]
-) -> SystemPrefix:
-    """Render the prefix a request from a device without an area would carry."""
+@contextlib.contextmanager
+def request_chat_log(
+    hass: HomeAssistant,
+) -> Iterator[tuple[llm.LLMContext, conversation.ChatLog]]:
+    """Open a fresh chat log with the LLM context of a request without an area."""
     llm_context = llm.LLMContext(
         platform=DOMAIN,
         context=Context(),
@@ -119,6 +121,14 @@ async def async_render_prefix(
         chat_session.async_get_chat_session(hass) as session,
         conversation.async_get_chat_log(hass, session) as chat_log,
     ):
+        yield llm_context, chat_log
+
+
+async def async_render_prefix(
+    hass: HomeAssistant, options: Mapping[str, Any]
+) -> SystemPrefix:
+    """Render the prefix a request from a device without an area would carry."""
+    with request_chat_log(hass) as (llm_context, chat_log):
         await chat_log.async_provide_llm_data(
             llm_context, options.get(CONF_LLM_HASS_API), options.get(CONF_PROMPT), None
         )

@@ -12,8 +12,8 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from . import RockchipConfigEntry
 from .const import DOMAIN, SUBENTRY_AI_TASK
 from .entity import RockchipLLMBaseEntity, ready_subentries
+from .errors import refuse_nul
 from .ha_compat import schema_to_openapi, vol
-from .text_check import refuse_nul
 
 STRUCTURE_ATTEMPTS = 2
 

@@ -11,7 +11,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from . import RockchipConfigEntry
 from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
 from .entity import RockchipLLMBaseEntity, ready_subentries
-from .text_check import refuse_nul
+from .errors import refuse_nul
 
 # Requests are queued per model by the engine, not by entity updates.
 PARALLEL_UPDATES = 0

@@ -14,6 +14,7 @@ from . import RockchipConfigEntry
 from .agent import Agent
 from .agent_prefix import prefix_from_chat_log
 from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS
+from .errors import generation_failed
 from .ha_compat import tool_error_delta, tool_result_data
 from .rkllm.errors import RKLLMError
 from .run_planner import Message, PromptTooLong
@@ -154,11 +155,7 @@ class RockchipLLMBaseEntity(Entity):
                 },
             ) from err
         except RKLLMError as err:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="generation_failed",
-                translation_placeholders={"error": str(err)},
-            ) from err
+            raise generation_failed(err) from err
 
 
 def resolve_tool_name(name: str, tool_names: Collection[str]) -> str:

@@ -28,6 +28,7 @@ from homeassistant.util.hass_dict import HassKey
 from homeassistant.util.yaml import load_yaml_dict
 
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
+from .errors import generation_failed, refuse_nul
 from .ha_compat import vol
 from .prompt_cache import (
     CACHE_NAME_PATTERN,
@@ -40,7 +41,6 @@ from .prompt_cache import (
 )
 from .rkllm.errors import RKLLMError
 from .run_planner import NO_TOOLS, SystemPrefix
-from .text_check import refuse_nul
 
 if TYPE_CHECKING:
     from . import RockchipRuntime
@@ -356,11 +356,7 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
             max_new_tokens=agent.settings.max_new_tokens,
         )
     except RKLLMError as err:
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="generation_failed",
-            translation_placeholders={"error": str(err)},
-        ) from err
+        raise generation_failed(err) from err
     simulated = runtime.engine.simulated
     return cast("ServiceResponse", result | {"simulated": simulated})
 

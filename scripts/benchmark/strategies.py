@@ -8,13 +8,12 @@ from typing import Any
 
 from pytest_homeassistant_custom_component.common import MockConfigEntry, mock_storage  # type: ignore[import-untyped]
 
-from custom_components.rockchip_llm.agent_prefix import tools_json
+from custom_components.rockchip_llm.agent_prefix import request_chat_log, tools_json
 from custom_components.rockchip_llm.const import (
     AGENT_OPTION_DEFAULTS,
     CONF_MAX_CONTEXT_LEN,
     CONF_MAX_NEW_TOKENS,
     CONF_PROMPT,
-    DOMAIN,
     HistoryStrategy,
 )
 from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary
@@ -26,10 +25,8 @@ from custom_components.rockchip_llm.rkllm.runtime import (
 )
 from custom_components.rockchip_llm.rkllm.worker import WorkerModel
 from custom_components.rockchip_llm.run_planner import SystemPrefix
-from homeassistant.components import conversation
 from homeassistant.const import CONF_LLM_HASS_API
-from homeassistant.core import Context, HomeAssistant
-from homeassistant.helpers import chat_session, llm
+from homeassistant.core import HomeAssistant
 
 from .harness import (
     BenchAgent,
@@ -187,17 +184,7 @@ async def async_prompt_costs(
     provide: list[float] = []
     tools: list[float] = []
     for _sample in range(samples):
-        llm_context = llm.LLMContext(
-            platform=DOMAIN,
-            context=Context(),
-            language=hass.config.language,
-            assistant=conversation.DOMAIN,
-            device_id=None,
-        )
-        with (
-            chat_session.async_get_chat_session(hass) as session,
-            conversation.async_get_chat_log(hass, session) as chat_log,
-        ):
+        with request_chat_log(hass) as (llm_context, chat_log):
             started = time.perf_counter()
             await chat_log.async_provide_llm_data(
                 llm_context,
