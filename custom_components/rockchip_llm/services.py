@@ -361,7 +361,7 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
             translation_key="generation_failed",
             translation_placeholders={"error": str(err)},
         ) from err
-    simulated = runtime.engine.simulated
+    simulated = runtime.engine.library.simulated
     return cast("ServiceResponse", result | {"simulated": simulated})
 
 

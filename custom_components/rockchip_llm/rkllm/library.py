@@ -1,5 +1,7 @@
 """Find, validate and load librkllmrt.so, and detect its ABI family.
 
+Home Assistant's process only inspects library files (reads them, never loads
+them); :func:`load_library` runs in the processes that call the runtime.
 Everything here blocks (file reads, dlopen): call it off the event loop.
 """
 
@@ -36,6 +38,8 @@ from .errors import (
 _LOGGER = logging.getLogger(__name__)
 
 LIBRARY_NAME = "librkllmrt.so"
+SIMULATOR_SYMBOL = "rkllm_sim_counter"
+"""Exported by the development simulator (tests/rkllm_sim) only."""
 MIN_VERSION = (1, 2, 1)
 SUPPORTED = "1.2.1 to 1.2.3 or 1.3.0"
 
@@ -95,14 +99,26 @@ class RuntimeInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifiedLibrary:
+    """A library a child process loaded and checked, and the copy workers load.
+
+    Home Assistant works with this description only: it never loads the library.
+    """
+
+    info: RuntimeInfo
+    copy: Path
+    """The private copy, identical to info's file when it was checked."""
+    simulated: bool
+    """Whether it is the development simulator, not Rockchip's runtime."""
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeLibrary:
     """A loaded runtime library with the prototypes of its ABI family."""
 
     info: RuntimeInfo
     layout: AbiLayout
     cdll: ctypes.CDLL
-    mapped: Path
-    """The file that was mapped: info.path itself or an identical private copy."""
 
 
 def host_machine() -> str:
@@ -152,6 +168,18 @@ def git_blob_sha1(data: bytes | mmap.mmap) -> str:
     digest.update(b"blob %d\0" % len(data))
     digest.update(data)
     return digest.hexdigest()
+
+
+def file_is_simulator(path: Path) -> bool:
+    """Whether a library file is the simulator, without loading it."""
+    try:
+        with (
+            path.open("rb") as file,
+            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
+            return data.find(SIMULATOR_SYMBOL.encode()) >= 0
+    except OSError, ValueError:
+        return False
 
 
 def copy_damage(copy: Path, info: RuntimeInfo) -> str | None:
@@ -369,4 +397,4 @@ def load_library(
         info.family,
         info.version_source,
     )
-    return RuntimeLibrary(info=info, layout=layout, cdll=cdll, mapped=load_from or path)
+    return RuntimeLibrary(info=info, layout=layout, cdll=cdll)

@@ -41,7 +41,7 @@ from .errors import (
     RunStalledError,
     WorkerDiedError,
 )
-from .library import RuntimeLibrary
+from .library import VerifiedLibrary
 from .protocol import (
     decode,
     encode,
@@ -105,7 +105,7 @@ class WorkerModel:
 
     def __init__(
         self,
-        library: RuntimeLibrary,
+        library: VerifiedLibrary,
         name: str,
         *,
         stall_timeout: float | None = None,
@@ -202,7 +202,7 @@ class WorkerModel:
                     str(request_read),
                     str(answer_write),
                     str(info.path),
-                    str(self.library.mapped),
+                    str(self.library.copy),
                     str(info.family),
                     self.name,
                 ),
