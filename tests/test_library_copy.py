@@ -27,15 +27,17 @@ from custom_components.rockchip_llm.rkllm.errors import (
 from custom_components.rockchip_llm.rkllm.library import (
     git_blob_sha1,
     inspect_library,
-    load_library,
+    load_copy,
 )
 from custom_components.rockchip_llm.rkllm.probe import verify_and_copy_library
+from custom_components.rockchip_llm.rkllm.runtime import ModelParams, RunRequest
+from custom_components.rockchip_llm.rkllm.worker import WorkerModel
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
 
-from .conftest import EntryFactory
+from .conftest import EntryFactory, ModelWriter
 
 AGENT = "conversation.agent_0"
 
@@ -150,16 +152,35 @@ async def test_intact_copy_kept(
 
 
 def test_damaged_copy_refused_at_load(sim_library: Path, tmp_path: Path) -> None:
-    """load_library checks the copy (as a restarted worker does) before mapping it."""
+    """load_copy checks the copy (as every worker does) before mapping it."""
+    info = inspect_library(sim_library)
     copy = tmp_path / "copy.so"
     copy.write_bytes(flipped(sim_library.read_bytes()))
     with pytest.raises(LibraryLoadError, match=r"does not match .* content differs"):
-        load_library(sim_library, load_from=copy)
+        load_copy(copy, info)
     assert copy.stat().st_ino not in mapped_inodes("self")
     shutil.copyfile(sim_library, copy)
-    assert load_library(sim_library, load_from=copy).info == inspect_library(
-        sim_library
-    )
+    assert load_copy(copy, info).info == info
+    assert copy.stat().st_ino in mapped_inodes("self")
+
+
+def test_worker_runs_the_copy_after_the_original_changed(
+    sim_library: Path, tmp_path: Path, write_model: ModelWriter
+) -> None:
+    """A worker started after cp over the original still runs the checked copy."""
+    original = tmp_path / "librkllmrt.so"
+    shutil.copyfile(sim_library, original)
+    verified = verify_and_copy_library(original, tmp_path / "private")
+    with original.open("r+b") as file:  # what cp does: same inode, new bytes
+        file.write(bytes(original.stat().st_size))
+    worker = WorkerModel(verified, "m")
+    try:
+        worker.init(ModelParams(model_path=write_model())).result(timeout=30)
+        pieces: list[str] = []
+        worker.run(RunRequest(prompt="hello"), pieces.append).result(timeout=30)
+    finally:
+        worker.close()
+    assert "".join(pieces) == "Hello from the simulator."
 
 
 def test_copy_not_flushed(

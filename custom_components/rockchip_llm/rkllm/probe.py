@@ -61,11 +61,12 @@ from .library import (
     RuntimeInfo,
     RuntimeLibrary,
     VerifiedLibrary,
-    VersionSource,
     check_elf,
     copy_damage,
     file_is_simulator,
     identify_family,
+    info_from_wire,
+    info_to_wire,
     load_library,
 )
 
@@ -187,15 +188,7 @@ def _death(path: Path, returncode: int, stderr: str) -> LibraryCrashed:
 def _runtime_info(path: Path, verdict: Mapping[str, Any]) -> RuntimeInfo:
     """Rebuild the RuntimeInfo the child found."""
     try:
-        return RuntimeInfo(
-            path=path,
-            version=str(verdict["version"]),
-            version_source=VersionSource(verdict["version_source"]),
-            family=AbiFamily(verdict["family"]),
-            blob_sha1=str(verdict["blob_sha1"]),
-            size=int(verdict["size"]),
-            mtime_ns=int(verdict["mtime_ns"]),
-        )
+        return info_from_wire({**verdict, "path": str(path)})
     except (KeyError, TypeError, ValueError) as err:
         raise LibraryError(
             f"the process that tested {path} gave an unreadable verdict: {verdict!r}",
@@ -453,15 +446,7 @@ def _child_main(argv: list[str]) -> int:
             "placeholders": {k: v for k, v in err.placeholders.items() if k != "error"},
         }
     else:
-        info = loaded.info
-        verdict = {
-            "version": info.version,
-            "version_source": info.version_source.value,
-            "family": info.family.value,
-            "blob_sha1": info.blob_sha1,
-            "size": info.size,
-            "mtime_ns": info.mtime_ns,
-        }
+        verdict = info_to_wire(loaded.info)
     with os.fdopen(verdict_fd, "w", encoding="utf-8") as out:
         out.write(json.dumps(verdict) + "\n")
     return 0
