@@ -15,6 +15,8 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.rkllm.library import VerifiedLibrary
+from custom_components.rockchip_llm.rkllm.probe import verify_and_copy_library
 from homeassistant import block_async_io
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
@@ -60,6 +62,12 @@ def abi_family(request: pytest.FixtureRequest) -> AbiFamily:
 def sim_library(abi_family: AbiFamily) -> Path:
     """Path of the simulator library of the current ABI family."""
     return SIM_LIBRARIES[abi_family]
+
+
+@pytest.fixture
+def verified_library(sim_library: Path, tmp_path: Path) -> VerifiedLibrary:
+    """The simulator as Home Assistant knows it: checked in a child, copied, not loaded."""
+    return verify_and_copy_library(sim_library, tmp_path / "private")
 
 
 def model_text(

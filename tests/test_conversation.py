@@ -3,6 +3,7 @@
 import asyncio
 import ctypes
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,14 +161,16 @@ async def test_malformed_tool_call_is_fed_back(
 
 
 async def test_follow_ups_prefill_only_new_tokens(
-    hass: HomeAssistant, make_entry: EntryFactory
+    hass: HomeAssistant, make_entry: EntryFactory, sim_library: Path
 ) -> None:
     """In a 5-turn dialogue every follow-up reuses the KV and prefills only its turn."""
     entry = await make_entry()
     loaded = model_session(entry)
     system_tokens = loaded.loaded_cache.metadata.tokens  # type: ignore[union-attr]
     assert system_tokens > 50
-    count_tokens = entry.runtime_data.engine.library.cdll.rkllm_sim_count_tokens
+    # The test maps the simulator itself: Home Assistant's process never loads it.
+    simulator = await hass.async_add_executor_job(ctypes.CDLL, str(sim_library))
+    count_tokens = simulator.rkllm_sim_count_tokens
     count_tokens.argtypes = [ctypes.c_char_p]
     conversation_id = None
     for turn in range(5):

@@ -3,7 +3,8 @@
 A copy under ``<cache_dir>/.runtime`` that a power cut truncated (or anything else
 damaged) must never be mapped: a truncated ELF mapped into a process gives SIGBUS.
 These tests damage the copy on disk and check, through /proc/<pid>/maps, that
-neither Home Assistant nor the model's worker process ever mapped it.
+neither Home Assistant nor the model's worker process ever mapped it. Home
+Assistant's own process maps no copy at all: only the workers load the runtime.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ import signal
 import pytest
 
 from custom_components.rockchip_llm import session as session_module
+from custom_components.rockchip_llm.const import CONF_LIBRARY_PATH
 from custom_components.rockchip_llm.rkllm.errors import (
     LibraryCopyFailed,
     LibraryLoadError,
@@ -25,15 +27,17 @@ from custom_components.rockchip_llm.rkllm.errors import (
 from custom_components.rockchip_llm.rkllm.library import (
     git_blob_sha1,
     inspect_library,
-    load_library,
+    load_copy,
 )
-from custom_components.rockchip_llm.rkllm.probe import load_library_safely
+from custom_components.rockchip_llm.rkllm.probe import verify_and_copy_library
+from custom_components.rockchip_llm.rkllm.runtime import ModelParams, RunRequest
+from custom_components.rockchip_llm.rkllm.worker import WorkerModel
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
 
-from .conftest import EntryFactory
+from .conftest import EntryFactory, ModelWriter
 
 AGENT = "conversation.agent_0"
 
@@ -99,10 +103,9 @@ async def test_damaged_copy_replaced(
         assert copy.read_bytes() == original
         assert copy.stat().st_ino != bad_inode
         assert [p.name for p in private.iterdir()] == [copy.name]
+        assert copy.stat().st_ino in mapped_inodes(worker)
         for pid in ("self", worker):
-            inodes = mapped_inodes(pid)
-            assert copy.stat().st_ino in inodes
-            assert bad_inode not in inodes
+            assert bad_inode not in mapped_inodes(pid)
 
     await hass.async_add_executor_job(check)
 
@@ -149,16 +152,35 @@ async def test_intact_copy_kept(
 
 
 def test_damaged_copy_refused_at_load(sim_library: Path, tmp_path: Path) -> None:
-    """load_library checks the copy (as a restarted worker does) before mapping it."""
+    """load_copy checks the copy (as every worker does) before mapping it."""
+    info = inspect_library(sim_library)
     copy = tmp_path / "copy.so"
     copy.write_bytes(flipped(sim_library.read_bytes()))
     with pytest.raises(LibraryLoadError, match=r"does not match .* content differs"):
-        load_library(sim_library, load_from=copy)
+        load_copy(copy, info)
     assert copy.stat().st_ino not in mapped_inodes("self")
     shutil.copyfile(sim_library, copy)
-    assert load_library(sim_library, load_from=copy).info == inspect_library(
-        sim_library
-    )
+    assert load_copy(copy, info).info == info
+    assert copy.stat().st_ino in mapped_inodes("self")
+
+
+def test_worker_runs_the_copy_after_the_original_changed(
+    sim_library: Path, tmp_path: Path, write_model: ModelWriter
+) -> None:
+    """A worker started after cp over the original still runs the checked copy."""
+    original = tmp_path / "librkllmrt.so"
+    shutil.copyfile(sim_library, original)
+    verified = verify_and_copy_library(original, tmp_path / "private")
+    with original.open("r+b") as file:  # what cp does: same inode, new bytes
+        file.write(bytes(original.stat().st_size))
+    worker = WorkerModel(verified, "m")
+    try:
+        worker.init(ModelParams(model_path=write_model())).result(timeout=30)
+        pieces: list[str] = []
+        worker.run(RunRequest(prompt="hello"), pieces.append).result(timeout=30)
+    finally:
+        worker.close()
+    assert "".join(pieces) == "Hello from the simulator."
 
 
 def test_copy_not_flushed(
@@ -175,7 +197,7 @@ def test_copy_not_flushed(
     monkeypatch.setattr(os, "fsync", fsync)
     private = tmp_path / "private"
     with pytest.raises(LibraryCopyFailed, match="No space left on device") as err:
-        load_library_safely(sim_library, private)
+        verify_and_copy_library(sim_library, private)
     assert err.value.os_error.errno == errno.ENOSPC
     assert list(private.iterdir()) == []
 
@@ -239,9 +261,53 @@ def test_damaged_copy_moved_aside(
         real_unlink(path, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", unlink)
-    loaded = load_library_safely(sim_library, private)
-    assert loaded.mapped == copy
+    verified = verify_and_copy_library(sim_library, private)
+    assert verified.copy == copy
     assert copy.read_bytes() == original
     [moved] = [p for p in private.iterdir() if p != copy]
     assert moved.name == f"{copy.name}.moved-{os.getpid()}"
     assert moved.read_bytes() == zero_filled(original)
+
+
+async def test_home_assistant_never_maps_the_library(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    sim_library: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Only the worker maps the runtime: Home Assistant's process maps neither file.
+
+    The library is a copy of the simulator of its own (the tests map the built
+    simulator themselves), so any mapping of it in this process is the integration's.
+    """
+    library = tmp_path / "lib" / "librkllmrt.so"
+
+    def install() -> None:
+        library.parent.mkdir()
+        shutil.copyfile(sim_library, library)
+
+    await hass.async_add_executor_job(install)
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, CONF_LIBRARY_PATH: str(library)}
+    )
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+    worker = next(iter(entry.runtime_data.agents.values())).session.worker.pid
+    assert worker is not None
+
+    def check() -> None:
+        [copy] = (cache_dir / ".runtime").iterdir()
+        files = {library, copy}
+        assert copy.stat().st_ino in mapped_inodes(worker)  # the check can see it
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8")
+        assert not [path for path in files if str(path) in maps]
+        inodes = mapped_inodes("self")
+        assert not [path for path in files if path.stat().st_ino in inodes]
+
+    await hass.async_add_executor_job(check)

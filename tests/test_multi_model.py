@@ -2,16 +2,11 @@
 
 import asyncio
 from pathlib import Path
-import shutil
 import time
-
-import pytest
 
 from custom_components.rockchip_llm.const import CONF_LIBRARY_PATH, CONF_MODEL
 from custom_components.rockchip_llm.engine import DOMAIN_BYTES, plan_domains
-from custom_components.rockchip_llm.rkllm import library
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
-from custom_components.rockchip_llm.rkllm.library import git_blob_sha1
 from homeassistant.core import HomeAssistant
 
 from .conftest import SIM_LIBRARIES, EntryFactory, ModelWriter
@@ -61,14 +56,14 @@ async def test_old_runtime_runs_one_model_at_a_time(
     make_entry: EntryFactory,
     write_model: ModelWriter,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Runtime 1.2.1 cannot run two instances at once: their runs take turns."""
     path = tmp_path / "librkllmrt.so"
-    shutil.copyfile(SIM_LIBRARIES[AbiFamily.V1_2], path)
-    monkeypatch.setitem(
-        library.KNOWN_RELEASES, git_blob_sha1(path.read_bytes())[:8], "1.2.1"
-    )
+    # The simulator says 1.2.3; this copy says 1.2.1 (to the child that checks it).
+    simulator = SIM_LIBRARIES[AbiFamily.V1_2].read_bytes()
+    version = b"rkllm-runtime version: 1.2.3"
+    assert simulator.count(version) == 1
+    path.write_bytes(simulator.replace(version, b"rkllm-runtime version: 1.2.1"))
     for name in ("Qwen3 Sim", "Other Sim"):
         write_model(name, replies=(f"default => {LONG_REPLY}",), decode_ms_per_token=10)
     entry = await make_entry({}, {CONF_MODEL: "Other Sim"}, setup=False)

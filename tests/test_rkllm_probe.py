@@ -33,8 +33,8 @@ from custom_components.rockchip_llm.rkllm.errors import (
 )
 from custom_components.rockchip_llm.rkllm.library import VersionSource, inspect_library
 from custom_components.rockchip_llm.rkllm.probe import (
-    load_library_safely,
     probe_library,
+    verify_and_copy_library,
     verify_library,
 )
 from homeassistant import config_entries
@@ -95,7 +95,7 @@ def test_crash_is_an_error(spawned: list[list[str]], tmp_path: Path) -> None:
     assert len(spawned) == 1
     # Still alive, and a crash is not remembered: the next attempt probes again.
     with pytest.raises(LibraryCrashed, match="SIGSEGV"):
-        load_library_safely(CRASH_LIBRARY, tmp_path / "private")
+        verify_and_copy_library(CRASH_LIBRARY, tmp_path / "private")
     assert len(spawned) == 2
 
 
@@ -106,32 +106,33 @@ def test_good_library(sim_library: Path, abi_family: AbiFamily) -> None:
     assert info.family is abi_family
 
 
-def test_load_library_safely(
+def test_verify_and_copy_library(
     sim_library: Path, abi_family: AbiFamily, tmp_path: Path
 ) -> None:
-    """After the check a private copy is loaded here, bound to its family."""
+    """After the check a private copy is made for the workers; nothing is loaded here."""
     private = tmp_path / "private"
-    loaded = load_library_safely(sim_library, private)
-    assert loaded.info == inspect_library(sim_library)
-    assert loaded.layout.family is abi_family
-    assert loaded.cdll.rkllm_createDefaultParam().max_context_len == 512
+    verified = verify_and_copy_library(sim_library, private)
+    assert verified.info == inspect_library(sim_library)
+    assert verified.info.family is abi_family
+    assert verified.simulated
     [copy] = private.iterdir()
-    assert copy.name == f"librkllmrt-{loaded.info.blob_sha1}.so"
-    assert loaded.cdll._name == str(copy)
+    assert verified.copy == copy
+    assert copy.name == f"librkllmrt-{verified.info.blob_sha1}.so"
     assert copy.read_bytes() == sim_library.read_bytes()
+    assert str(copy) not in Path("/proc/self/maps").read_text(encoding="utf-8")
 
 
-def test_original_overwritten_in_place_while_loaded(tmp_path: Path) -> None:
-    """cp over the original library no longer touches the code this process runs."""
+def test_original_overwritten_in_place_after_the_copy(tmp_path: Path) -> None:
+    """cp over the original library does not touch the private copy."""
     original = tmp_path / "librkllmrt.so"
     shutil.copy(SIM_LIBRARIES[AbiFamily.V1_3], original)
-    loaded = load_library_safely(original, tmp_path / "private")
+    verified = verify_and_copy_library(original, tmp_path / "private")
     with original.open("r+b") as file:  # what cp does: same inode, new bytes
         file.write(b"\0" * original.stat().st_size)
-    assert loaded.cdll.rkllm_createDefaultParam().max_context_len == 512
+    assert verified.copy.read_bytes() == SIM_LIBRARIES[AbiFamily.V1_3].read_bytes()
     # A new version of the library gets its own copy; the old one is removed.
     shutil.copy(SIM_LIBRARIES[AbiFamily.V1_2], tmp_path / "new.so")
-    newer = load_library_safely(tmp_path / "new.so", tmp_path / "private")
+    newer = verify_and_copy_library(tmp_path / "new.so", tmp_path / "private")
     assert [p.name for p in (tmp_path / "private").iterdir()] == [
         f"librkllmrt-{newer.info.blob_sha1}.so"
     ]
@@ -142,7 +143,7 @@ def test_private_copy_failure(sim_library: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(LibraryCopyFailed, match="cannot copy"):
-        load_library_safely(sim_library, blocker / "private")
+        verify_and_copy_library(sim_library, blocker / "private")
 
 
 def test_text_file(tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ def test_verdict_cached_per_file_version(
     shutil.copy(SIM_LIBRARIES[AbiFamily.V1_3], path)
     first = verify_library(path)
     assert verify_library(path) == first
-    assert load_library_safely(path, tmp_path / "private").info == first
+    assert verify_and_copy_library(path, tmp_path / "private").info == first
     assert len(spawned) == 1
 
     stat = path.stat()
@@ -390,7 +391,7 @@ def test_library_changed_between_check_and_copy(
         ),
         pytest.raises(LibraryLoadError, match="changed while it was being loaded"),
     ):
-        load_library_safely(sim_library, private)
+        verify_and_copy_library(sim_library, private)
     assert list(private.iterdir()) == []
 
 
@@ -415,9 +416,7 @@ def test_unversioned_build_identified_by_behaviour(
         VersionSource.BEHAVIOUR,
         f"{abi_family}.x",
     )
-    loaded = load_library_safely(path, tmp_path / "private")
-    assert loaded.layout.family is abi_family
-    assert loaded.cdll.rkllm_createDefaultParam().top_k == 40
+    assert verify_and_copy_library(path, tmp_path / "private").info == info
 
 
 def test_ambiguous_build_refused_naming_what_was_seen(tmp_path: Path) -> None:
@@ -431,10 +430,10 @@ def test_ambiguous_build_refused_naming_what_was_seen(tmp_path: Path) -> None:
         AbiFamily.V1_3,
         VersionSource.OVERRIDE,
     )
-    loaded = load_library_safely(
+    verified = verify_and_copy_library(
         ODD_LIBRARY, tmp_path / "private", family_override=AbiFamily.V1_3
     )
-    assert loaded.layout.family is AbiFamily.V1_3
+    assert verified.info == info
 
 
 async def test_vendor_build_runs_an_agent(

@@ -23,7 +23,7 @@ from custom_components.rockchip_llm.rkllm.errors import (
     RunStalledError,
     WorkerDiedError,
 )
-from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary, load_library
+from custom_components.rockchip_llm.rkllm.library import VerifiedLibrary
 from custom_components.rockchip_llm.rkllm.runtime import (
     ModelParams,
     RunRequest,
@@ -64,7 +64,7 @@ def workers() -> Generator[list[WorkerModel]]:
 
 def start(
     workers: list[WorkerModel],
-    library: RuntimeLibrary,
+    library: VerifiedLibrary,
     *,
     stall_timeout: float = STALL_TIMEOUT,
     abort_grace: float = ABORT_GRACE,
@@ -89,11 +89,13 @@ def wait_for_output(worker: WorkerModel, text: str) -> None:
 
 
 def test_crash_in_init_is_a_segfault(
-    write_model: ModelWriter, sim_library: Path, workers: list[WorkerModel]
+    write_model: ModelWriter,
+    verified_library: VerifiedLibrary,
+    workers: list[WorkerModel],
 ) -> None:
     """crash_in_init 1: the worker dies with SIGSEGV after the model line."""
     path = write_model(extra=("crash_in_init 1",))
-    worker = start(workers, load_library(sim_library))
+    worker = start(workers, verified_library)
     with pytest.raises(WorkerDiedError, match="SIGSEGV") as caught:
         worker.init(ModelParams(model_path=path)).result(timeout=30)
     assert caught.value is worker.death
@@ -118,22 +120,26 @@ def test_crash_in_init_prints_the_model_line_first(
 
 
 def test_the_death_message_has_the_line_printed_before_the_crash(
-    write_model: ModelWriter, sim_library: Path, workers: list[WorkerModel]
+    write_model: ModelWriter,
+    verified_library: VerifiedLibrary,
+    workers: list[WorkerModel],
 ) -> None:
     """The WorkerDiedError of a crash in init names the runtime's last line."""
     path = write_model(extra=("crash_in_init 1",))
-    worker = start(workers, load_library(sim_library))
+    worker = start(workers, verified_library)
     with pytest.raises(WorkerDiedError, match="SIGSEGV") as caught:
         worker.init(ModelParams(model_path=path)).result(timeout=30)
     assert "max_context_limit: 4096" in str(caught.value)
 
 
 def test_abort_at_token_is_a_sigabrt(
-    write_model: ModelWriter, sim_library: Path, workers: list[WorkerModel]
+    write_model: ModelWriter,
+    verified_library: VerifiedLibrary,
+    workers: list[WorkerModel],
 ) -> None:
     """abort_at_token 3: three tokens stream, then a GGML_ASSERT line and SIGABRT."""
     path = write_model(replies=(WORDS,), extra=("abort_at_token 3",))
-    worker = start(workers, load_library(sim_library))
+    worker = start(workers, verified_library)
     worker.init(ModelParams(model_path=path)).result(timeout=30)
     pieces: list[str] = []
     with pytest.raises(WorkerDiedError, match="SIGABRT"):
@@ -143,13 +149,13 @@ def test_abort_at_token_is_a_sigabrt(
 
 
 def test_hang_at_token_ignores_the_abort_and_is_killed(
-    write_model: ModelWriter, sim_library: Path, workers: list[WorkerModel]
+    write_model: ModelWriter,
+    verified_library: VerifiedLibrary,
+    workers: list[WorkerModel],
 ) -> None:
     """hang_at_token 2: the watchdog's abort does nothing; killing the worker works."""
     path = write_model(replies=(WORDS,), extra=("hang_at_token 2",))
-    worker = start(
-        workers, load_library(sim_library), stall_timeout=0.5, abort_grace=0.5
-    )
+    worker = start(workers, verified_library, stall_timeout=0.5, abort_grace=0.5)
     worker.init(ModelParams(model_path=path)).result(timeout=30)
     pieces: list[str] = []
     with pytest.raises(RunStalledError, match="no text for 0.5 s"):
@@ -166,13 +172,13 @@ def test_hang_at_token_ignores_the_abort_and_is_killed(
 )
 def test_bad_crash_settings_fail_init(
     write_model: ModelWriter,
-    sim_library: Path,
+    verified_library: VerifiedLibrary,
     workers: list[WorkerModel],
     setting: str,
 ) -> None:
     """A bad value of a crash switch is a model-file error, not a crash."""
     path = write_model(extra=(setting,))
-    worker = start(workers, load_library(sim_library))
+    worker = start(workers, verified_library)
     with pytest.raises(ModelInitError):
         worker.init(ModelParams(model_path=path)).result(timeout=30)
     assert worker.death is None
@@ -189,7 +195,7 @@ def run_to_end(worker: WorkerModel, prompt: str) -> tuple[str, RunResult]:
 
 def test_trace_file_records_counters_and_runs_of_each_worker(
     write_model: ModelWriter,
-    sim_library: Path,
+    verified_library: VerifiedLibrary,
     workers: list[WorkerModel],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -197,11 +203,10 @@ def test_trace_file_records_counters_and_runs_of_each_worker(
     """Two workers trace into one file: whole lines, their own pids, parseable runs."""
     trace = tmp_path / "trace.log"
     monkeypatch.setenv("RKLLM_SIM_TRACE", str(trace))
-    library = load_library(sim_library)
     path = write_model(
         replies=("reply user lines => two\\nlines", "default => " + "tok " * 40)
     )
-    first, second = start(workers, library), start(workers, library)
+    first, second = start(workers, verified_library), start(workers, verified_library)
     for worker in (first, second):
         worker.init(ModelParams(model_path=path)).result(timeout=30)
     prompts = {first: "say two lines\nplease", second: "something long"}

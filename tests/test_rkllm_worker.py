@@ -16,7 +16,7 @@ from custom_components.rockchip_llm.rkllm.errors import (
     RunStalledError,
     WorkerDiedError,
 )
-from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary, load_library
+from custom_components.rockchip_llm.rkllm.library import VerifiedLibrary
 from custom_components.rockchip_llm.rkllm.runtime import (
     ModelParams,
     RunRequest,
@@ -31,18 +31,12 @@ type Opener = Callable[..., WorkerModel]
 
 
 @pytest.fixture
-def runtime(sim_library: Path) -> RuntimeLibrary:
-    """The simulator, loaded through the binding (the worker maps the same file)."""
-    return load_library(sim_library)
-
-
-@pytest.fixture
-def open_worker(runtime: RuntimeLibrary) -> Generator[Opener]:
+def open_worker(verified_library: VerifiedLibrary) -> Generator[Opener]:
     """Start workers that are closed (process reaped, threads joined) after the test."""
     workers: list[WorkerModel] = []
 
     def open_(path: Path, *, init: bool = True, **options: object) -> WorkerModel:
-        worker = WorkerModel(runtime, f"m{len(workers)}", **options)  # type: ignore[arg-type]
+        worker = WorkerModel(verified_library, f"m{len(workers)}", **options)  # type: ignore[arg-type]
         workers.append(worker)
         if init:
             worker.init(ModelParams(model_path=path)).result(timeout=30)

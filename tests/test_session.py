@@ -12,7 +12,7 @@ from custom_components.rockchip_llm.const import HistoryStrategy
 from custom_components.rockchip_llm.engine import Engine
 from custom_components.rockchip_llm.model_files import scan_models
 from custom_components.rockchip_llm.prompt_cache import PromptCacheStore
-from custom_components.rockchip_llm.rkllm.probe import load_library_safely
+from custom_components.rockchip_llm.rkllm.probe import verify_and_copy_library
 from custom_components.rockchip_llm.rkllm.runtime import ModelParams, Sampling
 from custom_components.rockchip_llm.run_planner import Message, SystemPrefix
 from custom_components.rockchip_llm.session import ModelSession
@@ -64,7 +64,7 @@ async def session(
 
         cache_dir = tmp_path / "cache"
         library = await run_blocking(
-            load_library_safely, sim_library, cache_dir / ".runtime"
+            verify_and_copy_library, sim_library, cache_dir / ".runtime"
         )
         engine = Engine(library, PromptCacheStore(cache_dir, 10**9), run_blocking)
         info = (await run_blocking(scan_models, models_dir)).models["Qwen3 Sim"]

@@ -46,7 +46,7 @@ from .model_files import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheEntry, CacheError, CacheWriteError, PromptCacheStore
 from .rkllm.abi import parse_family
 from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError
-from .rkllm.probe import load_library_safely
+from .rkllm.probe import verify_and_copy_library
 from .rkllm.runtime import ModelParams
 from .services import async_setup_services, async_update_model_selectors
 from .system_cache import SystemCacheKeeper, system_cache_name
@@ -54,7 +54,7 @@ from .system_cache import SystemCacheKeeper, system_cache_name
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
 PRIVATE_LIBRARY_DIR = ".runtime"
-"""Under the cache folder: the private copy of the runtime library this process maps."""
+"""Under the cache folder: the private copy of the runtime library the workers load."""
 PLATFORMS = (
     Platform.AI_TASK,
     Platform.BINARY_SENSOR,
@@ -117,7 +117,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     private_dir = Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR
     try:
         library = await hass.async_add_executor_job(
-            load_library_safely,
+            verify_and_copy_library,
             library_path,
             private_dir,
             parse_family(entry.data.get(CONF_ABI_FAMILY)),

@@ -69,9 +69,9 @@ from .ha_compat import vol
 from .model_files import ModelInfo, ModelScan, ModelsDirError, scan_models
 from .rkllm.abi import AbiFamily, family_setting, parse_family
 from .rkllm.errors import LibraryError
-from .rkllm.library import LIBRARY_NAME
+from .rkllm.library import LIBRARY_NAME, file_is_simulator
 from .rkllm.probe import verify_library
-from .simulation import SIMULATOR_ENV, file_is_simulator, simulated_label
+from .simulation import SIMULATOR_ENV, simulated_label
 
 _LOGGER = logging.getLogger(__name__)
 

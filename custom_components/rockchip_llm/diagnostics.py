@@ -23,9 +23,8 @@ from .host import read_host_info
 from .model_files import ModelScan, ModelsDirError, scan_models
 from .prompt_cache import CacheEntry, CacheError
 from .rkllm.errors import LibraryError
-from .rkllm.library import RuntimeInfo, inspect_library
+from .rkllm.library import RuntimeInfo, file_is_simulator, inspect_library
 from .session import ModelSession
-from .simulation import file_is_simulator
 
 TO_REDACT: Final = {CONF_PROMPT}
 
@@ -218,7 +217,8 @@ async def async_get_config_entry_diagnostics(
     runtime = entry.runtime_data
     engine = runtime.engine
     data |= {
-        "runtime": _runtime_info(engine.library.info) | {"simulated": engine.simulated},
+        "runtime": _runtime_info(engine.library.info)
+        | {"simulated": engine.library.simulated},
         "models": _scan(runtime.scan),
         "loaded_models": {
             name: _session(session) for name, session in engine.sessions.items()

@@ -13,10 +13,9 @@ from typing import Any
 from .model_files import ModelInfo
 from .prompt_cache import CacheWriteError, PromptCacheStore
 from .rkllm.abi import AbiFamily
-from .rkllm.library import RuntimeInfo, RuntimeLibrary
+from .rkllm.library import RuntimeInfo, VerifiedLibrary
 from .rkllm.runtime import ModelParams
 from .session import ModelSession, SessionServices
-from .simulation import library_is_simulated
 
 DOMAIN_BYTES = 4 * 1024**3
 """About what one NPU memory domain holds (rknn-llm #314, #437)."""
@@ -59,7 +58,7 @@ class Engine:
 
     def __init__(
         self,
-        library: RuntimeLibrary,
+        library: VerifiedLibrary,
         store: PromptCacheStore,
         run_blocking: Callable[..., Any],
         on_cache_write: Callable[[CacheWriteError | None], None] | None = None,
@@ -74,8 +73,6 @@ class Engine:
         """
         self.library = library
         self.store = store
-        self.simulated = library_is_simulated(library.cdll)
-        """Whether the library is the development simulator, not Rockchip's runtime."""
         self._sessions: dict[str, ModelSession] = {}
         self._services = SessionServices(
             library=library,

@@ -77,7 +77,7 @@ def agent_device_info(
     engine = entry.runtime_data.engine
     agent = entry.runtime_data.agents[subentry.subentry_id]
     version = engine.library.info.version
-    simulated = engine.simulated
+    simulated = engine.library.simulated
     return dr.DeviceInfo(
         identifiers={(DOMAIN, subentry.subentry_id)},
         name=subentry.title,

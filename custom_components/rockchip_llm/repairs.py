@@ -8,7 +8,7 @@ from homeassistant.core import HomeAssistant
 from .config_flow import async_scan_or_abort, model_selector
 from .const import CONF_LIBRARY_PATH, CONF_MODEL, CONF_MODELS_DIR
 from .ha_compat import vol
-from .simulation import file_is_simulator
+from .rkllm.library import file_is_simulator
 
 
 class ModelMissingRepairFlow(RepairsFlow):

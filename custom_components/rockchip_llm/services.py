@@ -357,7 +357,7 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
         )
     except RKLLMError as err:
         raise generation_failed(err) from err
-    simulated = runtime.engine.simulated
+    simulated = runtime.engine.library.simulated
     return cast("ServiceResponse", result | {"simulated": simulated})
 
 

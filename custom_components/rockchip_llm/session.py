@@ -32,7 +32,7 @@ from .prompt_cache import (
     PromptCacheStore,
 )
 from .rkllm.errors import RKLLMError, WorkerDiedError
-from .rkllm.library import RuntimeLibrary
+from .rkllm.library import VerifiedLibrary
 from .rkllm.runtime import ModelParams
 from .rkllm.worker import WorkerModel
 from .run_planner import SystemPrefix
@@ -85,7 +85,7 @@ class ObservedLock(asyncio.Lock):
 class SessionServices:
     """What every session of a runtime entry shares."""
 
-    library: RuntimeLibrary
+    library: VerifiedLibrary
     store: PromptCacheStore
     run_blocking: Callable[..., Any]
     """Runs a blocking function off the event loop."""

@@ -31,7 +31,7 @@ from custom_components.rockchip_llm.const import (
 )
 from custom_components.rockchip_llm.generation import Generation
 from custom_components.rockchip_llm.prompt_cache import CacheMetadata
-from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary
+from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary, VerifiedLibrary
 from custom_components.rockchip_llm.rkllm.runtime import (
     RKLLMModel,
     RunRequest,
@@ -216,7 +216,7 @@ async def async_converse_timed(
 
 
 class SimCounter:
-    """rkllm_sim_count_tokens of the simulator library."""
+    """rkllm_sim_count_tokens of the simulator library, loaded by the bench itself."""
 
     def __init__(self, library: RuntimeLibrary) -> None:
         """Bind the export."""
@@ -253,9 +253,9 @@ def _only_agent(entry: MockConfigEntry) -> Agent:
     return agent
 
 
-def runtime_library(entry: MockConfigEntry) -> RuntimeLibrary:
-    """Return the runtime library the entry loaded."""
-    library: RuntimeLibrary = entry.runtime_data.engine.library
+def verified_library(entry: MockConfigEntry) -> VerifiedLibrary:
+    """Return the entry's checked library (its copy is what the workers load)."""
+    library: VerifiedLibrary = entry.runtime_data.engine.library
     return library
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from pytest_homeassistant_custom_component.common import mock_storage  # type: ignore[import-untyped]
 
 from custom_components.rockchip_llm.const import HistoryStrategy
+from custom_components.rockchip_llm.rkllm.library import load_library
 
 from .harness import (
     SimCounter,
@@ -15,7 +16,7 @@ from .harness import (
     async_add_entry,
     async_setup_home,
     home_assistant,
-    runtime_library,
+    verified_library,
 )
 from .results import Report
 from .scenario import (
@@ -92,7 +93,9 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 strategy=HistoryStrategy.AUTO,
                 title="Bench overhead",
             )
-            library = runtime_library(ours.entry)
+            # Home Assistant never loads the runtime; the bench loads the simulator
+            # itself, to count tokens and for the in-process handles.
+            library = await hass.async_add_executor_job(load_library, library_path)
             count = SimCounter(library)
             prefix = agent_prefix(ours.entry)
             report.system_prompt_tokens = count(system_block(prefix))
@@ -139,6 +142,7 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             report.handles = await hass.async_add_executor_job(
                 measure_handles,
                 library,
+                verified_library(ours.entry),
                 worker_model_path,
                 settings.worker_repetitions,
             )

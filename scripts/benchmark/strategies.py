@@ -16,7 +16,7 @@ from custom_components.rockchip_llm.const import (
     CONF_PROMPT,
     HistoryStrategy,
 )
-from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary
+from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary, VerifiedLibrary
 from custom_components.rockchip_llm.rkllm.runtime import (
     ModelParams,
     RKLLMModel,
@@ -219,9 +219,14 @@ def _timed_clear(model: RKLLMModel | WorkerModel) -> float:
 
 
 def measure_handles(
-    library: RuntimeLibrary, model_path: Path, repetitions: int
+    library: RuntimeLibrary,
+    verified: VerifiedLibrary,
+    model_path: Path,
+    repetitions: int,
 ) -> dict[str, HandleTimes]:
     """Time the same calls on an RKLLMModel and a WorkerModel of one zero-delay model.
+
+    library is the simulator loaded in this process, verified what the workers load.
 
     Blocking: run it off the event loop. Both handles are loaded at once and the
     repetitions alternate between them, so load from elsewhere hits both alike;
@@ -235,7 +240,7 @@ def measure_handles(
     )
     models: dict[str, RKLLMModel | WorkerModel] = {
         "in_process": RKLLMModel(library, "bench_in_process"),
-        "worker": WorkerModel(library, "bench_worker"),
+        "worker": WorkerModel(verified, "bench_worker"),
     }
     times = {name: HandleTimes() for name in HANDLES}
     try:

@@ -1,10 +1,14 @@
 """Find, validate and load librkllmrt.so, and detect its ABI family.
 
+Home Assistant's process only reads library files, never loads them: the probe's
+child loads a library to check it (:func:`load_library`), a worker process loads
+the checked private copy (:func:`load_copy`).
 Everything here blocks (file reads, dlopen): call it off the event loop.
 """
 
+from collections.abc import Mapping
 import ctypes
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 import hashlib
 import logging
@@ -13,6 +17,7 @@ from pathlib import Path
 import platform
 import re
 import struct
+from typing import Any
 
 from .abi import (
     LAYOUTS,
@@ -36,6 +41,8 @@ from .errors import (
 _LOGGER = logging.getLogger(__name__)
 
 LIBRARY_NAME = "librkllmrt.so"
+SIMULATOR_SYMBOL = "rkllm_sim_counter"
+"""Exported by the development simulator (tests/rkllm_sim) only."""
 MIN_VERSION = (1, 2, 1)
 SUPPORTED = "1.2.1 to 1.2.3 or 1.3.0"
 
@@ -95,14 +102,26 @@ class RuntimeInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifiedLibrary:
+    """A library a child process loaded and checked, and the copy workers load.
+
+    Home Assistant works with this description only: it never loads the library.
+    """
+
+    info: RuntimeInfo
+    copy: Path
+    """The private copy, identical to info's file when it was checked."""
+    simulated: bool
+    """Whether it is the development simulator, not Rockchip's runtime."""
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeLibrary:
     """A loaded runtime library with the prototypes of its ABI family."""
 
     info: RuntimeInfo
     layout: AbiLayout
     cdll: ctypes.CDLL
-    mapped: Path
-    """The file that was mapped: info.path itself or an identical private copy."""
 
 
 def host_machine() -> str:
@@ -152,6 +171,39 @@ def git_blob_sha1(data: bytes | mmap.mmap) -> str:
     digest.update(b"blob %d\0" % len(data))
     digest.update(data)
     return digest.hexdigest()
+
+
+def info_to_wire(info: RuntimeInfo) -> dict[str, Any]:
+    """RuntimeInfo as JSON data, for the child processes that check or load it."""
+    return {
+        name: str(value) if isinstance(value, Path) else value
+        for name, value in asdict(info).items()
+    }
+
+
+def info_from_wire(data: Mapping[str, Any]) -> RuntimeInfo:
+    """Rebuild RuntimeInfo; raise KeyError, TypeError or ValueError on bad data."""
+    return RuntimeInfo(
+        path=Path(data["path"]),
+        version=str(data["version"]),
+        version_source=VersionSource(data["version_source"]),
+        family=AbiFamily(data["family"]),
+        blob_sha1=str(data["blob_sha1"]),
+        size=int(data["size"]),
+        mtime_ns=int(data["mtime_ns"]),
+    )
+
+
+def file_is_simulator(path: Path) -> bool:
+    """Whether a library file is the simulator, without loading it."""
+    try:
+        with (
+            path.open("rb") as file,
+            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
+            return data.find(SIMULATOR_SYMBOL.encode()) >= 0
+    except OSError, ValueError:
+        return False
 
 
 def copy_damage(copy: Path, info: RuntimeInfo) -> str | None:
@@ -317,35 +369,45 @@ def inspect_library(
 def load_library(
     path: Path,
     *,
-    load_from: Path | None = None,
     family_override: AbiFamily | None = None,
     identified: AbiFamily | None = None,
     expected_machine: str | None = None,
 ) -> RuntimeLibrary:
-    """Validate, dlopen and bind the runtime library at path.
-
-    load_from, when given, is an identical copy of path that is mapped instead;
-    it is checked (size and hash) first, so a damaged copy is never mapped.
-    """
+    """Validate, dlopen and bind the runtime library at path."""
     info = inspect_library(
         path,
         family_override=family_override,
         identified=identified,
         expected_machine=expected_machine,
     )
-    if load_from is not None:
-        try:
-            damage = copy_damage(load_from, info)
-        except OSError as err:
-            damage = err.strerror
-        if damage is not None:
-            raise LibraryLoadError(
-                f"the copy {load_from} does not match {path} ({damage}); "
-                "reload the integration to copy it again",
-                path=str(path),
-            )
+    return _bind(path, info)
+
+
+def load_copy(copy: Path, info: RuntimeInfo) -> RuntimeLibrary:
+    """Dlopen and bind a private copy of the library info describes (a worker's load).
+
+    The copy is checked (size and hash) against info first, so a damaged copy is
+    never mapped. The original is not read: it may have been replaced since it
+    was checked, and the copy is what was checked.
+    """
     try:
-        cdll = ctypes.CDLL(str(load_from or path))
+        damage = copy_damage(copy, info)
+    except OSError as err:
+        damage = err.strerror
+    if damage is not None:
+        raise LibraryLoadError(
+            f"the copy {copy} does not match {info.path} ({damage}); "
+            "reload the integration to copy it again",
+            path=str(info.path),
+        )
+    return _bind(copy, info)
+
+
+def _bind(file: Path, info: RuntimeInfo) -> RuntimeLibrary:
+    """Dlopen file and give its functions the prototypes of info's ABI family."""
+    path = info.path
+    try:
+        cdll = ctypes.CDLL(str(file))
     except OSError as err:
         raise LibraryLoadError(
             f"the dynamic loader refused {path}: {err}", path=str(path)
@@ -365,8 +427,8 @@ def load_library(
     _LOGGER.info(
         "Loaded RKLLM runtime %s from %s (ABI family %s, version from %s)",
         info.version,
-        path,
+        file,
         info.family,
         info.version_source,
     )
-    return RuntimeLibrary(info=info, layout=layout, cdll=cdll, mapped=load_from or path)
+    return RuntimeLibrary(info=info, layout=layout, cdll=cdll)

@@ -1,14 +1,15 @@
-"""Try a runtime library in a short-lived child process before loading it here.
+"""Try a runtime library in a short-lived child process; copy it for the workers.
 
 ctypes cannot catch a library that crashes while it is loaded: a constructor that
-segfaults or aborts during dlopen takes the whole Home Assistant process down. So
-before the first dlopen of a library file, a child Python loads it (ELF, version
-and symbol checks, dlopen, one ``rkllm_createDefaultParam`` call that touches the
-ABI) and prints a JSON verdict. A library with no known release hash and no
-version string (real builds carry only a format string) is identified there by
-its behaviour: where ``rkllm_createDefaultParam`` puts the documented defaults
-(see ``library.identify_family``); the user's ABI-family override counts only
-when that is ambiguous. A refusal comes back as the same typed error; a
+segfaults or aborts during dlopen takes its whole process down. Home Assistant
+never loads the library: a child Python loads it first (ELF, version and symbol
+checks, dlopen, one ``rkllm_createDefaultParam`` call that touches the ABI) and
+prints a JSON verdict, and only then is a private copy made for the worker
+processes (:mod:`.worker`) that run models. A library with no known release hash
+and no version string (real builds carry only a format string) is identified
+there by its behaviour: where ``rkllm_createDefaultParam`` puts the documented
+defaults (see ``library.identify_family``); the user's ABI-family override counts
+only when that is ambiguous. A refusal comes back as the same typed error; a
 child that dies without a verdict (a signal, an exit, a hang) gives
 :class:`LibraryCrashed`.
 
@@ -59,10 +60,13 @@ from .errors import (
 from .library import (
     RuntimeInfo,
     RuntimeLibrary,
-    VersionSource,
+    VerifiedLibrary,
     check_elf,
     copy_damage,
+    file_is_simulator,
     identify_family,
+    info_from_wire,
+    info_to_wire,
     load_library,
 )
 
@@ -184,15 +188,7 @@ def _death(path: Path, returncode: int, stderr: str) -> LibraryCrashed:
 def _runtime_info(path: Path, verdict: Mapping[str, Any]) -> RuntimeInfo:
     """Rebuild the RuntimeInfo the child found."""
     try:
-        return RuntimeInfo(
-            path=path,
-            version=str(verdict["version"]),
-            version_source=VersionSource(verdict["version_source"]),
-            family=AbiFamily(verdict["family"]),
-            blob_sha1=str(verdict["blob_sha1"]),
-            size=int(verdict["size"]),
-            mtime_ns=int(verdict["mtime_ns"]),
-        )
+        return info_from_wire({**verdict, "path": str(path)})
     except (KeyError, TypeError, ValueError) as err:
         raise LibraryError(
             f"the process that tested {path} gave an unreadable verdict: {verdict!r}",
@@ -299,36 +295,24 @@ def verify_library(
     return replace(verdict, path=path)
 
 
-def load_library_safely(
+def verify_and_copy_library(
     path: Path, private_dir: Path, family_override: AbiFamily | None = None
-) -> RuntimeLibrary:
-    """Check path in a child process (see verify_library), then load a private copy.
+) -> VerifiedLibrary:
+    """Check path in a child process (see verify_library), then copy it privately.
 
-    The copy, named by content in private_dir, is what this process maps: a user
-    who later overwrites the original in place (cp, not a rename) would otherwise
-    change code under a running Home Assistant and crash it.
+    Nothing is loaded in this process. The copy, named by content in private_dir,
+    is what the worker processes load: a user who later overwrites the original
+    in place (cp, not a rename) would otherwise change code under a running model.
     """
     info = verify_library(path, family_override=family_override)
     copy = _private_copy(path, info, private_dir)
-    library = load_library(
-        path,
-        load_from=copy,
-        family_override=family_override,
-        identified=info.family
-        if info.version_source is VersionSource.BEHAVIOUR
-        else None,
-    )
-    if library.info.blob_sha1 != info.blob_sha1:
-        raise LibraryLoadError(
-            f"{path} changed while it was being loaded; try again", path=str(path)
-        )
-    return library
+    return VerifiedLibrary(info=info, copy=copy, simulated=file_is_simulator(copy))
 
 
 def _private_copy(path: Path, info: RuntimeInfo, private_dir: Path) -> Path:
     """Return an intact copy of path named by its content, made atomically once.
 
-    A copy already there is loaded only if its size and hash are the verdict's:
+    A copy already there is kept only if its size and hash are the verdict's:
     a damaged one (truncated by a power cut, overwritten) is logged and replaced.
     A new copy is flushed to disk before it is renamed into place.
     """
@@ -348,7 +332,7 @@ def _private_copy(path: Path, info: RuntimeInfo, private_dir: Path) -> Path:
             _write_copy(path, info, copy)
         for old in private_dir.glob("librkllmrt-*.so"):
             if old != copy:
-                old.unlink(missing_ok=True)  # a loaded old copy stays mapped
+                old.unlink(missing_ok=True)  # a worker's mapping of it stays valid
     except OSError as err:
         raise LibraryCopyFailed(
             f"cannot copy {path} to {private_dir}: {err.strerror}",
@@ -462,15 +446,7 @@ def _child_main(argv: list[str]) -> int:
             "placeholders": {k: v for k, v in err.placeholders.items() if k != "error"},
         }
     else:
-        info = loaded.info
-        verdict = {
-            "version": info.version,
-            "version_source": info.version_source.value,
-            "family": info.family.value,
-            "blob_sha1": info.blob_sha1,
-            "size": info.size,
-            "mtime_ns": info.mtime_ns,
-        }
+        verdict = info_to_wire(loaded.info)
     with os.fdopen(verdict_fd, "w", encoding="utf-8") as out:
         out.write(json.dumps(verdict) + "\n")
     return 0

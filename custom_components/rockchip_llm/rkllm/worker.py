@@ -24,6 +24,7 @@ from concurrent.futures import Future
 import contextlib
 from dataclasses import dataclass
 import itertools
+import json
 import logging
 import os
 from pathlib import Path
@@ -41,7 +42,7 @@ from .errors import (
     RunStalledError,
     WorkerDiedError,
 )
-from .library import RuntimeLibrary
+from .library import VerifiedLibrary, info_to_wire
 from .protocol import (
     decode,
     encode,
@@ -105,7 +106,7 @@ class WorkerModel:
 
     def __init__(
         self,
-        library: RuntimeLibrary,
+        library: VerifiedLibrary,
         name: str,
         *,
         stall_timeout: float | None = None,
@@ -192,7 +193,6 @@ class WorkerModel:
         return context_limit_in("\n".join(self.output_tail()).encode())
 
     def _spawn(self, ready: Future[None]) -> None:
-        info = self.library.info
         request_read, request_write = os.pipe()
         answer_read, answer_write = os.pipe()
         try:
@@ -201,9 +201,8 @@ class WorkerModel:
                     "worker_child",
                     str(request_read),
                     str(answer_write),
-                    str(info.path),
-                    str(self.library.mapped),
-                    str(info.family),
+                    str(self.library.copy),
+                    json.dumps(info_to_wire(self.library.info)),
                     self.name,
                 ),
                 stdin=subprocess.DEVNULL,

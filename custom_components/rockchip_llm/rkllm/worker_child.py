@@ -12,15 +12,15 @@ from concurrent.futures import Future
 import contextlib
 import ctypes
 import functools
+import json
 import os
 from pathlib import Path
 import threading
 from typing import Any, Final
 
-from .abi import AbiFamily
 from .child import disable_core_dumps
 from .errors import RKLLMError
-from .library import load_library
+from .library import info_from_wire, load_copy
 from .protocol import (
     Message,
     decode,
@@ -152,15 +152,11 @@ def _line_buffer_stdout() -> None:
 def _child_main(argv: list[str]) -> int:
     """Run in the worker: load the library, serve requests, destroy the handle."""
     request_fd, answer_fd = int(argv[0]), int(argv[1])
-    library_path, mapped_path, family, name = argv[2:6]
+    copy, info, name = Path(argv[2]), info_from_wire(json.loads(argv[3])), argv[4]
     disable_core_dumps()
     out = _Writer(answer_fd)
     try:
-        library = load_library(
-            Path(library_path),
-            load_from=Path(mapped_path),
-            family_override=AbiFamily(family),
-        )
+        library = load_copy(copy, info)
     except RKLLMError as err:
         out.send({"id": READY_ID, "error": error_to_wire(err)})
         return 1
