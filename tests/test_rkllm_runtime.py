@@ -357,6 +357,20 @@ def test_keep_history_and_clear_kv(
     assert fourth.perf.prefill_tokens == first.perf.prefill_tokens
 
 
+def test_run_can_clear_the_kv_first(
+    write_model: ModelWriter, open_model: Callable[..., RKLLMModel]
+) -> None:
+    """clear_kv_first clears in the same call, as clear_kv_cache would before it."""
+    model = open_model(write_model())
+    model.set_function_tools(SYSTEM, "[]").result()
+    _, first = run(model, "hello there", keep_history=True)
+    _, again = run(model, "hello there", keep_history=True, clear_kv_first="to_system")
+    assert again.kv_cache_size == first.kv_cache_size
+    _, fresh = run(model, "hello there", keep_history=True, clear_kv_first="all")
+    assert first.perf is not None and fresh.perf is not None
+    assert fresh.perf.prefill_tokens == first.perf.prefill_tokens
+
+
 def test_per_run_sampling(
     write_model: ModelWriter,
     open_model: Callable[..., RKLLMModel],

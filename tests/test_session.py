@@ -156,3 +156,23 @@ async def test_deleted_cache_is_no_longer_ready(session: ModelSession) -> None:
     assert session.ready_cache("system") is None
     assert session.loaded_cache is None
     assert not cache.bin_path.exists()
+
+
+async def test_new_conversation_starts_from_the_system_prompt(
+    session: ModelSession,
+) -> None:
+    """The first run of another conversation clears the KV back to the system prompt.
+
+    The clear travels with the run (one round trip to the worker, not two).
+    """
+    guard = Guard()
+    await session.async_prepare(PREFIX, "system", "test", guard)
+    earlier = [Message("user", "hello")]
+    await ask(session, guard, earlier)
+    kv_of_one_turn = session.kv_tokens
+    earlier.append(Message("user", "and what else can you do for me today"))
+    await ask(session, guard, earlier)
+    assert session.kv_tokens > kv_of_one_turn
+    await ask(session, guard, [Message("user", "hello")])
+    assert not session.recent[-1].reused_history
+    assert session.kv_tokens == kv_of_one_turn

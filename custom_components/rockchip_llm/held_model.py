@@ -138,6 +138,10 @@ class HeldModel:
     async def async_reset_kv(self, *, keep_system: bool = True) -> None:
         """Clear the KV back to the system prompt (or entirely)."""
         await call(self.worker.clear_kv_cache(keep_system_prompt=keep_system))
+        self.kv_cleared()
+
+    def kv_cleared(self) -> None:
+        """Note that the KV was cleared (by a clear call or by a run that cleared it first)."""
         self.kv = None
         self.kv_tokens = 0
         self.sent_tool_results.clear()

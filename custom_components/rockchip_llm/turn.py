@@ -200,9 +200,6 @@ class Conversation:
         plan, prefix_tokens, exact_cache = self._plan(
             self._messages(source), extra, strategy
         )
-        if not plan.reuse_history:
-            # "off" measures the no-reuse baseline: not even the system prompt stays.
-            await held.async_reset_kv(keep_system=strategy is not HistoryStrategy.OFF)
         prompt = f"{plan.prompt}\n\n{instructions}" if instructions else plan.prompt
         if volatile and plan.role == "user":
             prompt = f"{volatile}\n\n{prompt}"
@@ -214,8 +211,16 @@ class Conversation:
                 keep_history=keep_history,
                 sampling=options.sampling,
                 max_new_tokens=plan.max_new_tokens,
+                # "off" measures the no-reuse baseline: not even the system prompt stays.
+                clear_kv_first=None
+                if plan.reuse_history
+                else "all"
+                if strategy is HistoryStrategy.OFF
+                else "to_system",
             )
         )
+        if not plan.reuse_history:
+            held.kv_cleared()
         held.kv = None  # unknown until the run completes
         if keep_history:
             self._kept = (source, generation)

@@ -43,6 +43,8 @@ _CONTEXT_LIMIT = re.compile(rb"max_context_limit\W{0,3}(\d+)")
 _STDERR_LOCK = threading.Lock()
 
 Role = Literal["user", "tool"]
+type KVClear = Literal["to_system", "all"]
+"""How much of the KV cache a clear removes: all but the system prompt, or all."""
 TextSink = Callable[[str], None]
 """Receives decoded text on the worker thread; must return at once."""
 
@@ -86,6 +88,8 @@ class RunRequest:
     save_prompt_cache: Path | None = None
     sampling: Sampling | None = None
     max_new_tokens: int | None = None
+    clear_kv_first: KVClear | None = None
+    """Clear the KV cache before the run, in the same call (no round trip of its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +265,8 @@ class RKLLMModel:
 
     def _run(self, request: RunRequest, sink: TextSink) -> RunResult:
         handle = self._require_handle()
+        if request.clear_kv_first is not None:
+            self._clear_kv(keep_system_prompt=request.clear_kv_first == "to_system")
         keep: list[Any] = []
         c_input: Any = self._layout.input()
         role = request.role.encode()
@@ -402,12 +408,15 @@ class RKLLMModel:
     def clear_kv_cache(self, *, keep_system_prompt: bool) -> Future[None]:
         """Clear the KV cache, optionally keeping the system prompt."""
         return self._submit(
-            lambda: self._check(
-                "rkllm_clear_kv_cache",
-                self._lib.rkllm_clear_kv_cache(
-                    self._require_handle(), int(keep_system_prompt), None, None
-                ),
-            )
+            lambda: self._clear_kv(keep_system_prompt=keep_system_prompt)
+        )
+
+    def _clear_kv(self, *, keep_system_prompt: bool) -> None:
+        self._check(
+            "rkllm_clear_kv_cache",
+            self._lib.rkllm_clear_kv_cache(
+                self._require_handle(), int(keep_system_prompt), None, None
+            ),
         )
 
     def _kv_cache_size(self) -> int | None:
