@@ -81,6 +81,8 @@ INIT_TIMEOUT: Final = 300.0
 INIT_LOG_WAIT: Final = 5.0
 """Seconds to wait for the runtime's load log to arrive after rkllm_init returned."""
 _TICK: Final = 0.5
+OUTPUT_DRAIN_TIMEOUT: Final = 2.0
+"""How long a death waits for the runtime's last output lines (the pipe ends with it)."""
 
 
 @dataclass(slots=True)
@@ -128,6 +130,7 @@ class WorkerModel:
         self._process: subprocess.Popen[bytes] | None = None
         self._request_fd: int | None = None
         self._threads: list[threading.Thread] = []
+        self._output_reader: threading.Thread | None = None
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self._closed = False
         self._death: WorkerDiedError | None = None
@@ -237,6 +240,8 @@ class WorkerModel:
                 name=f"rkllm-worker-{role}-{self.name}",
                 daemon=True,
             )
+            if role == "output":
+                self._output_reader = thread
             thread.start()
             self._threads.append(thread)
         _LOGGER.debug(
@@ -405,6 +410,9 @@ class WorkerModel:
         process = self._process
         assert process is not None
         returncode = process.wait()
+        # The runtime's last lines (why it died) may still be in the output pipe.
+        if self._output_reader is not None:
+            self._output_reader.join(OUTPUT_DRAIN_TIMEOUT)
         self._died(returncode)
 
     def _messages(self, answers: Any) -> Iterator[dict[str, Any]]:
