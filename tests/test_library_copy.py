@@ -17,6 +17,7 @@ import shutil
 import signal
 
 import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rockchip_llm import session as session_module
 from custom_components.rockchip_llm.const import CONF_LIBRARY_PATH
@@ -64,6 +65,17 @@ def mapped_inodes(pid: int | str) -> set[int]:
     return {int(fields[4]) for fields in map(str.split, lines) if len(fields) > 5}
 
 
+async def answering_worker(hass: HomeAssistant, entry: MockConfigEntry) -> int:
+    """Have the agent answer; return the pid of the worker process that did."""
+    result = await conversation.async_converse(
+        hass, "hello", None, Context(), agent_id=AGENT
+    )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+    pid = next(iter(entry.runtime_data.agents.values())).session.worker.pid
+    assert pid is not None
+    return pid
+
+
 @pytest.mark.parametrize(
     "damage", [truncated, zero_filled, flipped], ids=["truncated", "zeros", "flipped"]
 )
@@ -92,12 +104,7 @@ async def test_damaged_copy_replaced(
         entry = await make_entry()
     assert entry.state is ConfigEntryState.LOADED
     assert f"Replacing the damaged library copy {copy}" in caplog.text
-    result = await conversation.async_converse(
-        hass, "hello", None, Context(), agent_id=AGENT
-    )
-    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
-    worker = next(iter(entry.runtime_data.agents.values())).session.worker.pid
-    assert worker is not None
+    worker = await answering_worker(hass, entry)
 
     def check() -> None:
         assert copy.read_bytes() == original
@@ -294,12 +301,7 @@ async def test_home_assistant_never_maps_the_library(
     )
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
-    result = await conversation.async_converse(
-        hass, "hello", None, Context(), agent_id=AGENT
-    )
-    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
-    worker = next(iter(entry.runtime_data.agents.values())).session.worker.pid
-    assert worker is not None
+    worker = await answering_worker(hass, entry)
 
     def check() -> None:
         [copy] = (cache_dir / ".runtime").iterdir()
