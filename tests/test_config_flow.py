@@ -13,6 +13,7 @@ import voluptuous as vol
 
 from custom_components.rockchip_llm import config_flow
 from custom_components.rockchip_llm.const import (
+    AGENT_OPTION_DEFAULTS,
     CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
@@ -38,6 +39,7 @@ from custom_components.rockchip_llm.const import (
 )
 from custom_components.rockchip_llm.model_files import scan_models
 from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.simulation import SIMULATOR_ENV
 from homeassistant import config_entries
 from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
 from homeassistant.core import HomeAssistant
@@ -48,20 +50,11 @@ from homeassistant.setup import async_setup_component
 from .conftest import SIM_BUILD, SIM_LIBRARIES, ModelWriter
 
 SIM_LIBRARY = SIM_LIBRARIES[AbiFamily.V1_3]
-SIMULATOR_ENV = "ROCKCHIP_LLM_SIMULATOR"
 DEFAULT_PROMPT = DEFAULT_PROMPT_FILE.read_text(encoding="utf-8")
 DEFAULT_OPTIONS = {
     CONF_PROMPT: DEFAULT_PROMPT,
     CONF_LLM_HASS_API: [llm.LLM_API_ASSIST],
-    CONF_MAX_CONTEXT_LEN: 4096,
-    CONF_MAX_NEW_TOKENS: 256,
-    CONF_TEMPERATURE: 0.7,
-    CONF_TOP_K: 20,
-    CONF_TOP_P: 0.8,
-    CONF_REPEAT_PENALTY: 1.1,
-    CONF_ENABLE_THINKING: False,
-    CONF_MAX_HISTORY: 10,
-    CONF_HISTORY_STRATEGY: "auto",
+    **AGENT_OPTION_DEFAULTS,
 }
 AGENT_INPUT = {
     CONF_MODEL: "Beta",

@@ -7,7 +7,7 @@ import re
 import yaml
 
 from custom_components.rockchip_llm import binary_sensor, sensor, services
-from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.const import AGENT_OPTION_DEFAULTS, DOMAIN
 from homeassistant import components
 from homeassistant.const import __version__ as HA_VERSION
 from homeassistant.core import HomeAssistant
@@ -210,3 +210,19 @@ def test_entities_are_translated_and_have_icons() -> None:
             options = getattr(description, "options", None) or []
             states = strings[platform][description.key].get("state", {})
             assert set(options) <= set(states), description.key
+
+
+def test_readme_states_the_agent_option_defaults() -> None:
+    """The README's option table gives the defaults new agents get (one table in const)."""
+    documented: dict[str, str] = {}
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`(\w+)`", cells[0].split("(")[0])
+        values = [value.strip().strip("`") for value in cells[2].split(",")]
+        if len(names) == len(values):
+            documented.update(zip(names, values, strict=True))
+    for name, default in AGENT_OPTION_DEFAULTS.items():
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        assert documented[name] == str(shown), name

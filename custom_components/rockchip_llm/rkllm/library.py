@@ -271,15 +271,9 @@ def identify_family(cdll: ctypes.CDLL, path: Path) -> AbiFamily:
     must be where both families keep them, and enabled_cpus_num 4 shows where
     extend_param starts (1.2: offset 88, 1.3: offset 60). Raises
     UnknownRuntimeVersion, naming what was seen, unless exactly one family fits.
-    Call it only in a process that may crash (the probe's child).
+    Call it only in a process that may crash (the probe's child), on a library
+    opened with open_runtime.
     """
-    missing = [name for name in REQUIRED_SYMBOLS if not hasattr(cdll, name)]
-    if missing:
-        raise MissingSymbols(
-            f"{path} lacks {', '.join(missing)}; install runtime {SUPPORTED}",
-            path=str(path),
-            symbols=", ".join(missing),
-        )
     function = cdll.rkllm_createDefaultParam
     function.restype = _DefaultParamBuffer
     function.argtypes = []
@@ -403,9 +397,12 @@ def load_copy(copy: Path, info: RuntimeInfo) -> RuntimeLibrary:
     return _bind(copy, info)
 
 
-def _bind(file: Path, info: RuntimeInfo) -> RuntimeLibrary:
-    """Dlopen file and give its functions the prototypes of info's ABI family."""
-    path = info.path
+def open_runtime(file: Path, path: Path | None = None) -> ctypes.CDLL:
+    """Dlopen file and check it exports the runtime's functions.
+
+    Errors name path (the library the user configured), by default file itself.
+    """
+    path = path or file
     try:
         cdll = ctypes.CDLL(str(file))
     except OSError as err:
@@ -419,6 +416,12 @@ def _bind(file: Path, info: RuntimeInfo) -> RuntimeLibrary:
             path=str(path),
             symbols=", ".join(missing),
         )
+    return cdll
+
+
+def _bind(file: Path, info: RuntimeInfo) -> RuntimeLibrary:
+    """Dlopen file and give its functions the prototypes of info's ABI family."""
+    cdll = open_runtime(file, info.path)
     layout = LAYOUTS[info.family]
     for name, (restype, argtypes) in layout.prototypes().items():
         function = getattr(cdll, name)

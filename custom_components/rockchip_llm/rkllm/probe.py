@@ -31,7 +31,6 @@ Everything here blocks: call it off the event loop.
 """
 
 from collections.abc import Mapping
-import ctypes
 from dataclasses import dataclass, replace
 import json
 import logging
@@ -68,6 +67,7 @@ from .library import (
     info_from_wire,
     info_to_wire,
     load_library,
+    open_runtime,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -413,12 +413,7 @@ def _child_load(path: Path, override: AbiFamily | None) -> RuntimeLibrary:
         return load_library(path)
     except UnknownRuntimeVersion:
         pass
-    try:
-        cdll = ctypes.CDLL(str(path))
-    except OSError as err:
-        raise LibraryLoadError(
-            f"the dynamic loader refused {path}: {err}", path=str(path)
-        ) from err
+    cdll = open_runtime(path)
     try:
         family = identify_family(cdll, path)
     except UnknownRuntimeVersion:
