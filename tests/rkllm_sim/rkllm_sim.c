@@ -836,6 +836,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
             "I rkllm: rkllm-toolkit version: simulated, max_context_limit: %d, "
             "npu_core_num: 1, target_platform: SIM, model_dtype: SIM\n",
             model.max_context_limit);
+    sim_sleep_ms(model.init_ms);
     if (model.crash_in_init) {
         /* runtime 1.3.0 segfaults here when NPU memory is exhausted (rknn-llm #522) */
         raise(SIGSEGV);

@@ -88,6 +88,7 @@ typedef struct {
     int max_context_limit;
     double prefill_ms_per_token;
     double decode_ms_per_token;
+    double init_ms;                /* real sleep in rkllm_init (a real load takes seconds) */
     int init_error;
     int crash_in_init;             /* 1: rkllm_init raises SIGSEGV */
     long error_at_token;
@@ -132,5 +133,6 @@ void sim_trace(const char *kind, const char *fmt, ...)
 /* ---- time ------------------------------------------------------------------ */
 
 double sim_now_ms(void); /* CLOCK_MONOTONIC in milliseconds */
+void sim_sleep_ms(double ms);
 
 #endif /* ROCKCHIP_LLM_SIM_INTERNAL_H */

@@ -130,6 +130,10 @@ static int parse_setting(sim_model *m, char *line, const char *path, int lineno)
         if (parse_double(value, &d) || d < 0)
             goto bad;
         m->decode_ms_per_token = d;
+    } else if (strcmp(key, "init_ms") == 0) {
+        if (parse_double(value, &d) || d < 0 || d > 600000)
+            goto bad;
+        m->init_ms = d;
     } else if (strcmp(key, "init_error") == 0) {
         if (parse_long(value, &l) || (l != 0 && l != 1))
             goto bad;

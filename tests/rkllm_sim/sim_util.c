@@ -368,3 +368,14 @@ double sim_now_ms(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
 }
+
+void sim_sleep_ms(double ms)
+{
+    double deadline = sim_now_ms() + ms;
+    double left;
+    while ((left = deadline - sim_now_ms()) > 0) {
+        struct timespec ts = {(time_t)(left / 1000.0),
+                              (long)((left - (double)(time_t)(left / 1000.0) * 1000.0) * 1e6)};
+        nanosleep(&ts, NULL);
+    }
+}
