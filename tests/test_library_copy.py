@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -313,3 +315,41 @@ async def test_home_assistant_never_maps_the_library(
         assert not [path for path in files if path.stat().st_ino in inodes]
 
     await hass.async_add_executor_job(check)
+
+
+CUT_DURING_INSPECTION = """
+import sys
+from pathlib import Path
+from custom_components.rockchip_llm.rkllm import library
+
+path = Path(sys.argv[1])
+hash_blob = library.git_blob_sha1
+
+def cut_then_hash(data):
+    with path.open("r+b") as file:
+        file.truncate(4096)
+    return hash_blob(data)
+
+library.git_blob_sha1 = cut_then_hash
+print(library.inspect_library(path).size)
+"""
+
+
+def test_library_cut_short_while_inspected(sim_library: Path, tmp_path: Path) -> None:
+    """A library truncated while it is read (a copy over it) cannot crash HA with SIGBUS.
+
+    Run in a child: a mapped file read past its new end kills the process.
+    """
+    library = tmp_path / "librkllmrt.so"
+    shutil.copyfile(sim_library, library)
+    size = library.stat().st_size
+    child = subprocess.run(
+        [sys.executable, "-c", CUT_DURING_INSPECTION, str(library)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert child.returncode == 0, child.stderr
+    assert int(child.stdout) == size  # the bytes read before the cut
+    assert library.stat().st_size == 4096

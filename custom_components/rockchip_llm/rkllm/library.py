@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 import hashlib
 import logging
-import mmap
+import os
 from pathlib import Path
 import platform
 import re
@@ -165,7 +165,7 @@ def check_elf(path: Path, expected_machine: str | None = None) -> None:
         )
 
 
-def git_blob_sha1(data: bytes | mmap.mmap) -> str:
+def git_blob_sha1(data: bytes) -> str:
     """Return the git blob hash of data (what `git hash-object` prints)."""
     digest = hashlib.sha1(usedforsecurity=False)
     digest.update(b"blob %d\0" % len(data))
@@ -197,12 +197,8 @@ def info_from_wire(data: Mapping[str, Any]) -> RuntimeInfo:
 def file_is_simulator(path: Path) -> bool:
     """Whether a library file is the simulator, without loading it."""
     try:
-        with (
-            path.open("rb") as file,
-            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
-        ):
-            return data.find(SIMULATOR_SYMBOL.encode()) >= 0
-    except OSError, ValueError:
+        return SIMULATOR_SYMBOL.encode() in path.read_bytes()
+    except OSError:
         return False
 
 
@@ -321,15 +317,15 @@ def inspect_library(
     the library's behaviour (by the probe's child), the user's override.
     """
     check_elf(path, expected_machine)
-    stat = path.stat()
-    with (
-        path.open("rb") as file,
-        mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
-    ):
-        blob = git_blob_sha1(data)
-        known = KNOWN_RELEASES.get(blob[:8])
-        match = _VERSION_STRING.search(data) if known is None else None
-        found = match.group(1).decode() if match is not None else None
+    # Read, never mapped: a mapped file cut short by a copy over it or a bad disk
+    # raises SIGBUS, which no handler in Home Assistant survives.
+    with path.open("rb") as file:
+        stat = os.fstat(file.fileno())
+        data = file.read()
+    blob = git_blob_sha1(data)
+    known = KNOWN_RELEASES.get(blob[:8])
+    match = _VERSION_STRING.search(data) if known is None else None
+    found = match.group(1).decode() if match is not None else None
     if known is not None:
         version, source = known, VersionSource.RELEASE_HASH
     elif found is not None:
@@ -355,7 +351,7 @@ def inspect_library(
         version_source=source,
         family=family,
         blob_sha1=blob,
-        size=stat.st_size,
+        size=len(data),
         mtime_ns=stat.st_mtime_ns,
     )
 
