@@ -24,7 +24,9 @@ from homeassistant.setup import async_setup_component
 
 from .entry_factory import runtime_entry
 
-SIM_DIR = Path(__file__).parent / "rkllm_sim"
+REPO = Path(__file__).parent.parent
+PACKAGE = REPO / "custom_components" / DOMAIN
+SIM_DIR = REPO / "tests" / "rkllm_sim"
 SIM_BUILD = SIM_DIR / "build"
 SIM_LIBRARIES = {
     AbiFamily.V1_2: SIM_BUILD / "librkllm_sim_1_2.so",

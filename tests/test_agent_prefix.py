@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 import subprocess
 import sys
 
@@ -12,10 +11,8 @@ from custom_components.rockchip_llm.agent_prefix import canonical_schema, split_
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
 
-from .conftest import EntryFactory, last_run_record
+from .conftest import REPO, EntryFactory, last_run_record
 from .test_conversation import converse, model_session
-
-ROOT = Path(__file__).parent.parent
 
 # Builds a tool whose enum list comes from a set of strings, as HA does for some
 # slots (HassTurnOn's device_class on HA 2026.6), and prints its tools JSON.
@@ -46,7 +43,7 @@ print(serialise_tools([Tool()], llm.selector_serializer))
 def _tools_json_in_child(seed: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", _CHILD],
-        cwd=ROOT,
+        cwd=REPO,
         env={**os.environ, "PYTHONHASHSEED": seed},
         capture_output=True,
         text=True,

@@ -6,7 +6,8 @@ from pathlib import Path
 import subprocess
 import sys
 
-ROOT = Path(__file__).parent.parent
+from .conftest import REPO
+
 BENCH = (sys.executable, "-m", "scripts.benchmark")
 STRATEGIES = {"ours", "full_prompt", "cache_per_conversation"}
 TOP_LEVEL = {
@@ -46,7 +47,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         text=True,
         timeout=60,
         check=False,
-        cwd=ROOT,
+        cwd=REPO,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "prefill_ratio" in completed.stdout
@@ -131,7 +132,7 @@ def test_restart_loads_the_cache(tmp_path: Path) -> None:
             text=True,
             timeout=120,
             check=False,
-            cwd=ROOT,
+            cwd=REPO,
             env={**os.environ, "PYTHONHASHSEED": seed},
         )
         assert completed.returncode == 0, completed.stderr[-3000:]

@@ -40,7 +40,7 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
 
-from .conftest import EntryFactory, ModelWriter
+from .conftest import REPO, EntryFactory, ModelWriter
 
 AGENT = "conversation.agent_0"
 
@@ -348,7 +348,8 @@ def test_library_cut_short_while_inspected(sim_library: Path, tmp_path: Path) ->
         capture_output=True,
         text=True,
         check=False,
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO,
+        timeout=60,
     )
     assert child.returncode == 0, child.stderr
     assert int(child.stdout) == size  # the bytes read before the cut

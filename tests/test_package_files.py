@@ -12,8 +12,7 @@ from homeassistant import components
 from homeassistant.const import __version__ as HA_VERSION
 from homeassistant.core import HomeAssistant
 
-PACKAGE = Path(__file__).parent.parent / "custom_components" / DOMAIN
-ROOT = PACKAGE.parent.parent
+from .conftest import PACKAGE, REPO
 
 
 def load_json(name: str) -> dict:
@@ -48,7 +47,7 @@ def test_manifest_keys_and_order() -> None:
 
 def pinned(requirements: str, package: str) -> str:
     """The version a requirements file pins a package to."""
-    text = (ROOT / requirements).read_text()
+    text = (REPO / requirements).read_text()
     match = re.search(rf"^{re.escape(package)}==(\S+)$", text, re.MULTILINE)
     assert match, f"{requirements} pins no {package}"
     return match.group(1)
@@ -65,7 +64,7 @@ def test_hacs_minimum_is_the_tested_minimum() -> None:
     2025.10 is the floor: older HA put the time of day into the system prompt, so
     no prompt cache could ever match.
     """
-    hacs = json.loads((ROOT / "hacs.json").read_text())
+    hacs = json.loads((REPO / "hacs.json").read_text())
     assert hacs["name"]
     minimum = pinned("requirements_test_min.txt", "homeassistant")
     newest = pinned("requirements_test.txt", "homeassistant")
@@ -215,7 +214,7 @@ def test_entities_are_translated_and_have_icons() -> None:
 def test_readme_states_the_agent_option_defaults() -> None:
     """The README's option table gives the defaults new agents get (one table in const)."""
     documented: dict[str, str] = {}
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if len(cells) != 3 or not cells[0].startswith("`"):
             continue

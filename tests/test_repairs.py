@@ -15,18 +15,12 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.setup import async_setup_component
 
-from .conftest import EntryFactory, ModelWriter
+from .conftest import PACKAGE, EntryFactory, ModelWriter
 
 FIX_URL = "/api/repairs/issues/fix"
-FIX_FLOW = json.loads(
-    (
-        Path(__file__).parent.parent
-        / "custom_components"
-        / DOMAIN
-        / "translations"
-        / "en.json"
-    ).read_text()
-)["issues"]["model_missing"]["fix_flow"]
+FIX_FLOW = json.loads((PACKAGE / "translations" / "en.json").read_text())["issues"][
+    "model_missing"
+]["fix_flow"]
 
 
 async def broken_agent(

@@ -35,9 +35,8 @@ from custom_components.rockchip_llm.rkllm.worker import (
     WorkerModel,
 )
 
-from .conftest import ModelWriter
+from .conftest import REPO, ModelWriter
 
-REPO = Path(__file__).parent.parent
 BARE_INIT = """\
 import ctypes, sys
 from pathlib import Path

@@ -26,10 +26,9 @@ from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import device_registry as dr, entity_registry as er
 
-from .conftest import EntryFactory, ModelWriter
+from .conftest import PACKAGE, EntryFactory, ModelWriter
 
 AGENT = "conversation.agent_0"
-PACKAGE = Path(__file__).parent.parent / "custom_components" / DOMAIN
 
 
 def agent_device(hass: HomeAssistant) -> dr.DeviceEntry:
