@@ -14,9 +14,9 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rockchip_llm.const import DOMAIN
-from custom_components.rockchip_llm.rkllm.abi import AbiFamily
-from custom_components.rockchip_llm.rkllm.library import VerifiedLibrary
-from custom_components.rockchip_llm.rkllm.probe import verify_and_copy_library
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
 from homeassistant import block_async_io
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir

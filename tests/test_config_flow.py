@@ -37,8 +37,8 @@ from custom_components.rockchip_llm.const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
-from custom_components.rockchip_llm.model_files import scan_models
-from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.model_files import scan_models
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.simulation import SIMULATOR_ENV
 from homeassistant import config_entries
 from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
@@ -423,7 +423,7 @@ async def test_models_dir_unreadable(
 ) -> None:
     """A models folder that cannot be listed is a field error."""
     with patch(
-        "custom_components.rockchip_llm.model_files.Path.iterdir",
+        "custom_components.rockchip_llm.host.model_files.Path.iterdir",
         side_effect=PermissionError("denied"),
     ):
         result = await submit_paths(hass, paths)

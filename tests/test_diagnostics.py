@@ -17,7 +17,7 @@ from custom_components.rockchip_llm.const import (
     CONF_MODELS_DIR,
     DOMAIN,
 )
-from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
@@ -249,7 +249,7 @@ async def test_cache_listing_fails(
     """A cache folder that cannot be listed does not break the diagnostics."""
     entry = await make_entry()
     with patch(
-        "custom_components.rockchip_llm.prompt_cache.PromptCacheStore.list",
+        "custom_components.rockchip_llm.host.prompt_cache.PromptCacheStore.list",
         side_effect=PermissionError(13, "Permission denied"),
     ):
         data = await get_diagnostics(hass, hass_client, entry)

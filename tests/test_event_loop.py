@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from custom_components.rockchip_llm.model_files import model_fingerprint
+from custom_components.rockchip_llm.host.model_files import model_fingerprint
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 

@@ -10,7 +10,7 @@ from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
 from custom_components.rockchip_llm import host
 from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
-from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.config_entries import ConfigEntryState
@@ -127,7 +127,7 @@ async def test_failed_write_keeps_old_cache(
     old = (bin_path.read_bytes(), json_path.read_bytes())
     subentry = next(iter(entry.subentries.values()))
     with patch(
-        "custom_components.rockchip_llm.prompt_cache._write_synced",
+        "custom_components.rockchip_llm.host.prompt_cache._write_synced",
         side_effect=OSError(28, "No space left on device"),
     ):
         hass.config_entries.async_update_subentry(

@@ -23,18 +23,18 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rockchip_llm import session as session_module
 from custom_components.rockchip_llm.const import CONF_LIBRARY_PATH
-from custom_components.rockchip_llm.rkllm.errors import (
+from custom_components.rockchip_llm.host.rkllm.errors import (
     LibraryCopyFailed,
     LibraryLoadError,
 )
-from custom_components.rockchip_llm.rkllm.library import (
+from custom_components.rockchip_llm.host.rkllm.library import (
     git_blob_sha1,
     inspect_library,
     load_copy,
 )
-from custom_components.rockchip_llm.rkllm.probe import verify_and_copy_library
-from custom_components.rockchip_llm.rkllm.runtime import ModelParams, RunRequest
-from custom_components.rockchip_llm.rkllm.worker import WorkerModel
+from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
+from custom_components.rockchip_llm.host.rkllm.runtime import ModelParams, RunRequest
+from custom_components.rockchip_llm.host.rkllm.worker import WorkerModel
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
@@ -320,7 +320,7 @@ async def test_home_assistant_never_maps_the_library(
 CUT_DURING_INSPECTION = """
 import sys
 from pathlib import Path
-from custom_components.rockchip_llm.rkllm import library
+from custom_components.rockchip_llm.host.rkllm import library
 
 path = Path(sys.argv[1])
 hash_blob = library.git_blob_sha1

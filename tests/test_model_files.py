@@ -9,7 +9,7 @@ from typing import Self
 
 import pytest
 
-from custom_components.rockchip_llm.model_files import (
+from custom_components.rockchip_llm.host.model_files import (
     FINGERPRINT_CHUNK,
     ModelInfo,
     ModelsDirError,

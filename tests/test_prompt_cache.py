@@ -15,7 +15,7 @@ from unittest.mock import patch
 import pytest
 
 from custom_components.rockchip_llm.const import SYSTEM_CACHE_NAME as SYSTEM_CACHE
-from custom_components.rockchip_llm.prompt_cache import (
+from custom_components.rockchip_llm.host.prompt_cache import (
     METADATA_VERSION,
     CacheBudgetExceeded,
     CacheEntry,
@@ -795,7 +795,7 @@ def test_write_errors_name_the_disk_problem(
     staging.write_bytes(b"new")
     with (
         patch(
-            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            "custom_components.rockchip_llm.host.prompt_cache._write_synced",
             side_effect=OSError(code, os.strerror(code)),
         ),
         pytest.raises(CacheWriteError) as err,
@@ -814,7 +814,7 @@ def test_write_problem_probe(store: PromptCacheStore) -> None:
     assert problem is not None
     assert problem.disk_problem == "cache_dir_not_writable"
     with patch(
-        "custom_components.rockchip_llm.prompt_cache.free_bytes", return_value=1000
+        "custom_components.rockchip_llm.host.prompt_cache.free_bytes", return_value=1000
     ):
         problem = store.write_problem(staging)
     assert problem is not None

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from custom_components.rockchip_llm.rkllm import abi
-from custom_components.rockchip_llm.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.rkllm import abi
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 
 from .conftest import SIM_DIR
 

@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from custom_components.rockchip_llm.rkllm import library
-from custom_components.rockchip_llm.rkllm.abi import AbiFamily
-from custom_components.rockchip_llm.rkllm.errors import (
+from custom_components.rockchip_llm.host.rkllm import library
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.rkllm.errors import (
     LibraryNotFound,
     MissingSymbols,
     NotASharedLibrary,
@@ -16,7 +16,7 @@ from custom_components.rockchip_llm.rkllm.errors import (
     UnsupportedRuntime,
     WrongArchitecture,
 )
-from custom_components.rockchip_llm.rkllm.library import (
+from custom_components.rockchip_llm.host.rkllm.library import (
     VersionSource,
     family_for_version,
     git_blob_sha1,

@@ -18,9 +18,9 @@ from custom_components.rockchip_llm.const import (
     CONF_MODELS_DIR,
     DOMAIN,
 )
-from custom_components.rockchip_llm.rkllm import probe
-from custom_components.rockchip_llm.rkllm.abi import AbiFamily
-from custom_components.rockchip_llm.rkllm.errors import (
+from custom_components.rockchip_llm.host.rkllm import probe
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.rkllm.errors import (
     LibraryCopyFailed,
     LibraryCrashed,
     LibraryError,
@@ -31,8 +31,8 @@ from custom_components.rockchip_llm.rkllm.errors import (
     UnknownRuntimeVersion,
     UnsupportedRuntime,
 )
-from custom_components.rockchip_llm.rkllm.library import VersionSource, inspect_library
-from custom_components.rockchip_llm.rkllm.probe import (
+from custom_components.rockchip_llm.host.rkllm.library import VersionSource, inspect_library
+from custom_components.rockchip_llm.host.rkllm.probe import (
     probe_library,
     verify_and_copy_library,
     verify_library,

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from custom_components.rockchip_llm.rkllm.errors import ModelInitError, RunError
-from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary, load_library
-from custom_components.rockchip_llm.rkllm.runtime import (
+from custom_components.rockchip_llm.host.rkllm.errors import ModelInitError, RunError
+from custom_components.rockchip_llm.host.rkllm.library import RuntimeLibrary, load_library
+from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RKLLMModel,
     RunRequest,

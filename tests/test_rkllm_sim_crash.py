@@ -18,18 +18,18 @@ import time
 
 import pytest
 
-from custom_components.rockchip_llm.rkllm.errors import (
+from custom_components.rockchip_llm.host.rkllm.errors import (
     ModelInitError,
     RunStalledError,
     WorkerDiedError,
 )
-from custom_components.rockchip_llm.rkllm.library import VerifiedLibrary
-from custom_components.rockchip_llm.rkllm.runtime import (
+from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RunRequest,
     RunResult,
 )
-from custom_components.rockchip_llm.rkllm.worker import (
+from custom_components.rockchip_llm.host.rkllm.worker import (
     ABORT_GRACE,
     STALL_TIMEOUT,
     WorkerModel,
@@ -40,7 +40,7 @@ from .conftest import REPO, ModelWriter
 BARE_INIT = """\
 import ctypes, sys
 from pathlib import Path
-from custom_components.rockchip_llm.rkllm.library import load_library
+from custom_components.rockchip_llm.host.rkllm.library import load_library
 lib = load_library(Path(sys.argv[1])).cdll
 param = lib.rkllm_createDefaultParam()
 param.model_path = sys.argv[2].encode()

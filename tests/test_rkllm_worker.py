@@ -9,21 +9,21 @@ import time
 
 import pytest
 
-from custom_components.rockchip_llm.rkllm.errors import (
+from custom_components.rockchip_llm.host.rkllm.errors import (
     ModelClosedError,
     ModelInitError,
     RunError,
     RunStalledError,
     WorkerDiedError,
 )
-from custom_components.rockchip_llm.rkllm.library import VerifiedLibrary
-from custom_components.rockchip_llm.rkllm.runtime import (
+from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RunRequest,
     RunResult,
     Sampling,
 )
-from custom_components.rockchip_llm.rkllm.worker import WorkerModel
+from custom_components.rockchip_llm.host.rkllm.worker import WorkerModel
 
 from .conftest import ModelWriter
 

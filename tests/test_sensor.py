@@ -200,7 +200,7 @@ async def test_failed_build_is_shown(
     await make_entry()
     with (
         patch(
-            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            "custom_components.rockchip_llm.host.prompt_cache._write_synced",
             side_effect=OSError(28, "No space left on device"),
         ),
         pytest.raises(HomeAssistantError),
@@ -232,7 +232,7 @@ async def test_deleted_system_cache_shows_none_then_failed(
     assert state(hass, "context_use") == STATE_UNKNOWN
     with (
         patch(
-            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            "custom_components.rockchip_llm.host.prompt_cache._write_synced",
             side_effect=OSError(28, "No space left on device"),
         ),
         pytest.raises(HomeAssistantError),

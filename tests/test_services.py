@@ -227,7 +227,7 @@ async def test_rebuild_failure_is_reported(
     old = (cache_dir / "Qwen3 Sim" / "system.json").read_bytes()
     with (
         patch(
-            "custom_components.rockchip_llm.prompt_cache._write_synced",
+            "custom_components.rockchip_llm.host.prompt_cache._write_synced",
             side_effect=OSError(28, "No space left on device"),
         ),
         pytest.raises(HomeAssistantError) as err,

@@ -10,10 +10,10 @@ import pytest
 
 from custom_components.rockchip_llm.const import HistoryStrategy
 from custom_components.rockchip_llm.engine import Engine
-from custom_components.rockchip_llm.model_files import scan_models
-from custom_components.rockchip_llm.prompt_cache import PromptCacheStore
-from custom_components.rockchip_llm.rkllm.probe import verify_and_copy_library
-from custom_components.rockchip_llm.rkllm.runtime import ModelParams, Sampling
+from custom_components.rockchip_llm.host.model_files import scan_models
+from custom_components.rockchip_llm.host.prompt_cache import PromptCacheStore
+from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
+from custom_components.rockchip_llm.host.rkllm.runtime import ModelParams, Sampling
 from custom_components.rockchip_llm.run_planner import Message, SystemPrefix
 from custom_components.rockchip_llm.session import ModelSession
 from custom_components.rockchip_llm.turn import ReplyOptions

@@ -56,7 +56,7 @@ async def test_real_runtime_device_labels(
 ) -> None:
     """With Rockchip's runtime the device shows the model and the runtime version."""
     with patch(
-        "custom_components.rockchip_llm.rkllm.probe.file_is_simulator",
+        "custom_components.rockchip_llm.host.rkllm.probe.file_is_simulator",
         return_value=False,
     ):
         entry = await make_entry()

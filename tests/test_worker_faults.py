@@ -9,7 +9,7 @@ import pytest
 
 from custom_components.rockchip_llm import session as session_module
 from custom_components.rockchip_llm.const import CONF_STALL_TIMEOUT
-from custom_components.rockchip_llm.rkllm import worker as worker_module
+from custom_components.rockchip_llm.host.rkllm import worker as worker_module
 from custom_components.rockchip_llm.session import ModelSession
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState

@@ -25,36 +25,27 @@ from homeassistant.helpers.start import async_at_started
 from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
-from .const import (
-    CONF_ABI_FAMILY,
-    CONF_CACHE_BUDGET,
-    CONF_CACHE_DIR,
-    CONF_LIBRARY_PATH,
-    CONF_MODEL,
-    CONF_MODELS_DIR,
-    CONF_STALL_TIMEOUT,
-    DEFAULT_CACHE_BUDGET_MB,
-    DEFAULT_STALL_TIMEOUT_S,
-    DOMAIN,
-    LOGGER,
-    SUBENTRY_AI_TASK,
-    SUBENTRY_CONVERSATION,
-)
+from .connect import async_connect_host
+from .const import CONF_MODEL, DOMAIN, LOGGER, SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
 from .engine import Engine, plan_domains
-from .host import npu_driver_too_old, read_host_info
-from .model_files import ModelScan, ModelsDirError, scan_models
-from .prompt_cache import CacheEntry, CacheError, CacheWriteError, PromptCacheStore
-from .rkllm.abi import parse_family
-from .rkllm.errors import LibraryCopyFailed, LibraryError, LibraryNotFound, RKLLMError
-from .rkllm.probe import verify_and_copy_library
-from .rkllm.runtime import ModelParams
+from .host.board import npu_driver_too_old
+from .host.model_files import ModelScan, ModelsDirError
+from .host.prompt_cache import CacheEntry, CacheError, CacheWriteError
+from .host.rkllm.errors import (
+    LibraryCopyFailed,
+    LibraryError,
+    LibraryNotFound,
+    RKLLMError,
+)
+from .host.rkllm.library import RuntimeInfo
+from .host.rkllm.runtime import ModelParams
+from .host.wire import HostLost
+from .remote import RuntimeHost
 from .services import async_setup_services, async_update_model_selectors
 from .system_cache import SystemCacheKeeper, system_cache_name
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
-PRIVATE_LIBRARY_DIR = ".runtime"
-"""Under the cache folder: the private copy of the runtime library the workers load."""
 PLATFORMS = (
     Platform.AI_TASK,
     Platform.BINARY_SENSOR,
@@ -111,82 +102,82 @@ async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
 
 
 async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> bool:
-    """Load the runtime, the agents' models and their system caches."""
-    library_path = Path(entry.data[CONF_LIBRARY_PATH])
-    library_issue = f"library_{entry.entry_id}"
-    private_dir = Path(entry.data[CONF_CACHE_DIR]) / PRIVATE_LIBRARY_DIR
+    """Connect to the runtime host, load the agents' models and their system caches."""
+    host = await async_connect_host(hass, entry)
     try:
-        library = await hass.async_add_executor_job(
-            verify_and_copy_library,
-            library_path,
-            private_dir,
-            parse_family(entry.data.get(CONF_ABI_FAMILY)),
-        )
-    except LibraryCopyFailed as err:
-        # The cache folder's disk is full or read-only: retried, with its repair.
-        disk = await hass.async_add_executor_job(
-            CacheWriteError, str(err), err.os_error, private_dir
-        )
-        _async_report_cache_write(hass, entry, disk)
-        raise ConfigEntryNotReady(
-            translation_domain=DOMAIN,
-            translation_key=err.translation_key,
-            translation_placeholders=err.placeholders,
-        ) from err
-    except LibraryError as err:
-        missing = isinstance(err, LibraryNotFound)
-        _async_create_issue(
-            hass,
-            library_issue,
-            "library_missing" if missing else "library_unusable",
-            {"path": str(library_path), "error": str(err)},
-        )
-        not_ready = ConfigEntryNotReady if missing else ConfigEntryError
-        raise not_ready(
-            translation_domain=DOMAIN,
-            translation_key=err.translation_key,
-            translation_placeholders=err.placeholders,
-        ) from err
-    ir.async_delete_issue(hass, DOMAIN, library_issue)
-    await _async_check_npu_driver(hass)
-    try:
-        scan = await hass.async_add_executor_job(
-            scan_models, Path(entry.data[CONF_MODELS_DIR])
-        )
-    except ModelsDirError as err:
-        raise ConfigEntryNotReady(
-            translation_domain=DOMAIN,
-            translation_key=err.reason,
-            translation_placeholders={"path": str(err.path)},
-        ) from err
-    budget_mb = entry.data.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB)
-    store = PromptCacheStore(
-        Path(entry.data[CONF_CACHE_DIR]), int(budget_mb * 1_000_000)
-    )
-    await hass.async_add_executor_job(store.clean_staging)
-    engine = Engine(
-        library,
-        store,
-        hass.async_add_executor_job,
-        partial(_async_report_cache_write, hass, entry),
-        stall_timeout=float(
-            entry.data.get(CONF_STALL_TIMEOUT, DEFAULT_STALL_TIMEOUT_S)
-        ),
-    )
-    runtime = RockchipRuntime(engine=engine, scan=scan)
-    try:
-        await _async_load_agents(hass, entry, runtime)
+        runtime = _check_library(hass, entry, host)
+        _check_npu_driver(hass, host.board.get("npu_driver_version"))
+        try:
+            scan = await host.async_scan()
+        except ModelsDirError as err:
+            raise ConfigEntryNotReady(
+                translation_domain=DOMAIN,
+                translation_key=err.reason,
+                translation_placeholders={"path": str(err.path)},
+            ) from err
+        engine = Engine(host, runtime, partial(_async_report_cache_write, hass, entry))
+        runtime_data = RockchipRuntime(engine=engine, scan=scan)
+        try:
+            await _async_load_agents(hass, entry, runtime_data)
+        except BaseException:
+            await engine.async_close()
+            raise
     except BaseException:
-        await engine.async_close()
+        await host.async_close()
         raise
-    entry.runtime_data = runtime
-    _async_track_prefix_sources(hass, entry, runtime)
+    entry.runtime_data = runtime_data
+    entry.async_on_unload(host.on_lost(partial(_async_host_lost, hass, entry)))
+    _async_track_prefix_sources(hass, entry, runtime_data)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     entry.async_on_unload(entry.add_update_listener(_async_update_listener))
     entry.async_on_unload(
         entry.async_on_state_change(lambda: async_update_model_selectors(hass))
     )
     return True
+
+
+@callback
+def _async_host_lost(
+    hass: HomeAssistant, entry: RockchipConfigEntry, error: HostLost
+) -> None:
+    """Set the entry up again: it waits (with backoff) until the host answers."""
+    LOGGER.warning("Reconnecting to the runtime host: %s", error)
+    hass.config_entries.async_schedule_reload(entry.entry_id)
+
+
+def _check_library(
+    hass: HomeAssistant, entry: RockchipConfigEntry, host: RuntimeHost
+) -> RuntimeInfo:
+    """Return the host's checked runtime library, or raise why it has none."""
+    library_issue = f"library_{entry.entry_id}"
+    library_path = host.hello.get("library_path", "")
+    runtime, err = host.runtime, host.library_error()
+    if runtime is not None and err is None:
+        ir.async_delete_issue(hass, DOMAIN, library_issue)
+        return runtime
+    if not isinstance(err, LibraryError):
+        err = LibraryError(str(err) or "the runtime host has no usable library")
+    if isinstance(err, LibraryCopyFailed):
+        # The cache folder's disk is full or read-only: retried, with its repair.
+        _async_report_cache_write(hass, entry, host.library_copy_problem())
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key=err.translation_key,
+            translation_placeholders=err.placeholders,
+        ) from err
+    missing = isinstance(err, LibraryNotFound)
+    _async_create_issue(
+        hass,
+        library_issue,
+        "library_missing" if missing else "library_unusable",
+        {"path": str(library_path), "error": str(err)},
+    )
+    not_ready = ConfigEntryNotReady if missing else ConfigEntryError
+    raise not_ready(
+        translation_domain=DOMAIN,
+        translation_key=err.translation_key,
+        translation_placeholders=err.placeholders,
+    ) from err
 
 
 def _model_params(
@@ -343,9 +334,9 @@ def _async_report_cache_write(
     )
 
 
-async def _async_check_npu_driver(hass: HomeAssistant) -> None:
-    """Warn with a repair when the kernel reports an NPU driver older than 0.9.8."""
-    driver = (await hass.async_add_executor_job(read_host_info))["npu_driver_version"]
+@callback
+def _check_npu_driver(hass: HomeAssistant, driver: str | None) -> None:
+    """Warn with a repair when the host reports an NPU driver older than 0.9.8."""
     if npu_driver_too_old(driver):
         LOGGER.warning("NPU driver %s is older than 0.9.8; RKLLM may fail", driver)
         _async_create_issue(
@@ -418,6 +409,7 @@ async def async_unload_entry(hass: HomeAssistant, entry: RockchipConfigEntry) ->
     for agent in entry.runtime_data.agents.values():
         agent.shutdown()
     await entry.runtime_data.engine.async_close()
+    await entry.runtime_data.engine.host.async_close()
     return True
 
 

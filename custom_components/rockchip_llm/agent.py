@@ -23,7 +23,7 @@ from .const import (
     HistoryStrategy,
 )
 from .history_strategy import HistoryStrategyGuard
-from .rkllm.runtime import Sampling
+from .host.rkllm.runtime import Sampling
 from .run_planner import SystemPrefix
 from .session import ModelSession
 from .system_cache import SystemCacheKeeper

@@ -7,7 +7,7 @@ from statistics import mean
 from typing import TYPE_CHECKING, Any
 
 from .generation import perf_or_zero
-from .rkllm.runtime import RunRequest
+from .host.rkllm.runtime import RunRequest
 
 if TYPE_CHECKING:
     from .held_model import HeldModel

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 import logging
 import os
 from pathlib import Path
-import tempfile
 from typing import Any, Final
 
 from homeassistant.config_entries import (
@@ -43,6 +42,7 @@ from .const import (
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
+    CONF_HOST_ADDRESS,
     CONF_LIBRARY_PATH,
     CONF_MAX_CONTEXT_LEN,
     CONF_MAX_HISTORY,
@@ -66,11 +66,13 @@ from .const import (
     HistoryStrategy,
 )
 from .ha_compat import vol
-from .model_files import ModelInfo, ModelScan, ModelsDirError, scan_models
-from .rkllm.abi import AbiFamily, family_setting, parse_family
-from .rkllm.errors import LibraryError
-from .rkllm.library import LIBRARY_NAME, file_is_simulator
-from .rkllm.probe import verify_library
+from .connect import async_open_host
+from .host.model_files import ModelInfo, ModelScan, ModelsDirError
+from .host.rkllm.abi import AbiFamily, family_setting
+from .host.rkllm.errors import LibraryCopyFailed
+from .host.rkllm.library import LIBRARY_NAME, file_is_simulator
+from .host.wire import HostError
+from .remote import RuntimeHost
 from .simulation import SIMULATOR_ENV, simulated_label
 
 _LOGGER = logging.getLogger(__name__)
@@ -90,6 +92,18 @@ class _Validation:
     """The library is the development simulator."""
 
 
+def _host_facts(host: RuntimeHost) -> dict[str, str]:
+    """What the host reports, for the model step's description."""
+    runtime = host.runtime
+    board = host.board
+    return {
+        "host": host.where,
+        "runtime_version": runtime.version if runtime else "?",
+        "soc": str(board.get("soc") or "unknown"),
+        "npu_driver": str(board.get("npu_driver_version") or "unknown"),
+    }
+
+
 def _detect_library(config_location: Path) -> Path:
     """Return the first existing runtime library, else the configuration location."""
     for candidate in (*LIBRARY_CANDIDATES, config_location):
@@ -100,42 +114,31 @@ def _detect_library(config_location: Path) -> Path:
     return config_location
 
 
-def _check_cache_dir(cache_dir: Path) -> bool:
-    """Create the cache folder if needed; return True when a file can be written there."""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache_dir):
-            pass
-    except OSError:
-        return False
-    return True
-
-
-def _validate_paths(
-    library_path: Path,
-    models_dir: Path,
-    cache_dir: Path,
-    abi_family: AbiFamily | None = None,
-) -> _Validation:
-    """Check the library, the models folder and the cache folder (blocking)."""
-    result = _Validation()
-    try:
-        verify_library(library_path, family_override=abi_family)
-    except LibraryError as err:
-        result.errors[CONF_LIBRARY_PATH] = err.translation_key
-        result.placeholders.update(err.placeholders)
+def _library_validation(host: RuntimeHost, result: "_Validation") -> None:
+    """Note the host's verdict on its library in result."""
+    err = host.library_error()
+    if err is None:
+        result.simulated = host.simulated
+    elif isinstance(err, LibraryCopyFailed):
+        result.errors[CONF_CACHE_DIR] = "cache_dir_not_writable"
     else:
-        result.simulated = file_is_simulator(library_path)
+        key = getattr(err, "translation_key", "library_error")
+        result.errors[CONF_LIBRARY_PATH] = key
+        result.placeholders.update(getattr(err, "placeholders", {}))
+
+
+async def _async_validate_host(host: RuntimeHost, result: "_Validation") -> None:
+    """Note the host's library, cache folder and models in result."""
+    _library_validation(host, result)
+    if not host.hello.get("cache_writable", True):
+        result.errors[CONF_CACHE_DIR] = "cache_dir_not_writable"
     try:
-        result.models = scan_models(models_dir).models
+        result.models = (await host.async_scan()).models
     except ModelsDirError as err:
         result.errors[CONF_MODELS_DIR] = err.reason
     else:
         if not result.models:
             result.errors[CONF_MODELS_DIR] = "no_models"
-    if not _check_cache_dir(cache_dir):
-        result.errors[CONF_CACHE_DIR] = "cache_dir_not_writable"
-    return result
 
 
 def _runtime_identity(paths: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,6 +296,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         self._paths: dict[str, str | int] = {}
         self._models: dict[str, ModelInfo] = {}
         self._simulated = False
+        self._host_facts: dict[str, str] = {}
 
     def _normalize_paths(self, user_input: Mapping[str, Any]) -> dict[str, str]:
         """Return the paths made absolute; relative paths are under the config folder."""
@@ -308,19 +312,24 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             paths[CONF_ABI_FAMILY] = family
         return paths
 
-    async def _async_validate(self, paths: Mapping[str, str]) -> _Validation:
-        """Validate the paths in the executor."""
+    async def _async_validate(self, data: Mapping[str, Any]) -> _Validation:
+        """Ask the host data describes (started for the check, here) what it has."""
+        result = _Validation()
         try:
-            return await self.hass.async_add_executor_job(
-                _validate_paths,
-                Path(paths[CONF_LIBRARY_PATH]),
-                Path(paths[CONF_MODELS_DIR]),
-                Path(paths[CONF_CACHE_DIR]),
-                parse_family(paths.get(CONF_ABI_FAMILY)),
-            )
+            host = await async_open_host(self.hass, data, f"config flow {self.flow_id}")
+        except HostError as err:
+            result.errors["base"] = err.translation_key
+            result.placeholders["error"] = str(err)
+            return result
+        try:
+            await _async_validate_host(host, result)
+            self._host_facts = _host_facts(host)
         except Exception:
-            _LOGGER.exception("Unexpected error while checking the runtime paths")
+            _LOGGER.exception("Unexpected error while checking the runtime")
             return _Validation(errors={"base": "unknown"})
+        finally:
+            await host.async_close()
+        return result
 
     async def _async_show_paths_form(
         self,
@@ -339,7 +348,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 Path(self.hass.config.path(CONFIG_SUBDIR, LIBRARY_NAME)),
             )
             suggested = {CONF_LIBRARY_PATH: str(library)}
-            if step_id == "user" and await self.hass.async_add_executor_job(
+            if step_id == "local" and await self.hass.async_add_executor_job(
                 file_is_simulator, library
             ):
                 step_id = "simulator"
@@ -380,8 +389,39 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
     async def async_step_user(
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
+        """Ask where the runtime runs: on this machine, or in a runtime host."""
+        return self.async_show_menu(step_id="user", menu_options=["local", "host"])
+
+    async def async_step_local(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
         """Ask for the runtime library, the models folder and the cache folder."""
-        return await self._async_step_paths("user", user_input)
+        return await self._async_step_paths("local", user_input)
+
+    async def async_step_host(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask for the address of a runtime host and show what it reports."""
+        validation = _Validation()
+        if user_input is not None:
+            address = user_input[CONF_HOST_ADDRESS].strip()
+            data = {CONF_HOST_ADDRESS: address}
+            self._async_abort_entries_match(data)
+            validation = await self._async_validate(data)
+            if not validation.errors:
+                self._paths = data
+                self._models = validation.models
+                self._simulated = validation.simulated
+                return await self.async_step_model()
+        return self.async_show_form(
+            step_id="host",
+            data_schema=self.add_suggested_values_to_schema(
+                vol.Schema({vol.Required(CONF_HOST_ADDRESS): TextSelector()}),
+                user_input or {},
+            ),
+            errors=validation.errors,
+            description_placeholders={"error": "", **validation.placeholders},
+        )
 
     async def async_step_simulator(
         self, user_input: dict[str, Any] | None = None
@@ -396,7 +436,9 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             return await self._async_show_paths_form(step_id)
         paths = self._normalize_paths(user_input)
         self._async_abort_entries_match(_runtime_identity(paths))
-        validation = await self._async_validate(paths)
+        validation = await self._async_validate(
+            {**paths, **_runtime_settings(user_input)}
+        )
         if validation.errors:
             return await self._async_show_paths_form(step_id, user_input, validation)
         self._paths = {**paths, **_runtime_settings(user_input)}
@@ -418,11 +460,13 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                         ): model_selector(self._models, self._simulated)
                     }
                 ),
+                description_placeholders=self._host_facts,
             )
         model = user_input[CONF_MODEL]
         prompt = await self.hass.async_add_executor_job(_read_default_prompt)
+        address = self._paths.get(CONF_HOST_ADDRESS)
         return self.async_create_entry(
-            title=_ENTRY_TITLE,
+            title=f"{_ENTRY_TITLE} ({address})" if address else _ENTRY_TITLE,
             data=self._paths,
             subentries=[
                 {
@@ -439,18 +483,47 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
     ) -> ConfigFlowResult:
         """Change the paths of a configured runtime."""
         entry = self._get_reconfigure_entry()
+        if CONF_HOST_ADDRESS in entry.data:
+            return await self.async_step_reconfigure_host(user_input)
         if user_input is None:
             return await self._async_show_paths_form("reconfigure", entry.data)
         paths = self._normalize_paths(user_input)
         if (identity := _runtime_identity(paths)) != _runtime_identity(entry.data):
             self._async_abort_entries_match(identity)
-        validation = await self._async_validate(paths)
+        validation = await self._async_validate(
+            {**paths, **_runtime_settings(user_input)}
+        )
         if validation.errors:
             return await self._async_show_paths_form(
                 "reconfigure", user_input, validation
             )
         return self.async_update_reload_and_abort(
             entry, data={**paths, **_runtime_settings(user_input)}
+        )
+
+    async def async_step_reconfigure_host(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Change the address of a runtime host."""
+        entry = self._get_reconfigure_entry()
+        validation = _Validation()
+        if user_input is not None:
+            data = {CONF_HOST_ADDRESS: user_input[CONF_HOST_ADDRESS].strip()}
+            if data == dict(entry.data):
+                # The host may be serving this entry now: nothing to check.
+                return self.async_update_reload_and_abort(entry, data=data)
+            self._async_abort_entries_match(data)
+            validation = await self._async_validate(data)
+            if not validation.errors:
+                return self.async_update_reload_and_abort(entry, data=data)
+        return self.async_show_form(
+            step_id="reconfigure_host",
+            data_schema=self.add_suggested_values_to_schema(
+                vol.Schema({vol.Required(CONF_HOST_ADDRESS): TextSelector()}),
+                user_input or entry.data,
+            ),
+            errors=validation.errors,
+            description_placeholders={"error": "", **validation.placeholders},
         )
 
     @classmethod
@@ -466,16 +539,25 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 async def async_scan_or_abort(
-    hass: HomeAssistant, models_dir: str, placeholders: dict[str, str]
-) -> ModelScan:
-    """Scan the models folder; abort the flow when it is unusable or holds no model."""
+    entry: ConfigEntry, placeholders: dict[str, str]
+) -> tuple[ModelScan, bool]:
+    """Ask the entry's host for its models and whether they are simulated.
+
+    Aborts the flow when the entry is not loaded, its models folder is unusable
+    or holds no model; placeholders gets the folder (the host's path).
+    """
+    runtime = getattr(entry, "runtime_data", None)
+    if entry.state is not ConfigEntryState.LOADED or runtime is None:
+        raise AbortFlow("entry_not_loaded")
+    host = runtime.engine.host
+    placeholders[CONF_MODELS_DIR] = str(host.hello.get("models_dir", ""))
     try:
-        scan = await hass.async_add_executor_job(scan_models, Path(models_dir))
+        scan = await host.async_scan()
     except ModelsDirError as err:
         raise AbortFlow(err.reason, placeholders) from err
     if not scan.models:
         raise AbortFlow("no_models", placeholders)
-    return scan
+    return scan, host.simulated
 
 
 def _context_limit(entry: ConfigEntry, model: str) -> int | None:
@@ -511,14 +593,9 @@ class ConversationFlowHandler(ConfigSubentryFlow):
             errors[CONF_MAX_CONTEXT_LEN] = "context_above_model_limit"
             limits["limit"] = str(limit)
 
-        placeholders = {CONF_MODELS_DIR: entry.data[CONF_MODELS_DIR]}
-        scan = await async_scan_or_abort(
-            self.hass, placeholders[CONF_MODELS_DIR], placeholders
-        )
+        placeholders: dict[str, str] = {}
+        scan, simulated = await async_scan_or_abort(entry, placeholders)
         prompt = await self.hass.async_add_executor_job(_read_default_prompt)
-        simulated = await self.hass.async_add_executor_job(
-            file_is_simulator, Path(entry.data[CONF_LIBRARY_PATH])
-        )
         options = _default_agent_options(next(iter(scan.models)), prompt)
         if not self._is_new:
             data = self._get_reconfigure_subentry().data

@@ -20,6 +20,9 @@ DEFAULT_CACHE_BUDGET_MB: Final = 2048
 CONF_STALL_TIMEOUT: Final = "stall_timeout_s"
 DEFAULT_STALL_TIMEOUT_S: Final = 30
 """Seconds a run may go without new text before the watchdog stops it."""
+CONF_HOST_ADDRESS: Final = "host_address"
+"""Where a runtime host that Home Assistant does not start listens (a socket path or
+host:port); without it, Home Assistant starts the host on this machine."""
 CONF_ABI_FAMILY: Final = "abi_family"
 """ABI family to use when the library cannot be identified ("auto": none given)."""
 ABI_FAMILY_AUTO: Final = "auto"

@@ -5,6 +5,7 @@ people), conversation history is never included, only counts and hashes.
 """
 
 from collections import deque
+import contextlib
 import dataclasses
 from enum import Enum
 import json
@@ -17,13 +18,14 @@ from homeassistant.core import HomeAssistant
 
 from . import RockchipConfigEntry, RockchipRuntime
 from .agent import Agent
-from .const import CONF_LIBRARY_PATH, CONF_MODELS_DIR, CONF_PROMPT
+from .connect import async_open_host
+from .const import CONF_PROMPT
 from .engine import Engine
-from .host import read_host_info
-from .model_files import ModelScan, ModelsDirError, scan_models
-from .prompt_cache import CacheEntry, CacheError
-from .rkllm.errors import LibraryError
-from .rkllm.library import RuntimeInfo, file_is_simulator, inspect_library
+from .host.model_files import ModelScan, ModelsDirError
+from .host.prompt_cache import CacheEntry, CacheError
+from .host.rkllm.errors import RKLLMError
+from .host.rkllm.library import RuntimeInfo
+from .remote import RuntimeHost
 from .session import ModelSession
 
 TO_REDACT: Final = {CONF_PROMPT}
@@ -157,31 +159,54 @@ def _cache(runtime: RockchipRuntime, entry: CacheEntry) -> dict[str, Any]:
     }
 
 
-async def _async_caches(
-    hass: HomeAssistant, runtime: RockchipRuntime
-) -> list[dict[str, Any]] | dict[str, str]:
+async def _async_caches(runtime: RockchipRuntime) -> list[dict[str, Any]] | dict[str, str]:
     """List every stored cache of the runtime's cache folder."""
     engine: Engine = runtime.engine
     try:
-        entries: list[CacheEntry] = await hass.async_add_executor_job(engine.store.list)
-    except (CacheError, OSError) as err:
+        entries = await engine.store.async_list()
+    except (RKLLMError, CacheError) as err:
         return {"error": str(err)}
     return [_cache(runtime, entry) for entry in entries]
 
 
-def _inspect_unloaded(library_path: Path, models_dir: Path) -> dict[str, Any]:
-    """Inspect the library and scan the models of an entry that is not loaded."""
-    result: dict[str, Any] = {}
-    try:
-        result["runtime"] = _runtime_info(inspect_library(library_path)) | {
-            "simulated": file_is_simulator(library_path)
+def _host(host: RuntimeHost) -> dict[str, Any]:
+    """Describe the runtime host: where it runs, its version and the board."""
+    return {
+        "where": host.where,
+        "version": host.hello.get("host_version"),
+        "pid": host.link.pid,
+        "models_dir": host.hello.get("models_dir"),
+        "cache_dir": host.hello.get("cache_dir"),
+        "board": host.board,
+    }
+
+
+def _library(host: RuntimeHost) -> dict[str, Any]:
+    """Describe the host's runtime library, or why it cannot use it."""
+    if (info := host.runtime) is None:
+        return {
+            "path": host.hello.get("library_path"),
+            "error": str(host.library_error()),
         }
-    except (LibraryError, OSError, ValueError) as err:
-        result["runtime"] = {"path": str(library_path), "error": str(err)}
+    return _runtime_info(info) | {"simulated": host.simulated}
+
+
+async def _async_inspect_unloaded(
+    hass: HomeAssistant, entry: RockchipConfigEntry
+) -> dict[str, Any]:
+    """Ask the host of an entry that is not loaded what it has."""
     try:
-        result["models"] = _scan(scan_models(models_dir))
-    except ModelsDirError as err:
-        result["models"] = {"error": err.reason}
+        host = await async_open_host(hass, entry.data, entry.entry_id)
+    except RKLLMError as err:
+        return {"host": {"error": str(err)}}
+    try:
+        result: dict[str, Any] = {"host": _host(host), "runtime": _library(host)}
+        try:
+            result["models"] = _scan(await host.async_scan())
+        except ModelsDirError as err:
+            result["models"] = {"error": err.reason}
+    finally:
+        await host.async_close()
     return result
 
 
@@ -205,20 +230,17 @@ async def async_get_config_entry_diagnostics(
             }
             for subentry_id, subentry in entry.subentries.items()
         },
-        "host": await hass.async_add_executor_job(read_host_info),
     }
     if entry.state is not ConfigEntryState.LOADED:
-        data |= await hass.async_add_executor_job(
-            _inspect_unloaded,
-            Path(entry.data[CONF_LIBRARY_PATH]),
-            Path(entry.data[CONF_MODELS_DIR]),
-        )
-        return data
+        return data | await _async_inspect_unloaded(hass, entry)
     runtime = entry.runtime_data
     engine = runtime.engine
+    for session in engine.sessions.values():
+        with contextlib.suppress(RKLLMError):
+            await session.worker.async_refresh_tail()
     data |= {
-        "runtime": _runtime_info(engine.library.info)
-        | {"simulated": engine.library.simulated},
+        "host": _host(engine.host) | {"board": await engine.host.async_board_info()},
+        "runtime": _library(engine.host),
         "models": _scan(runtime.scan),
         "loaded_models": {
             name: _session(session) for name, session in engine.sessions.items()
@@ -227,6 +249,6 @@ async def async_get_config_entry_diagnostics(
             subentry_id: _agent(entry, agent)
             for subentry_id, agent in runtime.agents.items()
         },
-        "caches": await _async_caches(hass, runtime),
+        "caches": await _async_caches(runtime),
     }
     return data

@@ -8,13 +8,13 @@ them all on unload.
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
-from .model_files import ModelInfo
-from .prompt_cache import CacheWriteError, PromptCacheStore
-from .rkllm.abi import AbiFamily
-from .rkllm.library import RuntimeInfo, VerifiedLibrary
-from .rkllm.runtime import ModelParams
+from .host.model_files import ModelInfo
+from .host.prompt_cache import CacheWriteError
+from .host.rkllm.abi import AbiFamily
+from .host.rkllm.library import RuntimeInfo
+from .host.rkllm.runtime import ModelParams
+from .remote import RuntimeHost
 from .session import ModelSession, SessionServices
 
 DOMAIN_BYTES = 4 * 1024**3
@@ -58,30 +58,26 @@ class Engine:
 
     def __init__(
         self,
-        library: VerifiedLibrary,
-        store: PromptCacheStore,
-        run_blocking: Callable[..., Any],
+        host: RuntimeHost,
+        runtime: RuntimeInfo,
         on_cache_write: Callable[[CacheWriteError | None], None] | None = None,
-        *,
-        stall_timeout: float | None = None,
     ) -> None:
-        """Create an engine; run_blocking runs a blocking function off the loop.
+        """Create an engine for the models of a connected host.
 
         on_cache_write hears of every cache build: None when it was written, the
-        error when the disk refused it. stall_timeout: seconds without new text
-        before a run is stopped (None: the default).
+        error when the disk refused it.
         """
-        self.library = library
-        self.store = store
+        self.host = host
+        self.runtime = runtime
+        self.store = host.store
         self._sessions: dict[str, ModelSession] = {}
         self._services = SessionServices(
-            library=library,
-            store=store,
-            run_blocking=run_blocking,
+            host=host,
+            runtime=runtime,
+            store=host.store,
             on_cache_write=on_cache_write or (lambda _error: None),
             on_caches_evicted=self._forget_listings,
-            stall_timeout=stall_timeout,
-            run_gate=None if runs_concurrently(library.info) else asyncio.Lock(),
+            run_gate=None if runs_concurrently(runtime) else asyncio.Lock(),
         )
 
     @property

@@ -16,7 +16,7 @@ from .agent_prefix import prefix_from_chat_log
 from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS
 from .errors import generation_failed
 from .ha_compat import tool_error_delta, tool_result_data
-from .rkllm.errors import RKLLMError
+from .host.rkllm.errors import RKLLMError
 from .run_planner import Message, PromptTooLong
 from .simulation import simulated_label
 from .stream_parser import (
@@ -76,8 +76,8 @@ def agent_device_info(
     """Return the device of an agent; with the simulator, its labels say so."""
     engine = entry.runtime_data.engine
     agent = entry.runtime_data.agents[subentry.subentry_id]
-    version = engine.library.info.version
-    simulated = engine.library.simulated
+    version = engine.runtime.version
+    simulated = engine.host.simulated
     return dr.DeviceInfo(
         identifiers={(DOMAIN, subentry.subentry_id)},
         name=subentry.title,

@@ -3,7 +3,7 @@
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 
 from .const import DOMAIN
-from .rkllm.errors import RKLLMError
+from .host.rkllm.errors import RKLLMError
 
 
 def refuse_nul(text: str, field: str) -> None:

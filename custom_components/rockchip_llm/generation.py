@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-from .rkllm.runtime import PerfStats, RunRequest, RunResult, TextSink
+from .host.rkllm.runtime import PerfStats, RunRequest, RunResult, TextSink
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .const import AUTO_CACHE_PREFIX, HistoryStrategy
 from .generation import Generation, call
-from .prompt_cache import (
+from .host.prompt_cache import (
     CacheEntry,
     CacheExpectation,
     CacheMetadata,
@@ -22,9 +22,9 @@ from .prompt_cache import (
     CacheWriteError,
     prompt_sha256,
 )
-from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
-from .rkllm.runtime import ModelParams, PerfStats, RunRequest, RunResult
-from .rkllm.worker import WorkerModel
+from .host.rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
+from .host.rkllm.runtime import ModelParams, PerfStats, RunRequest, RunResult
+from .remote import RemoteWorker
 from .run_planner import (
     KVState,
     SystemPrefix,
@@ -82,7 +82,7 @@ def is_exact(entry: CacheEntry | None, prefix: SystemPrefix) -> bool:
 class HeldModel:
     """The handle of a held model: its prefix, loaded cache, KV and cache files."""
 
-    def __init__(self, session: ModelSession, worker: WorkerModel) -> None:
+    def __init__(self, session: ModelSession, worker: RemoteWorker) -> None:
         """Wrap a worker process that holds nothing yet."""
         self.session = session
         self.services: SessionServices = session.services
@@ -148,9 +148,7 @@ class HeldModel:
 
     async def _async_listing(self) -> list[CacheEntry]:
         if self.listing is None:
-            self.listing = await self.services.run_blocking(
-                self.services.store.list, self.session.name
-            )
+            self.listing = await self.services.store.async_list(self.session.name)
         return self.listing
 
     async def async_find_cache(self, prefix: SystemPrefix) -> CacheEntry | None:
@@ -205,9 +203,9 @@ class HeldModel:
             await call(self.worker.release_prompt_cache())
             self.loaded_cache = None
         if entry is not None:
-            await call(self.worker.load_prompt_cache(entry.bin_path))
+            await call(self.worker.load_prompt_cache(entry))
             self.loaded_cache = entry
-            await self.services.run_blocking(self.services.store.touch, entry)
+            await self.services.store.async_touch(entry)
 
     async def async_try_use_cache(self, entry: CacheEntry | None) -> None:
         """Like _async_use_cache, but a cache the runtime refuses means none."""
@@ -226,9 +224,7 @@ class HeldModel:
         if self.loaded_cache is not None and self.loaded_cache.name == name:
             await self.async_use_cache(None)
         try:
-            deleted: bool = await self.services.run_blocking(
-                self.services.store.delete, self.session.name, name
-            )
+            deleted = await self.services.store.async_delete(self.session.name, name)
         finally:
             self.listing = None
         return deleted
@@ -248,9 +244,7 @@ class HeldModel:
         if self.session.cache_unsupported is not None:
             await self.async_set_prefix(prefix)
             return None
-        entry: CacheEntry | None = await self.services.run_blocking(
-            self.services.store.get, self.session.name, name
-        )
+        entry = await self.services.store.async_get(self.session.name, name)
         if entry is not None and (
             reason := entry.invalid_reason(self.session.expectation(prefix))
         ):
@@ -363,33 +357,28 @@ class HeldModel:
         self, prefix: SystemPrefix, name: str, source: str
     ) -> tuple[CacheEntry, float]:
         store = self.services.store
-        evicted: list[CacheEntry] = await self.services.run_blocking(
-            store.make_room,
-            self.session.name,
-            name,
-            len(prefix.prompt),
-            AUTO_CACHE_PREFIX,
+        evicted = await store.async_make_room(
+            self.session.name, name, len(prefix.prompt), AUTO_CACHE_PREFIX
         )
         if evicted:
             self.services.on_caches_evicted()
         await self.async_set_prefix(prefix)
         await self.async_use_cache(None)
         await self.async_reset_kv(keep_system=False)
-        staging: Path = await self.services.run_blocking(
-            store.staging_bin_path, self.session.name, name
-        )
+        staging = await store.async_staging(self.session.name, name)
         started = time.monotonic()
         try:
             try:
                 result = await self.generation(
-                    RunRequest(prompt="", save_prompt_cache=staging, max_new_tokens=1)
+                    RunRequest(
+                        prompt="", save_prompt_cache=Path(staging), max_new_tokens=1
+                    )
                 ).collect()
             except RKLLMError as err:
                 raise await self._build_error(prefix, staging, err) from err
             build_ms = (time.monotonic() - started) * 1000
             perf = _finished_perf(result, self.session.name, name)
-            await self.services.run_blocking(_require_saved, staging, self.session.name)
-            info = self.services.library.info
+            info = self.services.runtime
             metadata = CacheMetadata(
                 name=name,
                 model=self.session.name,
@@ -397,7 +386,7 @@ class HeldModel:
                 prompt_sha256=prefix.prompt_sha256,
                 prompt_length=len(prefix.prompt),
                 tokens=perf.prefill_tokens,
-                size_bytes=0,  # commit() measures the staged file
+                size_bytes=0,  # the commit measures the staged file
                 build_ms=round(build_ms, 1),
                 source=source,
                 model_fingerprint=self.session.fingerprint,
@@ -405,21 +394,17 @@ class HeldModel:
                 runtime_version=info.version,
                 context=cache_context(self.session.params, prefix),
             )
-            entry: CacheEntry = await self.services.run_blocking(
-                store.commit, staging, metadata
-            )
+            entry = await store.async_commit(staging, metadata)
         except BaseException:
-            await self.services.run_blocking(store.discard, staging)
+            await store.async_discard(staging)
             raise
         return entry, build_ms
 
     async def _build_error(
-        self, prefix: SystemPrefix, staging: Path, err: RKLLMError
+        self, prefix: SystemPrefix, staging: str, err: RKLLMError
     ) -> Exception:
         """Say why the runtime failed to build a cache: the disk, the context, or err."""
-        problem: CacheWriteError | None = await self.services.run_blocking(
-            self.services.store.write_problem, staging
-        )
+        problem = await self.services.store.async_write_problem(staging)
         if problem is not None:
             return problem
         tokens = estimate_tokens(prefix.prompt) + estimate_tokens(prefix.tools_json)
@@ -433,15 +418,6 @@ class HeldModel:
                 max_context_len=str(self.session.params.max_context_len),
             )
         return err
-
-
-def _require_saved(staging: Path, model: str) -> None:
-    """Refuse a build after which the runtime wrote no file (blocking)."""
-    if not staging.exists():
-        raise PromptCacheNotSaved(
-            f"the runtime wrote no prompt cache file for {model}; "
-            "it may not support saving one for this model (rknn-llm #517)"
-        )
 
 
 def _finished_perf(result: RunResult, model: str, name: str) -> PerfStats:

@@ -1,14 +1,11 @@
 """Fix flows of repair issues: an agent whose model folder is gone picks another."""
 
-from pathlib import Path
-
 from homeassistant.components.repairs import RepairsFlow, RepairsFlowResult
 from homeassistant.core import HomeAssistant
 
 from .config_flow import async_scan_or_abort, model_selector
-from .const import CONF_LIBRARY_PATH, CONF_MODEL, CONF_MODELS_DIR
+from .const import CONF_MODEL
 from .ha_compat import vol
-from .rkllm.library import file_is_simulator
 
 
 class ModelMissingRepairFlow(RepairsFlow):
@@ -27,13 +24,8 @@ class ModelMissingRepairFlow(RepairsFlow):
         if entry is None or self._subentry_id not in entry.subentries:
             return self.async_abort(reason="agent_removed")
         subentry = entry.subentries[self._subentry_id]
-        models_dir = entry.data[CONF_MODELS_DIR]
-        placeholders = {
-            CONF_MODELS_DIR: models_dir,
-            "agent": subentry.title,
-            CONF_MODEL: subentry.data[CONF_MODEL],
-        }
-        scan = await async_scan_or_abort(self.hass, models_dir, placeholders)
+        placeholders = {"agent": subentry.title, CONF_MODEL: subentry.data[CONF_MODEL]}
+        scan, simulated = await async_scan_or_abort(entry, placeholders)
         # The first call may carry {"issue_id": ...} (a compatibility shim of HA).
         picked = (user_input or {}).get(CONF_MODEL)
         if picked in scan.models:
@@ -41,9 +33,6 @@ class ModelMissingRepairFlow(RepairsFlow):
                 entry, subentry, data={**subentry.data, CONF_MODEL: picked}
             )
             return self.async_create_entry(data={})
-        simulated = await self.hass.async_add_executor_job(
-            file_is_simulator, Path(entry.data[CONF_LIBRARY_PATH])
-        )
         return self.async_show_form(
             step_id="init",
             data_schema=vol.Schema(

@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Literal
 
-from .prompt_cache import prompt_sha256
+from .host.prompt_cache import prompt_sha256
 
 type Role = Literal["user", "assistant", "tool"]
 

@@ -24,11 +24,12 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.helpers.typing import StateType
 
-from . import RockchipConfigEntry, host
+from . import RockchipConfigEntry
 from .agent import Agent
 from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
 from .entity import ready_subentries
-from .prompt_cache import CacheEntry
+from .host.prompt_cache import CacheEntry
+from .remote import RuntimeHost
 from .status import AgentStatusEntity, last_run
 
 # Readings are pushed by the model's handle; nothing waits for an update.
@@ -208,8 +209,8 @@ async def async_setup_entry(
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
     """Add the sensors of every ready agent; NPU load only where the kernel shows it."""
-    npu_load_path = host.NPU_LOAD_PATH
-    npu_load = await hass.async_add_executor_job(host.read_npu_load, npu_load_path)
+    host = entry.runtime_data.engine.host
+    npu_load = await host.async_npu_load()
     for subentry_type in (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK):
         chat = subentry_type == SUBENTRY_CONVERSATION
         for subentry in ready_subentries(entry, subentry_type):
@@ -219,7 +220,7 @@ async def async_setup_entry(
                 if chat or not description.chat_only
             ]
             if npu_load is not None:
-                entities.append(NPULoadSensor(entry, subentry, npu_load_path, npu_load))
+                entities.append(NPULoadSensor(entry, subentry, host, npu_load))
             async_add_entities(entities, config_subentry_id=subentry.subentry_id)
 
 
@@ -246,7 +247,7 @@ class AgentSensor(AgentStatusEntity, SensorEntity):
 
 
 class NPULoadSensor(AgentStatusEntity, SensorEntity):
-    """The load of the NPU cores, read from the kernel's debug file."""
+    """The load of the NPU cores, as the host reads it from the kernel's debug file."""
 
     _attr_should_poll = True
 
@@ -254,12 +255,12 @@ class NPULoadSensor(AgentStatusEntity, SensorEntity):
         self,
         entry: RockchipConfigEntry,
         subentry: ConfigSubentry,
-        path: Path,
+        host: RuntimeHost,
         load: float,
     ) -> None:
-        """Read the load from path; load is its first reading."""
+        """Ask host for the load; load is its first reading."""
         super().__init__(entry, subentry, NPU_LOAD)
-        self._path = path
+        self._host = host
         self._attr_native_value = load
 
     def reading(self) -> object:
@@ -267,7 +268,5 @@ class NPULoadSensor(AgentStatusEntity, SensorEntity):
         return self._attr_native_value
 
     async def async_update(self) -> None:
-        """Read the kernel's NPU load."""
-        self._attr_native_value = await self.hass.async_add_executor_job(
-            host.read_npu_load, self._path
-        )
+        """Ask the host for the NPU load."""
+        self._attr_native_value = await self._host.async_npu_load()

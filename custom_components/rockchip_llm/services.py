@@ -30,16 +30,14 @@ from homeassistant.util.yaml import load_yaml_dict
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .errors import generation_failed, refuse_nul
 from .ha_compat import vol
-from .prompt_cache import (
+from .host.prompt_cache import (
     CACHE_NAME_PATTERN,
     CacheEntry,
     CacheError,
     CacheTooLong,
     CacheWriteError,
-    PromptCacheStore,
-    free_bytes,
 )
-from .rkllm.errors import RKLLMError
+from .host.rkllm.errors import RKLLMError
 from .run_planner import NO_TOOLS, SystemPrefix
 
 if TYPE_CHECKING:
@@ -254,13 +252,11 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
     for runtime in _runtimes(call.hass):
         engine = runtime.engine
         try:
-            entries, sizes, folder = await call.hass.async_add_executor_job(
-                _listing, engine.store, model
-            )
+            listing = await engine.store.async_list_sized(model)
+            folders.append(await engine.store.async_usage())
         except CacheError as err:
             raise _validation_error(err.translation_key, **err.placeholders) from err
-        folders.append(folder)
-        for entry, disk_bytes in zip(entries, sizes, strict=True):
+        for entry, disk_bytes in listing:
             problem = entry.problem
             if problem is None:
                 problem = _cache_problem(runtime, entry)
@@ -297,20 +293,6 @@ def _cache_problem(runtime: RockchipRuntime, entry: CacheEntry) -> str | None:
     if entry.model in chat_models:
         return "agent_not_ready"
     return "model_not_loaded" if entry.model in runtime.scan.models else "model_missing"
-
-
-def _listing(
-    store: PromptCacheStore, model: str | None
-) -> tuple[list[CacheEntry], list[int], dict[str, Any]]:
-    """Return the caches with the bytes each takes, and their folder's budget."""
-    entries = store.list(model)
-    folder = {
-        "path": str(store.root),
-        "budget_bytes": store.budget_bytes,
-        "used_bytes": store.used_bytes(),
-        "free_bytes": free_bytes(store.root),
-    }
-    return entries, [store.disk_bytes(entry) for entry in entries], folder
 
 
 async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
@@ -357,7 +339,7 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
         )
     except RKLLMError as err:
         raise generation_failed(err) from err
-    simulated = runtime.engine.library.simulated
+    simulated = runtime.engine.host.simulated
     return cast("ServiceResponse", result | {"simulated": simulated})
 
 

@@ -22,19 +22,13 @@ from typing import Any, Literal, Self
 
 from .benchmark import async_measure_cold_and_cached
 from .const import HistoryStrategy
-from .generation import call
 from .held_model import HeldModel, ReuseGuard, cache_context, is_exact
-from .model_files import ModelInfo, model_fingerprint
-from .prompt_cache import (
-    CacheEntry,
-    CacheExpectation,
-    CacheWriteError,
-    PromptCacheStore,
-)
-from .rkllm.errors import RKLLMError, WorkerDiedError
-from .rkllm.library import VerifiedLibrary
-from .rkllm.runtime import ModelParams
-from .rkllm.worker import WorkerModel
+from .host.model_files import ModelInfo
+from .host.prompt_cache import CacheEntry, CacheExpectation, CacheWriteError
+from .host.rkllm.errors import RKLLMError, WorkerDiedError
+from .host.rkllm.library import RuntimeInfo
+from .host.rkllm.runtime import ModelParams
+from .remote import RemoteStore, RemoteWorker, RuntimeHost
 from .run_planner import SystemPrefix
 from .turn import Conversation, ReplyOptions, RunStats
 
@@ -85,31 +79,24 @@ class ObservedLock(asyncio.Lock):
 class SessionServices:
     """What every session of a runtime entry shares."""
 
-    library: VerifiedLibrary
-    store: PromptCacheStore
-    run_blocking: Callable[..., Any]
-    """Runs a blocking function off the event loop."""
+    host: RuntimeHost
+    runtime: RuntimeInfo
+    """The runtime library the host checked."""
+    store: RemoteStore
+    """The host's prompt cache store (services.host.store)."""
     on_cache_write: Callable[[CacheWriteError | None], None]
     """Hears of every cache build: None when written, the error when the disk refused."""
     on_caches_evicted: Callable[[], None]
     """Called when a build deleted caches to stay within the disk budget."""
-    stall_timeout: float | None
-    """Seconds without new text before a run is stopped (None: the default)."""
     run_gate: asyncio.Lock | None
     """Held during every run when the runtime cannot run handles concurrently."""
 
 
 async def _async_start_worker(
     services: SessionServices, name: str, params: ModelParams
-) -> WorkerModel:
-    """Start a worker process for a model and initialise the model in it."""
-    worker = WorkerModel(services.library, name, stall_timeout=services.stall_timeout)
-    try:
-        await call(worker.init(params))
-    except BaseException:
-        await services.run_blocking(worker.close)
-        raise
-    return worker
+) -> RemoteWorker:
+    """Start a worker process for a model on the host and load the model in it."""
+    return await services.host.async_open_worker(name, params)
 
 
 class ModelSession:
@@ -120,7 +107,7 @@ class ModelSession:
         services: SessionServices,
         info: ModelInfo,
         params: ModelParams,
-        worker: WorkerModel,
+        worker: RemoteWorker,
         fingerprint: dict[str, int | str],
     ) -> None:
         """Wrap a started worker; use ``async_start``."""
@@ -158,9 +145,9 @@ class ModelSession:
         """Start a worker process for the model and load the model in it."""
         worker = await _async_start_worker(services, info.name, params)
         try:
-            fingerprint = await services.run_blocking(model_fingerprint, info.path)
+            fingerprint = await services.host.async_fingerprint(info.name)
         except BaseException:
-            await services.run_blocking(worker.close)
+            await worker.async_close()
             raise
         return cls(services, info, params, worker, fingerprint)
 
@@ -172,7 +159,7 @@ class ModelSession:
         return self.info.name
 
     @property
-    def worker(self) -> WorkerModel:
+    def worker(self) -> RemoteWorker:
         """The worker process the model runs in now (another after a restart)."""
         return self._held.worker
 
@@ -213,7 +200,7 @@ class ModelSession:
 
     def expectation(self, prefix: SystemPrefix) -> CacheExpectation:
         """Return what a cache must match to serve prefix on this model and runtime."""
-        info = self.services.library.info
+        info = self.services.runtime
         return CacheExpectation(
             prompt_sha256=prefix.prompt_sha256,
             model_fingerprint=self.fingerprint,
@@ -373,7 +360,7 @@ class ModelSession:
                 await held.async_reset_kv()
         return {
             "model": self.name,
-            "runtime_version": self.services.library.info.version,
+            "runtime_version": self.services.runtime.version,
             "system_prompt_tokens": cache.metadata.tokens if cache.metadata else None,
             **measured,
         }
@@ -381,7 +368,7 @@ class ModelSession:
     async def async_close(self) -> None:
         """Abort the run in progress and stop the worker process."""
         self._closed = True
-        await self.services.run_blocking(self.worker.close)
+        await self.worker.async_close()
         self.notify()
 
     # Holding the model, with a live worker
@@ -418,7 +405,7 @@ class ModelSession:
             raise self.failure
         await asyncio.sleep(RESTART_BACKOFF_S[len(recent) - 1])
         _LOGGER.warning("Restarting the runtime process of %s", self.name)
-        await self.services.run_blocking(self.worker.close)
+        await self.worker.async_close()
         try:
             worker = await _async_start_worker(self.services, self.name, self.params)
         except WorkerDiedError as err:

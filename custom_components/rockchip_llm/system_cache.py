@@ -20,7 +20,7 @@ from .const import (
     SYSTEM_CACHE_NAME,
 )
 from .held_model import ReuseGuard
-from .prompt_cache import CacheEntry, CacheWriteError
+from .host.prompt_cache import CacheEntry, CacheWriteError
 from .run_planner import SystemPrefix
 from .session import ModelSession
 

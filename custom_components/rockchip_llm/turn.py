@@ -13,8 +13,8 @@ import logging
 from .const import HistoryStrategy
 from .generation import Generation, perf_or_zero
 from .held_model import HeldModel, ReuseGuard, is_exact
-from .prompt_cache import CacheEntry
-from .rkllm.runtime import RunRequest, Sampling
+from .host.prompt_cache import CacheEntry
+from .host.rkllm.runtime import RunRequest, Sampling
 from .run_planner import (
     ContextBudget,
     KVState,

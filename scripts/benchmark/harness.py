@@ -30,9 +30,9 @@ from custom_components.rockchip_llm.const import (
     HistoryStrategy,
 )
 from custom_components.rockchip_llm.generation import Generation
-from custom_components.rockchip_llm.prompt_cache import CacheMetadata
-from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary, VerifiedLibrary
-from custom_components.rockchip_llm.rkllm.runtime import (
+from custom_components.rockchip_llm.host.prompt_cache import CacheMetadata
+from custom_components.rockchip_llm.host.rkllm.library import RuntimeLibrary, VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.runtime import (
     RKLLMModel,
     RunRequest,
     RunResult,

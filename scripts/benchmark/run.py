@@ -8,7 +8,7 @@ from typing import Any
 from pytest_homeassistant_custom_component.common import mock_storage  # type: ignore[import-untyped]
 
 from custom_components.rockchip_llm.const import HistoryStrategy
-from custom_components.rockchip_llm.rkllm.library import load_library
+from custom_components.rockchip_llm.host.rkllm.library import load_library
 
 from .harness import (
     SimCounter,

@@ -16,14 +16,14 @@ from custom_components.rockchip_llm.const import (
     CONF_PROMPT,
     HistoryStrategy,
 )
-from custom_components.rockchip_llm.rkllm.library import RuntimeLibrary, VerifiedLibrary
-from custom_components.rockchip_llm.rkllm.runtime import (
+from custom_components.rockchip_llm.host.rkllm.library import RuntimeLibrary, VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RKLLMModel,
     RunRequest,
     RunResult,
 )
-from custom_components.rockchip_llm.rkllm.worker import WorkerModel
+from custom_components.rockchip_llm.host.rkllm.worker import WorkerModel
 from custom_components.rockchip_llm.run_planner import SystemPrefix
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 import threading
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from .child import disable_core_dumps
 from .errors import RKLLMError
@@ -95,7 +95,7 @@ def _init(model: RKLLMModel, params: ModelParams) -> Future[None]:
     return done
 
 
-type _Call = Callable[[RKLLMModel, Mapping[str, Any]], Future[Any]]
+_Call: TypeAlias = Callable[[RKLLMModel, Mapping[str, Any]], Future[Any]]
 
 _CALLS: Final[Mapping[str, _Call]] = {
     "init": lambda model, args: _init(model, params_from_wire(args["params"])),

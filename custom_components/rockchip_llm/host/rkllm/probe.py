@@ -39,7 +39,7 @@ from pathlib import Path
 import shutil
 import subprocess
 import threading
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeAlias
 
 from .abi import AbiFamily
 from .child import child_command, disable_core_dumps, exit_description
@@ -121,7 +121,7 @@ class _Refusal:
         return error_class(self.message, **self.placeholders)
 
 
-type _Fingerprint = tuple[str, int, int, int, int, str]
+_Fingerprint: TypeAlias = tuple[str, int, int, int, int, str]
 
 _verdicts: dict[_Fingerprint, RuntimeInfo | _Refusal] = {}
 _lock = threading.Lock()

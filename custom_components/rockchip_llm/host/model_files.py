@@ -134,7 +134,7 @@ def scan_models(models_dir: Path) -> ModelScan:
                 loose.append(entry.name)
             elif entry.is_dir() and (model := _scan_folder(entry)) is not None:
                 models[model.name] = model
-        except FileNotFoundError, NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):
             _LOGGER.debug("Model folder %s vanished during the scan", entry)
         except OSError as err:
             _LOGGER.warning("Cannot read model folder %s: %s", entry, err)

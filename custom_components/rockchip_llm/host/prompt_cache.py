@@ -20,6 +20,7 @@ from pathlib import Path
 import re
 import secrets
 import stat
+import tempfile
 import time
 from typing import Any, Self
 
@@ -543,6 +544,16 @@ class PromptCacheStore:
         self.root = root
         self.budget_bytes = budget_bytes
 
+    def writable(self) -> bool:
+        """Create the root if needed; return True when a file can be written there."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError:
+            return False
+        return True
+
     def disk_bytes(self, entry: CacheEntry) -> int:
         """Return the bytes a cache's files take (what counts against the budget)."""
         return sum(_file_size(path) or 0 for path in (entry.bin_path, entry.json_path))
@@ -608,6 +619,14 @@ class PromptCacheStore:
     def touch(self, entry: CacheEntry) -> None:
         """Record that a cache was just used (its ``.bin``'s times), best effort."""
         _stamp(entry.bin_path)
+
+    def touch_named(self, model: str, name: str) -> None:
+        """Record that the named cache was just used."""
+        _stamp(self.bin_path(model, name))
+
+    def check_staging(self, staging_bin: Path) -> None:
+        """Raise ValueError unless ``staging_bin`` came from staging_bin_path."""
+        self._check_staging(staging_bin, None)
 
     def used_bytes(self) -> int:
         """Return the bytes all caches in the root take."""

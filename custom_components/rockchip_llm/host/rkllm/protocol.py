@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from dataclasses import asdict
 import json
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from .errors import ModelClosedError, ModelInitError, RKLLMError, RunError
 from .runtime import ModelParams, PerfStats, RunRequest, RunResult, Sampling
 
-type Message = dict[str, Any]
+Message: TypeAlias = dict[str, Any]
 
 
 def encode(message: Message) -> bytes:

@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 import threading
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from .abi import (
     CallbackAction,
@@ -43,7 +43,8 @@ _CONTEXT_LIMIT = re.compile(rb"max_context_limit\W{0,3}(\d+)")
 _STDERR_LOCK = threading.Lock()
 
 Role = Literal["user", "tool"]
-type KVClear = Literal["to_system", "all"]
+KVClear: TypeAlias = Literal["to_system", "all"]
+_T = TypeVar("_T")
 """How much of the KV cache a clear removes: all but the system prompt, or all."""
 TextSink = Callable[[str], None]
 """Receives decoded text on the worker thread; must return at once."""
@@ -166,7 +167,7 @@ class RKLLMModel:
 
     # Worker-thread plumbing
 
-    def _submit[T](self, function: Callable[[], T]) -> Future[T]:
+    def _submit(self, function: Callable[[], _T]) -> Future[_T]:
         if self._closed:
             raise ModelClosedError(f"model {self.name} is closed")
         return self._executor.submit(function)

@@ -59,5 +59,5 @@ def disable_core_dumps() -> None:
         import resource  # noqa: PLC0415 - POSIX only, and only needed in a child
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except ImportError, OSError, ValueError:
+    except (ImportError, OSError, ValueError):
         pass

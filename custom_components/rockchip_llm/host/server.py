@@ -1,0 +1,686 @@
+"""The runtime host's server: one Home Assistant at a time, over one stream.
+
+The first request must be ``hello`` with the client's protocol and version and an
+id of the client (a Home Assistant instance and entry). A client of another version
+is refused with a message that says what to update; while a client is connected,
+another one is refused (a model is never shared between two Home Assistants), the
+same client reconnecting takes its place. When a client goes away, its workers are
+stopped at once: a restarted Home Assistant loads its models again in seconds, and
+NPU memory is too scarce to hold for a client that may not come back.
+
+Requests of a connected client run concurrently (an abort must pass a running
+generation). Anything malformed ends that client's connection; the host goes on.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+import contextlib
+from dataclasses import dataclass
+import functools
+import itertools
+import logging
+from pathlib import Path
+from typing import Any, Final, TypeAlias
+
+from . import board
+from .model_files import ModelInfo, model_fingerprint, scan_models
+from .prompt_cache import (
+    CacheEntry,
+    CacheMetadata,
+    CacheWriteError,
+    InvalidCacheName,
+    PromptCacheStore,
+    free_bytes,
+)
+from .rkllm.abi import AbiFamily
+from .rkllm.errors import (
+    LibraryCopyFailed,
+    LibraryError,
+    PromptCacheNotSaved,
+    RKLLMError,
+    WorkerDiedError,
+)
+from .rkllm.library import VerifiedLibrary, info_to_wire
+from .rkllm.probe import verify_and_copy_library
+from .rkllm.protocol import params_from_wire, request_from_wire, result_to_wire
+from .rkllm.worker import WorkerModel
+from .version import HOST_VERSION, PROTOCOL_VERSION
+from .wire import (
+    MAX_MESSAGE_BYTES,
+    BadRequest,
+    HostBusy,
+    HostVersionMismatch,
+    Message,
+    decode,
+    encode,
+    entry_to_wire,
+    error_to_wire,
+    scan_to_wire,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+PRIVATE_LIBRARY_DIR: Final = ".runtime"
+"""Under the cache folder: the private copy of the runtime library the workers load."""
+HELLO_TIMEOUT: Final = 10.0
+"""Seconds a new connection may take to say hello."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """What a host serves: its library, model folders and cache folder."""
+
+    library: Path
+    models_dir: Path
+    cache_dir: Path
+    cache_budget_bytes: int | None = None
+    abi_family: AbiFamily | None = None
+    stall_timeout: float | None = None
+
+
+def version_refusal(
+    side: str, their_version: str, their_protocol: int, mine: str, advice: str
+) -> str:
+    """Say why two versions cannot talk and what to do."""
+    return (
+        f"the {side} is version {their_version} (protocol {their_protocol}) and "
+        f"this one is {mine} (protocol {PROTOCOL_VERSION}): {advice}"
+    )
+
+
+class Host:
+    """The NPU side: library, models, caches; serves one client at a time."""
+
+    def __init__(self, config: HostConfig) -> None:
+        """Serve config's folders."""
+        self.config = config
+        self.store = PromptCacheStore(config.cache_dir, config.cache_budget_bytes)
+        self._client: _Client | None = None
+        self._clients: set[_Client] = set()
+
+    async def async_serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one connection until it ends."""
+        peer = str(writer.get_extra_info("peername") or "local link")
+        client = _Client(self, reader, writer, peer)
+        self._clients.add(client)
+        try:
+            await client.async_run()
+        finally:
+            self._clients.discard(client)
+            if self._client is client:
+                self._client = None
+            await client.async_close()
+
+    async def async_close(self) -> None:
+        """Stop every client's workers."""
+        for client in list(self._clients):
+            await client.async_close()
+
+    async def _async_admit(self, client: "_Client", client_id: str) -> None:
+        """Make client the one served, or refuse it while another is."""
+        current = self._client
+        if current is not None and current is not client:
+            if current.client_id != client_id:
+                _LOGGER.warning(
+                    "Refused %s: the host serves another Home Assistant (%s)",
+                    client.peer,
+                    current.peer,
+                )
+                raise HostBusy(
+                    "the runtime host is in use by another Home Assistant "
+                    f"({current.peer}); remove or disable the Rockchip LLM entry "
+                    "there, or run a host of its own for each",
+                    peer=current.peer,
+                )
+            _LOGGER.info("%s reconnected; ending its earlier connection", client_id)
+            await current.async_close()
+        self._client = client
+
+    async def _async_hello(self) -> Message:
+        """Check the library (once per file version) and describe the host."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        runtime: Message | None = None
+        library_error: Message | None = None
+        disk_error: Message | None = None
+        try:
+            library: VerifiedLibrary = await loop.run_in_executor(
+                None,
+                verify_and_copy_library,
+                config.library,
+                config.cache_dir / PRIVATE_LIBRARY_DIR,
+                config.abi_family,
+            )
+        except LibraryError as err:
+            _LOGGER.error("The runtime library cannot be used: %s", err)
+            library_error = error_to_wire(err)
+            if isinstance(err, LibraryCopyFailed):
+                folder = config.cache_dir / PRIVATE_LIBRARY_DIR
+                disk_error = error_to_wire(
+                    await loop.run_in_executor(
+                        None, CacheWriteError, str(err), err.os_error, folder
+                    )
+                )
+            self.library: VerifiedLibrary | None = None
+        else:
+            self.library = library
+            runtime = {**info_to_wire(library.info), "simulated": library.simulated}
+            await loop.run_in_executor(None, self.store.clean_staging)
+        facts = await loop.run_in_executor(None, board.read_host_info)
+        writable = await loop.run_in_executor(None, self.store.writable)
+        return {
+            "host_version": HOST_VERSION,
+            "protocol": PROTOCOL_VERSION,
+            "runtime": runtime,
+            "library_error": library_error,
+            "library_disk_error": disk_error,
+            "library_path": str(config.library),
+            "models_dir": str(config.models_dir),
+            "cache_dir": str(config.cache_dir),
+            "cache_budget_bytes": config.cache_budget_bytes,
+            "cache_writable": writable,
+            "board": facts,
+        }
+
+
+_Op: TypeAlias = Callable[["_Client", int, Mapping[str, Any]], Awaitable[Any]]
+_OPS: dict[str, _Op] = {}
+
+
+def _op(name: str) -> Callable[[_Op], _Op]:
+    def register(function: _Op) -> _Op:
+        _OPS[name] = function
+        return function
+
+    return register
+
+
+def _text(args: Mapping[str, Any], key: str) -> str:
+    value = args[key]
+    if not isinstance(value, str) or "\0" in value:
+        raise BadRequest(f"{key} must be a text without NUL characters")
+    return value
+
+
+def _optional_text(args: Mapping[str, Any], key: str) -> str | None:
+    return None if args.get(key) is None else _text(args, key)
+
+
+def _whole(args: Mapping[str, Any], key: str) -> int:
+    value = args[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"{key} must be a whole number")
+    return value
+
+
+class _Client:
+    """One connection: its requests, its workers."""
+
+    def __init__(
+        self,
+        host: Host,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+    ) -> None:
+        self.host = host
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.client_id = ""
+        self.workers: dict[int, WorkerModel] = {}
+        self._worker_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # Connection
+
+    def send(self, message: Message) -> None:
+        """Queue a message for the client (dropped once it is gone)."""
+        if not self._closed and not self.writer.is_closing():
+            self.writer.write(encode(message))
+
+    def send_threadsafe(self, message: Message) -> None:
+        """Queue a message from any thread."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: host stops
+            self._loop.call_soon_threadsafe(self.send, message)
+
+    async def _read(self) -> Message | None:
+        """Read one message; None at the end of the stream."""
+        try:
+            line = await self.reader.readline()
+        except ValueError as err:  # a line over the limit
+            raise BadRequest(f"a message longer than {MAX_MESSAGE_BYTES} bytes") from err
+        if not line:
+            return None
+        if not line.endswith(b"\n"):
+            raise BadRequest("the connection ended inside a message")
+        try:
+            return decode(line)
+        except ValueError as err:
+            raise BadRequest("a message that is not a JSON object") from err
+
+    async def async_run(self) -> None:
+        """Greet the client, then serve its requests until it goes."""
+        try:
+            if not await self._async_greet():
+                return
+            while (message := await self._read()) is not None:
+                request_id = message.get("id")
+                op = message.get("op")
+                args = message.get("args", {})
+                if (
+                    not isinstance(request_id, int)
+                    or not isinstance(op, str)
+                    or not isinstance(args, dict)
+                ):
+                    raise BadRequest("a request without an id, op and args")
+                task = asyncio.create_task(self._async_handle(request_id, op, args))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except BadRequest as err:
+            _LOGGER.warning("Closing the connection of %s: %s", self.peer, err)
+        except (ConnectionError, asyncio.IncompleteReadError) as err:
+            _LOGGER.info("The connection of %s broke: %s", self.peer, err)
+        else:
+            _LOGGER.info("%s disconnected", self.peer)
+
+    async def _async_greet(self) -> bool:
+        """Answer the hello; False when the client is refused."""
+        try:
+            message = await asyncio.wait_for(self._read(), HELLO_TIMEOUT)
+        except TimeoutError:
+            _LOGGER.warning("Refused %s: no hello within %g s", self.peer, HELLO_TIMEOUT)
+            return False
+        if message is None:
+            return False
+        request_id = message.get("id")
+        args = message.get("args")
+        if message.get("op") != "hello" or not isinstance(args, dict):
+            _LOGGER.warning("Refused %s: the first request was not hello", self.peer)
+            return False
+        try:
+            self._check_version(args)
+            client_id = _text(args, "client")
+            await self.host._async_admit(self, client_id)  # noqa: SLF001
+            self.client_id = client_id
+            greeting = await self.host._async_hello()  # noqa: SLF001
+        except (RKLLMError, KeyError, TypeError, ValueError) as err:
+            self.send({"id": request_id, "error": error_to_wire(_as_request_error(err))})
+            await self._async_drain()
+            return False
+        self.send({"id": request_id, "ok": greeting})
+        _LOGGER.info("Serving %s (%s)", self.client_id, self.peer)
+        return True
+
+    def _check_version(self, args: Mapping[str, Any]) -> None:
+        protocol = args.get("protocol")
+        version = args.get("version")
+        if protocol == PROTOCOL_VERSION and version == HOST_VERSION:
+            return
+        newer = str(version) > HOST_VERSION
+        advice = (
+            "update the runtime host (copy this integration's host folder to the "
+            "board again, or update its container) and restart it"
+            if newer
+            else "update the Rockchip LLM integration in Home Assistant (HACS) and "
+            "restart Home Assistant"
+        )
+        _LOGGER.warning(
+            "Refused %s: it runs version %s (protocol %s), this host %s (protocol %s)",
+            self.peer,
+            version,
+            protocol,
+            HOST_VERSION,
+            PROTOCOL_VERSION,
+        )
+        raise HostVersionMismatch(
+            version_refusal(
+                "integration", str(version), int(protocol or 0), HOST_VERSION, advice
+            ),
+            host_version=HOST_VERSION,
+            client_version=str(version),
+        )
+
+    async def _async_drain(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def _async_handle(
+        self, request_id: int, op: str, args: Mapping[str, Any]
+    ) -> None:
+        handler = _OPS.get(op)
+        try:
+            if handler is None:
+                raise BadRequest(f"unknown request {op!r:.80}")
+            result = await handler(self, request_id, args)
+        except Exception as err:  # noqa: BLE001 - every error goes to the client
+            if not isinstance(err, RKLLMError | OSError):
+                _LOGGER.debug("Request %s failed", op, exc_info=True)
+            self.send({"id": request_id, "error": error_to_wire(_as_request_error(err))})
+        else:
+            self.send({"id": request_id, "ok": result})
+        await self._async_drain()
+
+    async def async_close(self) -> None:
+        """Stop the client's workers and close its connection."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        workers, self.workers = list(self.workers.values()), {}
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(None, worker.close) for worker in workers)
+        )
+        if workers:
+            _LOGGER.info("Stopped %d worker(s) of %s", len(workers), self.peer)
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+    # Helpers of the requests
+
+    async def blocking(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking function (file system) off the loop."""
+        return await self._loop.run_in_executor(None, functools.partial(function, *args))
+
+    def worker(self, args: Mapping[str, Any]) -> WorkerModel:
+        """The client's worker a request names."""
+        worker = self.workers.get(_whole(args, "worker"))
+        if worker is None:
+            raise BadRequest("no such worker")
+        return worker
+
+    def library(self) -> VerifiedLibrary:
+        """The checked library; refused while there is none."""
+        library: VerifiedLibrary | None = getattr(self.host, "library", None)
+        if library is None:
+            raise BadRequest("the runtime library of this host cannot be used")
+        return library
+
+    async def model(self, name: str) -> ModelInfo:
+        """The scanned model of that name."""
+        scan = await self.blocking(scan_models, self.host.config.models_dir)
+        if (info := scan.models.get(name)) is None:
+            raise RKLLMError(
+                f"model {name!r} is not in the runtime host's models folder "
+                f"{self.host.config.models_dir}",
+                model=name,
+            )
+        return info
+
+    def _worker_died(self, worker_id: int, err: WorkerDiedError) -> None:
+        self.send_threadsafe(
+            {"event": "worker_died", "worker": worker_id, "error": error_to_wire(err)}
+        )
+
+    def cache_file(self, raw: str) -> Path:
+        """Check that a path names a cache file of the store; return it."""
+        path = Path(raw)
+        store = self.host.store
+        try:
+            expected = store.bin_path(path.parent.name, path.stem)
+        except (InvalidCacheName, ValueError) as err:
+            raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host") from err
+        if path != expected:
+            raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host")
+        return expected
+
+
+def _as_request_error(err: BaseException) -> BaseException:
+    """Bad arguments (missing keys, wrong types) are the client's error."""
+    if isinstance(err, KeyError | TypeError | ValueError) and not isinstance(
+        err, RKLLMError
+    ):
+        return BadRequest(f"malformed request: {type(err).__name__}: {err}")
+    return err
+
+
+# Models and board
+
+
+@_op("models.scan")
+async def _models_scan(client: _Client, _id: int, _args: Mapping[str, Any]) -> Any:
+    return scan_to_wire(await client.blocking(scan_models, client.host.config.models_dir))
+
+
+@_op("models.fingerprint")
+async def _models_fingerprint(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    info = await client.model(_text(args, "model"))
+    return await client.blocking(model_fingerprint, info.path)
+
+
+@_op("board.info")
+async def _board_info(client: _Client, _id: int, _args: Mapping[str, Any]) -> Any:
+    return await client.blocking(board.read_host_info)
+
+
+@_op("board.npu_load")
+async def _board_npu_load(client: _Client, _id: int, _args: Mapping[str, Any]) -> Any:
+    return await client.blocking(board.read_npu_load)
+
+
+# Workers
+
+
+@_op("worker.open")
+async def _worker_open(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    """Start a worker for a model and load the model in it."""
+    name = _text(args, "model")
+    info = await client.model(name)
+    raw_params = args["params"]
+    if not isinstance(raw_params, dict):
+        raise BadRequest("params must be an object")
+    params = params_from_wire({**raw_params, "model_path": str(info.path)})
+    worker_id = next(client._worker_ids)  # noqa: SLF001
+    worker = WorkerModel(
+        client.library(),
+        name,
+        stall_timeout=client.host.config.stall_timeout,
+        on_death=functools.partial(client._worker_died, worker_id),  # noqa: SLF001
+    )
+    client.workers[worker_id] = worker
+    try:
+        await asyncio.wrap_future(worker.init(params))
+    except BaseException:
+        client.workers.pop(worker_id, None)
+        await client.blocking(worker.close)
+        raise
+    return {"worker": worker_id, "context_limit": worker.context_limit, "pid": worker.pid}
+
+
+@_op("worker.close")
+async def _worker_close(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    worker = client.workers.pop(_whole(args, "worker"), None)
+    if worker is not None:
+        await client.blocking(worker.close)
+
+
+@_op("worker.abort")
+async def _worker_abort(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    client.worker(args).abort()
+
+
+@_op("worker.tail")
+async def _worker_tail(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    worker = client.worker(args)
+    return {"output": worker.output_tail(), "pid": worker.pid}
+
+
+@_op("worker.run")
+async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any]) -> Any:
+    worker = client.worker(args)
+    raw = args["request"]
+    if not isinstance(raw, dict):
+        raise BadRequest("request must be an object")
+    request = request_from_wire(raw)
+    if request.save_prompt_cache is not None:
+        client.host.store.check_staging(request.save_prompt_cache)
+    if "\0" in request.prompt:
+        raise BadRequest("a prompt with a NUL character")
+
+    def sink(text: str) -> None:
+        client.send_threadsafe({"id": request_id, "text": text})
+
+    future = worker.run(request, sink)
+    try:
+        result = await asyncio.shield(asyncio.wrap_future(future))
+    except asyncio.CancelledError:
+        worker.abort()  # the client went away mid-run
+        raise
+    return result_to_wire(result)
+
+
+@_op("worker.load_prompt_cache")
+async def _worker_load_cache(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    worker = client.worker(args)
+    path = client.cache_file(_text(args, "path"))
+    await asyncio.wrap_future(worker.load_prompt_cache(path))
+
+
+@_op("worker.release_prompt_cache")
+async def _worker_release(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    await asyncio.wrap_future(client.worker(args).release_prompt_cache())
+
+
+@_op("worker.clear_kv_cache")
+async def _worker_clear(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    keep = args["keep_system_prompt"]
+    if not isinstance(keep, bool):
+        raise BadRequest("keep_system_prompt must be true or false")
+    await asyncio.wrap_future(client.worker(args).clear_kv_cache(keep_system_prompt=keep))
+
+
+@_op("worker.set_chat_template")
+async def _worker_template(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    await asyncio.wrap_future(
+        client.worker(args).set_chat_template(
+            _text(args, "system"), _text(args, "prefix"), _text(args, "postfix")
+        )
+    )
+
+
+@_op("worker.set_function_tools")
+async def _worker_tools(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    await asyncio.wrap_future(
+        client.worker(args).set_function_tools(
+            _text(args, "system"),
+            _text(args, "tools_json"),
+            _text(args, "tool_response_tag"),
+        )
+    )
+
+
+# The prompt cache store
+
+
+def _model_name(args: Mapping[str, Any]) -> str:
+    return _text(args, "model")
+
+
+@_op("cache.list")
+async def _cache_list(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    store = client.host.store
+
+    def listing() -> list[Message]:
+        return [
+            {**entry_to_wire(entry), "disk_bytes": store.disk_bytes(entry)}
+            for entry in store.list(_optional_text(args, "model"))
+        ]
+
+    return await client.blocking(listing)
+
+
+@_op("cache.get")
+async def _cache_get(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    entry: CacheEntry | None = await client.blocking(
+        client.host.store.get, _model_name(args), _text(args, "name")
+    )
+    return entry_to_wire(entry) if entry is not None else None
+
+
+@_op("cache.delete")
+async def _cache_delete(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    return await client.blocking(
+        client.host.store.delete, _model_name(args), _text(args, "name")
+    )
+
+
+@_op("cache.touch")
+async def _cache_touch(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    await client.blocking(
+        client.host.store.touch_named, _model_name(args), _text(args, "name")
+    )
+
+
+@_op("cache.make_room")
+async def _cache_make_room(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    evicted: list[CacheEntry] = await client.blocking(
+        client.host.store.make_room,
+        _model_name(args),
+        _text(args, "name"),
+        _whole(args, "prompt_length"),
+        _text(args, "evictable"),
+    )
+    return [entry_to_wire(entry) for entry in evicted]
+
+
+@_op("cache.staging")
+async def _cache_staging(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    path = await client.blocking(
+        client.host.store.staging_bin_path, _model_name(args), _text(args, "name")
+    )
+    return str(path)
+
+
+@_op("cache.commit")
+async def _cache_commit(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    staging = Path(_text(args, "staging"))
+    metadata = CacheMetadata.from_json(args["metadata"])
+    store = client.host.store
+
+    def commit() -> CacheEntry:
+        store.check_staging(staging)
+        if not staging.exists():
+            raise PromptCacheNotSaved(
+                f"the runtime wrote no prompt cache file for {metadata.model}; "
+                "it may not support saving one for this model (rknn-llm #517)"
+            )
+        return store.commit(staging, metadata)
+
+    return entry_to_wire(await client.blocking(commit))
+
+
+@_op("cache.discard")
+async def _cache_discard(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+    await client.blocking(client.host.store.discard, Path(_text(args, "staging")))
+
+
+@_op("cache.write_problem")
+async def _cache_write_problem(
+    client: _Client, _id: int, args: Mapping[str, Any]
+) -> Any:
+    problem = await client.blocking(
+        client.host.store.write_problem, Path(_text(args, "staging"))
+    )
+    return error_to_wire(problem) if problem is not None else None
+
+
+@_op("cache.usage")
+async def _cache_usage(client: _Client, _id: int, _args: Mapping[str, Any]) -> Any:
+    store = client.host.store
+
+    def usage() -> Message:
+        return {
+            "path": str(store.root),
+            "budget_bytes": store.budget_bytes,
+            "used_bytes": store.used_bytes(),
+            "free_bytes": free_bytes(store.root),
+        }
+
+    return await client.blocking(usage)

@@ -1,0 +1,380 @@
+"""Home Assistant's end of the link to a runtime host (no Home Assistant imports).
+
+A :class:`HostLink` carries requests to the host and their answers, streamed text
+and events back, over one stream: a socket pair to a host this machine started
+(:class:`LocalHost`), a Unix socket (:class:`UnixHost`) or TCP (:class:`TcpHost`).
+Every request is a coroutine; the link fails all of them with
+:class:`~.host.wire.HostLost` the moment the stream ends.
+"""
+
+import asyncio
+from collections.abc import Callable
+import contextlib
+from dataclasses import dataclass
+import itertools
+import logging
+import os
+from pathlib import Path
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import IO, Any, Final
+
+from .host.rkllm.abi import AbiFamily
+from .host.version import HOST_VERSION, PROTOCOL_VERSION
+from .host.wire import (
+    MAX_MESSAGE_BYTES,
+    HostLost,
+    HostUnreachable,
+    HostVersionMismatch,
+    Message,
+    decode,
+    encode,
+    error_from_wire,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+HOST_FOLDER: Final = Path(__file__).parent / "host"
+CONNECT_TIMEOUT: Final = 10.0
+"""Seconds to reach a host and hear its hello."""
+HELLO_TIMEOUT: Final = 120.0
+"""Seconds a host may take to answer hello (it checks the runtime library first)."""
+LOCAL_EXIT_TIMEOUT: Final = 20.0
+"""Seconds a local host may take to stop its workers and end after its link closed."""
+
+type TextSink = Callable[[str], None]
+type EventHandler = Callable[[Message], None]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalHost:
+    """A host this machine starts for Home Assistant, over a socket pair."""
+
+    library: Path
+    models_dir: Path
+    cache_dir: Path
+    cache_budget_bytes: int | None = None
+    abi_family: AbiFamily | None = None
+    stall_timeout: float | None = None
+    python: str = sys.executable
+    """The interpreter of the host (Home Assistant's own by default)."""
+
+    def describe(self) -> str:
+        """Say where the host runs, for messages."""
+        return "this machine"
+
+    def command(self, fd: int) -> list[str]:
+        """Return the host's command line, serving the socket fd."""
+        command = [
+            self.python,
+            "-I",
+            "-S",
+            str(HOST_FOLDER),
+            "--fd",
+            str(fd),
+            "--library",
+            str(self.library),
+            "--models",
+            str(self.models_dir),
+            "--cache",
+            str(self.cache_dir),
+        ]
+        if self.cache_budget_bytes is not None:
+            command += ["--cache-budget-mb", str(self.cache_budget_bytes // 1_000_000)]
+        if self.abi_family is not None:
+            command += ["--abi-family", str(self.abi_family)]
+        if self.stall_timeout is not None:
+            command += ["--stall-timeout", str(self.stall_timeout)]
+        return command
+
+
+@dataclass(frozen=True, slots=True)
+class UnixHost:
+    """A host listening on a Unix socket."""
+
+    path: Path
+
+    def describe(self) -> str:
+        """Say where the host runs, for messages."""
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpHost:
+    """A host listening on TCP."""
+
+    address: str
+    port: int
+
+    def describe(self) -> str:
+        """Say where the host runs, for messages."""
+        return f"{self.address}:{self.port}"
+
+
+type HostAddress = LocalHost | UnixHost | TcpHost
+
+
+class HostLink:
+    """One connection to a runtime host."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        where: str,
+        process: subprocess.Popen[bytes] | None = None,
+        stderr: IO[bytes] | None = None,
+    ) -> None:
+        """Serve a connected stream; start() begins reading it."""
+        self.where = where
+        self._reader = reader
+        self._writer = writer
+        self._process = process
+        self._stderr = stderr
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[Any], TextSink | None]] = {}
+        self._event_handlers: dict[str, EventHandler] = {}
+        self._lost_listeners: list[Callable[[HostLost], None]] = []
+        self._reading: asyncio.Task[None] | None = None
+        self.lost: HostLost | None = None
+        """Why the link ended, once it has."""
+        self._closing = False
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of a host this machine started."""
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start reading answers and events."""
+        self._reading = asyncio.get_running_loop().create_task(
+            self._async_read(), name=f"rockchip_llm host link {self.where}"
+        )
+
+    def on_event(self, event: str, handler: EventHandler) -> None:
+        """Call handler with every event of that name."""
+        self._event_handlers[event] = handler
+
+    def on_lost(self, listener: Callable[[HostLost], None]) -> Callable[[], None]:
+        """Call listener once when the link ends unexpectedly; return its remover."""
+        self._lost_listeners.append(listener)
+        return lambda: self._lost_listeners.remove(listener)
+
+    async def request(
+        self, op: str, args: Message | None = None, *, sink: TextSink | None = None
+    ) -> Any:
+        """Send a request and return its answer (text before it goes to sink)."""
+        if self.lost is not None:
+            raise self.lost
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (future, sink)
+        try:
+            self._writer.write(encode({"id": request_id, "op": op, "args": args or {}}))
+            await self._writer.drain()
+            return await future
+        except ConnectionError as err:
+            raise self._lost_error(str(err)) from err
+        finally:
+            self._pending.pop(request_id, None)
+
+    def send(self, op: str, args: Message) -> None:
+        """Send a request whose answer nobody waits for (an abort)."""
+        if self.lost is None and not self._writer.is_closing():
+            self._writer.write(encode({"id": 0, "op": op, "args": args}))
+
+    async def _async_read(self) -> None:
+        why = "the host closed the connection"
+        try:
+            while line := await self._reader.readline():
+                self._dispatch(decode(line))
+        except (ConnectionError, OSError) as err:
+            why = f"the connection broke ({err})"
+        except ValueError as err:
+            why = f"the host sent an unreadable message ({err})"
+        self._end(self._lost_error(why))
+
+    def _dispatch(self, message: Message) -> None:
+        if (event := message.get("event")) is not None:
+            if (handler := self._event_handlers.get(str(event))) is not None:
+                handler(message)
+            return
+        pending = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+        if pending is None:
+            return
+        future, sink = pending
+        if "text" in message:
+            if sink is not None:
+                sink(str(message["text"]))
+        elif future.done():
+            pass
+        elif "error" in message:
+            future.set_exception(error_from_wire(message["error"]))
+        else:
+            future.set_result(message.get("ok"))
+
+    def _lost_error(self, why: str) -> HostLost:
+        return HostLost(
+            f"the connection to the Rockchip LLM runtime host ({self.where}) was "
+            f"lost: {why}",
+            model="",
+            how=why,
+        )
+
+    def _end(self, error: HostLost) -> None:
+        if self.lost is not None:
+            return
+        self.lost = error
+        pending, self._pending = self._pending, {}
+        for future, _sink in pending.values():
+            if not future.done():
+                future.set_exception(error)
+        if self._closing:
+            return
+        _LOGGER.warning("%s", error)
+        for listener in list(self._lost_listeners):
+            listener(error)
+
+    async def async_close(self) -> None:
+        """Close the link; a local host then stops its workers and ends."""
+        self._closing = True
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
+        if self._reading is not None:
+            await self._reading
+        self._end(self._lost_error("the link was closed"))
+        if self._process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._reap)
+
+    def _reap(self) -> None:
+        """Wait for a local host to end (blocking); kill it when it does not."""
+        process = self._process
+        assert process is not None
+        try:
+            process.wait(timeout=LOCAL_EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _LOGGER.warning(
+                "The local runtime host (pid %s) did not end; killing it", process.pid
+            )
+            process.kill()
+            process.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+
+    def stderr_tail(self) -> str:
+        """The last lines a local host wrote to its standard error (blocking)."""
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-10:])
+
+
+def _spawn(local: LocalHost) -> tuple[socket.socket, subprocess.Popen[bytes], IO[bytes]]:
+    """Start a local host on one end of a socket pair (blocking)."""
+    ours, theirs = socket.socketpair()
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - kept for the link's life
+    try:
+        process = subprocess.Popen(
+            local.command(theirs.fileno()),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=(theirs.fileno(),),
+            start_new_session=True,  # a Ctrl-C meant for HA is not the host's
+        )
+    except OSError:
+        ours.close()
+        stderr.close()
+        raise
+    finally:
+        theirs.close()
+    return ours, process, stderr
+
+
+async def _async_open(
+    address: HostAddress,
+) -> HostLink:
+    """Open a stream to the host (starting it when it is this machine's)."""
+    loop = asyncio.get_running_loop()
+    where = address.describe()
+    try:
+        if isinstance(address, LocalHost):
+            sock, process, stderr = await loop.run_in_executor(None, _spawn, address)
+            reader, writer = await asyncio.open_connection(
+                sock=sock, limit=MAX_MESSAGE_BYTES
+            )
+            return HostLink(reader, writer, where, process, stderr)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            if isinstance(address, UnixHost):
+                reader, writer = await asyncio.open_unix_connection(
+                    str(address.path), limit=MAX_MESSAGE_BYTES
+                )
+            else:
+                reader, writer = await asyncio.open_connection(
+                    address.address, address.port, limit=MAX_MESSAGE_BYTES
+                )
+    except TimeoutError as err:
+        raise HostUnreachable(
+            f"no runtime host answered at {where} within {CONNECT_TIMEOUT:g} s",
+            address=where,
+            reason="timeout",
+        ) from err
+    except OSError as err:
+        raise HostUnreachable(
+            f"cannot reach the runtime host at {where}: {err.strerror or err}",
+            address=where,
+            reason=str(err.strerror or err),
+        ) from err
+    return HostLink(reader, writer, where)
+
+
+async def async_connect(address: HostAddress, client_id: str) -> tuple[HostLink, Message]:
+    """Connect to a host and greet it; return the link and the host's hello."""
+    link = await _async_open(address)
+    link.start()
+    try:
+        async with asyncio.timeout(HELLO_TIMEOUT):
+            hello: Message = await link.request(
+                "hello",
+                {
+                    "protocol": PROTOCOL_VERSION,
+                    "version": HOST_VERSION,
+                    "client": client_id,
+                },
+            )
+    except HostLost as err:
+        await link.async_close()
+        detail = await asyncio.get_running_loop().run_in_executor(
+            None, link.stderr_tail
+        )
+        raise HostUnreachable(
+            f"the runtime host at {link.where} ended the connection before it "
+            f"answered{': ' + detail if detail else ''}",
+            address=link.where,
+            reason=detail or str(err),
+        ) from err
+    except BaseException:
+        await link.async_close()
+        raise
+    if (
+        hello.get("protocol") != PROTOCOL_VERSION
+        or hello.get("host_version") != HOST_VERSION
+    ):
+        await link.async_close()
+        raise HostVersionMismatch(
+            f"the runtime host at {link.where} is version {hello.get('host_version')} "
+            f"(protocol {hello.get('protocol')}) and this integration {HOST_VERSION} "
+            f"(protocol {PROTOCOL_VERSION}): update the one that is older and restart it",
+            host_version=str(hello.get("host_version")),
+            client_version=HOST_VERSION,
+        )
+    return link, hello
+
+
+def local_python() -> str:
+    """The interpreter a local host runs on (ROCKCHIP_LLM_HOST_PYTHON, else HA's)."""
+    return os.environ.get("ROCKCHIP_LLM_HOST_PYTHON") or sys.executable
