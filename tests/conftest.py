@@ -1,23 +1,31 @@
 """Shared fixtures: the simulator library, simulated model folders, HA glue."""
 
-from collections.abc import Awaitable, Callable, Generator
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 import ctypes
 import json
 import logging
 import os
 from pathlib import Path
+import shutil
+import socket
 import subprocess
+import threading
 from typing import Any
 from unittest.mock import patch
 
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.rockchip_llm import link
 from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.host.cli import async_serve_socket
+from custom_components.rockchip_llm.host.server import Host, HostConfig
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
 from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
 from homeassistant import block_async_io
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.setup import async_setup_component
@@ -45,6 +53,83 @@ DEFAULT_REPLIES = (
     "reply tool * => Done.",
     "default => Hello from the simulator.",
 )
+
+
+def _find_host_python() -> str:
+    """The board-like Python the runtime host runs on in tests: 3.11 to 3.13.
+
+    Debian 12 and Armbian bookworm boards have 3.11; the machine's own python3 is
+    such an interpreter. ROCKCHIP_LLM_TEST_HOST_PYTHON names another one.
+    """
+    candidates = [
+        os.environ.get("ROCKCHIP_LLM_TEST_HOST_PYTHON"),
+        shutil.which("python3.11"),
+        shutil.which("python3"),
+        "/usr/bin/python3",
+    ]
+    for candidate in filter(None, candidates):
+        version = subprocess.run(
+            [candidate, "-I", "-S", "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if version in ("(3, 11)", "(3, 12)", "(3, 13)"):
+            return candidate
+    pytest.fail("no Python 3.11-3.13 found to run the runtime host on (the board's)")
+
+
+HOST_PYTHON = _find_host_python()
+"""The interpreter of every runtime host the tests start (Home Assistant's are 3.14)."""
+
+
+@pytest.fixture(autouse=True)
+def host_on_board_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the runtime hosts Home Assistant starts on the board's Python, not HA's."""
+    monkeypatch.setenv("ROCKCHIP_LLM_HOST_PYTHON", HOST_PYTHON)
+
+
+@pytest.fixture
+async def in_process_host(
+    hass: HomeAssistant, monkeypatch: pytest.MonkeyPatch
+) -> AsyncGenerator[None]:
+    """Run the hosts Home Assistant starts in this process, each on a thread.
+
+    For the few tests that patch the host's own code (a disk that fails a write,
+    a shorter watchdog): the link, the server and the workers are the real ones,
+    only the host's process is this one.
+    """
+    threads: list[threading.Thread] = []
+
+    def spawn(local: link.LocalHost) -> tuple[socket.socket, None, None]:
+        ours, theirs = socket.socketpair()
+        host = Host(
+            HostConfig(
+                library=local.library,
+                models_dir=local.models_dir,
+                cache_dir=local.cache_dir,
+                cache_budget_bytes=local.cache_budget_bytes,
+                abi_family=local.abi_family,
+                stall_timeout=local.stall_timeout,
+            )
+        )
+        thread = threading.Thread(
+            target=asyncio.run,
+            args=(async_serve_socket(theirs, host),),
+            name="in-process runtime host",
+        )
+        thread.start()
+        threads.append(thread)
+        return ours, None, None
+
+    monkeypatch.setattr(link, "_spawn", spawn)
+    yield
+    for entry in hass.config_entries.async_entries(DOMAIN):
+        if entry.state is ConfigEntryState.LOADED:
+            await hass.config_entries.async_unload(entry.entry_id)
+    for thread in threads:
+        await hass.async_add_executor_job(thread.join, 30)
+        assert not thread.is_alive(), "an in-process runtime host did not stop"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ from pytest_homeassistant_custom_component.components.diagnostics import (
 )
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from custom_components.rockchip_llm import host
+from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.const import (
     CONF_LIBRARY_PATH,
     CONF_MODELS_DIR,
@@ -172,19 +172,20 @@ async def test_host_info(
     hass_client: ClientSessionGenerator,
     make_entry: EntryFactory,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The NPU driver version (debugfs) and the SoC (device tree) are reported."""
-    version = tmp_path / "rknpu_version"
-    version.write_text("RKNPU driver: v0.9.8\n")
-    compatible = tmp_path / "compatible"
-    compatible.write_bytes(b"friendlyarm,nanopi-r6s\0rockchip,rk3588s\0")
+    (tmp_path / "rknpu").mkdir()
+    (tmp_path / "rknpu" / "version").write_text("RKNPU driver: v0.9.8\n")
+    (tmp_path / "dt").mkdir()
+    (tmp_path / "dt" / "compatible").write_bytes(
+        b"friendlyarm,nanopi-r6s\0rockchip,rk3588s\0"
+    )
+    monkeypatch.setenv(board.NPU_DEBUGFS_ENV, str(tmp_path / "rknpu"))
+    monkeypatch.setenv(board.DEVICE_TREE_ENV, str(tmp_path / "dt"))
     entry = await make_entry()
-    with (
-        patch.object(host, "NPU_DRIVER_VERSION_PATH", version),
-        patch.object(host, "DEVICE_TREE_COMPATIBLE_PATH", compatible),
-    ):
-        data = await get_diagnostics(hass, hass_client, entry)
-    assert data["host"] == {
+    data = await get_diagnostics(hass, hass_client, entry)
+    assert data["host"]["board"] == {
         "npu_driver_version": "RKNPU driver: v0.9.8",
         "device_tree_compatible": ["friendlyarm,nanopi-r6s", "rockchip,rk3588s"],
         "soc": "rk3588s",
@@ -196,15 +197,14 @@ async def test_host_info_absent(
     hass_client: ClientSessionGenerator,
     make_entry: EntryFactory,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without debugfs or a device tree (containers, x86) the values are null."""
+    monkeypatch.setenv(board.NPU_DEBUGFS_ENV, str(tmp_path / "missing"))
+    monkeypatch.setenv(board.DEVICE_TREE_ENV, str(tmp_path / "missing"))
     entry = await make_entry()
-    with (
-        patch.object(host, "NPU_DRIVER_VERSION_PATH", tmp_path / "missing"),
-        patch.object(host, "DEVICE_TREE_COMPATIBLE_PATH", tmp_path),
-    ):
-        data = await get_diagnostics(hass, hass_client, entry)
-    assert data["host"] == {
+    data = await get_diagnostics(hass, hass_client, entry)
+    assert data["host"]["board"] == {
         "npu_driver_version": None,
         "device_tree_compatible": None,
         "soc": None,
@@ -244,7 +244,10 @@ async def test_entry_not_loaded(
 
 
 async def test_cache_listing_fails(
-    hass: HomeAssistant, hass_client: ClientSessionGenerator, make_entry: EntryFactory
+    in_process_host: None,
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    make_entry: EntryFactory,
 ) -> None:
     """A cache folder that cannot be listed does not break the diagnostics."""
     entry = await make_entry()
@@ -253,5 +256,5 @@ async def test_cache_listing_fails(
         side_effect=PermissionError(13, "Permission denied"),
     ):
         data = await get_diagnostics(hass, hass_client, entry)
-    assert data["caches"] == {"error": "[Errno 13] Permission denied"}
+    assert data["caches"] == {"error": "PermissionError: [Errno 13] Permission denied"}
     assert data["agents"]

@@ -8,7 +8,7 @@ from unittest.mock import patch
 import pytest
 from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
-from custom_components.rockchip_llm import host
+from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from homeassistant.components import conversation
@@ -116,7 +116,10 @@ async def test_corrupt_cache_is_rebuilt(
 
 
 async def test_failed_write_keeps_old_cache(
-    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+    in_process_host: None,
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
 ) -> None:
     """Disk full while writing a new cache: a repair, the agent answers without it.
 
@@ -322,14 +325,14 @@ async def test_old_npu_driver_repair(
     hass: HomeAssistant,
     make_entry: EntryFactory,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     version: str,
     raised: bool,
 ) -> None:
     """An NPU driver below 0.9.8 raises a warning repair; setup still goes on."""
-    driver = tmp_path / "version"
-    driver.write_text(version + "\n")
-    with patch.object(host, "NPU_DRIVER_VERSION_PATH", driver):
-        entry = await make_entry()
+    (tmp_path / "version").write_text(version + "\n")
+    monkeypatch.setenv(board.NPU_DEBUGFS_ENV, str(tmp_path))
+    entry = await make_entry()
     assert entry.state is ConfigEntryState.LOADED
     issue = ir.async_get(hass).async_get_issue(DOMAIN, "npu_driver_old")
     assert (issue is not None) is raised

@@ -11,7 +11,11 @@ import pytest
 from custom_components.rockchip_llm.const import CONF_LIBRARY_PATH, CONF_MODEL
 from custom_components.rockchip_llm.engine import DOMAIN_BYTES, plan_domains
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
-from custom_components.rockchip_llm.host.rkllm.runtime import RunRequest, RunResult, TextSink
+from custom_components.rockchip_llm.host.rkllm.runtime import (
+    RunRequest,
+    RunResult,
+    TextSink,
+)
 from custom_components.rockchip_llm.host.rkllm.worker import WorkerModel
 from homeassistant.core import HomeAssistant
 

@@ -31,7 +31,10 @@ from custom_components.rockchip_llm.host.rkllm.errors import (
     UnknownRuntimeVersion,
     UnsupportedRuntime,
 )
-from custom_components.rockchip_llm.host.rkllm.library import VersionSource, inspect_library
+from custom_components.rockchip_llm.host.rkllm.library import (
+    VersionSource,
+    inspect_library,
+)
 from custom_components.rockchip_llm.host.rkllm.probe import (
     probe_library,
     verify_and_copy_library,

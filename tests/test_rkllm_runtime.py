@@ -9,7 +9,10 @@ import threading
 import pytest
 
 from custom_components.rockchip_llm.host.rkllm.errors import ModelInitError, RunError
-from custom_components.rockchip_llm.host.rkllm.library import RuntimeLibrary, load_library
+from custom_components.rockchip_llm.host.rkllm.library import (
+    RuntimeLibrary,
+    load_library,
+)
 from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RKLLMModel,

@@ -13,7 +13,7 @@ from pytest_homeassistant_custom_component.common import (
     async_fire_time_changed,
 )
 
-from custom_components.rockchip_llm import host
+from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.session import RECENT_RUNS, ModelSession
 from homeassistant.components import conversation
@@ -37,10 +37,9 @@ BUSY = "binary_sensor.agent_0_busy"
 
 
 @pytest.fixture(autouse=True)
-def no_npu_load(make_entry: EntryFactory, tmp_path: Path) -> Generator[None]:
+def no_npu_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel's NPU load file is absent unless a test writes it."""
-    with patch.object(host, "NPU_LOAD_PATH", tmp_path / "rknpu" / "load"):
-        yield
+    monkeypatch.setenv(board.NPU_DEBUGFS_ENV, str(tmp_path / "rknpu"))
 
 
 @pytest.fixture
@@ -194,7 +193,7 @@ async def test_building_while_a_cache_build_runs(
 
 
 async def test_failed_build_is_shown(
-    hass: HomeAssistant, make_entry: EntryFactory
+    in_process_host: None, hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
     """A rebuild that fails leaves the old cache ready and says why the build failed."""
     await make_entry()
@@ -217,7 +216,7 @@ async def test_failed_build_is_shown(
 
 
 async def test_deleted_system_cache_shows_none_then_failed(
-    hass: HomeAssistant, make_entry: EntryFactory
+    in_process_host: None, hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
     """Without a system cache the state is none, after a failed build failed."""
     await make_entry()
@@ -303,7 +302,7 @@ async def test_npu_load_from_the_kernel(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
     """With the kernel's load file, the sensor shows the mean core load and follows it."""
-    load = host.NPU_LOAD_PATH
+    load = board.npu_load_path()
     load.parent.mkdir()
     load.write_text("NPU load:  Core0: 30%, Core1: 10%, Core2:  5%,\n")
     await make_entry()

@@ -12,8 +12,8 @@ from homeassistant.components.homeassistant.exposed_entities import (
     async_listen_entity_updates,
 )
 from homeassistant.config_entries import ConfigEntry, ConfigSubentry
-from homeassistant.const import Platform
-from homeassistant.core import HomeAssistant, callback
+from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
+from homeassistant.core import Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import (
     area_registry as ar,
@@ -127,6 +127,11 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
         raise
     entry.runtime_data = runtime_data
     entry.async_on_unload(host.on_lost(partial(_async_host_lost, hass, entry)))
+    entry.async_on_unload(
+        hass.bus.async_listen_once(
+            EVENT_HOMEASSISTANT_STOP, partial(_async_stop_host, runtime_data)
+        )
+    )
     _async_track_prefix_sources(hass, entry, runtime_data)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     entry.async_on_unload(entry.add_update_listener(_async_update_listener))
@@ -143,6 +148,12 @@ def _async_host_lost(
     """Set the entry up again: it waits (with backoff) until the host answers."""
     LOGGER.warning("Reconnecting to the runtime host: %s", error)
     hass.config_entries.async_schedule_reload(entry.entry_id)
+
+
+async def _async_stop_host(runtime: RockchipRuntime, _event: Event) -> None:
+    """Stop the models and close the link when Home Assistant stops."""
+    await runtime.engine.async_close()
+    await runtime.engine.host.async_close()
 
 
 def _check_library(

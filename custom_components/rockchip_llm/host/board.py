@@ -3,14 +3,37 @@
 Reading them blocks (kernel files): call these off the event loop.
 """
 
+import os
 from pathlib import Path
 import re
 from typing import Any, Final
 
-NPU_DRIVER_VERSION_PATH: Final = Path("/sys/kernel/debug/rknpu/version")
-NPU_LOAD_PATH: Final = Path("/sys/kernel/debug/rknpu/load")
-DEVICE_TREE_COMPATIBLE_PATH: Final = Path("/proc/device-tree/compatible")
+NPU_DEBUGFS_ENV: Final = "ROCKCHIP_LLM_NPU_DEBUGFS"
+"""Where the RKNPU driver's debug files are, if not /sys/kernel/debug/rknpu (a
+container that mounts the host's debugfs elsewhere)."""
+DEVICE_TREE_ENV: Final = "ROCKCHIP_LLM_DEVICE_TREE"
+"""Where the device tree is, if not /proc/device-tree."""
 _MAX_HOST_FILE_BYTES: Final = 4096
+
+
+def _npu_debugfs() -> Path:
+    return Path(os.environ.get(NPU_DEBUGFS_ENV) or "/sys/kernel/debug/rknpu")
+
+
+def npu_driver_version_path() -> Path:
+    """The kernel file with the RKNPU driver's version."""
+    return _npu_debugfs() / "version"
+
+
+def npu_load_path() -> Path:
+    """The kernel file with the NPU cores' load."""
+    return _npu_debugfs() / "load"
+
+
+def device_tree_compatible_path() -> Path:
+    """The device tree's list of compatible boards and SoCs."""
+    return Path(os.environ.get(DEVICE_TREE_ENV) or "/proc/device-tree") / "compatible"
+
 
 MIN_NPU_DRIVER: Final = (0, 9, 8)
 """The RKNPU driver version RKLLM runtimes >= 1.1 need."""
@@ -34,13 +57,13 @@ def read_host_info() -> dict[str, Any]:
     The driver version lives in debugfs, which is often not mounted or readable
     inside containers; each value is None when it cannot be read.
     """
-    raw_version = _read_host_file(NPU_DRIVER_VERSION_PATH)
+    raw_version = _read_host_file(npu_driver_version_path())
     version = (
         raw_version.decode("utf-8", "replace").strip() or None
         if raw_version is not None
         else None
     )
-    raw_compatible = _read_host_file(DEVICE_TREE_COMPATIBLE_PATH)
+    raw_compatible = _read_host_file(device_tree_compatible_path())
     compatible = (
         [
             part.decode("utf-8", "replace")
@@ -69,13 +92,13 @@ def npu_driver_too_old(version: str | None) -> bool:
     return tuple(int(part) for part in match.groups()) < MIN_NPU_DRIVER
 
 
-def read_npu_load(path: Path = NPU_LOAD_PATH) -> float | None:
+def read_npu_load(path: Path | None = None) -> float | None:
     """Return the mean load of the NPU cores in percent, None when not exposed (blocking).
 
     The kernel reports one percentage per core ("NPU load:  Core0: 12%, Core1:  0%,
     Core2:  0%," on RK3588; a single value on one-core NPUs).
     """
-    raw = _read_host_file(path)
+    raw = _read_host_file(path or npu_load_path())
     if raw is None:
         return None
     loads = [float(value) for value in _PERCENT.findall(raw.decode("utf-8", "replace"))]

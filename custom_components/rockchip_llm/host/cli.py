@@ -103,17 +103,24 @@ def _remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
+async def async_serve_socket(sock: socket.socket, host: Host) -> None:
+    """Serve the one client at the other end of a connected socket, then stop."""
+    reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_MESSAGE_BYTES)
+    try:
+        await host.async_serve(reader, writer)
+    finally:
+        await host.async_close()
+
+
 async def _serve(args: argparse.Namespace, host: Host) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
     if args.fd is not None:
-        sock = socket.socket(fileno=args.fd)
-        reader, writer = await asyncio.open_connection(
-            sock=sock, limit=MAX_MESSAGE_BYTES
+        served = asyncio.create_task(
+            async_serve_socket(socket.socket(fileno=args.fd), host)
         )
-        served = asyncio.create_task(host.async_serve(reader, writer))
         waiting = asyncio.create_task(stopped.wait())
         await asyncio.wait({served, waiting}, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()

@@ -108,10 +108,12 @@ def error_to_wire(err: BaseException) -> Message:
     if kind not in _ERROR_CLASSES:
         return {"kind": "RKLLMError", "message": f"{kind}: {err}"}
     data: Message = {"kind": kind, "message": str(err)}
-    if isinstance(err, RKLLMError | CacheError):
+    if isinstance(err, RKLLMError):  # "error" is its message, added back
         data["placeholders"] = {
             key: value for key, value in err.placeholders.items() if key != "error"
         }
+    if isinstance(err, CacheError):
+        data["placeholders"] = dict(err.placeholders)
     if isinstance(err, RunError):
         data["code"] = err.code
     if isinstance(err, CacheWriteError):
