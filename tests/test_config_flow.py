@@ -37,6 +37,7 @@ from custom_components.rockchip_llm.const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
+from custom_components.rockchip_llm.host import prompt_cache
 from custom_components.rockchip_llm.host.model_files import scan_models
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.simulation import SIMULATOR_ENV
@@ -166,22 +167,25 @@ def entry(hass: HomeAssistant, paths: dict[str, str]) -> MockConfigEntry:
 
 @pytest.fixture
 async def loaded_entry(
-    hass: HomeAssistant,
-    entry: MockConfigEntry,
-    write_model: ModelWriter,
-    mock_setup_entry: AsyncMock,
+    hass: HomeAssistant, entry: MockConfigEntry, write_model: ModelWriter
 ) -> MockConfigEntry:
-    """The runtime entry, loaded, with a second model on disk."""
+    """The runtime entry, loaded (its host started), with a second model on disk."""
     write_model("Beta")
     assert await hass.config_entries.async_setup(entry.entry_id)
     assert entry.state is config_entries.ConfigEntryState.LOADED
     return entry
 
 
-async def start_user_flow(hass: HomeAssistant, step: str = "user") -> dict[str, Any]:
-    """Start the config flow of a new runtime; step is the form it must show."""
+async def start_user_flow(hass: HomeAssistant, step: str = "local") -> dict[str, Any]:
+    """Start the config flow of a runtime on this machine; step is the form it shows."""
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    assert result["type"] is FlowResultType.MENU
+    assert result["step_id"] == "user"
+    assert result["menu_options"] == ["local", "host"]
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "local"}
     )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == step
@@ -235,8 +239,9 @@ async def test_full_flow(
     assert subentry.title == "Qwen3 Sim"
     assert subentry.unique_id is None
     assert dict(subentry.data) == {CONF_MODEL: "Qwen3 Sim", **DEFAULT_OPTIONS}
-    # The cache folder was created and the write probe removed.
-    assert not any(Path(paths[CONF_CACHE_DIR]).iterdir())
+    # The cache folder was created, the write probe removed; the host checked the
+    # library and keeps its private copy there.
+    assert [path.name for path in Path(paths[CONF_CACHE_DIR]).iterdir()] == [".runtime"]
     assert len(mock_setup_entry.mock_calls) == 1
 
 
@@ -331,7 +336,7 @@ async def test_suggested_simulator(
     )
     with patch.object(config_flow, "LIBRARY_CANDIDATES", ()):
         # With the simulator the form is its own step, which says it is simulated.
-        result = await start_user_flow(hass, "simulator" if simulator else "user")
+        result = await start_user_flow(hass, "simulator" if simulator else "local")
     expected = SIM_LIBRARY if simulator else config_dir / "rkllm" / "librkllmrt.so"
     assert schema_values(result, "suggested_value") == {
         CONF_LIBRARY_PATH: str(expected)
@@ -381,7 +386,7 @@ async def test_library_errors(
     paths[CONF_LIBRARY_PATH] = str(make_library(tmp_path, library))
     result = await submit_paths(hass, paths)
     assert result["type"] is FlowResultType.FORM
-    assert result["step_id"] == "user"
+    assert result["step_id"] == "local"
     assert result["errors"] == {CONF_LIBRARY_PATH: error}
     assert result["description_placeholders"]["error"]
     assert schema_values(result, "suggested_value") == paths
@@ -419,7 +424,7 @@ async def test_models_dir_errors(
 
 
 async def test_models_dir_unreadable(
-    hass: HomeAssistant, paths: dict[str, str]
+    in_process_host: None, hass: HomeAssistant, paths: dict[str, str]
 ) -> None:
     """A models folder that cannot be listed is a field error."""
     with patch(
@@ -444,11 +449,11 @@ async def test_cache_dir_is_a_file(
 
 
 async def test_cache_dir_not_writable(
-    hass: HomeAssistant, paths: dict[str, str]
+    in_process_host: None, hass: HomeAssistant, paths: dict[str, str]
 ) -> None:
     """A cache folder without write permission is a field error."""
     with patch.object(
-        config_flow.tempfile, "TemporaryFile", side_effect=PermissionError("denied")
+        prompt_cache.tempfile, "TemporaryFile", side_effect=PermissionError("denied")
     ):
         result = await submit_paths(hass, paths)
     assert result["errors"] == {CONF_CACHE_DIR: "cache_dir_not_writable"}
@@ -476,7 +481,9 @@ async def test_every_error_at_once(hass: HomeAssistant, tmp_path: Path) -> None:
 
 async def test_unexpected_error(hass: HomeAssistant, paths: dict[str, str]) -> None:
     """An unexpected exception is a base error, not a crash."""
-    with patch.object(config_flow, "verify_library", side_effect=RuntimeError("boom")):
+    with patch.object(
+        config_flow, "_async_validate_host", side_effect=RuntimeError("boom")
+    ):
         result = await submit_paths(hass, paths)
     assert result["errors"] == {"base": "unknown"}
 
@@ -677,6 +684,7 @@ async def test_subentry_reconfigure(
 ) -> None:
     """Reconfigure suggests the agent's options and replaces them."""
     subentry_id = next(iter(loaded_entry.subentries))
+    await hass.async_block_till_done()  # the entry reloads after a change
     result = await loaded_entry.start_subentry_reconfigure_flow(hass, subentry_id)
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "reconfigure"
@@ -698,6 +706,7 @@ async def test_subentry_reconfigure(
     }
 
     # Without an API stored, none is suggested.
+    await hass.async_block_till_done()  # the entry reloads after a change
     result = await loaded_entry.start_subentry_reconfigure_flow(hass, subentry_id)
     assert schema_values(dict(result), "suggested_value")[CONF_LLM_HASS_API] == []
 
@@ -712,6 +721,7 @@ async def test_subentry_reconfigure_unknown_api(
         subentry,
         data={**subentry.data, CONF_LLM_HASS_API: ["gone", llm.LLM_API_ASSIST]},
     )
+    await hass.async_block_till_done()  # the entry reloads after a change
     result = await loaded_entry.start_subentry_reconfigure_flow(
         hass, subentry.subentry_id
     )
@@ -795,6 +805,7 @@ async def test_ai_task_subentry(
         key: value for key, value in AGENT_DATA.items() if key not in CHAT_ONLY
     }
     # Reconfiguring shows the AI Task agent's own reconfigure form.
+    await hass.async_block_till_done()  # the entry reloads after a change
     result = await loaded_entry.start_subentry_reconfigure_flow(hass, added)
     assert result["step_id"] == "reconfigure"
     fields = {str(key) for key in result["data_schema"].schema}

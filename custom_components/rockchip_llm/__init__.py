@@ -128,7 +128,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
     entry.runtime_data = runtime_data
     entry.async_on_unload(host.on_lost(partial(_async_host_lost, hass, entry)))
     entry.async_on_unload(
-        hass.bus.async_listen_once(
+        hass.bus.async_listen(
             EVENT_HOMEASSISTANT_STOP, partial(_async_stop_host, runtime_data)
         )
     )
