@@ -1,7 +1,6 @@
 """Several models: a memory domain each, and runs one at a time on old runtimes."""
 
 import asyncio
-from concurrent.futures import Future
 from pathlib import Path
 import threading
 import time
@@ -16,7 +15,7 @@ from custom_components.rockchip_llm.host.rkllm.runtime import (
     RunResult,
     TextSink,
 )
-from custom_components.rockchip_llm.host.rkllm.worker import WorkerModel
+from custom_components.rockchip_llm.remote import RemoteWorker
 from homeassistant.core import HomeAssistant
 
 from .conftest import SIM_LIBRARIES, EntryFactory, ModelWriter
@@ -31,14 +30,14 @@ type Span = list[float]
 
 @pytest.fixture
 def run_spans(monkeypatch: pytest.MonkeyPatch) -> list[Span]:
-    """The span of every run the workers were asked for, in the order sent."""
+    """The span of every run sent to a worker (through its host), in the order sent."""
     spans: list[Span] = []
     lock = threading.Lock()
-    run = WorkerModel.run
+    run = RemoteWorker.run
 
     def timed_run(
-        worker: WorkerModel, request: RunRequest, sink: TextSink
-    ) -> Future[RunResult]:
+        worker: RemoteWorker, request: RunRequest, sink: TextSink
+    ) -> asyncio.Task[RunResult]:
         span = [time.monotonic()]
         with lock:
             spans.append(span)
@@ -46,7 +45,7 @@ def run_spans(monkeypatch: pytest.MonkeyPatch) -> list[Span]:
         future.add_done_callback(lambda _: span.append(time.monotonic()))
         return future
 
-    monkeypatch.setattr(WorkerModel, "run", timed_run)
+    monkeypatch.setattr(RemoteWorker, "run", timed_run)
     return spans
 
 
@@ -111,5 +110,5 @@ async def test_old_runtime_runs_one_model_at_a_time(
     )
     await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
-    assert entry.runtime_data.engine.library.info.version == "1.2.1"
+    assert entry.runtime_data.engine.runtime.version == "1.2.1"
     assert not await _both_answer(hass, run_spans)

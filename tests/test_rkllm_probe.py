@@ -357,6 +357,9 @@ async def test_config_flow_reports_crash(
         DOMAIN, context={"source": config_entries.SOURCE_USER}
     )
     result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "local"}
+    )
+    result = await hass.config_entries.flow.async_configure(
         result["flow_id"],
         {
             CONF_LIBRARY_PATH: str(CRASH_LIBRARY),
@@ -451,7 +454,7 @@ async def test_vendor_build_runs_an_agent(
     await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.LOADED
-    assert entry.runtime_data.engine.library.info.version == f"{abi_family}.x"
+    assert entry.runtime_data.engine.runtime.version == f"{abi_family}.x"
     result = await conversation.async_converse(
         hass, "hello", None, Context(), agent_id="conversation.agent_0"
     )
@@ -467,6 +470,9 @@ async def test_config_flow_offers_the_family_for_an_odd_build(
     write_model()
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "local"}
     )
     paths = {
         CONF_LIBRARY_PATH: str(ODD_LIBRARY),
@@ -489,4 +495,4 @@ async def test_config_flow_offers_the_family_for_an_odd_build(
     await hass.async_block_till_done()
     assert entry.data[CONF_ABI_FAMILY] == "1_3"
     assert entry.state is ConfigEntryState.LOADED
-    assert entry.runtime_data.engine.library.info.family is AbiFamily.V1_3
+    assert entry.runtime_data.engine.runtime.family is AbiFamily.V1_3

@@ -219,7 +219,10 @@ async def test_benchmark_waits_for_voice_requests(
 
 
 async def test_rebuild_failure_is_reported(
-    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+    in_process_host: None,
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
 ) -> None:
     """Disk full during a rebuild fails the action clearly; the old cache keeps serving."""
     entry = await make_entry()

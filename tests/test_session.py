@@ -1,24 +1,20 @@
 """The model session on its own, without Home Assistant: the seam the entity and the bench use."""
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from custom_components.rockchip_llm.const import HistoryStrategy
 from custom_components.rockchip_llm.engine import Engine
-from custom_components.rockchip_llm.host.model_files import scan_models
-from custom_components.rockchip_llm.host.prompt_cache import PromptCacheStore
-from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
 from custom_components.rockchip_llm.host.rkllm.runtime import ModelParams, Sampling
+from custom_components.rockchip_llm.link import LocalHost, async_connect
+from custom_components.rockchip_llm.remote import RuntimeHost
 from custom_components.rockchip_llm.run_planner import Message, SystemPrefix
 from custom_components.rockchip_llm.session import ModelSession
 from custom_components.rockchip_llm.turn import ReplyOptions
 
-from .conftest import ModelWriter
+from .conftest import HOST_PYTHON, ModelWriter
 
 PREFIX = SystemPrefix(
     "You are a voice assistant for a home. " * 60,
@@ -54,26 +50,29 @@ class Guard:
 async def session(
     sim_library: Path, models_dir: Path, tmp_path: Path, write_model: ModelWriter
 ) -> AsyncIterator[ModelSession]:
-    """A session of the simulated model, started by an engine, closed afterwards."""
+    """A session of the simulated model on a host of its own, closed afterwards."""
     write_model()
-    loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-
-        def run_blocking(function: Callable[..., Any], *args: Any) -> Any:
-            return loop.run_in_executor(pool, function, *args)
-
-        cache_dir = tmp_path / "cache"
-        library = await run_blocking(
-            verify_and_copy_library, sim_library, cache_dir / ".runtime"
+    link, hello = await async_connect(
+        LocalHost(
+            library=sim_library,
+            models_dir=models_dir,
+            cache_dir=tmp_path / "cache",
+            cache_budget_bytes=10**9,
+            python=HOST_PYTHON,
+        ),
+        "test_session",
+    )
+    host = RuntimeHost(link, hello)
+    assert host.runtime is not None
+    engine = Engine(host, host.runtime)
+    try:
+        info = (await host.async_scan()).models["Qwen3 Sim"]
+        yield await engine.async_acquire(
+            info, ModelParams(model_path=info.path, max_context_len=4096)
         )
-        engine = Engine(library, PromptCacheStore(cache_dir, 10**9), run_blocking)
-        info = (await run_blocking(scan_models, models_dir)).models["Qwen3 Sim"]
-        try:
-            yield await engine.async_acquire(
-                info, ModelParams(model_path=info.path, max_context_len=4096)
-            )
-        finally:
-            await engine.async_close()
+    finally:
+        await engine.async_close()
+        await host.async_close()
 
 
 async def ask(

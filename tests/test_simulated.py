@@ -45,14 +45,14 @@ async def test_device_says_simulated(
 ) -> None:
     """The agent's device names the simulator as its software and model."""
     entry = await make_entry()
-    version = entry.runtime_data.engine.library.info.version
+    version = entry.runtime_data.engine.runtime.version
     device = agent_device(hass)
     assert device.model == "Qwen3 Sim (simulated)"
     assert device.sw_version == f"RKLLM simulator (runtime {version} ABI)"
 
 
 async def test_real_runtime_device_labels(
-    hass: HomeAssistant, make_entry: EntryFactory
+    in_process_host: None, hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
     """With Rockchip's runtime the device shows the model and the runtime version."""
     with patch(
@@ -60,7 +60,7 @@ async def test_real_runtime_device_labels(
         return_value=False,
     ):
         entry = await make_entry()
-    version = entry.runtime_data.engine.library.info.version
+    version = entry.runtime_data.engine.runtime.version
     device = agent_device(hass)
     assert device.model == "Qwen3 Sim"
     assert device.sw_version == f"RKLLM runtime {version}"
@@ -119,6 +119,9 @@ async def test_flow_with_the_simulator(
     ):
         result = await hass.config_entries.flow.async_init(
             DOMAIN, context={"source": config_entries.SOURCE_USER}
+        )
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"next_step_id": "local"}
         )
         assert result["step_id"] == "simulator"
         result = await hass.config_entries.flow.async_configure(
