@@ -111,6 +111,7 @@ async def in_process_host(
                 cache_budget_bytes=local.cache_budget_bytes,
                 abi_family=local.abi_family,
                 stall_timeout=local.stall_timeout,
+                forward_logs=False,  # its records are this process's already
             )
         )
         thread = threading.Thread(

@@ -3,7 +3,8 @@
 import asyncio
 from pathlib import Path
 import shutil
-import threading
+
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
@@ -17,6 +18,7 @@ from .conftest import (
     agent_issues,
     last_run_record,
     model_text,
+    sim_counter,
 )
 
 AGENT = "conversation.agent_0"
@@ -35,13 +37,9 @@ def speech(result: conversation.ConversationResult) -> str:
     return text
 
 
-def worker_threads() -> list[str]:
-    """Names of live model worker threads."""
-    return [
-        thread.name
-        for thread in threading.enumerate()
-        if thread.name.startswith("rkllm-")
-    ]
+def live_handles(entry: MockConfigEntry) -> int:
+    """Model handles the runtime holds now, in every worker process of the test."""
+    return sim_counter(entry, "live_handles")
 
 
 async def test_library_replaced_while_loaded(
@@ -66,7 +64,7 @@ async def test_library_replaced_while_loaded(
     library.write_text("now a text file")
     await hass.config_entries.async_reload(entry.entry_id)
     assert entry.state is ConfigEntryState.SETUP_ERROR
-    assert not worker_threads()
+    assert live_handles(entry) == 0
 
 
 async def test_model_file_corrupted(
@@ -84,7 +82,7 @@ async def test_model_file_corrupted(
     assert (
         hass.states.get(AGENT) is None or hass.states.get(AGENT).state == "unavailable"
     )
-    assert not worker_threads()
+    assert live_handles(entry) == 0
     model.write_text(good)
     await hass.config_entries.async_reload(entry.entry_id)
     assert entry.state is ConfigEntryState.LOADED
@@ -144,7 +142,7 @@ async def test_unload_during_generation(
     result = await task
     assert result.response.response_type is intent.IntentResponseType.ERROR
     assert "unloaded while it was answering" in speech(result)
-    assert not worker_threads()
+    assert live_handles(entry) == 0
 
 
 async def test_stop_during_cache_build(
@@ -153,12 +151,12 @@ async def test_stop_during_cache_build(
     """Setup cancelled mid-build (HA stopping): the run is aborted, nothing half-written stays."""
     entry = await make_entry(setup=False, model_kwargs={"prefill_ms_per_token": 5})
     setup = hass.async_create_task(hass.config_entries.async_setup(entry.entry_id))
-    while not worker_threads():
+    while live_handles(entry) == 0:
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.2)  # inside the prefill of the system prompt
     setup.cancel()
     await asyncio.gather(setup, return_exceptions=True)
-    assert not worker_threads()
+    assert live_handles(entry) == 0
     model_cache = cache_dir / "Qwen3 Sim"
     leftovers = list(model_cache.glob("*")) if model_cache.exists() else []
     assert leftovers == []  # no staging file, no half pair

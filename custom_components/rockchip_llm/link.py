@@ -82,7 +82,7 @@ class LocalHost:
             str(self.cache_dir),
         ]
         if self.cache_budget_bytes is not None:
-            command += ["--cache-budget-mb", str(self.cache_budget_bytes // 1_000_000)]
+            command += ["--cache-budget-mb", repr(self.cache_budget_bytes / 1_000_000)]
         if self.abi_family is not None:
             command += ["--abi-family", str(self.abi_family)]
         if self.stall_timeout is not None:

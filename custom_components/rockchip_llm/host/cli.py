@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-budget-mb",
-        type=int,
+        type=float,
         default=2048,
         help="most disk space the prompt caches may take (default: %(default)s)",
     )
@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
         library=args.library,
         models_dir=args.models,
         cache_dir=args.cache,
-        cache_budget_bytes=args.cache_budget_mb * 1_000_000,
+        cache_budget_bytes=round(args.cache_budget_mb * 1_000_000),
         abi_family=AbiFamily(args.abi_family) if args.abi_family else None,
         stall_timeout=args.stall_timeout,
     )

@@ -76,6 +76,32 @@ class HostConfig:
     cache_budget_bytes: int | None = None
     abi_family: AbiFamily | None = None
     stall_timeout: float | None = None
+    forward_logs: bool = True
+    """Send the host's log records (INFO and up) to the client, for its log."""
+
+
+class _ForwardLogs(logging.Handler):
+    """Hands the host's log records to the client it serves."""
+
+    def __init__(self, host: "Host") -> None:
+        super().__init__(logging.INFO)
+        self._host = host
+
+    def emit(self, record: logging.LogRecord) -> None:
+        client = self._host._client  # noqa: SLF001
+        if client is None:
+            return
+        client.send_threadsafe(
+            {
+                "event": "log",
+                "level": record.levelno,
+                "logger": record.name.removeprefix(_PACKAGE).lstrip("."),
+                "message": record.getMessage(),
+            }
+        )
+
+
+_PACKAGE: Final = __name__.rpartition(".")[0]
 
 
 def version_refusal(
@@ -97,6 +123,9 @@ class Host:
         self.store = PromptCacheStore(config.cache_dir, config.cache_budget_bytes)
         self._client: _Client | None = None
         self._clients: set[_Client] = set()
+        self._log_handler = _ForwardLogs(self) if config.forward_logs else None
+        if self._log_handler is not None:
+            logging.getLogger(_PACKAGE).addHandler(self._log_handler)
 
     async def async_serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -117,6 +146,8 @@ class Host:
         """Stop every client's workers."""
         for client in list(self._clients):
             await client.async_close()
+        if self._log_handler is not None:
+            logging.getLogger(_PACKAGE).removeHandler(self._log_handler)
 
     async def _async_admit(self, client: "_Client", client_id: str) -> None:
         """Make client the one served, or refuse it while another is."""
