@@ -120,6 +120,7 @@ async def test_damaged_copy_replaced(
 
 
 async def test_copy_written_with_fsync(
+    in_process_host: None,
     hass: HomeAssistant,
     make_entry: EntryFactory,
     cache_dir: Path,

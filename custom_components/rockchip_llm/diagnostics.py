@@ -159,7 +159,9 @@ def _cache(runtime: RockchipRuntime, entry: CacheEntry) -> dict[str, Any]:
     }
 
 
-async def _async_caches(runtime: RockchipRuntime) -> list[dict[str, Any]] | dict[str, str]:
+async def _async_caches(
+    runtime: RockchipRuntime,
+) -> list[dict[str, Any]] | dict[str, str]:
     """List every stored cache of the runtime's cache folder."""
     engine: Engine = runtime.engine
     try:

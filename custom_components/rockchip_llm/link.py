@@ -35,6 +35,8 @@ from .host.wire import (
 )
 
 _LOGGER = logging.getLogger(__name__)
+_HOST_LOGGER: Final = f"{__package__}.host"
+"""Records the host logged are logged here again (its module names below)."""
 
 HOST_FOLDER: Final = Path(__file__).parent / "host"
 CONNECT_TIMEOUT: Final = 10.0
@@ -116,6 +118,18 @@ class TcpHost:
 type HostAddress = LocalHost | UnixHost | TcpHost
 
 
+def _log_host_record(event: Message) -> None:
+    """Log what the host logged, under this package's host logger."""
+    name = str(event.get("logger") or "")
+    logger = logging.getLogger(f"{_HOST_LOGGER}.{name}" if name else _HOST_LOGGER)
+    level = event.get("level")
+    logger.log(
+        level if isinstance(level, int) else logging.WARNING,
+        "%s",
+        str(event.get("message", "")),
+    )
+
+
 class HostLink:
     """One connection to a runtime host."""
 
@@ -135,7 +149,7 @@ class HostLink:
         self._stderr = stderr
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], TextSink | None]] = {}
-        self._event_handlers: dict[str, EventHandler] = {}
+        self._event_handlers: dict[str, EventHandler] = {"log": _log_host_record}
         self._lost_listeners: list[Callable[[HostLost], None]] = []
         self._reading: asyncio.Task[None] | None = None
         self.lost: HostLost | None = None
@@ -273,7 +287,9 @@ class HostLink:
         return "\n".join(lines[-10:])
 
 
-def _spawn(local: LocalHost) -> tuple[socket.socket, subprocess.Popen[bytes], IO[bytes]]:
+def _spawn(
+    local: LocalHost,
+) -> tuple[socket.socket, subprocess.Popen[bytes], IO[bytes]]:
     """Start a local host on one end of a socket pair (blocking)."""
     ours, theirs = socket.socketpair()
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - kept for the link's life
@@ -332,7 +348,9 @@ async def _async_open(
     return HostLink(reader, writer, where)
 
 
-async def async_connect(address: HostAddress, client_id: str) -> tuple[HostLink, Message]:
+async def async_connect(
+    address: HostAddress, client_id: str
+) -> tuple[HostLink, Message]:
     """Connect to a host and greet it; return the link and the host's hello."""
     link = await _async_open(address)
     link.start()

@@ -9,7 +9,6 @@ Home Assistant shows them and hands them back, but never opens them.
 
 import asyncio
 from collections.abc import Callable
-import logging
 from typing import Any
 
 from .host.model_files import ModelScan
@@ -26,8 +25,6 @@ from .host.wire import (
     scan_from_wire,
 )
 from .link import HostLink, TextSink
-
-_HOST_LOGGER = f"{__package__}.host"
 
 
 class RemoteWorker:
@@ -259,18 +256,6 @@ class RemoteStore:
         return usage
 
 
-def _log_host_record(event: Message) -> None:
-    """Log what the host logged, under this package's host logger."""
-    name = str(event.get("logger") or "")
-    logger = logging.getLogger(f"{_HOST_LOGGER}.{name}" if name else _HOST_LOGGER)
-    level = event.get("level")
-    logger.log(
-        level if isinstance(level, int) else logging.WARNING,
-        "%s",
-        str(event.get("message", "")),
-    )
-
-
 class RuntimeHost:
     """A connected runtime host: what Home Assistant asks of the NPU side."""
 
@@ -283,7 +268,6 @@ class RuntimeHost:
         )
         self._workers: dict[int, RemoteWorker] = {}
         link.on_event("worker_died", self._worker_died)
-        link.on_event("log", _log_host_record)
         link.on_lost(self._lost)
 
     @property

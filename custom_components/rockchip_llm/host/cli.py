@@ -146,9 +146,7 @@ async def _serve(args: argparse.Namespace, host: Host) -> None:
         server = await asyncio.start_server(
             host.async_serve, address, port, limit=MAX_MESSAGE_BYTES
         )
-        where = ", ".join(
-            str(sock.getsockname()) for sock in server.sockets or ()
-        )
+        where = ", ".join(str(sock.getsockname()) for sock in server.sockets or ())
     _LOGGER.info("Rockchip LLM runtime host %s listening on %s", HOST_VERSION, where)
     print(f"listening on {where}", flush=True)  # noqa: T201 - for whoever started it
     async with server:

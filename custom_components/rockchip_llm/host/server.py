@@ -284,7 +284,9 @@ class _Client:
         try:
             line = await self.reader.readline()
         except ValueError as err:  # a line over the limit
-            raise BadRequest(f"a message longer than {MAX_MESSAGE_BYTES} bytes") from err
+            raise BadRequest(
+                f"a message longer than {MAX_MESSAGE_BYTES} bytes"
+            ) from err
         if not line:
             return None
         if not line.endswith(b"\n"):
@@ -324,7 +326,9 @@ class _Client:
         try:
             message = await asyncio.wait_for(self._read(), HELLO_TIMEOUT)
         except TimeoutError:
-            _LOGGER.warning("Refused %s: no hello within %g s", self.peer, HELLO_TIMEOUT)
+            _LOGGER.warning(
+                "Refused %s: no hello within %g s", self.peer, HELLO_TIMEOUT
+            )
             return False
         if message is None:
             return False
@@ -340,7 +344,9 @@ class _Client:
             self.client_id = client_id
             greeting = await self.host._async_hello()  # noqa: SLF001
         except (RKLLMError, KeyError, TypeError, ValueError) as err:
-            self.send({"id": request_id, "error": error_to_wire(_as_request_error(err))})
+            self.send(
+                {"id": request_id, "error": error_to_wire(_as_request_error(err))}
+            )
             await self._async_drain()
             return False
         self.send({"id": request_id, "ok": greeting})
@@ -391,7 +397,9 @@ class _Client:
         except Exception as err:  # noqa: BLE001 - every error goes to the client
             if not isinstance(err, RKLLMError | OSError):
                 _LOGGER.debug("Request %s failed", op, exc_info=True)
-            self.send({"id": request_id, "error": error_to_wire(_as_request_error(err))})
+            self.send(
+                {"id": request_id, "error": error_to_wire(_as_request_error(err))}
+            )
         else:
             self.send({"id": request_id, "ok": result})
         await self._async_drain()
@@ -418,7 +426,9 @@ class _Client:
 
     async def blocking(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking function (file system) off the loop."""
-        return await self._loop.run_in_executor(None, functools.partial(function, *args))
+        return await self._loop.run_in_executor(
+            None, functools.partial(function, *args)
+        )
 
     def worker(self, args: Mapping[str, Any]) -> WorkerModel:
         """The client's worker a request names."""
@@ -457,7 +467,9 @@ class _Client:
         try:
             expected = store.bin_path(path.parent.name, path.stem)
         except (InvalidCacheName, ValueError) as err:
-            raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host") from err
+            raise BadRequest(
+                f"{raw!r:.200} is not a prompt cache of this host"
+            ) from err
         if path != expected:
             raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host")
         return expected
@@ -477,11 +489,15 @@ def _as_request_error(err: BaseException) -> BaseException:
 
 @_op("models.scan")
 async def _models_scan(client: _Client, _id: int, _args: Mapping[str, Any]) -> Any:
-    return scan_to_wire(await client.blocking(scan_models, client.host.config.models_dir))
+    return scan_to_wire(
+        await client.blocking(scan_models, client.host.config.models_dir)
+    )
 
 
 @_op("models.fingerprint")
-async def _models_fingerprint(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
+async def _models_fingerprint(
+    client: _Client, _id: int, args: Mapping[str, Any]
+) -> Any:
     info = await client.model(_text(args, "model"))
     return await client.blocking(model_fingerprint, info.path)
 
@@ -522,7 +538,11 @@ async def _worker_open(client: _Client, _id: int, args: Mapping[str, Any]) -> An
         client.workers.pop(worker_id, None)
         await client.blocking(worker.close)
         raise
-    return {"worker": worker_id, "context_limit": worker.context_limit, "pid": worker.pid}
+    return {
+        "worker": worker_id,
+        "context_limit": worker.context_limit,
+        "pid": worker.pid,
+    }
 
 
 @_op("worker.close")
@@ -584,7 +604,9 @@ async def _worker_clear(client: _Client, _id: int, args: Mapping[str, Any]) -> A
     keep = args["keep_system_prompt"]
     if not isinstance(keep, bool):
         raise BadRequest("keep_system_prompt must be true or false")
-    await asyncio.wrap_future(client.worker(args).clear_kv_cache(keep_system_prompt=keep))
+    await asyncio.wrap_future(
+        client.worker(args).clear_kv_cache(keep_system_prompt=keep)
+    )
 
 
 @_op("worker.set_chat_template")
