@@ -10,7 +10,7 @@ use, and the host must answer hello.
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 import contextlib
 import os
 from pathlib import Path
@@ -187,29 +187,45 @@ def board_python_version() -> str:
 
 @contextlib.asynccontextmanager
 async def running(
-    start: Callable[[], subprocess.Popen[bytes]], log: Path
+    tmp_path: Path,
+    argv: list[str],
+    binds: dict[str, Bind],
+    *,
+    env: dict[str, str],
+    user: int | None = None,
+    umask: int = 0o022,
 ) -> AsyncIterator[str]:
-    """Start a host, yield where it says it listens, stop it (SIGTERM) at the end."""
-    process = start()
-    try:
-        async with asyncio.timeout(START_TIMEOUT):
-            while not (
-                found := re.search(
-                    r"^listening on (.+)$", log.read_text(), re.MULTILINE
-                )
-            ):
-                assert process.poll() is None, f"the host ended:\n{log.read_text()}"
-                await asyncio.sleep(0.05)
-        yield found.group(1)
-        process.send_signal(signal.SIGTERM)
-        returncode = await asyncio.get_running_loop().run_in_executor(
-            None, process.wait, 30
+    """Start a host isolated, yield where it says it listens, stop it (SIGTERM)."""
+    log = tmp_path / "host.log"
+    with log.open("wb") as output:
+        process = start_isolated(
+            argv,
+            binds,
+            tmp_path / "root",
+            env=env,
+            stderr=output,
+            user=user,
+            umask=umask,
         )
-        assert returncode == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while not (
+                    found := re.search(
+                        r"^listening on (.+)$", log.read_text(), re.MULTILINE
+                    )
+                ):
+                    assert process.poll() is None, f"the host ended:\n{log.read_text()}"
+                    await asyncio.sleep(0.05)
+            yield found.group(1)
+            process.send_signal(signal.SIGTERM)
+            returncode = await asyncio.get_running_loop().run_in_executor(
+                None, process.wait, 30
+            )
+            assert returncode == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 async def hello_at(address: HostAddress) -> dict[str, Any]:
@@ -220,6 +236,19 @@ async def hello_at(address: HostAddress) -> dict[str, Any]:
     finally:
         await link.async_close()
     return hello
+
+
+def check_hello(hello: dict[str, Any], option: dict[str, str]) -> None:
+    """The host of this release, on the simulator, serving the command's folders."""
+    assert hello["host_version"] == HOST_VERSION
+    assert hello["runtime"]["simulated"] is True
+    assert (hello["library_path"], hello["models_dir"], hello["cache_dir"]) == (
+        option["--library"],
+        option["--models"],
+        option["--cache"],
+    )
+    assert hello["cache_writable"] is True
+    assert [model["name"] for model in hello["models"]["models"]] == ["Qwen3 Sim"]
 
 
 def test_systemd_unit_verifies() -> None:
@@ -295,47 +324,33 @@ async def test_systemd_unit_command_serves(
         cache_folder: Bind(cache),
         socket_folder: Bind(sockets),
     }
-    log = tmp_path / "host.log"
-    with log.open("wb") as output:
-        async with running(
-            lambda: start_isolated(
-                argv,
-                binds,
-                tmp_path / "root",
-                env={"PATH": "/usr/bin:/bin"},
-                stderr=output,
-                user=SERVICE_UID,
-                umask=int(one(service, "UMask"), 8),
-            ),
-            log,
-        ) as where:
-            address: HostAddress
-            if "--socket" in option:
-                assert where == option["--socket"]
-                assert Path(where).parent == Path(socket_folder)
-                socket = sockets / Path(where).name
-                mode = socket.stat()
-                assert stat.S_IMODE(mode.st_mode) == 0o660
-                assert mode.st_uid == SERVICE_UID
-                address = UnixHost(socket)
-            else:
-                found = re.fullmatch(r"\('127\.0\.0\.1', (\d+)\)", where)
-                assert found, where
-                address = TcpHost("127.0.0.1", int(found.group(1)))
-            hello = await hello_at(address)
-    assert hello["host_version"] == HOST_VERSION
-    assert hello["runtime"]["simulated"] is True
-    assert (hello["library_path"], hello["models_dir"], hello["cache_dir"]) == (
-        option["--library"],
-        option["--models"],
-        option["--cache"],
-    )
+    async with running(
+        tmp_path,
+        argv,
+        binds,
+        env={"PATH": "/usr/bin:/bin"},
+        user=SERVICE_UID,
+        umask=int(one(service, "UMask"), 8),
+    ) as where:
+        address: HostAddress
+        if "--socket" in option:
+            assert where == option["--socket"]
+            assert Path(where).parent == Path(socket_folder)
+            socket = sockets / Path(where).name
+            mode = socket.stat()
+            assert stat.S_IMODE(mode.st_mode) == 0o660
+            assert mode.st_uid == SERVICE_UID
+            address = UnixHost(socket)
+        else:
+            found = re.fullmatch(r"\('127\.0\.0\.1', (\d+)\)", where)
+            assert found, where
+            address = TcpHost("127.0.0.1", int(found.group(1)))
+        hello = await hello_at(address)
+    check_hello(hello, option)
     if "--cache-budget-mb" in option:
         assert (
             hello["cache_budget_bytes"] == int(option["--cache-budget-mb"]) * 1_000_000
         )
-    assert hello["cache_writable"] is True
-    assert [model["name"] for model in hello["models"]["models"]] == ["Qwen3 Sim"]
 
 
 def test_dockerfile_is_debian_with_python3_only() -> None:
@@ -400,27 +415,11 @@ async def test_compose_host_serves_home_assistant(
     assert ha_address in COMPOSE.read_text()
     assert f"`{ha_address}`" in (REPO / "README.md").read_text()
 
-    log = tmp_path / "host.log"
-    with log.open("wb") as output:
-        async with running(
-            lambda: start_isolated(
-                argv,
-                host_binds,
-                tmp_path / "root",
-                env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
-                stderr=output,
-            ),
-            log,
-        ) as where:
-            assert where == option["--socket"]
-            hello = await hello_at(UnixHost(board_path(ha_address, ha_binds)))
-    assert hello["host_version"] == HOST_VERSION
-    assert hello["runtime"]["simulated"] is True
-    assert (hello["library_path"], hello["models_dir"], hello["cache_dir"]) == (
-        option["--library"],
-        option["--models"],
-        option["--cache"],
-    )
-    assert [model["name"] for model in hello["models"]["models"]] == ["Qwen3 Sim"]
+    async with running(
+        tmp_path, argv, host_binds, env={"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    ) as where:
+        assert where == option["--socket"]
+        hello = await hello_at(UnixHost(board_path(ha_address, ha_binds)))
+    check_hello(hello, option)
     cache_volume = host_binds[option["--cache"]].source
     assert any((cache_volume / ".runtime").iterdir()), "no private library copy"
