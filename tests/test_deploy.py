@@ -42,6 +42,7 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
 BOARD_PYTHON = Path("/usr/bin/python3")
 SIMULATOR = SIM_BUILD / "librkllm_sim_1_3.so"
+DEBUGFS = "/sys/kernel/debug"
 SERVICE_UID = 61234
 """Stands in for the user systemd allocates (DynamicUser=yes)."""
 START_TIMEOUT = 60.0
@@ -401,10 +402,16 @@ async def test_compose_host_serves_home_assistant(
         (named / name).mkdir(parents=True)
     host_binds = volume_map(host, board, named)
     ha_binds = volume_map(ha, board, named)
-    # The board's files: the simulator is its librkllmrt.so, a simulated model.
+    # The board's files: the simulator is its librkllmrt.so, a simulated model,
+    # a debugfs with the RKNPU driver's version.
     library_source = host_binds[option["--library"]].source
     assert library_source == Path("/usr/lib/librkllmrt.so")
     host_binds[option["--library"]] = Bind(SIMULATOR, read_only=True)
+    debugfs = tmp_path / "debugfs"
+    (debugfs / "rknpu").mkdir(parents=True)
+    (debugfs / "rknpu" / "version").write_text("RKNPU driver: v0.9.8\n")
+    assert host_binds[DEBUGFS] == Bind(Path(DEBUGFS), read_only=True)
+    host_binds[DEBUGFS] = Bind(debugfs, read_only=True)
     write_sim_model(host_binds[option["--models"]].source)
     assert host_binds[argv[3]].source == PACKAGE / "host"
     assert host_binds[argv[3]].read_only
@@ -421,5 +428,6 @@ async def test_compose_host_serves_home_assistant(
         assert where == option["--socket"]
         hello = await hello_at(UnixHost(board_path(ha_address, ha_binds)))
     check_hello(hello, option)
+    assert hello["board"]["npu_driver_version"] == "RKNPU driver: v0.9.8"
     cache_volume = host_binds[option["--cache"]].source
     assert any((cache_volume / ".runtime").iterdir()), "no private library copy"
