@@ -20,10 +20,10 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.rockchip_llm import link
 from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.host.cli import async_serve_socket
-from custom_components.rockchip_llm.host.server import Host, HostConfig
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
 from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
+from custom_components.rockchip_llm.host.server import Host, HostConfig
 from homeassistant import block_async_io
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant

@@ -5,18 +5,19 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
+import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.components.diagnostics import (
     get_diagnostics_for_config_entry,
 )
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.const import (
     CONF_LIBRARY_PATH,
     CONF_MODELS_DIR,
     DOMAIN,
 )
+from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState

@@ -8,8 +8,8 @@ from unittest.mock import patch
 import pytest
 from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
-from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
+from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from homeassistant.components import conversation
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity

@@ -13,8 +13,8 @@ from pytest_homeassistant_custom_component.common import (
     async_fire_time_changed,
 )
 
-from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.host import board
 from custom_components.rockchip_llm.session import RECENT_RUNS, ModelSession
 from homeassistant.components import conversation
 from homeassistant.const import (

@@ -11,7 +11,7 @@ from .host.rkllm.runtime import RunRequest
 
 if TYPE_CHECKING:
     from .held_model import HeldModel
-    from .prompt_cache import CacheEntry
+    from .host.prompt_cache import CacheEntry
 
 
 @dataclass(frozen=True, slots=True)

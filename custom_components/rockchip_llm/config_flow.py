@@ -34,6 +34,7 @@ from homeassistant.helpers.selector import (
 )
 from homeassistant.helpers.typing import VolDictType
 
+from .connect import async_open_host
 from .const import (
     ABI_FAMILY_AUTO,
     AGENT_OPTION_DEFAULTS,
@@ -66,7 +67,6 @@ from .const import (
     HistoryStrategy,
 )
 from .ha_compat import vol
-from .connect import async_open_host
 from .host.model_files import ModelInfo, ModelScan, ModelsDirError
 from .host.rkllm.abi import AbiFamily, family_setting
 from .host.rkllm.errors import LibraryCopyFailed
@@ -93,7 +93,7 @@ class _Validation:
 
 
 def _host_facts(host: RuntimeHost) -> dict[str, str]:
-    """What the host reports, for the model step's description."""
+    """Return what the host reports, for the model step's description."""
     runtime = host.runtime
     board = host.board
     return {
@@ -114,7 +114,7 @@ def _detect_library(config_location: Path) -> Path:
     return config_location
 
 
-def _library_validation(host: RuntimeHost, result: "_Validation") -> None:
+def _library_validation(host: RuntimeHost, result: _Validation) -> None:
     """Note the host's verdict on its library in result."""
     err = host.library_error()
     if err is None:
@@ -127,7 +127,7 @@ def _library_validation(host: RuntimeHost, result: "_Validation") -> None:
         result.placeholders.update(getattr(err, "placeholders", {}))
 
 
-async def _async_validate_host(host: RuntimeHost, result: "_Validation") -> None:
+async def _async_validate_host(host: RuntimeHost, result: _Validation) -> None:
     """Note the host's library, cache folder and models in result."""
     _library_validation(host, result)
     if not host.hello.get("cache_writable", True):

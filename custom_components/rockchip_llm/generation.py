@@ -21,7 +21,9 @@ _LOGGER = logging.getLogger(__name__)
 class RunHandle(Protocol):
     """What a run needs of a model handle (WorkerModel, RKLLMModel)."""
 
-    def run(self, request: RunRequest, sink: TextSink) -> Future[RunResult]:
+    def run(
+        self, request: RunRequest, sink: TextSink
+    ) -> Future[RunResult] | asyncio.Future[RunResult]:
         """Start a run; text goes to sink, the future ends with the result."""
 
     def abort(self) -> None:
@@ -105,7 +107,7 @@ async def _wait_quietly(future: Future[Any] | asyncio.Future[Any]) -> None:
         _LOGGER.debug("Aborted run ended with an error", exc_info=True)
 
 
-async def call[T](future: Future[T]) -> T:
+async def call[T](future: Future[T] | asyncio.Future[T]) -> T:
     """Await a future of a model handle."""
     return await asyncio.wrap_future(future)
 

@@ -279,7 +279,7 @@ class HostLink:
             self._stderr.close()
 
     def stderr_tail(self) -> str:
-        """The last lines a local host wrote to its standard error (blocking)."""
+        """Return the last lines a local host wrote to its standard error (blocking)."""
         if self._stderr is None:
             return ""
         self._stderr.seek(0)
@@ -394,5 +394,5 @@ async def async_connect(
 
 
 def local_python() -> str:
-    """The interpreter a local host runs on (ROCKCHIP_LLM_HOST_PYTHON, else HA's)."""
+    """Return the interpreter of a local host (ROCKCHIP_LLM_HOST_PYTHON, else HA's)."""
     return os.environ.get("ROCKCHIP_LLM_HOST_PYTHON") or sys.executable

@@ -9,6 +9,7 @@ Home Assistant shows them and hands them back, but never opens them.
 
 import asyncio
 from collections.abc import Callable
+import contextlib
 from typing import Any
 
 from .host.model_files import ModelScan
@@ -70,7 +71,7 @@ class RemoteWorker:
             self._death = error
 
     def output_tail(self) -> list[str]:
-        """The runtime's last output lines, as last fetched (async_refresh_tail)."""
+        """Return the runtime's last output lines, as last fetched (async_refresh_tail)."""
         return list(self._output)
 
     async def async_refresh_tail(self) -> None:
@@ -116,12 +117,10 @@ class RemoteWorker:
 
     def abort(self) -> None:
         """Stop the running generation (safe from any thread)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nothing runs
             self._loop.call_soon_threadsafe(
                 self._link.send, "worker.abort", {"worker": self.worker_id}
             )
-        except RuntimeError:
-            pass  # the loop is closed: nothing runs any more
 
     def load_prompt_cache(self, entry: CacheEntry) -> asyncio.Task[None]:
         """Load a prompt cache of the host's store for later runs to reuse."""
@@ -165,10 +164,8 @@ class RemoteWorker:
             return
         self._closed = True
         if self._link.lost is None:
-            try:
+            with contextlib.suppress(HostLost):
                 await self._link.request("worker.close", {"worker": self.worker_id})
-            except HostLost:
-                pass
 
 
 class RemoteStore:
@@ -251,7 +248,7 @@ class RemoteStore:
         return error if isinstance(error, CacheWriteError) else None
 
     async def async_usage(self) -> Message:
-        """The cache folder's path, budget, used and free bytes."""
+        """Return the cache folder's path, budget, used and free bytes."""
         usage: Message = await self._link.request("cache.usage")
         return usage
 
@@ -293,7 +290,7 @@ class RuntimeHost:
         return error_from_wire(data) if data is not None else None
 
     def library_copy_problem(self) -> CacheWriteError | None:
-        """The disk's refusal of the library's private copy, if that was the problem."""
+        """Return the disk's refusal of the library's private copy, if that was it."""
         data = self.hello.get("library_disk_error")
         error = error_from_wire(data) if data is not None else None
         return error if isinstance(error, CacheWriteError) else None
@@ -314,12 +311,12 @@ class RuntimeHost:
         return info
 
     async def async_npu_load(self) -> float | None:
-        """The NPU's mean load in percent, None where the kernel does not say."""
+        """Return the NPU's mean load in percent, None where the kernel does not say."""
         load = await self.link.request("board.npu_load")
         return None if load is None else float(load)
 
     async def async_fingerprint(self, model: str) -> dict[str, int | str]:
-        """The fingerprint of a model's file."""
+        """Return the fingerprint of a model's file."""
         fingerprint: dict[str, int | str] = await self.link.request(
             "models.fingerprint", {"model": model}
         )

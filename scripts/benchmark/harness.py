@@ -31,7 +31,7 @@ from custom_components.rockchip_llm.const import (
 )
 from custom_components.rockchip_llm.generation import Generation
 from custom_components.rockchip_llm.host.prompt_cache import CacheMetadata
-from custom_components.rockchip_llm.host.rkllm.library import RuntimeLibrary, VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.library import RuntimeLibrary
 from custom_components.rockchip_llm.host.rkllm.runtime import (
     RKLLMModel,
     RunRequest,
@@ -251,12 +251,6 @@ class RunTotals:
 def _only_agent(entry: MockConfigEntry) -> Agent:
     agent: Agent = next(iter(entry.runtime_data.agents.values()))
     return agent
-
-
-def verified_library(entry: MockConfigEntry) -> VerifiedLibrary:
-    """Return the entry's checked library (its copy is what the workers load)."""
-    library: VerifiedLibrary = entry.runtime_data.engine.library
-    return library
 
 
 def agent_prefix(entry: MockConfigEntry) -> SystemPrefix:

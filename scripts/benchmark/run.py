@@ -9,6 +9,7 @@ from pytest_homeassistant_custom_component.common import mock_storage  # type: i
 
 from custom_components.rockchip_llm.const import HistoryStrategy
 from custom_components.rockchip_llm.host.rkllm.library import load_library
+from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
 
 from .harness import (
     SimCounter,
@@ -16,7 +17,6 @@ from .harness import (
     async_add_entry,
     async_setup_home,
     home_assistant,
-    verified_library,
 )
 from .results import Report
 from .scenario import (
@@ -142,7 +142,9 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             report.handles = await hass.async_add_executor_job(
                 measure_handles,
                 library,
-                verified_library(ours.entry),
+                await hass.async_add_executor_job(
+                    verify_and_copy_library, library_path, work_dir / "private"
+                ),
                 worker_model_path,
                 settings.worker_repetitions,
             )

@@ -16,7 +16,10 @@ from custom_components.rockchip_llm.const import (
     CONF_PROMPT,
     HistoryStrategy,
 )
-from custom_components.rockchip_llm.host.rkllm.library import RuntimeLibrary, VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.library import (
+    RuntimeLibrary,
+    VerifiedLibrary,
+)
 from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RKLLMModel,

@@ -21,17 +21,17 @@ def _npu_debugfs() -> Path:
 
 
 def npu_driver_version_path() -> Path:
-    """The kernel file with the RKNPU driver's version."""
+    """Return the kernel file with the RKNPU driver's version."""
     return _npu_debugfs() / "version"
 
 
 def npu_load_path() -> Path:
-    """The kernel file with the NPU cores' load."""
+    """Return the kernel file with the NPU cores' load."""
     return _npu_debugfs() / "load"
 
 
 def device_tree_compatible_path() -> Path:
-    """The device tree's list of compatible boards and SoCs."""
+    """Return the device tree's list of compatible boards and SoCs."""
     return Path(os.environ.get(DEVICE_TREE_ENV) or "/proc/device-tree") / "compatible"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias
 
 from . import board
-from .model_files import ModelInfo, model_fingerprint, scan_models
+from .model_files import ModelInfo, ModelScan, model_fingerprint, scan_models
 from .prompt_cache import (
     CacheEntry,
     CacheMetadata,
@@ -310,7 +310,7 @@ class _Client:
                     or not isinstance(op, str)
                     or not isinstance(args, dict)
                 ):
-                    raise BadRequest("a request without an id, op and args")
+                    raise BadRequest("a request without an id, op and args")  # noqa: TRY301
                 task = asyncio.create_task(self._async_handle(request_id, op, args))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -392,7 +392,7 @@ class _Client:
         handler = _OPS.get(op)
         try:
             if handler is None:
-                raise BadRequest(f"unknown request {op!r:.80}")
+                raise BadRequest(f"unknown request {op!r:.80}")  # noqa: TRY301
             result = await handler(self, request_id, args)
         except Exception as err:  # noqa: BLE001 - every error goes to the client
             if not isinstance(err, RKLLMError | OSError):
@@ -431,22 +431,22 @@ class _Client:
         )
 
     def worker(self, args: Mapping[str, Any]) -> WorkerModel:
-        """The client's worker a request names."""
+        """Return the client's worker a request names."""
         worker = self.workers.get(_whole(args, "worker"))
         if worker is None:
             raise BadRequest("no such worker")
         return worker
 
     def library(self) -> VerifiedLibrary:
-        """The checked library; refused while there is none."""
+        """Return the checked library; refused while there is none."""
         library: VerifiedLibrary | None = getattr(self.host, "library", None)
         if library is None:
             raise BadRequest("the runtime library of this host cannot be used")
         return library
 
     async def model(self, name: str) -> ModelInfo:
-        """The scanned model of that name."""
-        scan = await self.blocking(scan_models, self.host.config.models_dir)
+        """Return the scanned model of that name."""
+        scan: ModelScan = await self.blocking(scan_models, self.host.config.models_dir)
         if (info := scan.models.get(name)) is None:
             raise RKLLMError(
                 f"model {name!r} is not in the runtime host's models folder "

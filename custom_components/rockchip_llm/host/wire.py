@@ -162,7 +162,7 @@ def error_from_wire(data: Any) -> Exception:
 
 
 def scan_to_wire(scan: ModelScan) -> Message:
-    """A model scan as JSON data."""
+    """Return a model scan as JSON data."""
     return {
         "models": [
             {
@@ -197,7 +197,7 @@ def scan_from_wire(data: Mapping[str, Any]) -> ModelScan:
 
 
 def entry_to_wire(entry: CacheEntry) -> Message:
-    """A cache entry as JSON data."""
+    """Return a cache entry as JSON data."""
     return {
         "metadata": entry.metadata.to_json() if entry.metadata is not None else None,
         "model": entry.model,
