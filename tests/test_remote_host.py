@@ -2,7 +2,7 @@
 
 The host runs on the board's Python (3.11) outside Home Assistant's process tree,
 in a mount namespace of its own: its library, models and caches live on a tmpfs
-that only that namespace has. Home Assistant reaches it over a Unix socket, so any
+that only that namespace has. Home Assistant reaches it over a Unix socket or TCP, so any
 file access that went around the host would fail.
 """
 
@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from typing import Any
@@ -59,7 +60,19 @@ class ExternalHost:
     holder_pid: int
     """The process that keeps the namespace (and its tmpfs) alive."""
     log: Path
+    tcp_port: int | None = None
+    """Listen on 127.0.0.1 at this port instead of the Unix socket."""
     pid: int | None = None
+
+    @property
+    def address(self) -> str:
+        """What the user types into the flow."""
+        return f"127.0.0.1:{self.tcp_port}" if self.tcp_port else str(self.socket)
+
+    @property
+    def where(self) -> str:
+        """How the integration names the host in messages."""
+        return self.address if self.tcp_port else f"unix:{self.socket}"
 
     def _pid_file(self, name: str) -> Path:
         return self.socket.parent / f"{name}.pid"
@@ -67,6 +80,7 @@ class ExternalHost:
     def start(self) -> None:
         """Start (or start again) the host inside the namespace, outside HA's tree."""
         self.socket.unlink(missing_ok=True)
+        started = self.log.read_text().count("listening on") if self.log.exists() else 0
         pid_file = self._pid_file("host")
         pid_file.unlink(missing_ok=True)
         command = " ".join(
@@ -74,7 +88,10 @@ class ExternalHost:
                 f"echo $$ > {pid_file};",
                 f"exec {HOST_PYTHON} -I -S {HOST_FOLDER}",
                 f"--library {self.hidden}/librkllmrt.so --models {self.hidden}/models",
-                f"--cache {self.hidden}/cache --socket {self.socket}",
+                f"--cache {self.hidden}/cache",
+                f"--tcp 127.0.0.1:{self.tcp_port}"
+                if self.tcp_port
+                else f"--socket {self.socket}",
                 f">> {self.log} 2>&1",
             ]
         )
@@ -91,7 +108,9 @@ class ExternalHost:
             check=True,
         )
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        while (
+            self.log.read_text().count("listening on") if self.log.exists() else 0
+        ) <= started:
             assert time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.05)
         self.pid = int(pid_file.read_text())
@@ -113,7 +132,14 @@ def _wait_for(path: Path) -> None:
         time.sleep(0.02)
 
 
-def _start_external_host(tmp_path: Path) -> ExternalHost:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_external_host(tmp_path: Path, transport: str) -> ExternalHost:
     """Start a host serving the simulator and one model from folders only it sees."""
     staging = tmp_path / "staging"
     (staging / "models" / "Qwen3 Sim").mkdir(parents=True)
@@ -163,16 +189,23 @@ def _start_external_host(tmp_path: Path) -> ExternalHost:
         socket=sockets / "host.sock",
         holder_pid=int(holder_file.read_text()),
         log=tmp_path / "host.log",
+        tcp_port=_free_port() if transport == "tcp" else None,
     )
     host.start()
     return host
 
 
 @pytest.fixture
-async def external_host(tmp_path: Path) -> AsyncIterator[ExternalHost]:
+def transport() -> str:
+    """How Home Assistant reaches the host: "unix" (a socket file) or "tcp"."""
+    return "unix"
+
+
+@pytest.fixture
+async def external_host(tmp_path: Path, transport: str) -> AsyncIterator[ExternalHost]:
     """A host in a namespace of its own, stopped (with its namespace) afterwards."""
     loop = asyncio.get_running_loop()
-    host = await loop.run_in_executor(None, _start_external_host, tmp_path)
+    host = await loop.run_in_executor(None, _start_external_host, tmp_path, transport)
     try:
         yield host
     finally:
@@ -218,18 +251,18 @@ async def add_entry(hass: HomeAssistant, host: ExternalHost) -> MockConfigEntry:
     )
     assert result["step_id"] == "host"
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {CONF_HOST_ADDRESS: str(host.socket)}
+        result["flow_id"], {CONF_HOST_ADDRESS: host.address}
     )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "model"
     placeholders = result["description_placeholders"]
-    assert placeholders["host"] == f"unix:{host.socket}"
+    assert placeholders["host"] == host.where
     assert placeholders["runtime_version"] == "1.3.0"
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], {"model": "Qwen3 Sim"}
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert result["title"] == f"Rockchip LLM ({host.socket})"
+    assert result["title"] == f"Rockchip LLM ({host.address})"
     await hass.async_block_till_done()
     entry = result["result"]
     assert entry.state is ConfigEntryState.LOADED
@@ -263,6 +296,7 @@ def mapped_by_tree(pid: int) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 async def test_host_in_its_own_namespace_serves_home_assistant(
     hass: HomeAssistant,
     host_sockets: None,
@@ -294,7 +328,7 @@ async def test_host_in_its_own_namespace_serves_home_assistant(
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
     for child in (await hass.async_add_executor_job(children.read_text)).split():
         assert await hass.async_add_executor_job(mapped_by_tree, int(child)) == []
-    assert entry.runtime_data.engine.host.where == f"unix:{external_host.socket}"
+    assert entry.runtime_data.engine.host.where == external_host.where
 
 
 async def test_restarts_of_home_assistant_and_of_the_host(
@@ -321,7 +355,7 @@ async def test_restarts_of_home_assistant_and_of_the_host(
     assert "runtime host" in speech(result)
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.SETUP_RETRY
-    assert str(external_host.socket) in (entry.reason or "")
+    assert external_host.where in (entry.reason or "")
     state = hass.states.get(AGENT)
     assert state is None or state.state == "unavailable"
 
@@ -339,13 +373,13 @@ async def test_host_not_reachable_at_start(
     hass: HomeAssistant, host_sockets: None, tmp_path: Path
 ) -> None:
     """No host at the address: not ready, with the address and the cause."""
-    socket = tmp_path / "nobody.sock"
+    nobody = tmp_path / "nobody.sock"
     entry = MockConfigEntry(
-        domain=DOMAIN, title="Rockchip LLM", data={CONF_HOST_ADDRESS: str(socket)}
+        domain=DOMAIN, title="Rockchip LLM", data={CONF_HOST_ADDRESS: str(nobody)}
     )
     entry.add_to_hass(hass)
     assert await async_setup_component(hass, "homeassistant", {})
     await hass.config_entries.async_setup(entry.entry_id)
     assert entry.state is ConfigEntryState.SETUP_RETRY
-    assert str(socket) in (entry.reason or "")
+    assert str(nobody) in (entry.reason or "")
     assert "No such file" in (entry.reason or "")
