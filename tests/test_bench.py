@@ -19,6 +19,7 @@ TOP_LEVEL = {
     "overhead_ms_per_request",
     "overhead_us_per_token",
     "worker_overhead",
+    "host_hop",
 }
 HANDLES = ("in_process", "worker")
 HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
@@ -93,6 +94,20 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert all(isinstance(value, float) for value in worker["added"].values())
     assert worker["targets"] == {"us_per_token": 100.0, "ms_per_request": 1.0}
     assert "worker adds ≤ 100 µs/token" in completed.stdout
+
+    # The runtime host's links, each against the bare worker.
+    hop = data["host_hop"]
+    for name in ("host_local", "host_unix", "host_tcp"):
+        for key in HANDLE_TIMES:
+            assert isinstance(hop[name][key], float), (name, key)
+        assert hop[name]["long_run_tokens"] == 20
+        assert set(hop["added_to_worker"][name]) == {
+            "us_per_token",
+            "ms_per_request",
+            "clear_kv_cache_ms",
+        }
+        assert hop["hello_ms"][name] > 0
+    assert "Runtime host links" in completed.stdout
 
     conditions = data["conditions"]
     assert conditions["prefill_ms_per_token"] == 0

@@ -94,6 +94,41 @@ def worker_overhead(report: Report) -> dict[str, Any] | None:
     }
 
 
+def host_hop(report: Report) -> dict[str, Any] | None:
+    """Return the host_hop section of the JSON: each link against the bare worker."""
+    if not report.host_links or not report.handles:
+        return None
+    worker = handle_costs(report.handles["worker"])
+    links = {name: handle_costs(times) for name, times in report.host_links.items()}
+
+    def added(name: str, key: str, digits: int) -> float | None:
+        outer, inner = links[name][key], worker[key]
+        if inner is None or outer is None:
+            return None
+        return _round(float(outer) - float(inner), digits)
+
+    return {
+        **links,
+        "hello_ms": report.host_hello_ms,
+        "added_to_worker": {
+            name: {
+                "us_per_token": added(name, "us_per_token", 3),
+                "ms_per_request": added(name, "short_run_ms", 4),
+                "clear_kv_cache_ms": added(name, "clear_kv_cache_ms", 4),
+            }
+            for name in links
+        },
+        "targets": WORKER_TARGETS,
+        "method": (
+            "the worker_overhead calls, made on the event loop through a runtime host "
+            "(host processes on this Python) reached over a socket pair (the host Home "
+            "Assistant starts itself), a Unix socket and TCP on 127.0.0.1, alternating "
+            "between the links; added_to_worker = link - worker (the worker driven "
+            "directly, as in worker_overhead); hello_ms = connect and hello, once"
+        ),
+    }
+
+
 def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -274,6 +309,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "overhead_ms_per_request": _round(per_request, 3),
         "overhead_us_per_token": _round(per_token, 2),
         "worker_overhead": worker_overhead(report),
+        "host_hop": host_hop(report),
         "startup": report.startup,
     }
 
@@ -379,6 +415,23 @@ def print_report(data: dict[str, Any]) -> None:
                 + f"{_cell(worker['added'][added_key], 3):>12}"
             )
             print(f"{label:>22}{cells}")
+
+    hop = data.get("host_hop")
+    if hop is not None:
+        print("\nRuntime host links, added to the bare worker (zero delays, medians)")
+        links = list(hop["added_to_worker"])
+        print(f"{'':>22}" + "".join(f"{name:>12}" for name in links))
+        for label, key in (
+            ("µs per streamed token", "us_per_token"),
+            ("ms per request (run)", "ms_per_request"),
+            ("ms clear_kv_cache", "clear_kv_cache_ms"),
+        ):
+            cells = "".join(
+                f"{_cell(hop['added_to_worker'][name][key], 3):>12}" for name in links
+            )
+            print(f"{label:>22}{cells}")
+        hello = "".join(f"{_cell(hop['hello_ms'][name], 1):>12}" for name in links)
+        print(f"{'ms connect + hello':>22}{hello}")
 
     followup = ttft.get("ours", {}).get("followup_mean")
     print("\nTargets (reported, not asserted)")

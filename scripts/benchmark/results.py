@@ -66,4 +66,8 @@ class Report:
     startup: dict[str, dict[str, Any]] = field(default_factory=dict)
     """HA start to a ready agent: "without_cache" (built), "with_cache" (loaded)."""
     handles: dict[str, HandleTimes] = field(default_factory=dict)
+    host_links: dict[str, HandleTimes] = field(default_factory=dict)
+    """The same calls through a runtime host, by link (host_hop.HOST_LINKS)."""
+    host_hello_ms: dict[str, float] = field(default_factory=dict)
+    """Connecting to each host and its hello, once per connection."""
     """The worker phase: "in_process" and "worker"."""

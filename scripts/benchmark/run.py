@@ -18,6 +18,7 @@ from .harness import (
     async_setup_home,
     home_assistant,
 )
+from .host_hop import async_measure_host_links
 from .results import Report
 from .scenario import (
     MODEL_NAME,
@@ -37,6 +38,7 @@ from .strategies import (
     async_overhead,
     async_prompt_costs,
     async_startup,
+    handle_params,
     measure_handles,
 )
 
@@ -147,6 +149,15 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 ),
                 worker_model_path,
                 settings.worker_repetitions,
+            )
+            _LOGGER.info("Host links: %d repetitions each", settings.worker_repetitions)
+            report.host_links, report.host_hello_ms = await async_measure_host_links(
+                library_path,
+                worker_model_path.parent.parent,
+                WORKER_MODEL_NAME,
+                handle_params(worker_model_path),
+                work_dir=work_dir,
+                repetitions=settings.worker_repetitions,
             )
     startup_cache = work_dir / "cache_startup"
     for case in ("without_cache", "with_cache"):

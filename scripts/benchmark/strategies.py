@@ -221,6 +221,15 @@ def _timed_clear(model: RKLLMModel | WorkerModel) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def handle_params(model_path: Path) -> ModelParams:
+    """Return the init parameters of the handles whose calls are timed."""
+    return ModelParams(
+        model_path=model_path,
+        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN] // 2,
+    )
+
+
 def measure_handles(
     library: RuntimeLibrary,
     verified: VerifiedLibrary,
@@ -236,11 +245,7 @@ def measure_handles(
     the first three repetitions are warm-up. Text is collected by a sink that only
     appends, the cheapest consumer, so the difference is the worker's own cost.
     """
-    params = ModelParams(
-        model_path=model_path,
-        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
-        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN] // 2,
-    )
+    params = handle_params(model_path)
     models: dict[str, RKLLMModel | WorkerModel] = {
         "in_process": RKLLMModel(library, "bench_in_process"),
         "worker": WorkerModel(verified, "bench_worker"),
