@@ -317,6 +317,10 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         result = _Validation()
         try:
             host = await async_open_host(self.hass, data, f"config flow {self.flow_id}")
+        except ValueError as err:  # an address that is none
+            result.errors[CONF_HOST_ADDRESS] = "invalid_host_address"
+            result.placeholders["error"] = str(err)
+            return result
         except HostError as err:
             result.errors["base"] = err.translation_key
             result.placeholders["error"] = str(err)

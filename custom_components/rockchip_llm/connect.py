@@ -21,8 +21,8 @@ from .const import (
     DEFAULT_STALL_TIMEOUT_S,
     DOMAIN,
 )
+from .host.address import parse_tcp_address
 from .host.rkllm.abi import parse_family
-from .host.version import DEFAULT_PORT
 from .host.wire import HostError, HostVersionMismatch
 from .link import HostAddress, LocalHost, TcpHost, UnixHost, async_connect, local_python
 from .remote import RuntimeHost
@@ -35,10 +35,7 @@ def parse_address(text: str) -> UnixHost | TcpHost:
         text = text.removeprefix("unix:")
     if text.startswith("/"):
         return UnixHost(Path(text))
-    host, sep, port = text.rpartition(":")
-    if not sep or "]" in port:
-        return TcpHost(text.strip("[]"), DEFAULT_PORT)
-    return TcpHost(host.strip("[]"), int(port))
+    return TcpHost(*parse_tcp_address(text))
 
 
 def host_address(data: Mapping[str, Any]) -> HostAddress:

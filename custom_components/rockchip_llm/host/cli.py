@@ -12,6 +12,7 @@ import stat
 import sys
 from typing import Final
 
+from .address import parse_tcp_address
 from .rkllm.abi import AbiFamily
 from .server import Host, HostConfig
 from .version import DEFAULT_PORT, HOST_VERSION
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--tcp",
+        type=parse_tcp_address,
         metavar="ADDRESS[:PORT]",
         help=f"listen on TCP (port {DEFAULT_PORT} unless given), e.g. 127.0.0.1",
     )
@@ -83,13 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=HOST_VERSION)
     return parser
-
-
-def _tcp_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or "]" in port:
-        return text.strip("[]"), DEFAULT_PORT
-    return host.strip("[]"), int(port)
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -142,7 +137,7 @@ async def _serve(args: argparse.Namespace, host: Host) -> None:
         args.socket.chmod(SOCKET_MODE)
         where = str(args.socket)
     else:
-        address, port = _tcp_address(args.tcp)
+        address, port = args.tcp
         server = await asyncio.start_server(
             host.async_serve, address, port, limit=MAX_MESSAGE_BYTES
         )
