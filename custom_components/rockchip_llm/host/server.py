@@ -29,6 +29,7 @@ from .prompt_cache import (
     CacheMetadata,
     CacheWriteError,
     InvalidCacheName,
+    InvalidModelName,
     PromptCacheStore,
     free_bytes,
 )
@@ -425,7 +426,7 @@ class _Client:
         store = self.host.store
         try:
             expected = store.bin_path(path.parent.name, path.stem)
-        except (InvalidCacheName, ValueError) as err:
+        except (InvalidCacheName, InvalidModelName, ValueError) as err:
             raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host") from err
         if path != expected:
             raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host")
