@@ -65,6 +65,8 @@ PRIVATE_LIBRARY_DIR: Final = ".runtime"
 """Under the cache folder: the private copy of the runtime library the workers load."""
 HELLO_TIMEOUT: Final = 10.0
 """Seconds a new connection may take to say hello."""
+SERVE_END_TIMEOUT: Final = 5.0
+"""Seconds a closed connection's handler may take to end when the host stops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,26 +100,36 @@ class Host:
         self.store = PromptCacheStore(config.cache_dir, config.cache_budget_bytes)
         self._client: _Client | None = None
         self._clients: set[_Client] = set()
+        """Every connection until its workers are stopped."""
+        self._serving: set[asyncio.Task[Any]] = set()
 
     async def async_serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """Serve one connection until it ends."""
+        """Serve one connection until it ends and its workers are stopped."""
         peer = str(writer.get_extra_info("peername") or "local link")
         client = _Client(self, reader, writer, peer)
         self._clients.add(client)
+        serving = asyncio.current_task()
+        if serving is not None:
+            self._serving.add(serving)
         try:
             await client.async_run()
         finally:
-            self._clients.discard(client)
             if self._client is client:
                 self._client = None
-            await client.async_close()
+            try:
+                await client.async_close()
+            finally:
+                self._clients.discard(client)
+                if serving is not None:
+                    self._serving.discard(serving)
 
     async def async_close(self) -> None:
-        """Stop every client's workers."""
-        for client in list(self._clients):
-            await client.async_close()
+        """Stop every client's workers (those being stopped too); end the serving."""
+        await asyncio.gather(*(client.async_close() for client in list(self._clients)))
+        if self._serving:
+            await asyncio.wait(self._serving, timeout=SERVE_END_TIMEOUT)
 
     async def _async_admit(self, client: "_Client", client_id: str) -> None:
         """Make client the one served, or refuse it while another is."""
@@ -235,6 +247,7 @@ class _Client:
         self._worker_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     # Connection
@@ -269,7 +282,7 @@ class _Client:
         try:
             if not await self._async_greet():
                 return
-            while (message := await self._read()) is not None:
+            while (message := await self._read()) is not None and not self._closed:
                 request_id = message.get("id")
                 op = message.get("op")
                 args = message.get("args", {})
@@ -367,10 +380,18 @@ class _Client:
         await self._async_drain()
 
     async def async_close(self) -> None:
-        """Stop the client's workers and close its connection."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the client's workers and close its connection; wait until done.
+
+        The stopping runs once, in a task of its own: a caller that is cancelled
+        (the host stopping) does not cancel it half way, and every caller waits
+        for the same one.
+        """
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.create_task(self._async_close())
+        await asyncio.shield(self._closing)
+
+    async def _async_close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         workers, self.workers = list(self.workers.values()), {}

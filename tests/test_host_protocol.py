@@ -1,0 +1,274 @@
+"""A real runtime host process (the machine's Python 3.11) against bad input.
+
+The host serves only its own folders (names with ``..``, absolute paths and
+symlinks out of them are refused), bounds every message, and survives malformed
+frames; its socket file is not world-writable.
+"""
+
+from collections.abc import Iterator
+import os
+from pathlib import Path
+import stat
+
+import pytest
+
+from custom_components.rockchip_llm.host.wire import MAX_MESSAGE_BYTES
+
+from .host_process import (
+    MODEL,
+    allow_host_sockets,
+    HostProcess,
+    children,
+    start_host,
+    stop_host,
+    wait_gone,
+)
+
+STAGING = ".x.bin.tmp-0123456789abcdef"
+"""A name of the staging pattern (what cache.staging hands out)."""
+
+
+@pytest.fixture(autouse=True)
+def host_sockets(socket_enabled: None) -> None:
+    """Let the test connect to the host's Unix socket and TCP loopback."""
+    allow_host_sockets()
+
+
+@pytest.fixture
+def runtime_host(tmp_path: Path) -> Iterator[HostProcess]:
+    """A host on a Unix socket in tmp_path, serving one simulated model."""
+    host = start_host(tmp_path)
+    try:
+        yield host
+    finally:
+        stop_host(host)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the host's, with a cache pair and a file it must not touch."""
+    folder = tmp_path / "outside"
+    (folder / MODEL).mkdir(parents=True)
+    for name in ("x.bin", "x.json", f"{MODEL}/x.bin", f"{MODEL}/x.json"):
+        (folder / name).write_text("not the host's\n")
+    return folder
+
+
+def _outside_untouched(outside: Path) -> None:
+    names = sorted(str(p.relative_to(outside)) for p in outside.rglob("*"))
+    assert names == sorted(
+        [MODEL, "x.bin", "x.json", f"{MODEL}/x.bin", f"{MODEL}/x.json"]
+    )
+    for path in outside.rglob("*"):
+        if path.is_file():
+            assert path.read_text() == "not the host's\n"
+
+
+BAD_MODELS = ("..", "../outside", "/etc", "a/b", f"{MODEL}/..", ".runtime", "a\\b", "")
+BAD_NAMES = ("..", "../x", "/x", "x/y", "X", "x.bin", "")
+
+
+def test_cache_requests_stay_in_the_store(
+    runtime_host: HostProcess, outside: Path
+) -> None:
+    """Model and cache names that leave the store are refused by every cache op."""
+    cache = runtime_host.cache_dir
+    with runtime_host.client() as raw:
+        for op in ("cache.get", "cache.delete", "cache.touch", "cache.staging"):
+            for model in BAD_MODELS:
+                error = raw.error(op, {"model": model, "name": "x"})
+                assert error["kind"] == "InvalidModelName", (op, model, error)
+            for name in BAD_NAMES:
+                error = raw.error(op, {"model": MODEL, "name": name})
+                assert error["kind"] == "InvalidCacheName", (op, name, error)
+        for model in BAD_MODELS:
+            error = raw.error(
+                "cache.make_room",
+                {"model": model, "name": "x", "prompt_length": 1, "evictable": ""},
+            )
+            assert error["kind"] == "InvalidModelName", error
+        assert raw.error("cache.list", {"model": ".."})["kind"] == "InvalidModelName"
+
+        # Symlinks in the store that point out of it: a model folder, a cache file.
+        cache.mkdir(exist_ok=True)
+        (cache / "linked").symlink_to(outside / MODEL, target_is_directory=True)
+        (cache / MODEL).mkdir(exist_ok=True)
+        (cache / MODEL / "x.bin").symlink_to(outside / "x.bin")
+        (cache / MODEL / "x.json").symlink_to(outside / "x.json")
+        for op in ("cache.get", "cache.delete", "cache.touch", "cache.staging"):
+            error = raw.error(op, {"model": "linked", "name": "x"})
+            assert error["kind"] == "InvalidModelName", error
+            assert "resolves outside" in error["message"]
+            error = raw.error(op, {"model": MODEL, "name": "x"})
+            assert error["kind"] == "InvalidCacheName", error
+            assert "resolves outside" in error["message"]
+        listed = raw.ok("cache.list", {"model": None})
+        assert [entry["model"] for entry in listed] == []
+    _outside_untouched(outside)
+
+
+def test_commit_and_discard_take_only_staging_paths_of_the_store(
+    runtime_host: HostProcess, outside: Path
+) -> None:
+    """A staging path outside the store, or metadata naming another place, is refused."""
+    cache = runtime_host.cache_dir
+    with runtime_host.client() as raw:
+        staging = raw.ok("cache.staging", {"model": MODEL, "name": "good"})
+        assert Path(staging).parent == cache / MODEL
+        (cache / "linked").symlink_to(outside / MODEL, target_is_directory=True)
+        (outside / MODEL / STAGING).write_text("not the host's\n")
+        bad_staging = [
+            str(outside / MODEL / STAGING),  # absolute, elsewhere
+            str(cache / MODEL / ".." / ".." / "outside" / MODEL / STAGING),
+            str(cache / "linked" / STAGING),  # through a symlink out of the store
+            f"{MODEL}/{STAGING}",  # relative
+            str(cache / MODEL / "x.bin"),  # not a staging name
+        ]
+        metadata = _metadata("good")
+        for path in bad_staging:
+            error = raw.error("cache.commit", {"staging": path, "metadata": metadata})
+            assert error["kind"] == "BadRequest", (path, error)
+            assert "not a staging path" in error["message"], error
+            error = raw.error("cache.discard", {"staging": path})
+            assert error["kind"] == "BadRequest", (path, error)
+            error = raw.error("cache.write_problem", {"staging": path})
+            assert error["kind"] == "BadRequest", (path, error)
+        Path(staging).write_bytes(b"a cache")  # as the runtime would write it
+        for model, name in (("..", "good"), ("linked", "good"), (MODEL, "../x")):
+            error = raw.error(
+                "cache.commit",
+                {"staging": staging, "metadata": {**metadata, "model": model, "name": name}},
+            )
+            assert error["kind"] in ("InvalidModelName", "InvalidCacheName"), error
+    assert (outside / MODEL / STAGING).read_text() == "not the host's\n"
+    assert not (outside / MODEL / "good.bin").exists()
+
+
+def _metadata(name: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "model": MODEL,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "prompt_sha256": "0" * 64,
+        "prompt_length": 1,
+        "tokens": 1,
+        "size_bytes": 1,
+        "build_ms": 1.0,
+        "source": "test",
+        "model_fingerprint": {},
+        "runtime_family": "1.3",
+        "runtime_version": "1.3.0",
+        "context": {},
+        "version": 1,
+    }
+
+
+def test_workers_load_and_save_caches_only_in_the_store(
+    runtime_host: HostProcess, outside: Path
+) -> None:
+    """load_prompt_cache and a run's save_prompt_cache refuse paths out of the store."""
+    cache = runtime_host.cache_dir
+    with runtime_host.client() as raw:
+        runtime_host.open_worker(raw)
+        (cache / MODEL).mkdir(parents=True, exist_ok=True)
+        (cache / "linked").symlink_to(outside / MODEL, target_is_directory=True)
+        (cache / MODEL / "leak.bin").symlink_to(outside / "x.bin")
+        for path in (
+            str(outside / MODEL / "x.bin"),
+            str(cache / MODEL / ".." / ".." / "outside" / MODEL / "x.bin"),
+            str(cache / "linked" / "x.bin"),
+            str(cache / MODEL / "leak.bin"),
+            f"{MODEL}/x.bin",
+            "/etc/passwd",
+        ):
+            error = raw.error("worker.load_prompt_cache", {"worker": 1, "path": path})
+            assert error["kind"] == "BadRequest", (path, error)
+            assert "not a prompt cache of this host" in error["message"]
+        for path in (
+            str(outside / MODEL / STAGING),
+            str(cache / "linked" / STAGING),
+            str(cache / MODEL / ".." / ".." / "outside" / MODEL / STAGING),
+            str(cache / STAGING),  # the store's root is no model folder
+            str(cache / ".runtime" / STAGING),  # the private library copy's folder
+            str(cache / MODEL / "x.bin"),
+        ):
+            request = {"prompt": "hello", "save_prompt_cache": path}
+            error = raw.error("worker.run", {"worker": 1, "request": request})
+            assert error["kind"] == "BadRequest", (path, error)
+        # The worker still answers: the refusals did not reach it.
+        answer = raw.ok("worker.run", {"worker": 1, "request": {"prompt": "hi"}})
+        assert answer["aborted"] is False
+    _outside_untouched(outside)
+    assert not (cache / STAGING).exists()
+    assert not (cache / ".runtime" / STAGING).exists()
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["..", f"../models/{MODEL}", f"{MODEL}/model.rkllm", "/", f"/{MODEL}", "", "."],
+)
+def test_models_are_only_folders_of_the_models_folder(
+    runtime_host: HostProcess, model: str
+) -> None:
+    """worker.open and models.fingerprint refuse model names that are paths."""
+    absolute = str(runtime_host.models_dir / MODEL)
+    with runtime_host.client() as raw:
+        for name in (model, absolute):
+            for op, args in (
+                ("worker.open", {"model": name, "params": {"model_path": ""}}),
+                ("models.fingerprint", {"model": name}),
+            ):
+                error = raw.error(op, args)
+                assert "is not in the runtime host's models folder" in error["message"]
+        assert children(runtime_host.pid) == set()  # no worker was started
+        assert raw.ok("models.fingerprint", {"model": MODEL})["size"] > 0
+
+
+@pytest.mark.parametrize("greeted", [False, True], ids=["before-hello", "after-hello"])
+def test_a_line_over_the_limit_ends_that_connection(
+    runtime_host: HostProcess, greeted: bool
+) -> None:
+    """A message longer than MAX_MESSAGE_BYTES ends its connection; the host goes on."""
+    raw = runtime_host.connect()
+    worker_pid = None
+    if greeted:
+        assert "ok" in raw.hello()
+        worker_pid = runtime_host.open_worker(raw)
+        # Just under the limit is a message like any other.
+        padding = "x" * (MAX_MESSAGE_BYTES - 200)
+        assert raw.ok("models.scan", {"padding": padding})["models"]
+    raw.send_raw(b'{"id": 7, "op": "models.scan", "args": {"padding": "')
+    raw.send_raw(b"x" * (MAX_MESSAGE_BYTES + 1))
+    assert raw.at_end(), "the host kept reading a message over the limit"
+    raw.close()
+    if worker_pid is not None:
+        wait_gone([worker_pid], runtime_host.pid)
+    assert f"a message longer than {MAX_MESSAGE_BYTES} bytes" in runtime_host.stderr()
+    runtime_host.assert_alive()
+
+
+def test_the_socket_is_not_world_writable(tmp_path: Path) -> None:
+    """The socket file is mode 660 even when the host starts with umask 000."""
+    old = os.umask(0)
+    try:
+        host = start_host(tmp_path)
+    finally:
+        os.umask(old)
+    try:
+        assert host.socket_path is not None
+        mode = host.socket_path.stat().st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o660, oct(mode)
+        host.assert_alive()
+    finally:
+        stop_host(host)
+    assert not host.socket_path.exists()  # removed when the host stopped
+
+
+def test_the_host_replaces_only_a_stale_socket(tmp_path: Path) -> None:
+    """A file (not a socket) where the socket goes is never replaced."""
+    (tmp_path / "host.sock").write_text("precious\n")
+    with pytest.raises(pytest.fail.Exception, match="not a socket; refusing"):
+        start_host(tmp_path)
+    assert (tmp_path / "host.sock").read_text() == "precious\n"
+
