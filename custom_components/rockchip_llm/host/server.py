@@ -45,7 +45,7 @@ from .rkllm.library import VerifiedLibrary, info_to_wire
 from .rkllm.probe import verify_and_copy_library
 from .rkllm.protocol import params_from_wire, request_from_wire, result_to_wire
 from .rkllm.worker import WorkerModel
-from .version import HOST_VERSION, PROTOCOL_VERSION
+from .version import HOST_VERSION, PROTOCOL_VERSION, update_advice
 from .wire import (
     MAX_MESSAGE_BYTES,
     BadRequest,
@@ -82,11 +82,11 @@ class HostConfig:
 
 
 def version_refusal(
-    side: str, their_version: str, their_protocol: int, mine: str, advice: str
+    side: str, their_version: str, their_protocol: object, mine: str, advice: str
 ) -> str:
     """Say why two versions cannot talk and what to do."""
     return (
-        f"the {side} is version {their_version} (protocol {their_protocol}) and "
+        f"the {side} is version {their_version:.40} (protocol {their_protocol!s:.20}) and "
         f"this one is {mine} (protocol {PROTOCOL_VERSION}): {advice}"
     )
 
@@ -335,14 +335,8 @@ class _Client:
         version = args.get("version")
         if protocol == PROTOCOL_VERSION and version == HOST_VERSION:
             return
-        newer = str(version) > HOST_VERSION
-        advice = (
-            "update the runtime host (copy this integration's host folder to the "
-            "board again, or update its container) and restart it"
-            if newer
-            else "update the Rockchip LLM integration in Home Assistant (HACS) and "
-            "restart Home Assistant"
-        )
+        version = str(version)[:40]
+        advice = update_advice(HOST_VERSION, version)
         _LOGGER.warning(
             "Refused %s: it runs version %s (protocol %s), this host %s (protocol %s)",
             self.peer,
@@ -352,11 +346,9 @@ class _Client:
             PROTOCOL_VERSION,
         )
         raise HostVersionMismatch(
-            version_refusal(
-                "integration", str(version), int(protocol or 0), HOST_VERSION, advice
-            ),
+            version_refusal("integration", version, protocol, HOST_VERSION, advice),
             host_version=HOST_VERSION,
-            client_version=str(version),
+            client_version=version,
         )
 
     async def _async_drain(self) -> None:
