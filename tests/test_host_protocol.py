@@ -6,15 +6,21 @@ frames; its socket file is not world-writable.
 """
 
 from collections.abc import Iterator
+import json
 import os
 from pathlib import Path
+import random
+import socket
 import stat
+import time
+from typing import Any
 
 import pytest
 
 from custom_components.rockchip_llm.host.wire import MAX_MESSAGE_BYTES
 
 from .host_process import (
+    GONE_TIMEOUT,
     MODEL,
     allow_host_sockets,
     HostProcess,
@@ -271,4 +277,252 @@ def test_the_host_replaces_only_a_stale_socket(tmp_path: Path) -> None:
     with pytest.raises(pytest.fail.Exception, match="not a socket; refusing"):
         start_host(tmp_path)
     assert (tmp_path / "host.sock").read_text() == "precious\n"
+
+
+
+# Fuzz: malformed, truncated and random frames over fresh connections.
+
+FUZZ_SEED = 1717
+FUZZ_CONNECTIONS = (120, 120, 24)
+"""Connections whose first frame is fuzzed; greeted ones; greeted with a worker."""
+FUZZ_FRAMES = 16
+"""Most frames sent over one greeted connection."""
+_STRINGS = (
+    "", "..", "../..", "/etc/passwd", MODEL, "x", "good", ".runtime", "\0", "\ud800",
+    "\udfff", "é", "\n", "🙂", "a" * 5000, "X" * 65, f"{MODEL}/x.bin", STAGING,
+)  # fmt: skip
+_NUMBERS = (0, 1, -1, 2, 2**31, 2**63, -(2**64), 10**30, 0.5, -1.5, 1e308)
+_BASE_ARGS: dict[str, dict[str, Any]] = {
+    "hello": {"protocol": 1, "version": "0.1.0", "client": "fuzz"},
+    "models.scan": {},
+    "models.fingerprint": {"model": MODEL},
+    "board.info": {},
+    "board.npu_load": {},
+    "worker.open": {"model": MODEL, "params": {"model_path": "", "sampling": {}}},
+    "worker.close": {"worker": 1},
+    "worker.abort": {"worker": 1},
+    "worker.tail": {"worker": 1},
+    "worker.run": {"worker": 1, "request": {"prompt": "hi", "max_new_tokens": 4}},
+    "worker.load_prompt_cache": {"worker": 1, "path": "x"},
+    "worker.release_prompt_cache": {"worker": 1},
+    "worker.clear_kv_cache": {"worker": 1, "keep_system_prompt": True},
+    "worker.set_chat_template": {"worker": 1, "system": "", "prefix": "", "postfix": ""},
+    "worker.set_function_tools": {
+        "worker": 1,
+        "system": "",
+        "tools_json": "[]",
+        "tool_response_tag": "t",
+    },
+    "cache.list": {"model": None},
+    "cache.get": {"model": MODEL, "name": "x"},
+    "cache.delete": {"model": MODEL, "name": "x"},
+    "cache.touch": {"model": MODEL, "name": "x"},
+    "cache.make_room": {
+        "model": MODEL,
+        "name": "x",
+        "prompt_length": 10,
+        "evictable": "auto_",
+    },
+    "cache.staging": {"model": MODEL, "name": "x"},
+    "cache.commit": {"staging": STAGING, "metadata": {}},
+    "cache.discard": {"staging": STAGING},
+    "cache.write_problem": {"staging": STAGING},
+    "cache.usage": {},
+}
+
+
+def _value(rng: random.Random, depth: int = 0) -> Any:
+    """A random JSON value."""
+    kind = rng.randrange(9 if depth < 3 else 5)
+    if kind == 0:
+        return rng.choice((None, True, False))
+    if kind in (1, 2):
+        return rng.choice(_NUMBERS)
+    if kind in (3, 4):
+        if rng.random() < 0.3:
+            return "".join(chr(rng.randrange(1, 0x11000)) for _ in range(rng.randrange(8)))
+        return rng.choice(_STRINGS)
+    if kind in (5, 6):
+        return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {
+        rng.choice((*_STRINGS[:8], "prompt", "sampling", "worker")): _value(rng, depth + 1)
+        for _ in range(rng.randrange(4))
+    }
+
+
+def _mutated(rng: random.Random, value: Any) -> Any:
+    """A value with some of its (nested) fields replaced, removed or added."""
+    if isinstance(value, dict):
+        value = dict(value)
+        for key in list(value):
+            roll = rng.random()
+            if roll < 0.15:
+                del value[key]
+            elif roll < 0.35:
+                value[key] = _value(rng)
+            else:
+                value[key] = _mutated(rng, value[key])
+        if rng.random() < 0.2:
+            value[rng.choice(("extra", "model_path", "id"))] = _value(rng)
+    return value
+
+
+def _request_frame(rng: random.Random, request_id: int) -> bytes:
+    """A request of a known op (or not) with fuzzed arguments."""
+    op = rng.choice((*_BASE_ARGS, "nope", ""))
+    args = _mutated(rng, _BASE_ARGS.get(op, {}))
+    message: dict[str, Any] = {"id": request_id, "op": op, "args": args}
+    if rng.random() < 0.1:
+        message = _mutated(rng, message)
+    text = json.dumps(message, ensure_ascii=rng.random() < 0.5)
+    return text.encode("utf-8", "surrogatepass") + b"\n"
+
+
+def _frame(
+    rng: random.Random, request_id: int, requests: float
+) -> tuple[bytes, bool]:
+    """One frame (a fuzzed request with that chance), and whether it is truncated."""
+    roll = rng.random()
+    if roll < requests:
+        return _request_frame(rng, request_id), False
+    roll = rng.random()
+    if roll < 0.45:  # bytes of a request flipped, dropped or inserted
+        data = bytearray(_request_frame(rng, request_id)[:-1])
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(len(data) + 1)
+            action = rng.randrange(3)
+            if action == 0 and at < len(data):
+                data[at] ^= 1 << rng.randrange(8)
+            elif action == 1:
+                del data[at : at + rng.randrange(1, 6)]
+            else:
+                data[at:at] = rng.randbytes(rng.randrange(1, 6))
+        return bytes(data).replace(b"\n", b" ") + b"\n", False
+    if roll < 0.65:  # truncated: the connection ends inside a message
+        data = _request_frame(rng, request_id)
+        return data[: rng.randrange(len(data) - 1)], True
+    return rng.choice(
+        (
+            b"\n",
+            b"   \n",
+            b"[]\n",
+            b'"hello"\n',
+            b"123\n",
+            b"null\n",
+            b"[" * 200_000 + b"\n",
+            b'{"a":' * 200_000 + b"\n",
+            b'{"id": 1e400, "op": "models.scan", "args": {}}\n',
+            b'{"id": 1, "op": "models.scan", "args": []}\n',
+            b'{"id": "1", "op": "models.scan", "args": {}}\n',
+            b'{"id": 1, "op": 7, "args": {}}\n',
+            b'{"id": 1, "op": "hello", "args": {"protocol": 1e400, "version": []}}\n',
+            b'{"id": ' + b"9" * 5000 + b"}\n",
+            b"\xff\xfe\x00{\n",
+            rng.randbytes(rng.randrange(1, 200)).replace(b"\n", b"") + b"\n",
+        )
+    ), False
+
+
+def _is_request(line: bytes) -> bool:
+    """Whether the host takes a line as a request (it ends the connection otherwise)."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("id"), int)
+        and isinstance(message.get("op"), str)
+        and isinstance(message.get("args", {}), dict)
+    )
+
+
+def _is_hello(line: bytes) -> bool:
+    """Whether the host answers a first line (a hello with its arguments)."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return (
+        isinstance(message, dict)
+        and message.get("op") == "hello"
+        and isinstance(message.get("args"), dict)
+    )
+
+
+def _worker_pids(answer: dict[str, Any]) -> list[int]:
+    ok = answer.get("ok")
+    return [ok["pid"]] if isinstance(ok, dict) and isinstance(ok.get("pid"), int) else []
+
+
+def _fuzz_connection(
+    host: HostProcess, rng: random.Random, *, greet: bool, worker: bool
+) -> tuple[list[int], int]:
+    """Fuzz one connection; return the pids of the workers it started and the
+    number of requests answered."""
+    raw = host.connect()
+    pids: list[int] = []
+    answered = 0
+    try:
+        if greet:
+            assert "ok" in raw.hello(f"fuzz-{rng.randrange(3)}")
+            if worker:
+                pids.append(host.open_worker(raw))
+        else:
+            frame, truncated = _frame(rng, 1, 0.5)
+            raw.send_raw(frame)
+            if truncated or not _is_hello(frame):
+                if truncated:
+                    raw.sock.shutdown(socket.SHUT_WR)
+                assert raw.at_end(), f"the host kept a connection after {frame[:200]!r}"
+                return pids, answered
+            answer = raw.read()
+            assert answer is not None and ("ok" in answer or "error" in answer)
+            if "error" in answer:
+                assert raw.at_end(), f"the host kept a refused client: {answer}"
+                return pids, answered
+        for request_id in range(2, 2 + rng.randrange(1, FUZZ_FRAMES + 1)):
+            frame, truncated = _frame(rng, request_id, 0.9)
+            raw.send_raw(frame)
+            if truncated:
+                raw.sock.shutdown(socket.SHUT_WR)
+            if truncated or not _is_request(frame):
+                assert raw.at_end(), f"the host kept a connection after {frame[:200]!r}"
+                return pids, answered
+            answer = raw.answer(json.loads(frame)["id"])
+            assert "ok" in answer or "error" in answer, answer
+            pids += _worker_pids(answer)
+            answered += 1
+    finally:
+        raw.close()
+    return pids, answered
+
+
+@pytest.mark.timeout(600)
+def test_fuzzed_frames_never_crash_the_host_or_leak_a_worker(
+    runtime_host: HostProcess,
+) -> None:
+    """Random, mutated and truncated frames; after each connection the host greets
+    a fresh client and has no worker left: every request got an answer, every bad
+    frame ended its connection."""
+    rng = random.Random(FUZZ_SEED)
+    before, greeted, with_worker = FUZZ_CONNECTIONS
+    plan = [(False, False)] * before + [(True, False)] * greeted
+    plan += [(True, True)] * with_worker
+    rng.shuffle(plan)
+    answered = 0
+    for greet, worker in plan:
+        pids, count = _fuzz_connection(runtime_host, rng, greet=greet, worker=worker)
+        answered += count
+        runtime_host.worker_pids += pids
+        wait_gone(pids, runtime_host.pid)
+        deadline = time.monotonic() + GONE_TIMEOUT
+        while children(runtime_host.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert children(runtime_host.pid) == set(), "a worker outlived its connection"
+        runtime_host.assert_alive()
+    assert answered >= 400  # the fuzz reached the requests, not only the framing
+    log = runtime_host.stderr()
+    assert "Traceback" not in log, log
+    assert "never retrieved" not in log, log
 

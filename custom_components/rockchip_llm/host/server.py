@@ -274,7 +274,7 @@ class _Client:
             raise BadRequest("the connection ended inside a message")
         try:
             return decode(line)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: nested deeply
             raise BadRequest("a message that is not a JSON object") from err
 
     async def async_run(self) -> None:
