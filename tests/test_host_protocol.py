@@ -526,3 +526,32 @@ def test_fuzzed_frames_never_crash_the_host_or_leak_a_worker(
     assert "Traceback" not in log, log
     assert "never retrieved" not in log, log
 
+
+def test_every_request_is_answered_even_with_lone_surrogates(
+    runtime_host: HostProcess,
+) -> None:
+    """Text JSON allows but UTF-8 cannot carry (a lone surrogate) gets a clear refusal."""
+    with runtime_host.client() as raw:
+        for op, args in (
+            ("cache.get", {"model": MODEL, "name": "\ud800"}),
+            ("cache.get", {"model": "\udfff", "name": "x"}),
+            ("models.fingerprint", {"model": "\ud800"}),
+        ):
+            error = raw.error(op, args)
+            assert error["kind"] == "BadRequest", error
+            assert "lone surrogates" in error["message"]
+        # An error message that quotes what was sent is answered all the same.
+        params = {"model_path": "", "sampling": {}, "\ud800": 1}
+        error = raw.error("worker.open", {"model": MODEL, "params": params})
+        assert error["kind"] == "BadRequest"
+        assert "\ud800" in error["message"]
+        runtime_host.open_worker(raw)
+        error = raw.error("worker.run", {"worker": 1, "request": {"prompt": "hi \ud800"}})
+        assert error == {
+            "kind": "BadRequest",
+            "message": "a prompt with a NUL character or a lone surrogate",
+            "placeholders": {},
+        }
+        answer = raw.ok("worker.run", {"worker": 1, "request": {"prompt": "hi"}})
+        assert answer["aborted"] is False
+    runtime_host.assert_alive()

@@ -210,10 +210,21 @@ def _op(name: str) -> Callable[[_Op], _Op]:
     return register
 
 
+def _is_text(value: Any) -> bool:
+    """A string the runtime can take: no NUL, and UTF-8 (no lone surrogate)."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(args: Mapping[str, Any], key: str) -> str:
     value = args[key]
-    if not isinstance(value, str) or "\0" in value:
-        raise BadRequest(f"{key} must be a text without NUL characters")
+    if not _is_text(value):
+        raise BadRequest(f"{key} must be a text without NUL characters or lone surrogates")
     return value
 
 
@@ -535,8 +546,8 @@ async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any])
     request = request_from_wire(raw)
     if request.save_prompt_cache is not None:
         client.host.store.check_staging(request.save_prompt_cache)
-    if "\0" in request.prompt:
-        raise BadRequest("a prompt with a NUL character")
+    if not _is_text(request.prompt):
+        raise BadRequest("a prompt with a NUL character or a lone surrogate")
 
     def sink(text: str) -> None:
         client.send_threadsafe({"id": request_id, "text": text})
