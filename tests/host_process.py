@@ -62,7 +62,7 @@ def host_python() -> str:
                 timeout=30,
                 check=True,
             )
-        except (OSError, subprocess.SubprocessError):
+        except OSError, subprocess.SubprocessError:
             continue
         executable, major, minor = probe.stdout.rsplit(maxsplit=2)
         if (int(major), int(minor)) >= (3, 11):
@@ -103,7 +103,9 @@ def pid_gone(pid: int, parent: int | None = None) -> bool:
     return False
 
 
-def wait_gone(pids: list[int], parent: int | None, timeout: float = GONE_TIMEOUT) -> float:
+def wait_gone(
+    pids: list[int], parent: int | None, timeout: float = GONE_TIMEOUT
+) -> float:
     """Wait until every pid is gone; return the seconds it took (fails after timeout)."""
     start = time.monotonic()
     while not all(pid_gone(pid, parent) for pid in pids):
@@ -174,7 +176,9 @@ class RawClient:
         while (message := self.read()) is not None:
             if message.get("id") == request_id and "text" not in message:
                 return message
-        raise AssertionError(f"the host closed the connection before answering {request_id}")
+        raise AssertionError(
+            f"the host closed the connection before answering {request_id}"
+        )
 
     def request(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send a request and return its answer message (ok or error)."""
@@ -215,7 +219,8 @@ class RawClient:
     def open_worker(self, model: str = MODEL) -> dict[str, Any]:
         """Start a worker for a model; return {"worker", "pid", "context_limit"}."""
         opened: dict[str, Any] = self.ok(
-            "worker.open", {"model": model, "params": {"model_path": "", "sampling": {}}}
+            "worker.open",
+            {"model": model, "params": {"model_path": "", "sampling": {}}},
         )
         return opened
 
@@ -340,9 +345,13 @@ def start_host(
         pytest.fail(f"the host did not start: {line!r}\n{stderr_path.read_text()}")
     address = None
     if tcp:
-        host, port = line.removeprefix("listening on ").strip().strip("()").split(", ")[:2]
+        host, port = (
+            line.removeprefix("listening on ").strip().strip("()").split(", ")[:2]
+        )
         address = (host.strip("'"), int(port))
-    return HostProcess(process, socket_path, address, models_dir, cache_dir, stderr_path)
+    return HostProcess(
+        process, socket_path, address, models_dir, cache_dir, stderr_path
+    )
 
 
 def stop_host(host: HostProcess) -> None:

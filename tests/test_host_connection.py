@@ -18,6 +18,7 @@ import pytest
 from custom_components.rockchip_llm import link as link_module
 from custom_components.rockchip_llm.host.version import (
     HOST_VERSION,
+    PROTOCOL_VERSION,
     UPDATE_HOST,
     UPDATE_INTEGRATION,
     update_advice,
@@ -46,7 +47,9 @@ def host_sockets(socket_enabled: None) -> None:
 
 
 @pytest.fixture(params=["unix", "tcp"])
-def runtime_host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HostProcess]:
+def runtime_host(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[HostProcess]:
     """A host on a Unix socket in tmp_path, or on TCP 127.0.0.1 (a free port)."""
     host = start_host(tmp_path, tcp=request.param == "tcp")
     try:
@@ -62,7 +65,9 @@ def _address(host: HostProcess) -> UnixHost | TcpHost:
     return TcpHost(*host.tcp)
 
 
-def test_a_client_that_closes_has_its_workers_stopped(runtime_host: HostProcess) -> None:
+def test_a_client_that_closes_has_its_workers_stopped(
+    runtime_host: HostProcess,
+) -> None:
     """Closing the connection stops every worker of that client within seconds."""
     with runtime_host.client() as raw:
         pids = [runtime_host.open_worker(raw), runtime_host.open_worker(raw)]
@@ -96,9 +101,11 @@ time.sleep(120)
 
 def test_a_killed_client_has_its_workers_stopped(runtime_host: HostProcess) -> None:
     """A client process killed with SIGKILL: its worker is gone within seconds."""
-    where = str(runtime_host.socket_path) if runtime_host.socket_path else runtime_host.tcp
+    where = (
+        str(runtime_host.socket_path) if runtime_host.socket_path else runtime_host.tcp
+    )
     script = _CLIENT_SCRIPT % {
-        "protocol": link_module.PROTOCOL_VERSION,
+        "protocol": PROTOCOL_VERSION,
         "version": HOST_VERSION,
         "model": MODEL,
     }
@@ -142,9 +149,11 @@ def test_a_second_client_is_refused(runtime_host: HostProcess) -> None:
 
 async def test_home_assistant_gets_host_busy(runtime_host: HostProcess) -> None:
     """Home Assistant's own client raises HostBusy with the host's message."""
-    with runtime_host.client("first"):
-        with pytest.raises(HostBusy, match="in use by another Home Assistant"):
-            await async_connect(_address(runtime_host), "second")
+    with (
+        runtime_host.client("first"),
+        pytest.raises(HostBusy, match="in use by another Home Assistant"),
+    ):
+        await async_connect(_address(runtime_host), "second")
 
 
 def test_the_same_client_reconnecting_takes_over(runtime_host: HostProcess) -> None:
@@ -261,4 +270,3 @@ def test_update_advice_compares_releases_as_numbers() -> None:
     assert update_advice("0.10.0", "0.9.0") == UPDATE_INTEGRATION
     assert update_advice("0.9.0", "0.10.0") == UPDATE_HOST
     assert update_advice("1.2.0", "1.2.0") == UPDATE_HOST
-

@@ -22,8 +22,8 @@ from custom_components.rockchip_llm.host.wire import MAX_MESSAGE_BYTES
 from .host_process import (
     GONE_TIMEOUT,
     MODEL,
-    allow_host_sockets,
     HostProcess,
+    allow_host_sockets,
     children,
     start_host,
     stop_host,
@@ -143,7 +143,10 @@ def test_commit_and_discard_take_only_staging_paths_of_the_store(
         for model, name in (("..", "good"), ("linked", "good"), (MODEL, "../x")):
             error = raw.error(
                 "cache.commit",
-                {"staging": staging, "metadata": {**metadata, "model": model, "name": name}},
+                {
+                    "staging": staging,
+                    "metadata": {**metadata, "model": model, "name": name},
+                },
             )
             assert error["kind"] in ("InvalidModelName", "InvalidCacheName"), error
     assert (outside / MODEL / STAGING).read_text() == "not the host's\n"
@@ -279,7 +282,6 @@ def test_the_host_replaces_only_a_stale_socket(tmp_path: Path) -> None:
     assert (tmp_path / "host.sock").read_text() == "precious\n"
 
 
-
 # Fuzz: malformed, truncated and random frames over fresh connections.
 
 FUZZ_SEED = 1717
@@ -306,7 +308,12 @@ _BASE_ARGS: dict[str, dict[str, Any]] = {
     "worker.load_prompt_cache": {"worker": 1, "path": "x"},
     "worker.release_prompt_cache": {"worker": 1},
     "worker.clear_kv_cache": {"worker": 1, "keep_system_prompt": True},
-    "worker.set_chat_template": {"worker": 1, "system": "", "prefix": "", "postfix": ""},
+    "worker.set_chat_template": {
+        "worker": 1,
+        "system": "",
+        "prefix": "",
+        "postfix": "",
+    },
     "worker.set_function_tools": {
         "worker": 1,
         "system": "",
@@ -340,12 +347,16 @@ def _value(rng: random.Random, depth: int = 0) -> Any:
         return rng.choice(_NUMBERS)
     if kind in (3, 4):
         if rng.random() < 0.3:
-            return "".join(chr(rng.randrange(1, 0x11000)) for _ in range(rng.randrange(8)))
+            return "".join(
+                chr(rng.randrange(1, 0x11000)) for _ in range(rng.randrange(8))
+            )
         return rng.choice(_STRINGS)
     if kind in (5, 6):
         return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
     return {
-        rng.choice((*_STRINGS[:8], "prompt", "sampling", "worker")): _value(rng, depth + 1)
+        rng.choice((*_STRINGS[:8], "prompt", "sampling", "worker")): _value(
+            rng, depth + 1
+        )
         for _ in range(rng.randrange(4))
     }
 
@@ -378,9 +389,7 @@ def _request_frame(rng: random.Random, request_id: int) -> bytes:
     return text.encode("utf-8", "surrogatepass") + b"\n"
 
 
-def _frame(
-    rng: random.Random, request_id: int, requests: float
-) -> tuple[bytes, bool]:
+def _frame(rng: random.Random, request_id: int, requests: float) -> tuple[bytes, bool]:
     """One frame (a fuzzed request with that chance), and whether it is truncated."""
     roll = rng.random()
     if roll < requests:
@@ -399,8 +408,8 @@ def _frame(
                 data[at:at] = rng.randbytes(rng.randrange(1, 6))
         return bytes(data).replace(b"\n", b" ") + b"\n", False
     if roll < 0.65:  # truncated: the connection ends inside a message
-        data = _request_frame(rng, request_id)
-        return data[: rng.randrange(len(data) - 1)], True
+        frame = _request_frame(rng, request_id)
+        return frame[: rng.randrange(len(frame) - 1)], True
     return rng.choice(
         (
             b"\n",
@@ -427,7 +436,7 @@ def _is_request(line: bytes) -> bool:
     """Whether the host takes a line as a request (it ends the connection otherwise)."""
     try:
         message = json.loads(line)
-    except (ValueError, RecursionError):
+    except ValueError, RecursionError:
         return False
     return (
         isinstance(message, dict)
@@ -441,7 +450,7 @@ def _is_hello(line: bytes) -> bool:
     """Whether the host answers a first line (a hello with its arguments)."""
     try:
         message = json.loads(line)
-    except (ValueError, RecursionError):
+    except ValueError, RecursionError:
         return False
     return (
         isinstance(message, dict)
@@ -452,7 +461,9 @@ def _is_hello(line: bytes) -> bool:
 
 def _worker_pids(answer: dict[str, Any]) -> list[int]:
     ok = answer.get("ok")
-    return [ok["pid"]] if isinstance(ok, dict) and isinstance(ok.get("pid"), int) else []
+    return (
+        [ok["pid"]] if isinstance(ok, dict) and isinstance(ok.get("pid"), int) else []
+    )
 
 
 def _fuzz_connection(
@@ -546,7 +557,9 @@ def test_every_request_is_answered_even_with_lone_surrogates(
         assert error["kind"] == "BadRequest"
         assert "\ud800" in error["message"]
         runtime_host.open_worker(raw)
-        error = raw.error("worker.run", {"worker": 1, "request": {"prompt": "hi \ud800"}})
+        error = raw.error(
+            "worker.run", {"worker": 1, "request": {"prompt": "hi \ud800"}}
+        )
         assert error == {
             "kind": "BadRequest",
             "message": "a prompt with a NUL character or a lone surrogate",

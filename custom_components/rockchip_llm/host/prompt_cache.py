@@ -779,7 +779,9 @@ class PromptCacheStore:
         root itself, nor a hidden folder such as the library's private copy).
         """
         try:
-            in_model_dir = staging_bin.parent == self._model_dir(staging_bin.parent.name)
+            in_model_dir = staging_bin.parent == self._model_dir(
+                staging_bin.parent.name
+            )
         except InvalidModelName:
             in_model_dir = False
         valid = (

@@ -20,7 +20,7 @@ import functools
 import itertools
 import logging
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeGuard
 
 from . import board
 from .model_files import ModelInfo, model_fingerprint, scan_models
@@ -210,8 +210,8 @@ def _op(name: str) -> Callable[[_Op], _Op]:
     return register
 
 
-def _is_text(value: Any) -> bool:
-    """A string the runtime can take: no NUL, and UTF-8 (no lone surrogate)."""
+def _is_text(value: Any) -> TypeGuard[str]:
+    """Tell whether a value is a string the runtime can take: no NUL, and UTF-8 (no lone surrogate)."""
     if not isinstance(value, str) or "\0" in value:
         return False
     try:
@@ -224,7 +224,7 @@ def _is_text(value: Any) -> bool:
 def _text(args: Mapping[str, Any], key: str) -> str:
     value = args[key]
     if not _is_text(value):
-        raise BadRequest(f"{key} must be a text without NUL characters or lone surrogates")
+        raise BadRequest(f"{key} must be a text without NUL or lone surrogates")
     return value
 
 

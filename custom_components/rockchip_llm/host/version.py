@@ -21,7 +21,7 @@ UPDATE_INTEGRATION: Final = (
 
 
 def _release(version: str) -> tuple[int, ...]:
-    """The numbers of a release, compared as numbers ("0.10.0" after "0.9.0")."""
+    """Return the numbers of a release, to compare as numbers ("0.10.0" after "0.9.0")."""
     return tuple(int(part) for part in re.findall(r"\d+", version))
 
 
