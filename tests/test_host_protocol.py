@@ -432,14 +432,20 @@ def _frame(rng: random.Random, request_id: int, requests: float) -> tuple[bytes,
     ), False
 
 
-def _is_request(line: bytes) -> bool:
-    """Whether the host takes a line as a request (it ends the connection otherwise)."""
+def _message(line: bytes) -> dict[str, Any] | None:
+    """The object a line holds as the host parses it, None if it holds none."""
     try:
         message = json.loads(line)
     except ValueError, RecursionError:
-        return False
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _is_request(line: bytes) -> bool:
+    """Whether the host takes a line as a request (it ends the connection otherwise)."""
+    message = _message(line)
     return (
-        isinstance(message, dict)
+        message is not None
         and isinstance(message.get("id"), int)
         and isinstance(message.get("op"), str)
         and isinstance(message.get("args", {}), dict)
@@ -448,12 +454,9 @@ def _is_request(line: bytes) -> bool:
 
 def _is_hello(line: bytes) -> bool:
     """Whether the host answers a first line (a hello with its arguments)."""
-    try:
-        message = json.loads(line)
-    except ValueError, RecursionError:
-        return False
+    message = _message(line)
     return (
-        isinstance(message, dict)
+        message is not None
         and message.get("op") == "hello"
         and isinstance(message.get("args"), dict)
     )

@@ -138,26 +138,26 @@ def _module_name(path: Path) -> str:
     return ".".join(("rockchip_llm_host", *parts))
 
 
-def test_the_cli_help_runs_on_python_311(tmp_path: Path) -> None:
-    """``python3 -I -S <host folder> --help`` as the README has users run it."""
-    done = subprocess.run(
-        [host_python(), "-I", "-S", str(HOST_FOLDER), "--help"],
+def _host_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python3 -I -S <host folder> <args>`` on the host's Python."""
+    return subprocess.run(
+        [host_python(), "-I", "-S", str(HOST_FOLDER), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        cwd=tmp_path,
+        cwd=cwd,
     )
+
+
+def test_the_cli_help_runs_on_python_311(tmp_path: Path) -> None:
+    """``python3 -I -S <host folder> --help`` as the README has users run it."""
+    done = _host_command("--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: rockchip-llm-host")
     for option in ("--models", "--cache", "--library", "--socket", "--tcp"):
         assert option in done.stdout
     assert done.stderr == ""
-    version = subprocess.run(
-        [host_python(), "-I", "-S", str(HOST_FOLDER), "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    version = _host_command("--version", cwd=tmp_path)
+    assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == HOST_VERSION
