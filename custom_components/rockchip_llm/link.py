@@ -22,7 +22,7 @@ import tempfile
 from typing import IO, Any, Final
 
 from .host.rkllm.abi import AbiFamily
-from .host.version import HOST_VERSION, PROTOCOL_VERSION
+from .host.version import HOST_VERSION, PROTOCOL_VERSION, update_advice
 from .host.wire import (
     MAX_MESSAGE_BYTES,
     HostLost,
@@ -386,7 +386,8 @@ async def async_connect(
         raise HostVersionMismatch(
             f"the runtime host at {link.where} is version {hello.get('host_version')} "
             f"(protocol {hello.get('protocol')}) and this integration {HOST_VERSION} "
-            f"(protocol {PROTOCOL_VERSION}): update the one that is older and restart it",
+            f"(protocol {PROTOCOL_VERSION}): "
+            + update_advice(str(hello.get("host_version")), HOST_VERSION),
             host_version=str(hello.get("host_version")),
             client_version=HOST_VERSION,
         )

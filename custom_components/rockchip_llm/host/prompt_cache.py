@@ -773,9 +773,20 @@ class PromptCacheStore:
         return path.resolve().is_relative_to(self.root.resolve())
 
     def _check_staging(self, staging_bin: Path, bin_path: Path | None) -> None:
-        """Raise ValueError unless ``staging_bin`` came from staging_bin_path."""
+        """Raise ValueError unless ``staging_bin`` came from staging_bin_path.
+
+        That is a staging name directly in a model folder of the root (not the
+        root itself, nor a hidden folder such as the library's private copy).
+        """
+        try:
+            in_model_dir = staging_bin.parent == self._model_dir(
+                staging_bin.parent.name
+            )
+        except InvalidModelName:
+            in_model_dir = False
         valid = (
             _TEMP_PATTERN.fullmatch(staging_bin.name) is not None
+            and in_model_dir
             and self._inside(staging_bin)
             and (
                 bin_path is None

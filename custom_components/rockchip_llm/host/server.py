@@ -20,7 +20,7 @@ import functools
 import itertools
 import logging
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeGuard
 
 from . import board
 from .model_files import ModelInfo, ModelScan, model_fingerprint, scan_models
@@ -29,6 +29,7 @@ from .prompt_cache import (
     CacheMetadata,
     CacheWriteError,
     InvalidCacheName,
+    InvalidModelName,
     PromptCacheStore,
     free_bytes,
 )
@@ -44,7 +45,7 @@ from .rkllm.library import VerifiedLibrary, info_to_wire
 from .rkllm.probe import verify_and_copy_library
 from .rkllm.protocol import params_from_wire, request_from_wire, result_to_wire
 from .rkllm.worker import WorkerModel
-from .version import HOST_VERSION, PROTOCOL_VERSION
+from .version import HOST_VERSION, PROTOCOL_VERSION, update_advice
 from .wire import (
     MAX_MESSAGE_BYTES,
     BadRequest,
@@ -64,6 +65,8 @@ PRIVATE_LIBRARY_DIR: Final = ".runtime"
 """Under the cache folder: the private copy of the runtime library the workers load."""
 HELLO_TIMEOUT: Final = 10.0
 """Seconds a new connection may take to say hello."""
+SERVE_END_TIMEOUT: Final = 5.0
+"""Seconds a closed connection's handler may take to end when the host stops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +108,11 @@ _PACKAGE: Final = __name__.rpartition(".")[0]
 
 
 def version_refusal(
-    side: str, their_version: str, their_protocol: int, mine: str, advice: str
+    side: str, their_version: str, their_protocol: object, mine: str, advice: str
 ) -> str:
     """Say why two versions cannot talk and what to do."""
     return (
-        f"the {side} is version {their_version} (protocol {their_protocol}) and "
+        f"the {side} is version {their_version:.40} (protocol {their_protocol!s:.20}) and "
         f"this one is {mine} (protocol {PROTOCOL_VERSION}): {advice}"
     )
 
@@ -123,6 +126,8 @@ class Host:
         self.store = PromptCacheStore(config.cache_dir, config.cache_budget_bytes)
         self._client: _Client | None = None
         self._clients: set[_Client] = set()
+        self._serving: set[asyncio.Task[Any]] = set()
+        """Every connection until its workers are stopped."""
         self._log_handler = _ForwardLogs(self) if config.forward_logs else None
         if self._log_handler is not None:
             logging.getLogger(_PACKAGE).addHandler(self._log_handler)
@@ -130,22 +135,30 @@ class Host:
     async def async_serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """Serve one connection until it ends."""
+        """Serve one connection until it ends and its workers are stopped."""
         peer = str(writer.get_extra_info("peername") or "local link")
         client = _Client(self, reader, writer, peer)
         self._clients.add(client)
+        serving = asyncio.current_task()
+        if serving is not None:
+            self._serving.add(serving)
         try:
             await client.async_run()
         finally:
-            self._clients.discard(client)
             if self._client is client:
                 self._client = None
-            await client.async_close()
+            try:
+                await client.async_close()
+            finally:
+                self._clients.discard(client)
+                if serving is not None:
+                    self._serving.discard(serving)
 
     async def async_close(self) -> None:
-        """Stop every client's workers."""
-        for client in list(self._clients):
-            await client.async_close()
+        """Stop every client's workers (those being stopped too); end the serving."""
+        await asyncio.gather(*(client.async_close() for client in list(self._clients)))
+        if self._serving:
+            await asyncio.wait(self._serving, timeout=SERVE_END_TIMEOUT)
         if self._log_handler is not None:
             logging.getLogger(_PACKAGE).removeHandler(self._log_handler)
 
@@ -228,10 +241,21 @@ def _op(name: str) -> Callable[[_Op], _Op]:
     return register
 
 
+def _is_text(value: Any) -> TypeGuard[str]:
+    """Tell whether a value is a string the runtime can take: no NUL, and UTF-8 (no lone surrogate)."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(args: Mapping[str, Any], key: str) -> str:
     value = args[key]
-    if not isinstance(value, str) or "\0" in value:
-        raise BadRequest(f"{key} must be a text without NUL characters")
+    if not _is_text(value):
+        raise BadRequest(f"{key} must be a text without NUL or lone surrogates")
     return value
 
 
@@ -265,6 +289,7 @@ class _Client:
         self._worker_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     # Connection
@@ -293,7 +318,7 @@ class _Client:
             raise BadRequest("the connection ended inside a message")
         try:
             return decode(line)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: nested deeply
             raise BadRequest("a message that is not a JSON object") from err
 
     async def async_run(self) -> None:
@@ -301,7 +326,7 @@ class _Client:
         try:
             if not await self._async_greet():
                 return
-            while (message := await self._read()) is not None:
+            while (message := await self._read()) is not None and not self._closed:
                 request_id = message.get("id")
                 op = message.get("op")
                 args = message.get("args", {})
@@ -358,14 +383,8 @@ class _Client:
         version = args.get("version")
         if protocol == PROTOCOL_VERSION and version == HOST_VERSION:
             return
-        newer = str(version) > HOST_VERSION
-        advice = (
-            "update the runtime host (copy this integration's host folder to the "
-            "board again, or update its container) and restart it"
-            if newer
-            else "update the Rockchip LLM integration in Home Assistant (HACS) and "
-            "restart Home Assistant"
-        )
+        version = str(version)[:40]
+        advice = update_advice(HOST_VERSION, version)
         _LOGGER.warning(
             "Refused %s: it runs version %s (protocol %s), this host %s (protocol %s)",
             self.peer,
@@ -375,11 +394,9 @@ class _Client:
             PROTOCOL_VERSION,
         )
         raise HostVersionMismatch(
-            version_refusal(
-                "integration", str(version), int(protocol or 0), HOST_VERSION, advice
-            ),
+            version_refusal("integration", version, protocol, HOST_VERSION, advice),
             host_version=HOST_VERSION,
-            client_version=str(version),
+            client_version=version,
         )
 
     async def _async_drain(self) -> None:
@@ -405,10 +422,18 @@ class _Client:
         await self._async_drain()
 
     async def async_close(self) -> None:
-        """Stop the client's workers and close its connection."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the client's workers and close its connection; wait until done.
+
+        The stopping runs once, in a task of its own: a caller that is cancelled
+        (the host stopping) does not cancel it half way, and every caller waits
+        for the same one.
+        """
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.create_task(self._async_close())
+        await asyncio.shield(self._closing)
+
+    async def _async_close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         workers, self.workers = list(self.workers.values()), {}
@@ -466,7 +491,7 @@ class _Client:
         store = self.host.store
         try:
             expected = store.bin_path(path.parent.name, path.stem)
-        except (InvalidCacheName, ValueError) as err:
+        except (InvalidCacheName, InvalidModelName, ValueError) as err:
             raise BadRequest(
                 f"{raw!r:.200} is not a prompt cache of this host"
             ) from err
@@ -572,8 +597,8 @@ async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any])
     request = request_from_wire(raw)
     if request.save_prompt_cache is not None:
         client.host.store.check_staging(request.save_prompt_cache)
-    if "\0" in request.prompt:
-        raise BadRequest("a prompt with a NUL character")
+    if not _is_text(request.prompt):
+        raise BadRequest("a prompt with a NUL character or a lone surrogate")
 
     def sink(text: str) -> None:
         client.send_threadsafe({"id": request_id, "text": text})

@@ -19,10 +19,12 @@ Message: TypeAlias = dict[str, Any]
 
 
 def encode(message: Message) -> bytes:
-    """Serialise one message as a line."""
-    return (
-        json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-    )
+    """Serialise one message as a line (UTF-8; a lone surrogate as a JSON escape)."""
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows it, UTF-8 does not)
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:
