@@ -216,14 +216,18 @@ def reset_sim_counters() -> None:
             ctypes.CDLL(str(path)).rkllm_sim_reset_counters()
 
 
-def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
-    """The simulator's record of the first agent's last run (in its worker)."""
+def run_records(entry: MockConfigEntry) -> list[dict[str, Any]]:
+    """The simulator's records of the runs of the first agent's worker, in order."""
     loaded = next(iter(entry.runtime_data.agents.values())).session
     pid = str(loaded.worker.pid)
-    runs = [fields[3] for fields in _trace_lines("run") if fields[1] == pid]
-    assert runs, f"no run traced for worker {pid}"
-    record: dict[str, Any] = json.loads(runs[-1])
-    return record
+    return [json.loads(fields[3]) for fields in _trace_lines("run") if fields[1] == pid]
+
+
+def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
+    """The simulator's record of the first agent's last run (in its worker)."""
+    runs = run_records(entry)
+    assert runs, "no run traced for the first agent's worker"
+    return runs[-1]
 
 
 def agent_issues(hass: HomeAssistant) -> list[ir.IssueEntry]:

@@ -72,7 +72,7 @@ def test_old_turns_go_before_the_answer_shrinks() -> None:
     )
     assert plan.max_new_tokens == 256
     assert plan.dropped_messages == 2
-    assert "User: short" in plan.prompt
+    assert plan.history.startswith("short<|im_end|>")
 
     tight = ContextBudget(
         max_context_len=1000, prefix_tokens=900, kv_tokens=900, reply_tokens=256
@@ -85,7 +85,7 @@ def test_old_turns_go_before_the_answer_shrinks() -> None:
         max_history=0,
         budget=tight,
     )
-    assert plan.prompt == "next"
+    assert plan.text() == "next"
     assert plan.dropped_messages == 4
     assert plan.max_new_tokens == 1000 - 900 - 2
 
@@ -109,8 +109,8 @@ def test_a_tool_call_keeps_its_question() -> None:
         max_history=0,
         budget=budget,
     )
-    assert "turn on the lights" in plan.prompt
-    assert "q" * 600 not in plan.prompt
+    assert plan.history.startswith("turn on the lights<|im_end|>")
+    assert "q" * 600 not in plan.text()
     assert plan.max_new_tokens == 256
 
 
@@ -181,19 +181,21 @@ async def test_full_prefix_still_runs_the_tool_result(
     hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
     async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
     calls = async_mock_service(hass, "light", "turn_on")
-    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 110)
+    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 150)
     entry = await make_entry(
         {CONF_PROMPT: prompt, "max_context_len": 2048, "max_new_tokens": 256}
     )
     loaded = model_session(entry)
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.metadata is not None
-    assert 2048 - 130 < loaded.loaded_cache.metadata.tokens < 2048 - 90
+    assert 2048 - 170 < loaded.loaded_cache.metadata.tokens < 2048 - 130
     result = await converse(hass, "Turn on the kitchen")
     assert result.response.response_type is not intent.IntentResponseType.ERROR
     assert speech(result) == "Done."
     assert len(calls) == 1
     assert all(run.generate_tokens > 0 for run in loaded.recent)
+    # The tool result continued the KV (the model sees the call it answers).
+    assert loaded.recent[-1].reused_history
     assert "does not fit" not in caplog.text
 
 

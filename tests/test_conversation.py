@@ -205,7 +205,7 @@ async def test_strategy_off_prefills_everything(
 async def test_interleaved_conversations_reset_to_system(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
-    """Another conversation resets the KV to the system prefix, folding history in."""
+    """Another conversation resets the KV to the system prefix; the history is re-sent."""
     entry = await make_entry()
     loaded = model_session(entry)
     first = await converse(hass, "hello one")
@@ -216,7 +216,7 @@ async def test_interleaved_conversations_reset_to_system(
     assert [run.reused_history for run in runs] == [False, False, False]
     assert (
         runs[2].prefill_tokens > runs[0].prefill_tokens
-    )  # history folded into the turn
+    )  # the earlier turns were sent again
 
 
 @pytest.mark.parametrize("strategy", ["auto", "off"])
@@ -307,10 +307,10 @@ async def test_requests_served_in_arrival_order(
     assert finished == list(range(6))
 
 
-async def test_max_history_trims_folded_history(
+async def test_max_history_trims_resent_history(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
-    """Without KV reuse, only the last max_history user turns are folded into the prompt."""
+    """Without KV reuse, only the last max_history user turns are sent again."""
     entry = await make_entry(
         {"history_strategy": "prompt_cache_only", "max_history": 2}
     )
@@ -532,14 +532,16 @@ async def test_nul_byte_is_refused(
 async def test_unknown_kv_size_does_not_fail_a_turn(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
-    """A runtime that gives no KV size: turns are answered, history folded, not reused."""
+    """A runtime that gives no KV size: turns are answered, history re-sent, not reused."""
     entry = await make_entry(model_kwargs={"extra": ("kv_cache_size_error 1",)})
     loaded = model_session(entry)
     first = await converse(hass, "hello")
     second = await converse(hass, "again", first.conversation_id)
     assert speech(first) == speech(second) == "Hello from the simulator."
     assert [run.reused_history for run in loaded.recent] == [False, False]
-    assert "Earlier in this conversation" in last_run_record(entry)["prompt"]
+    record = last_run_record(entry)
+    assert "hello<|im_end|>\n<|im_start|>assistant\n" in record["prompt"]
+    assert record["request"] == "again"
 
 
 async def test_turn_stopped_at_the_limit_resets_the_kv(
@@ -558,7 +560,8 @@ async def test_turn_stopped_at_the_limit_resets_the_kv(
     await converse(hass, "more", first.conversation_id)
     assert [run.reused_history for run in loaded.recent] == [False, False]
     record = last_run_record(entry)
-    assert "Earlier in this conversation" in record["prompt"]
+    assert "talk<|im_end|>\n<|im_start|>assistant\nw0" in record["prompt"]
+    assert record["request"] == "more"
 
 
 async def test_cache_without_finish_is_not_recorded(

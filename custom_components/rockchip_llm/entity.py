@@ -38,15 +38,16 @@ def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
         if isinstance(content, conversation.UserContent):
             messages.append(Message("user", content.content))
         elif isinstance(content, conversation.AssistantContent):
-            calls = [
+            calls = tuple(
                 json.dumps(
                     {"name": call.tool_name, "arguments": call.tool_args},
                     ensure_ascii=False,
                 )
                 for call in content.tool_calls or ()
-            ]
-            text = "\n".join([content.content or "", *calls]).strip()
-            messages.append(Message("assistant", text))
+            )
+            messages.append(
+                Message("assistant", (content.content or "").strip(), tool_calls=calls)
+            )
         elif isinstance(content, conversation.ToolResultContent):
             if not messages or messages[-1].role == "user":
                 # A malformed tool call left no assistant content of its own.

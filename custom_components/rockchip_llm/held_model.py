@@ -26,6 +26,7 @@ from .rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
 from .rkllm.runtime import ModelParams, PerfStats, RunRequest, RunResult
 from .rkllm.worker import WorkerModel
 from .run_planner import (
+    TOOL_RESPONSE_TAG,
     KVState,
     SystemPrefix,
     chat_template,
@@ -124,7 +125,11 @@ class HeldModel:
         if self.prefix_key == key:
             return
         if prefix.has_tools:
-            await call(self.worker.set_function_tools(prefix.prompt, prefix.tools_json))
+            await call(
+                self.worker.set_function_tools(
+                    prefix.prompt, prefix.tools_json, TOOL_RESPONSE_TAG
+                )
+            )
         else:
             template = chat_template(prefix.prompt, thinking=thinking)
             await call(

@@ -331,6 +331,7 @@ void sim_tokenize(const char *text, size_t len, piecevec *out)
         out->v[out->n].off = i;
         out->v[out->n].len = l;
         out->v[out->n].id = sim_token_id(text + i, l);
+        sim_vocab_note(out->v[out->n].id, text + i, l);
         out->n++;
         i += l;
     }
@@ -343,7 +344,9 @@ void sim_tokenize_ids(const char *text, tokvec *out)
     size_t i = 0;
     while (i < len) {
         size_t l = token_len(s + i, len - i);
-        tv_push(out, sim_token_id(text + i, l));
+        int32_t id = sim_token_id(text + i, l);
+        sim_vocab_note(id, text + i, l);
+        tv_push(out, id);
         i += l;
     }
 }
