@@ -187,7 +187,7 @@ def trim_history(history: list[Message], max_history: int) -> list[Message]:
 
 
 def tool_response(result: str) -> str:
-    """A tool result as the chat template writes it inside a user turn."""
+    """Write a tool result as the chat template writes it inside a user turn."""
     return f"<{TOOL_RESPONSE_TAG}>\n{result}\n</{TOOL_RESPONSE_TAG}>"
 
 
@@ -195,8 +195,7 @@ def templated_history(history: list[Message]) -> str:
     """Write earlier turns as the chat template writes turns (Qwen's ChatML).
 
     The text goes in front of the new input of a user run, which the runtime
-    wraps as "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n":
-    it starts inside the first user turn (history starts with one) and ends by
+    wraps in a user turn and opens the assistant's after it: it starts inside the first user turn (history starts with one) and ends by
     opening the turn of the new input. Answers carry their tool calls as the
     model wrote them; consecutive tool results are one turn, as when first sent.
     """
