@@ -250,14 +250,7 @@ class PromptTooLong(Exception):
 
         Otherwise the input itself (the user's text, a tool result) is too long.
         """
-        budget = self.budget
-        return (
-            budget.prefix_tokens
-            + budget.floor
-            + budget.extra_tokens
-            + TURN_TEMPLATE_TOKENS
-            > budget.max_context_len
-        )
+        return self.budget.input_room < 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +271,17 @@ class ContextBudget:
     def floor(self) -> int:
         """The smallest answer budget a run may get."""
         return min(self.reply_tokens, MIN_REPLY_TOKENS)
+
+    @property
+    def input_room(self) -> int:
+        """Tokens left for an input after the prefix, a turn's template and the smallest answer."""
+        return (
+            self.max_context_len
+            - self.prefix_tokens
+            - self.extra_tokens
+            - TURN_TEMPLATE_TOKENS
+            - self.floor
+        )
 
     def reply_for(self, base_tokens: int, input_tokens: int) -> int | None:
         """Return the answer budget left after base_tokens and the input (None: below floor)."""
