@@ -19,6 +19,7 @@ TOP_LEVEL = {
     "overhead_ms_per_request",
     "overhead_us_per_token",
     "worker_overhead",
+    "interleaved",
 }
 HANDLES = ("in_process", "worker")
 HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
@@ -55,6 +56,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     data = json.loads(json_path.read_text())
     assert set(data) == TOP_LEVEL
+    # A follow-up that found another conversation in the KV sends its turns again.
+    mixed = data["interleaved"]
+    assert mixed["switched_back"]["history_reused"] is False
+    assert mixed["kept"]["history_reused"] is True
+    assert mixed["switched_back"]["prefill_tokens"] > mixed["kept"]["prefill_tokens"]
+    assert "after B (turns re-sent)" in completed.stdout
     # The second start loads the first one's system cache instead of building one.
     startup = data["startup"]
     assert startup["with_cache"]["cache_loaded"] is True
@@ -101,7 +108,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert conditions["tool_turn"] == 1
     # The dialogue ran as scripted: a tool call (two runs) and a follow-up.
     assert conditions["runs_per_turn"] == dict.fromkeys(STRATEGIES, [2, 1])
-    assert conditions["tool_calls_executed_by_ha"] == 2
+    # ours and full_prompt in turn 1, and the interleaved phase's four questions
+    # that are the dialogue's turn 1 (A's first and third, B's, A's last).
+    assert conditions["tool_calls_executed_by_ha"] == 2 + 4
     replies = conditions["replies"]
     assert (
         replies["ours"] == replies["full_prompt"] == replies["cache_per_conversation"]

@@ -275,6 +275,31 @@ def to_json(report: Report) -> dict[str, Any]:
         "overhead_us_per_token": _round(per_token, 2),
         "worker_overhead": worker_overhead(report),
         "startup": report.startup,
+        "interleaved": interleaved(report),
+    }
+
+
+def interleaved(report: Report) -> dict[str, Any] | None:
+    """Return the interleaved section: a switched-back follow-up next to a kept one."""
+    if not report.interleaved:
+        return None
+    return {
+        **{
+            name: {
+                "ttft_ms": _round(result.ttft_ms),
+                "prefill_tokens": result.prefill_tokens,
+                "prefill_ms": _round(result.prefill_ms),
+                "history_reused": result.history_reused,
+                "reply": result.reply,
+            }
+            for name, result in report.interleaved.items()
+        },
+        "method": (
+            "ours (history_strategy auto): conversation A asks the dialogue's first "
+            "three questions, conversation B one; A's next follow-up finds B in the "
+            "KV (switched_back: the KV is cleared to the system cache and A's turns "
+            "are sent again as turns), A's follow-up after it continues the KV (kept)"
+        ),
     }
 
 
@@ -363,6 +388,19 @@ def print_report(data: dict[str, Any]) -> None:
                 f"{start['ha_start_to_ready_ms']} ms (entry setup "
                 f"{start['entry_setup_ms']} ms, cache {how}, "
                 f"{start['cache_bytes']} bytes)"
+            )
+
+    if (mixed := data.get("interleaved")) is not None:
+        print("\nTwo conversations on one model (ours): follow-ups of conversation A")
+        print(f"{'':>26}{'TTFT ms':>9}{'prefilled':>11}{'prefill ms':>12}")
+        for key, label in (
+            ("switched_back", "after B (turns re-sent)"),
+            ("kept", "continuing the KV"),
+        ):
+            row = mixed[key]
+            print(
+                f"{label:>26}{_cell(row['ttft_ms']):>9}{row['prefill_tokens']:>11}"
+                f"{_cell(row['prefill_ms']):>12}"
             )
 
     worker = data["worker_overhead"]

@@ -67,3 +67,5 @@ class Report:
     """HA start to a ready agent: "without_cache" (built), "with_cache" (loaded)."""
     handles: dict[str, HandleTimes] = field(default_factory=dict)
     """The worker phase: "in_process" and "worker"."""
+    interleaved: dict[str, TurnResult] = field(default_factory=dict)
+    """Two conversations on one model: "switched_back" and "kept" follow-ups."""

@@ -34,6 +34,7 @@ from .scenario import (
 from .strategies import (
     async_cache_per_conversation,
     async_ha_dialogue,
+    async_interleaved,
     async_overhead,
     async_prompt_costs,
     async_startup,
@@ -109,6 +110,9 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             tool_result = sent[0] if sent else json.dumps({"error": "no tool result"})
             if sent:
                 report.tool_result_tokens = count(tool_turn_text(tool_result))
+
+            _LOGGER.info("Interleaved conversations (ours)")
+            report.interleaved = await async_interleaved(hass, ours, dialogue)
 
             _LOGGER.info("Strategy full_prompt (history_strategy off)")
             report.turns["full_prompt"] = await async_ha_dialogue(hass, full, dialogue)

@@ -66,6 +66,28 @@ async def async_ha_dialogue(
     return results
 
 
+async def async_interleaved(
+    hass: HomeAssistant, agent: BenchAgent, dialogue: list[Turn]
+) -> dict[str, TurnResult]:
+    """Two conversations on one model: a follow-up that switched back, one that kept the KV.
+
+    Conversation A asks the dialogue's first three questions, then B asks one, so
+    A's next follow-up finds B in the KV ("switched_back": its turns are sent
+    again); A's follow-up after that continues the KV ("kept").
+    """
+
+    def question(index: int) -> str:
+        return dialogue[index % len(dialogue)].question
+
+    first: str | None = None
+    for index in range(3):
+        first, _result = await async_converse_timed(hass, agent, question(index), first)
+    await async_converse_timed(hass, agent, question(0), None)
+    _id, switched_back = await async_converse_timed(hass, agent, question(3), first)
+    _id, kept = await async_converse_timed(hass, agent, question(4), first)
+    return {"switched_back": switched_back, "kept": kept}
+
+
 # cache_per_conversation, on the binding
 
 
