@@ -33,18 +33,14 @@ def check_cache_prompt_fits(
     )
     if budget.input_room >= 0:
         return
-    raise ServiceValidationError(
-        translation_domain=DOMAIN,
-        translation_key="cache_prompt_does_not_fit",
-        translation_placeholders={
-            "name": name,
-            "model": session.name,
-            "characters": str(len(prefix.prompt)),
-            "tokens": str(tokens),
-            "chars_per_token": str(CHARS_PER_TOKEN),
-            "max_context_len": str(budget.max_context_len),
-            "room": str(tokens + budget.input_room),
-        },
+    raise _does_not_fit(
+        "cache_prompt_does_not_fit",
+        session,
+        budget,
+        tokens,
+        name=name,
+        characters=len(prefix.prompt),
+        room=tokens + budget.input_room,
     )
 
 
@@ -66,16 +62,33 @@ def check_question_fits(
     tokens = estimate_tokens(question)
     if tokens <= budget.input_room:
         return
-    raise ServiceValidationError(
+    raise _does_not_fit(
+        "question_does_not_fit",
+        session,
+        budget,
+        tokens,
+        agent=agent,
+        prefix_tokens=prefix_tokens,
+        room=max(budget.input_room, 0),
+    )
+
+
+def _does_not_fit(
+    key: str,
+    session: ModelSession,
+    budget: ContextBudget,
+    tokens: int,
+    **placeholders: str | int,
+) -> ServiceValidationError:
+    """Return the validation error of text that does not fit, with its numbers."""
+    return ServiceValidationError(
         translation_domain=DOMAIN,
-        translation_key="question_does_not_fit",
+        translation_key=key,
         translation_placeholders={
-            "agent": agent,
             "model": session.name,
             "tokens": str(tokens),
             "chars_per_token": str(CHARS_PER_TOKEN),
-            "prefix_tokens": str(prefix_tokens),
             "max_context_len": str(budget.max_context_len),
-            "room": str(max(budget.input_room, 0)),
+            **{name: str(value) for name, value in placeholders.items()},
         },
     )
