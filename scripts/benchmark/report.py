@@ -199,8 +199,8 @@ def to_json(report: Report) -> dict[str, Any]:
         "strategies": {
             "ours": "history_strategy auto: system prompt cache + KV history reuse",
             "full_prompt": (
-                "history_strategy off: no prompt cache, keep_history=0, history folded "
-                "into the prompt, full prefill every turn (the official demos' pattern)"
+                "history_strategy off: no prompt cache, keep_history=0, history re-sent as "
+                "turns in the prompt, full prefill every turn (the official demos' pattern)"
             ),
             "cache_per_conversation": (
                 "rkllama's pattern on the binding: keep_history=0, the whole templated "
@@ -364,7 +364,7 @@ def print_report(data: dict[str, Any]) -> None:
     print(f"{'total':>5} {sum(conditions['new_tokens_per_turn']):>4}{totals}")
     if any(not flag for flag in reused[1:]):
         print(
-            "! ours did not continue the KV: reset to the system cache, history folded"
+            "! ours did not continue the KV: reset to the system cache, history re-sent"
         )
 
     breakdown = conditions["overhead_breakdown_ms_per_request"]

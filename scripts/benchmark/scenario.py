@@ -222,12 +222,9 @@ def model_file(
 ) -> str:
     """Return the simulated model: calibrated delays and the dialogue's answers.
 
-    The replies match substrings of the raw prompt, and strategies that fold or
-    re-send the history put earlier questions into it too. The rules are therefore
-    listed from the last turn to the first, so the newest question wins; the tool
-    answer sits just before the tool question for the same reason (role tool for
-    ours, "Tool result:" for the folded history of full_prompt, "<tool_response>"
-    for the re-templated conversation of cache_per_conversation).
+    The simulator answers the latest request of the conversation it reads (a tool
+    result for the latest call gets the tool rule), however each strategy sends
+    the history, so one rule per question serves all of them.
     """
     lines = [
         "RKLLM-SIM 1",
@@ -237,13 +234,10 @@ def model_file(
         f"cache_bytes_per_token {cache_bytes_per_token}",
         f"reply tool * => {TOOL_ANSWER}",
     ]
-    for turn in reversed(dialogue):
-        if turn.tool_call:
-            lines += [
-                f"reply user <tool_response> => {TOOL_ANSWER}",
-                f"reply user Tool result: => {TOOL_ANSWER}",
-            ]
-        lines.append(f"reply user {turn.question.rstrip('?.!')} => {turn.answer}")
+    lines += [
+        f"reply user {turn.question.rstrip('?.!')} => {turn.answer}"
+        for turn in dialogue
+    ]
     lines.append(f"default => {DEFAULT_ANSWER}")
     return "\n".join(lines) + "\n"
 
