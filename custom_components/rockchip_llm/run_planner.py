@@ -195,9 +195,10 @@ def templated_history(history: list[Message]) -> str:
     """Write earlier turns as the chat template writes turns (Qwen's ChatML).
 
     The text goes in front of the new input of a user run, which the runtime
-    wraps in a user turn and opens the assistant's after it: it starts inside the first user turn (history starts with one) and ends by
-    opening the turn of the new input. Answers carry their tool calls as the
-    model wrote them; consecutive tool results are one turn, as when first sent.
+    wraps in a user turn and follows with the assistant's: so it starts inside
+    the first user turn (history starts with one) and ends by opening the turn
+    of the new input. Answers carry their tool calls as the model wrote them;
+    consecutive tool results are one turn, as when first sent.
     """
     if not history:
         return ""
