@@ -318,7 +318,7 @@ async def test_message_on_a_busy_conversation(
         assert second.response.response_type is intent.IntentResponseType.ERROR
         assert speech(second) == (
             "Sorry, I am still answering your previous message in this "
-            "conversation. Ask again when I have finished."
+            "conversation. Ask again when I have finished"
         )
         assert loaded.busy
         assert not first.done()
