@@ -60,6 +60,10 @@ class Report:
     tool_result_tokens: int = 0
     turns: dict[str, list[TurnResult]] = field(default_factory=dict)
     overhead: list[OverheadSample] = field(default_factory=list)
+    reference: list[OverheadSample] = field(default_factory=list)
+    """The reference agent's requests, taking turns with the overhead phase's."""
+    load_average: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    """os.getloadavg() at the "start" and the "end" of the run."""
     ha_prompt_ms: float = 0.0
     tools_json_ms: float = 0.0
     tool_calls_executed: int = 0

@@ -37,6 +37,7 @@ from .harness import (
     home_assistant,
     system_cache,
 )
+from .reference import ReferenceAgent
 from .results import HandleTimes, OverheadSample, TurnResult
 from .scenario import (
     ASSISTANT_START,
@@ -150,25 +151,37 @@ async def async_cache_per_conversation(
 
 
 async def async_overhead(
-    hass: HomeAssistant, agent: BenchAgent, requests: int
-) -> list[OverheadSample]:
-    """Zero-delay requests, alternating a 2-token and a long reply (new conversations)."""
-    samples: list[OverheadSample] = []
+    hass: HomeAssistant, agent: BenchAgent, reference: ReferenceAgent, requests: int
+) -> tuple[list[OverheadSample], list[OverheadSample]]:
+    """Zero-delay requests to ours and to the reference agent, taking turns.
+
+    Each alternates a 2-token and a long reply, in new conversations; ours and the
+    reference take turns request by request, so load from elsewhere hits both alike.
+    """
+    ours: list[OverheadSample] = []
+    theirs: list[OverheadSample] = []
+    # The reference runs no model: the runtime's figures of its requests are none.
+    bare = BenchAgent(agent.entry, reference.entity_id)
     for index in range(-4, 2 * requests):
         text = "long request" if index % 2 else "short request"
-        _conversation_id, result = await async_converse_timed(hass, agent, text, None)
-        if index < 0:
-            continue  # warm-up
-        samples.append(
-            OverheadSample(
-                wall_ms=result.wall_ms,
-                ttft_ms=result.ttft_ms,
-                prefill_ms=result.prefill_ms,
-                generate_ms=result.generate_ms,
-                generate_tokens=result.generate_tokens,
+        for into, asked in ((ours, agent), (theirs, bare)):
+            _conversation_id, result = await async_converse_timed(
+                hass, asked, text, None
             )
-        )
-    return samples
+            if index < 0:
+                continue  # warm-up
+            into.append(
+                OverheadSample(
+                    wall_ms=result.wall_ms,
+                    ttft_ms=result.ttft_ms,
+                    prefill_ms=result.prefill_ms,
+                    generate_ms=result.generate_ms,
+                    generate_tokens=result.generate_tokens
+                    if asked is agent
+                    else len(reference.replies[text]),
+                )
+            )
+    return ours, theirs
 
 
 async def async_prompt_costs(
