@@ -264,18 +264,25 @@ async def test_concurrent_requests_all_answered(
     assert len(model_session(entry).recent) == 20
 
 
-async def test_cancel_while_running_and_waiting(
-    hass: HomeAssistant, make_entry: EntryFactory
-) -> None:
-    """Cancelling a running request aborts it; a waiting one leaves the queue."""
-    long_reply = " ".join(f"w{i}" for i in range(500))
+async def long_replying_model(
+    make_entry: EntryFactory, words: int
+) -> tuple[ModelSession, str]:
+    """Set up an agent whose model answers anything with words words, 5 ms each."""
+    long_reply = " ".join(f"w{i}" for i in range(words))
     entry = await make_entry(
         model_kwargs={
             "replies": (f"default => {long_reply}",),
             "decode_ms_per_token": 5,
         }
     )
-    loaded = model_session(entry)
+    return model_session(entry), long_reply
+
+
+async def test_cancel_while_running_and_waiting(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Cancelling a running request aborts it; a waiting one leaves the queue."""
+    loaded, _long_reply = await long_replying_model(make_entry, 500)
     running = hass.async_create_task(converse(hass, "long"))
     waiting = hass.async_create_task(converse(hass, "queued"))
     while not loaded.busy:
@@ -302,14 +309,7 @@ async def test_message_on_a_busy_conversation(
     in our words. Older versions queue it behind the first turn on the model.
     Either way the model is free afterwards and the conversation goes on.
     """
-    long_reply = " ".join(f"w{i}" for i in range(100))
-    entry = await make_entry(
-        model_kwargs={
-            "replies": (f"default => {long_reply}",),
-            "decode_ms_per_token": 5,
-        }
-    )
-    loaded = model_session(entry)
+    loaded, long_reply = await long_replying_model(make_entry, 100)
     first = hass.async_create_task(converse(hass, "first", "my-conversation"))
     while not loaded.busy:
         await asyncio.sleep(0.01)
