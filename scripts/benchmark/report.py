@@ -29,13 +29,19 @@ from .scenario import (
 def fit_overhead(
     samples: list[OverheadSample], value: Callable[[OverheadSample], float]
 ) -> tuple[float, float]:
-    """Least squares of value = a + b * generated tokens: (ms per request, µs per token)."""
-    xs = [float(sample.generate_tokens) for sample in samples]
-    ys = [value(sample) for sample in samples]
-    if len(set(xs)) < 2:
-        mean = statistics.fmean(ys)
-        return mean, 0.0
-    slope, intercept = statistics.linear_regression(xs, ys)
+    """Line value = a + b * generated tokens through the medians per reply length.
+
+    Returns (ms per request, µs per token). Medians, not a least-squares fit of
+    every sample: on a loaded machine a few requests wait far longer for a CPU.
+    """
+    groups: dict[int, list[float]] = {}
+    for sample in samples:
+        groups.setdefault(sample.generate_tokens, []).append(value(sample))
+    if len(groups) < 2:
+        return statistics.median(value(sample) for sample in samples), 0.0
+    lengths = sorted(groups)
+    medians = [statistics.median(groups[length]) for length in lengths]
+    slope, intercept = statistics.linear_regression(lengths, medians)
     return intercept, slope * 1000
 
 
@@ -259,7 +265,8 @@ def to_json(report: Report) -> dict[str, Any]:
             f"{settings.overhead_reply_tokens}-token reply, to ours and (taking turns) "
             "to the reference agent (scripts/benchmark/reference.py: the same chat-log "
             "calls and prompt, the same reply streamed token by token, no model); "
-            "least squares of wall time = a + b * streamed tokens for each (ours: "
+            "wall time = a + b * streamed tokens through the medians per reply "
+            "length, for each (ours: "
             "minus perf prefill_time_ms; perf generate_time_ms is not subtracted: at "
             "zero delay it is the time spent in our ctypes callback, which is "
             "integration overhead); overhead = ours - reference"
@@ -398,7 +405,7 @@ def print_report(data: dict[str, Any]) -> None:
         f"{conditions['prefill_ratio_user_turns_only']} over user turns alone)"
     )
     versus = conditions["overhead_vs_reference"]
-    print("\nOverhead against the reference agent (zero delays, least squares)")
+    print("\nOverhead against the reference agent (zero delays, medians)")
     print(f"{'':>22}{'ours':>12}{'reference':>12}{'overhead':>12}")
     for label, key in (
         ("ms per request", "ms_per_request"),
