@@ -99,6 +99,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     ratio = data["overhead_ms_per_request"] / versus["ha_render_ms"]
     assert abs(data["overhead_ratio_to_ha_render"] - ratio) <= 0.01 + abs(ratio) / 100
     assert versus["targets"] == {"ratio_to_ha_render": 1.0, "us_per_token": 100.0}
+    # The same in CPU time, which waiting for a CPU on a loaded machine does not add to.
+    cpu = versus["cpu"]
+    for name in ("ours_minus_reference", "worker_process"):
+        assert isinstance(cpu[name]["ms_per_request"], float), name
+    assert cpu["ha_render_ms"] > 0
+    assert isinstance(cpu["ratio_to_ha_render"], float)
     assert "overhead ≤ HA's prompt rendering per request" in completed.stdout
     load = data["conditions"]["machine"]["load_average_1_5_15_min"]
     assert set(load) == {"start", "end"}

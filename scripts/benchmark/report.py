@@ -27,20 +27,23 @@ from .scenario import (
 
 
 def fit_overhead(
-    samples: list[OverheadSample], value: Callable[[OverheadSample], float]
+    samples: list[OverheadSample],
+    value: Callable[[OverheadSample], float],
+    center: Callable[[list[float]], float] = statistics.median,
 ) -> tuple[float, float]:
     """Line value = a + b * generated tokens through the medians per reply length.
 
     Returns (ms per request, µs per token). Medians, not a least-squares fit of
     every sample: on a loaded machine a few requests wait far longer for a CPU.
+    (center=statistics.fmean for coarse values, like CPU ticks, that only add up.)
     """
     groups: dict[int, list[float]] = {}
     for sample in samples:
         groups.setdefault(sample.generate_tokens, []).append(value(sample))
     if len(groups) < 2:
-        return statistics.median(value(sample) for sample in samples), 0.0
+        return center([value(sample) for sample in samples]), 0.0
     lengths = sorted(groups)
-    medians = [statistics.median(groups[length]) for length in lengths]
+    medians = [center(groups[length]) for length in lengths]
     slope, intercept = statistics.linear_regression(lengths, medians)
     return intercept, slope * 1000
 
@@ -76,6 +79,7 @@ def overhead_vs_reference(report: Report) -> dict[str, Any]:
             "us_per_token": _round(values[1], 2) if values else None,
         }
 
+    cpu = _cpu_vs_reference(report)
     return {
         "ours": fit(ours),
         "reference": fit(theirs),
@@ -85,7 +89,35 @@ def overhead_vs_reference(report: Report) -> dict[str, Any]:
         if difference and report.ha_prompt_ms > 0
         else None,
         "targets": OVERHEAD_TARGETS,
+        "cpu": {
+            "ours_minus_reference": fit(cpu[0]),
+            "worker_process": fit(cpu[1]),
+            "ha_render_ms": _round(report.ha_prompt_cpu_ms, 3),
+            "ratio_to_ha_render": _round(cpu[0][0] / report.ha_prompt_cpu_ms, 2)
+            if cpu[0] and report.ha_prompt_cpu_ms > 0
+            else None,
+            "method": (
+                "CPU time instead of wall time (time.process_time of HA's process, "
+                "all threads; the worker process from /proc, 10 ms ticks, hence means): "
+                "what ours costs whatever else the machine runs; the worker's includes "
+                "the simulator's own work"
+            ),
+        },
     }
+
+
+def _cpu_vs_reference(
+    report: Report,
+) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """HA process CPU of ours minus the reference's, and the worker's CPU (per fit)."""
+    if not report.overhead or not report.reference:
+        return None, None
+    ours = fit_overhead(report.overhead, lambda sample: sample.cpu_ms)
+    theirs = fit_overhead(report.reference, lambda sample: sample.cpu_ms)
+    worker = fit_overhead(
+        report.overhead, lambda sample: sample.worker_cpu_ms, statistics.fmean
+    )
+    return (ours[0] - theirs[0], ours[1] - theirs[1]), worker
 
 
 def handle_costs(times: HandleTimes) -> dict[str, float | int | None]:
@@ -420,6 +452,14 @@ def print_report(data: dict[str, Any]) -> None:
         f"HA's own prompt rendering (async_provide_llm_data) {versus['ha_render_ms']} ms: "
         f"overhead = {data['overhead_ratio_to_ha_render']} x that; our tools_json "
         f"{conditions['overhead_breakdown_ms_per_request']['ours_tools_json']} ms"
+    )
+    cpu = versus["cpu"]
+    print(
+        f"In CPU time: overhead {cpu['ours_minus_reference']['ms_per_request']} ms/request "
+        f"(HA's rendering {cpu['ha_render_ms']} ms: {cpu['ratio_to_ha_render']} x), "
+        f"{cpu['ours_minus_reference']['us_per_token']} µs/token in HA's process; "
+        f"the worker process {cpu['worker_process']['ms_per_request']} ms/request, "
+        f"{cpu['worker_process']['us_per_token']} µs/token"
     )
 
     for case, label in (("without_cache", "without"), ("with_cache", "with")):

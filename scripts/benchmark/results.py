@@ -34,6 +34,10 @@ class OverheadSample:
     prefill_ms: float
     generate_ms: float
     generate_tokens: int
+    cpu_ms: float = 0.0
+    """CPU time of Home Assistant's process (all its threads) during the request."""
+    worker_cpu_ms: float = 0.0
+    """CPU time of the worker process during the request (10 ms ticks: sum many)."""
 
 
 @dataclass(slots=True)
@@ -65,6 +69,7 @@ class Report:
     load_average: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     """os.getloadavg() at the "start" and the "end" of the run."""
     ha_prompt_ms: float = 0.0
+    ha_prompt_cpu_ms: float = 0.0
     tools_json_ms: float = 0.0
     tool_calls_executed: int = 0
     startup: dict[str, dict[str, Any]] = field(default_factory=dict)

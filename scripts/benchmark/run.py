@@ -140,9 +140,11 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             report.overhead, report.reference = await async_overhead(
                 hass, zero, reference, settings.overhead_requests
             )
-            report.ha_prompt_ms, report.tools_json_ms = await async_prompt_costs(
-                hass, zero.entry, settings.overhead_requests
-            )
+            (
+                report.ha_prompt_ms,
+                report.ha_prompt_cpu_ms,
+                report.tools_json_ms,
+            ) = await async_prompt_costs(hass, zero.entry, settings.overhead_requests)
             report.tool_calls_executed = len(light_calls)
 
             _LOGGER.info(
