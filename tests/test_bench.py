@@ -18,6 +18,7 @@ TOP_LEVEL = {
     "prefill_ratio",
     "overhead_ms_per_request",
     "overhead_us_per_token",
+    "overhead_ratio_to_ha_render",
     "worker_overhead",
     "interleaved",
 }
@@ -82,8 +83,38 @@ def test_bench_smoke(tmp_path: Path) -> None:
         prefilled = data["prefill_tokens"][name]
         assert len(prefilled) == 2
         assert all(isinstance(value, int) and value > 0 for value in prefilled)
-    for key in ("prefill_ratio", "overhead_ms_per_request", "overhead_us_per_token"):
+    for key in (
+        "prefill_ratio",
+        "overhead_ms_per_request",
+        "overhead_us_per_token",
+        "overhead_ratio_to_ha_render",
+    ):
         assert isinstance(data[key], float), key
+
+    # Our overhead is ours minus the reference agent, measured in the same run.
+    versus = data["conditions"]["overhead_vs_reference"]
+    for name in ("ours", "reference", "ours_minus_reference"):
+        assert isinstance(versus[name]["ms_per_request"], float), name
+        assert isinstance(versus[name]["us_per_token"], float), name
+    assert (
+        data["overhead_ms_per_request"]
+        == versus["ours_minus_reference"]["ms_per_request"]
+    )
+    ours, reference = versus["ours"], versus["reference"]
+    difference = ours["ms_per_request"] - reference["ms_per_request"]
+    assert abs(data["overhead_ms_per_request"] - difference) <= 0.002  # rounding
+    ratio = data["overhead_ms_per_request"] / versus["ha_render_ms"]
+    assert abs(data["overhead_ratio_to_ha_render"] - ratio) <= 0.01 + abs(ratio) / 100
+    assert versus["targets"] == {"ratio_to_ha_render": 1.0, "us_per_token": 100.0}
+    # The same in CPU time, which waiting for a CPU on a loaded machine does not add to.
+    cpu = versus["cpu"]
+    for name in ("ours_minus_reference", "worker_process"):
+        assert isinstance(cpu[name]["ms_per_request"], float), name
+    assert cpu["ha_render_ms"] > 0
+    assert isinstance(cpu["ratio_to_ha_render"], float)
+    assert "overhead ≤ HA's prompt rendering per request" in completed.stdout
+    load = data["conditions"]["machine"]["load_average_1_5_15_min"]
+    assert set(load) == {"start", "end"}
 
     # The worker's added cost against the in-process binding: numbers, not values.
     worker = data["worker_overhead"]

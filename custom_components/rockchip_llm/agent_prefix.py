@@ -9,10 +9,10 @@ from typing import Any
 from homeassistant.components import conversation
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import Context, HomeAssistant
-from homeassistant.helpers import chat_session, llm
+from homeassistant.helpers import llm
 
 from .const import CONF_PROMPT, DOMAIN
-from .ha_compat import schema_to_openapi
+from .ha_compat import async_get_chat_session, schema_to_openapi
 from .run_planner import NO_TOOLS, SystemPrefix
 
 _TOOLS_JSON: dict[tuple[tuple[str, str | None, str], ...], str] = {}
@@ -118,7 +118,7 @@ def request_chat_log(
         device_id=None,
     )
     with (
-        chat_session.async_get_chat_session(hass) as session,
+        async_get_chat_session(hass, None) as session,
         conversation.async_get_chat_log(hass, session) as chat_log,
     ):
         yield llm_context, chat_log

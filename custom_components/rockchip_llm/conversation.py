@@ -6,12 +6,14 @@ from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigSubentry
 from homeassistant.const import CONF_LLM_HASS_API, MATCH_ALL
 from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
 from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
 from .entity import RockchipLLMBaseEntity, ready_subentries
 from .errors import refuse_nul
+from .ha_compat import ConversationBusyError
 
 # Requests are queued per model by the engine, not by entity updates.
 PARALLEL_UPDATES = 0
@@ -55,6 +57,21 @@ class RockchipConversationEntity(
         """Warm up when a pipeline starts: make sure the system cache is current."""
         if (system_cache := self.agent.system_cache) is not None:
             await system_cache.async_refresh_now()
+
+    async def async_process(
+        self, user_input: conversation.ConversationInput
+    ) -> conversation.ConversationResult:
+        """Answer a message; a conversation still busy with a turn says so.
+
+        Home Assistant 2026.11 refuses a message on a conversation whose turn
+        still runs before it reaches the model, which stays with that turn.
+        """
+        try:
+            return await super().async_process(user_input)
+        except ConversationBusyError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN, translation_key="conversation_busy"
+            ) from err
 
     async def _async_handle_message(
         self,

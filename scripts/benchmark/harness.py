@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 from dataclasses import dataclass
 import json
+import os
 from pathlib import Path
 import socket
 import time
@@ -271,6 +272,15 @@ def system_cache(entry: MockConfigEntry) -> CacheMetadata | None:
     """Return the metadata of the system cache the entry's model has loaded."""
     cache = _only_agent(entry).session.loaded_cache
     return cache.metadata if cache else None
+
+
+def worker_cpu_ms(entry: MockConfigEntry) -> float:
+    """Return the CPU time (user + system, ms) the entry's worker process used so far."""
+    pid = _only_agent(entry).session.worker.pid
+    assert pid is not None
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def runs_from_now(entry: MockConfigEntry) -> Callable[[], RunTotals]:

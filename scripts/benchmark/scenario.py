@@ -31,6 +31,9 @@ WORKER_MODEL_NAME = "Zero delay, worker phase (simulated)"
 HANDLES = ("in_process", "worker")
 """RKLLMModel (the binding on a thread of this process) and WorkerModel."""
 WORKER_TARGETS = {"us_per_token": 100.0, "ms_per_request": 1.0}
+# Our overhead (ours minus the reference agent): per request at most HA's own prompt
+# rendering time (a ratio, so it holds on any machine), per token at most 100 µs.
+OVERHEAD_TARGETS = {"ratio_to_ha_render": 1.0, "us_per_token": 100.0}
 """Issue 11: what the worker process may add per streamed token and per request."""
 
 # The simulator's Qwen chat template (tests/rkllm_sim/README.md, "Chat template").
@@ -242,9 +245,17 @@ def model_file(
     return "\n".join(lines) + "\n"
 
 
+def zero_model_replies(reply_tokens: int) -> dict[str, str]:
+    """Return the replies of the overhead phase by question (a short and a long one)."""
+    return {
+        "short request": "OK.",
+        "long request": " ".join(f"word{index}" for index in range(reply_tokens)),
+    }
+
+
 def zero_model_file(reply_tokens: int) -> str:
     """Return the zero-delay model of the overhead phase."""
-    long_reply = " ".join(f"word{index}" for index in range(reply_tokens))
+    replies = zero_model_replies(reply_tokens)
     return (
         "\n".join(
             (
@@ -252,8 +263,7 @@ def zero_model_file(reply_tokens: int) -> str:
                 f"max_context_limit {AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN]}",
                 "prefill_ms_per_token 0",
                 "decode_ms_per_token 0",
-                "reply user short request => OK.",
-                f"reply user long request => {long_reply}",
+                *(f"reply user {text} => {reply}" for text, reply in replies.items()),
                 "default => OK.",
             )
         )

@@ -36,7 +36,9 @@ from .harness import (
     async_stream,
     home_assistant,
     system_cache,
+    worker_cpu_ms,
 )
+from .reference import ReferenceAgent
 from .results import HandleTimes, OverheadSample, TurnResult
 from .scenario import (
     ASSISTANT_START,
@@ -172,31 +174,46 @@ async def async_cache_per_conversation(
 
 
 async def async_overhead(
-    hass: HomeAssistant, agent: BenchAgent, requests: int
-) -> list[OverheadSample]:
-    """Zero-delay requests, alternating a 2-token and a long reply (new conversations)."""
-    samples: list[OverheadSample] = []
+    hass: HomeAssistant, agent: BenchAgent, reference: ReferenceAgent, requests: int
+) -> tuple[list[OverheadSample], list[OverheadSample]]:
+    """Zero-delay requests to ours and to the reference agent, taking turns.
+
+    Each alternates a 2-token and a long reply, in new conversations; ours and the
+    reference take turns request by request, so load from elsewhere hits both alike.
+    """
+    ours: list[OverheadSample] = []
+    theirs: list[OverheadSample] = []
+    # The reference runs no model: the runtime's figures of its requests are none.
+    bare = BenchAgent(agent.entry, reference.entity_id)
     for index in range(-4, 2 * requests):
         text = "long request" if index % 2 else "short request"
-        _conversation_id, result = await async_converse_timed(hass, agent, text, None)
-        if index < 0:
-            continue  # warm-up
-        samples.append(
-            OverheadSample(
-                wall_ms=result.wall_ms,
-                ttft_ms=result.ttft_ms,
-                prefill_ms=result.prefill_ms,
-                generate_ms=result.generate_ms,
-                generate_tokens=result.generate_tokens,
+        for into, asked in ((ours, agent), (theirs, bare)):
+            cpu, worker_cpu = time.process_time(), worker_cpu_ms(agent.entry)
+            _conversation_id, result = await async_converse_timed(
+                hass, asked, text, None
             )
-        )
-    return samples
+            if index < 0:
+                continue  # warm-up
+            into.append(
+                OverheadSample(
+                    wall_ms=result.wall_ms,
+                    ttft_ms=result.ttft_ms,
+                    prefill_ms=result.prefill_ms,
+                    generate_ms=result.generate_ms,
+                    generate_tokens=result.generate_tokens
+                    if asked is agent
+                    else len(reference.replies[text]),
+                    cpu_ms=(time.process_time() - cpu) * 1000,
+                    worker_cpu_ms=worker_cpu_ms(agent.entry) - worker_cpu,
+                )
+            )
+    return ours, theirs
 
 
 async def async_prompt_costs(
     hass: HomeAssistant, entry: MockConfigEntry, samples: int
-) -> tuple[float, float]:
-    """Median ms of HA rendering the agent's prompt and tools, and of our tools JSON.
+) -> tuple[float, float, float]:
+    """Median ms of HA rendering the agent's prompt and tools (wall, CPU), and of our tools JSON.
 
     Both happen on every request: chat_log.async_provide_llm_data (Home Assistant:
     the Assist API prompt with the exposed entities, the tool objects) and
@@ -204,21 +221,27 @@ async def async_prompt_costs(
     """
     options = next(iter(entry.subentries.values())).data
     provide: list[float] = []
+    provide_cpu: list[float] = []
     tools: list[float] = []
     for _sample in range(samples):
         with request_chat_log(hass) as (llm_context, chat_log):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await chat_log.async_provide_llm_data(
                 llm_context,
                 options.get(CONF_LLM_HASS_API),
                 options.get(CONF_PROMPT),
                 None,
             )
-            rendered = time.perf_counter()
+            rendered, rendered_cpu = time.perf_counter(), time.process_time()
             tools_json(chat_log.llm_api)
             provide.append((rendered - started) * 1000)
+            provide_cpu.append((rendered_cpu - cpu) * 1000)
             tools.append((time.perf_counter() - rendered) * 1000)
-    return statistics.median(provide), statistics.median(tools)
+    return (
+        statistics.median(provide),
+        statistics.median(provide_cpu),
+        statistics.median(tools),
+    )
 
 
 # The worker's added cost
