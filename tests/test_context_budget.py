@@ -26,6 +26,7 @@ from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import intent, llm
 from homeassistant.setup import async_setup_component
 
+from .sim_template import sim_system_block
 from .conftest import EntryFactory
 from .test_conversation import converse, model_session, speech
 
@@ -149,7 +150,7 @@ async def _prompt_for_prefix_tokens(
     count.argtypes = [ctypes.c_char_p]
 
     async def block_tokens(prompt: str) -> int:
-        prefix = await async_render_prefix(
+        prefix, _layout = await async_render_prefix(
             hass,
             {
                 CONF_MODEL: "Qwen3 Sim",
@@ -157,11 +158,7 @@ async def _prompt_for_prefix_tokens(
                 CONF_PROMPT: prompt,
             },
         )
-        block = (
-            f"<|im_start|>system\n{prefix.prompt}\n\n# Tools\n<tools>\n"
-            f"{prefix.tools_json}\n</tools><|im_end|>\n"
-        )
-        return int(count(block.encode()))
+        return int(count(sim_system_block(prefix).encode()))
 
     base = await block_tokens("Be brief.")
     return "Be brief." + " ab" * (tokens - base)
