@@ -26,8 +26,8 @@ from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import intent, llm
 from homeassistant.setup import async_setup_component
 
-from .sim_template import sim_system_block
 from .conftest import EntryFactory
+from .sim_template import sim_system_block
 from .test_conversation import converse, model_session, speech
 
 PREFIX = SystemPrefix("You are a voice assistant.", "[]")

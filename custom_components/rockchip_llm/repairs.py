@@ -106,22 +106,19 @@ class PrefixRepairFlow(RepairsFlow):
             runtime.agents.get(self._subentry_id) if runtime is not None else None
         )
         limit = agent.session.worker.context_limit if agent is not None else None
-        errors: dict[str, str] = {}
         # The first call may carry {"issue_id": ...} (a compatibility shim of HA).
+        # The form's number box refuses a context above the model's limit.
         if user_input is not None and CONF_MAX_CONTEXT_LEN in user_input:
-            context = int(user_input[CONF_MAX_CONTEXT_LEN])
-            if limit is None or context <= limit:
-                self.hass.config_entries.async_update_subentry(
-                    entry,
-                    subentry,
-                    data={
-                        **subentry.data,
-                        CONF_MAX_CONTEXT_LEN: context,
-                        CONF_TOOL_GROUPS: list(user_input.get(CONF_TOOL_GROUPS, [])),
-                    },
-                )
-                return self.async_create_entry(data={})
-            errors[CONF_MAX_CONTEXT_LEN] = "context_above_model_limit"
+            self.hass.config_entries.async_update_subentry(
+                entry,
+                subentry,
+                data={
+                    **subentry.data,
+                    CONF_MAX_CONTEXT_LEN: int(user_input[CONF_MAX_CONTEXT_LEN]),
+                    CONF_TOOL_GROUPS: list(user_input.get(CONF_TOOL_GROUPS, [])),
+                },
+            )
+            return self.async_create_entry(data={})
         options = {**AGENT_OPTION_DEFAULTS, **subentry.data}
         attributes = prefix_attributes(agent) if agent is not None else {}
         placeholders = {
@@ -173,7 +170,6 @@ class PrefixRepairFlow(RepairsFlow):
                     ),
                 }
             ),
-            errors=errors,
             description_placeholders=placeholders,
         )
 

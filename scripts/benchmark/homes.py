@@ -28,7 +28,6 @@ from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import area_registry as ar, entity_registry as er, llm
 from homeassistant.setup import async_setup_component
-
 from tests.sim_template import sim_system_block
 
 from .harness import _free_port, home_assistant
@@ -63,7 +62,9 @@ KINDS = (
 async def _async_base(hass: HomeAssistant) -> None:
     assert await async_setup_component(hass, "homeassistant", {})
     assert await async_setup_component(
-        hass, "http", {"http": {"server_host": "127.0.0.1", "server_port": _free_port()}}
+        hass,
+        "http",
+        {"http": {"server_host": "127.0.0.1", "server_port": _free_port()}},
     )
     assert await async_setup_component(hass, "conversation", {})
     assert await async_setup_component(hass, "intent", {})

@@ -11,7 +11,6 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry, mock_s
 from custom_components.rockchip_llm.agent_prefix import compact, request_chat_log
 from custom_components.rockchip_llm.const import (
     AGENT_OPTION_DEFAULTS,
-    CONF_MAX_CONTEXT_LEN,
     CONF_MAX_NEW_TOKENS,
     CONF_PROMPT,
     HistoryStrategy,
@@ -41,6 +40,7 @@ from .results import HandleTimes, OverheadSample, TurnResult
 from .scenario import (
     ASSISTANT_START,
     HANDLES,
+    MODEL_CONTEXT_LIMIT,
     MODEL_NAME,
     NO_THINK,
     TURN_END,
@@ -92,7 +92,7 @@ async def async_cache_per_conversation(
     model = RKLLMModel(library, "cache_per_conversation")
     params = ModelParams(
         model_path=model_path,
-        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_context_len=MODEL_CONTEXT_LIMIT,
         max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_NEW_TOKENS],
     )
     cache_path = work_dir / "conversation.bin"
@@ -235,8 +235,8 @@ def measure_handles(
     """
     params = ModelParams(
         model_path=model_path,
-        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
-        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN] // 2,
+        max_context_len=MODEL_CONTEXT_LIMIT,
+        max_new_tokens=MODEL_CONTEXT_LIMIT // 2,
     )
     models: dict[str, RKLLMModel | WorkerModel] = {
         "in_process": RKLLMModel(library, "bench_in_process"),
