@@ -19,6 +19,7 @@ TOP_LEVEL = {
     "overhead_ms_per_request",
     "overhead_us_per_token",
     "worker_overhead",
+    "prefix_per_home",
 }
 HANDLES = ("in_process", "worker")
 HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
@@ -55,6 +56,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     data = json.loads(json_path.read_text())
     assert set(data) == TOP_LEVEL
+    homes = {home["home"]: home for home in data["prefix_per_home"]}
+    assert list(homes) == ["one light", "HA demo", "150 entities, 12 areas"]
+    for home in homes.values():
+        # The simulator is never kinder than Qwen3: 0 to +10 % on these prefixes.
+        assert 0 <= home["sim_over_real_pct"] <= 10, home
+        assert home["qwen3_tokens"] < home["ha_qwen3_tokens"]
+    assert homes["HA demo"]["qwen3_tokens"] <= 4096 - 512
+    assert homes["150 entities, 12 areas"]["qwen3_tokens"] <= 8192 - 512
     # The second start loads the first one's system cache instead of building one.
     startup = data["startup"]
     assert startup["with_cache"]["cache_loaded"] is True

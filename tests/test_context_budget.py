@@ -178,7 +178,7 @@ async def test_full_prefix_still_runs_the_tool_result(
     hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
     async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
     calls = async_mock_service(hass, "light", "turn_on")
-    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 110)
+    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 120)
     entry = await make_entry(
         {CONF_PROMPT: prompt, "max_context_len": 2048, "max_new_tokens": 256}
     )
@@ -214,14 +214,17 @@ async def test_prefix_that_leaves_no_room_names_the_instructions(
     sim_library: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A prefix that leaves no room for a turn and a short answer: the instructions."""
+    """A prefix that leaves no room for a turn and a short answer, even trimmed.
+
+    The answer says so in one sentence and where to fix it (its repair).
+    """
     prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 20)
     await make_entry({CONF_PROMPT: prompt, "max_context_len": 2048})
     result = await converse(hass, "hello")
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "my instructions" in speech(result)
-    assert "above 2048 tokens" in speech(result)
-    assert "does not fit the context" in caplog.text
+    assert "context of 2048 tokens" in speech(result)
+    assert "Repairs" in speech(result)
+    assert "cannot answer" in caplog.text
 
 
 async def test_agent_flow_checks_the_models_context_limit(

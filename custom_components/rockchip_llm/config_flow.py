@@ -502,7 +502,7 @@ def _loaded_agent(entry: ConfigEntry, flow: ConfigSubentryFlow) -> Agent | None:
         return None
     runtime = getattr(entry, "runtime_data", None)
     agents: dict[str, Agent] = runtime.agents if runtime is not None else {}
-    return agents.get(flow._get_reconfigure_subentry().subentry_id)
+    return agents.get(flow._get_reconfigure_subentry().subentry_id)  # noqa: SLF001
 
 
 class ConversationFlowHandler(ConfigSubentryFlow):

@@ -18,7 +18,7 @@ PREFIX_ISSUE_KIND = "prefix"
 
 
 def left_out(trim: int) -> list[str]:
-    """What a prefix trimmed trim steps leaves out, in the order it is left out."""
+    """Return what a prefix trimmed trim steps leaves out, in that order."""
     parts = [] if trim_device_list(trim) else ["device_list"]
     return parts + [f"tools:{group.value}" for group in trimmed_groups(trim)]
 
@@ -32,7 +32,7 @@ def _left_out_text(trim: int) -> str:
 
 
 def prefix_attributes(agent: Agent) -> dict[str, Any]:
-    """The prefix in tokens, split, against the context (empty before preparation)."""
+    """Return the prefix in tokens, split, against the context (empty: unprepared)."""
     keeper = agent.system_cache
     if keeper is None or keeper.fit is None:
         return {}
@@ -54,7 +54,7 @@ def prefix_attributes(agent: Agent) -> dict[str, Any]:
 
 
 def prefix_issue_id(entry_id: str, subentry_id: str) -> str:
-    """The id of the repair of an agent's prefix (one per agent)."""
+    """Return the id of the repair of an agent's prefix (one per agent)."""
     return f"agent_failed_{entry_id}_prefix_{subentry_id}"
 
 
@@ -122,7 +122,7 @@ async def async_group_costs(
 
 
 def costs_text(costs: Mapping[ToolGroup, tuple[int, int]]) -> str:
-    """The groups' costs for a form: "lights_switches: 3 tools, 420 tokens; …"."""
+    """Write the groups' costs for a form: "lights_switches: 3 tools, 420 tokens; …"."""
     if not costs:
         return "no tools"
     return "; ".join(

@@ -70,13 +70,13 @@ def _cache_attributes(agent: Agent) -> Mapping[str, Any]:
 def _prompt_tokens(agent: Agent) -> int | None:
     """Tokens of the system prompt and tools, as counted by the cache build.
 
-    Without a cache: the prefix's count when it was prepared (it may not fit).
+    Without a cache because the prefix does not fit: the count that says so.
     """
     cache = _system_cache(agent)
     if cache and cache.metadata:
         return cache.metadata.tokens
     fit = agent.system_cache.fit if agent.system_cache else None
-    return fit.tokens if fit else None
+    return fit.tokens if fit and not fit.fits else None
 
 
 def _context_use(agent: Agent) -> float | None:

@@ -128,7 +128,7 @@ def tool_group(tool_name: str) -> ToolGroup:
 
 
 def offered(tool_names: Iterable[str], groups: Collection[str] | None) -> list[str]:
-    """The tools of names that the groups offer (None: every group)."""
+    """Return the tools of names that the groups offer (None: every group)."""
     return [name for name in tool_names if groups is None or tool_group(name) in groups]
 
 
@@ -141,5 +141,5 @@ def trim_device_list(trim: int) -> bool:
 
 
 def trimmed_groups(trim: int) -> tuple[ToolGroup, ...]:
-    """The groups a prefix trimmed trim steps leaves out (after the device list)."""
+    """Return the groups a prefix trimmed trim steps leaves out (after the devices)."""
     return LEAVE_OUT_ORDER[: max(0, trim - 1)]

@@ -194,5 +194,27 @@ async def async_prefix_figures(
 
 
 def figures_json(figures: list[PrefixFigures]) -> list[dict[str, Any]]:
-    """The figures as JSON values."""
+    """Return the figures as JSON values."""
     return [asdict(figure) for figure in figures]
+
+
+def print_prefix_table(figures: list[PrefixFigures]) -> None:
+    """Print the figures as a table (tokens by Qwen3's tokenizer and template)."""
+    print(
+        "\nSystem prefix per home (Qwen3 tokens; RK3588 rates: Qwen3-0.6B "
+        f"{RK3588_PREFILL_MS} ms/token prefill, 112 KB/token cache; Qwen3-4B "
+        f"{RK3588_QWEN3_4B_PREFILL_MS} ms/token)"
+    )
+    print(
+        "| home | tools | HA's form | compact | instructions | tools | simulator "
+        "| cache 0.6B | build 0.6B | build 4B | cached TTFT 0.6B |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for f in figures:
+        print(
+            f"| {f.home} | {f.tools} | {f.ha_qwen3_tokens} | {f.qwen3_tokens} "
+            f"| {f.instructions_qwen3} | {f.tools_qwen3} "
+            f"| {f.sim_tokens} ({f.sim_over_real_pct:+.1f} %) "
+            f"| {f.cache_mb_qwen3_06b} MB | {f.build_s_qwen3_06b} s "
+            f"| {f.build_s_qwen3_4b} s | {f.cached_ttft_ms_qwen3_06b} ms |"
+        )

@@ -30,7 +30,7 @@ def qwen3_dir() -> Path:
 
 
 def _tojson(value: Any, indent: int | None = None) -> str:
-    """The tojson filter of Hugging Face chat templates (no ASCII escaping)."""
+    """Serialise as the tojson filter of Hugging Face chat templates does."""
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 

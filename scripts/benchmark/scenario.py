@@ -249,7 +249,11 @@ def model_file(
 
 def zero_model_file(reply_tokens: int) -> str:
     """Return the zero-delay model of the overhead phase."""
-    long_reply = " ".join(f"word{index}" for index in range(reply_tokens))
+    # One simulator token per word: letters only (a digit is a token of its own).
+    long_reply = " ".join(
+        "word" + chr(97 + index // 26 % 26) + chr(97 + index % 26)
+        for index in range(reply_tokens)
+    )
     return (
         "\n".join(
             (
