@@ -6,6 +6,9 @@ import json
 from typing import Any
 
 import pytest
+from pytest_homeassistant_custom_component.components.diagnostics import (
+    get_diagnostics_for_config_entry,
+)
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
 from custom_components.rockchip_llm.agent_prefix import async_render_prefix
@@ -124,7 +127,10 @@ async def test_every_compact_tool_call_passes_ha_validation(
 
 
 async def test_demo_home_fits_a_4096_token_model(
-    hass: HomeAssistant, demo_home: None, make_entry: EntryFactory
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    demo_home: None,
+    make_entry: EntryFactory,
 ) -> None:
     """Default settings, a model built for 4,096: the full prefix, 512 tokens left, a light on."""
     entry = await make_entry(DEMO_OPTIONS)
@@ -167,6 +173,10 @@ async def test_demo_home_fits_a_4096_token_model(
         == cached.metadata.tokens
     )
     assert set(split["tool_tokens"]) == offered
+    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, entry)
+    tokens = diagnostics["agents"][agent.subentry_id]["prefix"]["tokens"]
+    assert tokens["prefix_tokens"] == cached.metadata.tokens
+    assert tokens["tool_tokens"] == split["tool_tokens"]
     assert hass.states.get("light.bed_light").state == "off"
     result = await converse(hass, "Turn on the Bed Light")
     assert speech(result) == "Done."

@@ -336,8 +336,8 @@ async def _async_acquire(
             raise
         LOGGER.info("%s holds %d tokens: loading it at that context", info.name, limit)
         session = await runtime.engine.async_acquire(info, retry)
-    if (limit := session.worker.context_limit) is not None:
-        limits.remember(info, limit)
+    if (reported := session.worker.context_limit) is not None:
+        limits.remember(info, reported)
     return session
 
 

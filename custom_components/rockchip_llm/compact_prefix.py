@@ -14,7 +14,7 @@ with a context of a few thousand tokens cannot hold that for a real home. Here:
   Kitchen)", or, when the prefix must shrink, a line saying GetLiveContext finds
   the devices.
 
-No Home Assistant imports: agent_prefix.py feeds HA's prompt and tools in.
+Only HA's YAML parser is used here: agent_prefix.py feeds HA's prompt and tools in.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +23,8 @@ import json
 import re
 from typing import Any
 
-import yaml
+from homeassistant.exceptions import HomeAssistantError
+from homeassistant.util.yaml import parse_yaml
 
 ONLY_LISTED_PARAMETERS = "Tools take only the parameters they list."
 SHARED_VALUES_INTRO = "Values that several tools refer to ($ref): "
@@ -124,8 +125,8 @@ def compact_device_list(prompt: str, *, keep: bool = True) -> tuple[str, int]:
     if block is None:
         return prompt, 0
     try:
-        devices = yaml.safe_load(block.group())
-    except yaml.YAMLError:
+        devices = parse_yaml(block.group())
+    except HomeAssistantError:
         return prompt, 0
     if not isinstance(devices, list):
         return prompt, 0

@@ -42,7 +42,7 @@ AREAS = (
     "Kitchen", "Living Room", "Dining Room", "Bedroom", "Kids Room", "Guest Room",
     "Bathroom", "Office", "Hallway", "Garage", "Garden", "Basement",
 )  # fmt: skip
-KINDS = (
+KINDS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("light", "Light", "off", {}),
     ("light", "Lamp", "on", {}),
     ("switch", "Socket", "off", {}),
@@ -140,13 +140,11 @@ async def async_home_prefix(
     hass: HomeAssistant, home: str, qwen3: Qwen3, sim_count: Callable[[str], int]
 ) -> PrefixFigures:
     """Render and count one home's prefixes (the home is set up in hass)."""
-    options = {
-        CONF_PROMPT: DEFAULT_PROMPT_FILE.read_text(encoding="utf-8"),
-        CONF_LLM_HASS_API: [llm.LLM_API_ASSIST],
-    }
+    prompt = DEFAULT_PROMPT_FILE.read_text(encoding="utf-8")
+    options = {CONF_PROMPT: prompt, CONF_LLM_HASS_API: [llm.LLM_API_ASSIST]}
     with request_chat_log(hass) as (llm_context, chat_log):
         await chat_log.async_provide_llm_data(
-            llm_context, options[CONF_LLM_HASS_API], options[CONF_PROMPT], None
+            llm_context, [llm.LLM_API_ASSIST], prompt, None
         )
         assert chat_log.llm_api is not None
         system = chat_log.content[0]

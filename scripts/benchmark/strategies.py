@@ -8,7 +8,10 @@ from typing import Any
 
 from pytest_homeassistant_custom_component.common import MockConfigEntry, mock_storage  # type: ignore[import-untyped]
 
-from custom_components.rockchip_llm.agent_prefix import compact, request_chat_log
+from custom_components.rockchip_llm.agent_prefix import (
+    prefix_from_chat_log,
+    request_chat_log,
+)
 from custom_components.rockchip_llm.const import (
     AGENT_OPTION_DEFAULTS,
     CONF_MAX_NEW_TOKENS,
@@ -178,7 +181,7 @@ async def async_prompt_costs(
 
     Both happen on every request: chat_log.async_provide_llm_data (Home Assistant:
     the Assist API prompt with the exposed entities, the tool objects) and
-    agent_prefix.compact (the integration: the compact prompt and tools JSON).
+    agent_prefix.prefix_from_chat_log (the integration: the compact prefix).
     """
     options = next(iter(entry.subentries.values())).data
     provide: list[float] = []
@@ -193,7 +196,7 @@ async def async_prompt_costs(
                 None,
             )
             rendered = time.perf_counter()
-            compact(chat_log.content[0].content, chat_log.llm_api)
+            prefix_from_chat_log(chat_log)
             provide.append((rendered - started) * 1000)
             tools.append((time.perf_counter() - rendered) * 1000)
     return statistics.median(provide), statistics.median(tools)
