@@ -30,7 +30,7 @@ from homeassistant.helpers import area_registry as ar, entity_registry as er, ll
 from homeassistant.setup import async_setup_component
 from tests.sim_template import sim_system_block
 
-from .harness import _free_port, home_assistant
+from .harness import async_setup_assist, home_assistant
 from .qwen3 import Qwen3
 from .scenario import QWEN3_06B_KV_BYTES_PER_TOKEN, RK3588_DECODE_MS, RK3588_PREFILL_MS
 
@@ -57,17 +57,6 @@ KINDS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("binary_sensor", "Motion", "off", {"device_class": "motion"}),
     ("sensor", "Power", "12", {"device_class": "power"}),
 )
-
-
-async def _async_base(hass: HomeAssistant) -> None:
-    assert await async_setup_component(hass, "homeassistant", {})
-    assert await async_setup_component(
-        hass,
-        "http",
-        {"http": {"server_host": "127.0.0.1", "server_port": _free_port()}},
-    )
-    assert await async_setup_component(hass, "conversation", {})
-    assert await async_setup_component(hass, "intent", {})
 
 
 def _add(
@@ -185,7 +174,7 @@ async def async_prefix_figures(
     for home, setup in HOMES.items():
         with tempfile.TemporaryDirectory() as config_dir:
             async with home_assistant(Path(config_dir)) as hass:
-                await _async_base(hass)
+                await async_setup_assist(hass)
                 await setup(hass)
                 figures.append(await async_home_prefix(hass, home, qwen3, sim_count))
     return figures
