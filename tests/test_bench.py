@@ -6,6 +6,10 @@ from pathlib import Path
 import subprocess
 import sys
 
+from awesomeversion import AwesomeVersion
+
+from homeassistant.const import __version__ as HA_VERSION
+
 from .conftest import REPO
 
 BENCH = (sys.executable, "-m", "scripts.benchmark")
@@ -21,6 +25,7 @@ TOP_LEVEL = {
     "overhead_ratio_to_ha_render",
     "worker_overhead",
     "interleaved",
+    "prefix_per_home",
 }
 HANDLES = ("in_process", "worker")
 HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
@@ -63,6 +68,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert mixed["kept"]["history_reused"] is True
     assert mixed["switched_back"]["prefill_tokens"] > mixed["kept"]["prefill_tokens"]
     assert "after B (turns re-sent)" in completed.stdout
+    homes = {home["home"]: home for home in data["prefix_per_home"]}
+    assert list(homes) == ["one light", "HA demo", "150 entities, 12 areas"]
+    for home in homes.values():
+        # The simulator is never kinder than Qwen3: 0 to +10 % on these prefixes.
+        assert 0 <= home["sim_over_real_pct"] <= 10, home
+        assert home["qwen3_tokens"] < home["ha_qwen3_tokens"]
+    if AwesomeVersion(HA_VERSION) >= "2026.10":  # users' HA (2026.6 says more)
+        assert homes["HA demo"]["qwen3_tokens"] <= 4096 - 512
+    assert homes["150 entities, 12 areas"]["qwen3_tokens"] <= 8192 - 512
     # The second start loads the first one's system cache instead of building one.
     startup = data["startup"]
     assert startup["with_cache"]["cache_loaded"] is True

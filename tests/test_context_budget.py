@@ -27,6 +27,7 @@ from homeassistant.helpers import intent, llm
 from homeassistant.setup import async_setup_component
 
 from .conftest import EntryFactory
+from .sim_template import sim_system_block
 from .test_conversation import converse, model_session, speech
 
 PREFIX = SystemPrefix("You are a voice assistant.", "[]")
@@ -149,7 +150,7 @@ async def _prompt_for_prefix_tokens(
     count.argtypes = [ctypes.c_char_p]
 
     async def block_tokens(prompt: str) -> int:
-        prefix = await async_render_prefix(
+        prefix, _layout = await async_render_prefix(
             hass,
             {
                 CONF_MODEL: "Qwen3 Sim",
@@ -157,11 +158,7 @@ async def _prompt_for_prefix_tokens(
                 CONF_PROMPT: prompt,
             },
         )
-        block = (
-            f"<|im_start|>system\n{prefix.prompt}\n\n# Tools\n<tools>\n"
-            f"{prefix.tools_json}\n</tools><|im_end|>\n"
-        )
-        return int(count(block.encode()))
+        return int(count(sim_system_block(prefix).encode()))
 
     base = await block_tokens("Be brief.")
     return "Be brief." + " ab" * (tokens - base)
@@ -181,14 +178,14 @@ async def test_full_prefix_still_runs_the_tool_result(
     hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
     async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
     calls = async_mock_service(hass, "light", "turn_on")
-    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 150)
+    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 160)
     entry = await make_entry(
         {CONF_PROMPT: prompt, "max_context_len": 2048, "max_new_tokens": 256}
     )
     loaded = model_session(entry)
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.metadata is not None
-    assert 2048 - 170 < loaded.loaded_cache.metadata.tokens < 2048 - 130
+    assert 2048 - 180 < loaded.loaded_cache.metadata.tokens < 2048 - 140
     result = await converse(hass, "Turn on the kitchen")
     assert result.response.response_type is not intent.IntentResponseType.ERROR
     assert speech(result) == "Done."
@@ -219,14 +216,17 @@ async def test_prefix_that_leaves_no_room_names_the_instructions(
     sim_library: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A prefix that leaves no room for a turn and a short answer: the instructions."""
+    """A prefix that leaves no room for a turn and a short answer, even trimmed.
+
+    The answer says so in one sentence and where to fix it (its repair).
+    """
     prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 20)
     await make_entry({CONF_PROMPT: prompt, "max_context_len": 2048})
     result = await converse(hass, "hello")
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "my instructions" in speech(result)
-    assert "above 2048 tokens" in speech(result)
-    assert "does not fit the context" in caplog.text
+    assert "context of 2048 tokens" in speech(result)
+    assert "Repairs" in speech(result)
+    assert "cannot answer" in caplog.text
 
 
 async def test_agent_flow_checks_the_models_context_limit(

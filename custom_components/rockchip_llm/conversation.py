@@ -10,7 +10,8 @@ from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
-from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
+from .agent_prefix import async_provide_llm_data
+from .const import DOMAIN, SUBENTRY_CONVERSATION
 from .entity import RockchipLLMBaseEntity, ready_subentries
 from .errors import refuse_nul
 from .ha_compat import ConversationBusyError
@@ -80,13 +81,14 @@ class RockchipConversationEntity(
     ) -> conversation.ConversationResult:
         """Answer one user message."""
         refuse_nul(user_input.text, "message")
-        options = self.subentry.data
+        system_cache = self.agent.system_cache
         try:
-            await chat_log.async_provide_llm_data(
+            await async_provide_llm_data(
+                chat_log,
                 user_input.as_llm_context(DOMAIN),
-                options.get(CONF_LLM_HASS_API),
-                options.get(CONF_PROMPT),
+                self.subentry.data,
                 user_input.extra_system_prompt,
+                system_cache.trim if system_cache else 0,
             )
         except conversation.ConverseError as err:
             return err.as_conversation_result()

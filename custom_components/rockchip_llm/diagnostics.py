@@ -21,6 +21,7 @@ from .const import CONF_LIBRARY_PATH, CONF_MODELS_DIR, CONF_PROMPT
 from .engine import Engine
 from .host import read_host_info
 from .model_files import ModelScan, ModelsDirError, scan_models
+from .prefix_report import prefix_attributes
 from .prompt_cache import CacheEntry, CacheError
 from .rkllm.errors import LibraryError
 from .rkllm.library import RuntimeInfo, file_is_simulator, inspect_library
@@ -111,6 +112,8 @@ def _prefix(agent: Agent) -> dict[str, Any] | None:
         "prompt_length": len(prefix.prompt),
         "tools": len(json.loads(prefix.tools_json)),
         "tools_sha256": prefix.tools_sha256,
+        # Tokens against the context, split; what was left out to fit.
+        "tokens": prefix_attributes(agent),
     }
 
 

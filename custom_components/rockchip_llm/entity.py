@@ -117,7 +117,17 @@ class RockchipLLMBaseEntity(Entity):
         instructions, when given, are appended to the input of the first run.
         """
         agent = self.agent
-        prefix, volatile = prefix_from_chat_log(chat_log)
+        trim = agent.system_cache.trim if agent.system_cache else 0
+        if agent.system_cache and (fit := agent.system_cache.fit) and not fit.fits:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="prefix_does_not_fit_answer",
+                translation_placeholders={
+                    "tokens": str(fit.tokens),
+                    "max_context_len": str(fit.max_context_len),
+                },
+            )
+        prefix, volatile, _layout = prefix_from_chat_log(chat_log, trim)
         tool_names = (
             {tool.name for tool in chat_log.llm_api.tools}
             if chat_log.llm_api

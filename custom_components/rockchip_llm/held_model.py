@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 import logging
 from pathlib import Path
+import re
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -428,16 +429,37 @@ class HeldModel:
         if problem is not None:
             return problem
         tokens = estimate_tokens(prefix.prompt) + estimate_tokens(prefix.tools_json)
-        if tokens >= self.session.params.max_context_len:
+        counted = runtime_input_tokens(self.worker.output_tail())
+        if counted is not None or tokens >= self.session.params.max_context_len:
+            tokens = counted or tokens
             return CacheTooLong(
-                f"{err}. The system prompt (up to {tokens} tokens) may not fit the "
+                f"{err}. The system prompt ({'' if counted else 'up to '}{tokens} "
+                "tokens) may not fit the "
                 f"context length of {self.session.params.max_context_len} tokens: raise "
                 "the agent's context length or expose fewer entities",
                 error=str(err),
                 tokens=str(tokens),
                 max_context_len=str(self.session.params.max_context_len),
+                counted="runtime" if counted else "estimate",
             )
         return err
+
+
+_INPUT_TOO_LONG = re.compile(
+    r"input(?: tokens)?\s*\(\s*(\d+)(?: tokens)?\s*\)\s*(?:exceed|does not fit)"
+)
+
+
+def runtime_input_tokens(output: list[str]) -> int | None:
+    """Return the token count the runtime printed for an input too long, if it did.
+
+    The runtime logs "the input tokens(N) exceed max_context_len(M)"; the
+    simulator "the input (N tokens) does not fit max_context_len M".
+    """
+    for line in reversed(output):
+        if (match := _INPUT_TOO_LONG.search(line)) is not None:
+            return int(match.group(1))
+    return None
 
 
 def _require_saved(staging: Path, model: str) -> None:

@@ -98,8 +98,8 @@ async def home_assistant(config_dir: Path) -> AsyncIterator[HomeAssistant]:
             await hass.async_stop(force=True)
 
 
-async def async_setup_home(hass: HomeAssistant) -> list[Any]:
-    """Create areas and 30 exposed entities, load Assist intents, mock light.turn_on."""
+async def async_setup_assist(hass: HomeAssistant) -> None:
+    """Set up what Assist needs: conversation (on a free loopback port), intents."""
     assert await async_setup_component(hass, "homeassistant", {})
     # conversation needs http, which would serve on 8123 (a dev instance's port).
     assert await async_setup_component(
@@ -109,6 +109,11 @@ async def async_setup_home(hass: HomeAssistant) -> list[Any]:
     )
     assert await async_setup_component(hass, "conversation", {})
     assert await async_setup_component(hass, "intent", {})
+
+
+async def async_setup_home(hass: HomeAssistant) -> list[Any]:
+    """Create areas and 30 exposed entities, load Assist intents, mock light.turn_on."""
+    await async_setup_assist(hass)
     areas = ar.async_get(hass)
     entities = er.async_get(hass)
     for area_name, specs in HOME.items():

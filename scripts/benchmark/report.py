@@ -8,16 +8,13 @@ import platform
 import statistics
 from typing import Any
 
-from custom_components.rockchip_llm.const import (
-    AGENT_OPTION_DEFAULTS,
-    CONF_MAX_CONTEXT_LEN,
-)
 from homeassistant.const import __version__ as HA_VERSION
 
 from .results import HandleTimes, OverheadSample, Report, TurnResult
 from .scenario import (
     HANDLES,
     HOME,
+    MODEL_CONTEXT_LIMIT,
     OVERHEAD_TARGETS,
     SIM_LIBRARIES,
     STRATEGIES,
@@ -222,7 +219,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "calibration": "RK3588, Qwen3-0.6B w8a8 (published rknn-llm figures)",
         "prefill_ms_per_token": settings.prefill_ms,
         "decode_ms_per_token": settings.decode_ms,
-        "max_context_len": AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        "max_context_len": MODEL_CONTEXT_LIMIT,
         "exposed_entities": sum(len(specs) for specs in HOME.values()),
         "areas": len(HOME),
         "tools": report.tools,

@@ -5,10 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from custom_components.rockchip_llm.const import (
-    AGENT_OPTION_DEFAULTS,
-    CONF_MAX_CONTEXT_LEN,
-)
 from custom_components.rockchip_llm.run_planner import SystemPrefix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +20,9 @@ RK3588_DECODE_MS = 30.4
 QWEN3_06B_KV_BYTES_PER_TOKEN = 114688
 """28 layers x 8 KV heads x 128 dims x 2 (K and V) x fp16: 112 KB per token."""
 
+MODEL_CONTEXT_LIMIT = 4096
+"""The simulated models are built for 4,096 tokens (rkllm-toolkit's common choice);
+the agents follow that limit (their default context length)."""
 STRATEGIES = ("ours", "full_prompt", "cache_per_conversation")
 MODEL_NAME = "Qwen3-0.6B RK3588 (simulated)"
 ZERO_MODEL_NAME = "Zero delay (simulated)"
@@ -231,7 +230,7 @@ def model_file(
     """
     lines = [
         "RKLLM-SIM 1",
-        f"max_context_limit {AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN]}",
+        f"max_context_limit {MODEL_CONTEXT_LIMIT}",
         f"prefill_ms_per_token {prefill_ms}",
         f"decode_ms_per_token {decode_ms}",
         f"cache_bytes_per_token {cache_bytes_per_token}",
@@ -249,7 +248,11 @@ def zero_model_replies(reply_tokens: int) -> dict[str, str]:
     """Return the replies of the overhead phase by question (a short and a long one)."""
     return {
         "short request": "OK.",
-        "long request": " ".join(f"word{index}" for index in range(reply_tokens)),
+        # One simulator token per word: letters only (a digit is a token of its own).
+        "long request": " ".join(
+            "word" + chr(97 + index // 26 % 26) + chr(97 + index % 26)
+            for index in range(reply_tokens)
+        ),
     }
 
 
@@ -260,7 +263,7 @@ def zero_model_file(reply_tokens: int) -> str:
         "\n".join(
             (
                 "RKLLM-SIM 1",
-                f"max_context_limit {AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN]}",
+                f"max_context_limit {MODEL_CONTEXT_LIMIT}",
                 "prefill_ms_per_token 0",
                 "decode_ms_per_token 0",
                 *(f"reply user {text} => {reply}" for text, reply in replies.items()),

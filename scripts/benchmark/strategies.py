@@ -8,10 +8,12 @@ from typing import Any
 
 from pytest_homeassistant_custom_component.common import MockConfigEntry, mock_storage  # type: ignore[import-untyped]
 
-from custom_components.rockchip_llm.agent_prefix import request_chat_log, tools_json
+from custom_components.rockchip_llm.agent_prefix import (
+    prefix_from_chat_log,
+    request_chat_log,
+)
 from custom_components.rockchip_llm.const import (
     AGENT_OPTION_DEFAULTS,
-    CONF_MAX_CONTEXT_LEN,
     CONF_MAX_NEW_TOKENS,
     CONF_PROMPT,
     HistoryStrategy,
@@ -43,6 +45,7 @@ from .results import HandleTimes, OverheadSample, TurnResult
 from .scenario import (
     ASSISTANT_START,
     HANDLES,
+    MODEL_CONTEXT_LIMIT,
     MODEL_NAME,
     NO_THINK,
     TURN_END,
@@ -116,7 +119,7 @@ async def async_cache_per_conversation(
     model = RKLLMModel(library, "cache_per_conversation")
     params = ModelParams(
         model_path=model_path,
-        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_context_len=MODEL_CONTEXT_LIMIT,
         max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_NEW_TOKENS],
     )
     cache_path = work_dir / "conversation.bin"
@@ -217,7 +220,7 @@ async def async_prompt_costs(
 
     Both happen on every request: chat_log.async_provide_llm_data (Home Assistant:
     the Assist API prompt with the exposed entities, the tool objects) and
-    agent_prefix.tools_json (the integration: the tools as the runtime's JSON).
+    agent_prefix.prefix_from_chat_log (the integration: the compact prefix).
     """
     options = next(iter(entry.subentries.values())).data
     provide: list[float] = []
@@ -233,7 +236,7 @@ async def async_prompt_costs(
                 None,
             )
             rendered, rendered_cpu = time.perf_counter(), time.process_time()
-            tools_json(chat_log.llm_api)
+            prefix_from_chat_log(chat_log)
             provide.append((rendered - started) * 1000)
             provide_cpu.append((rendered_cpu - cpu) * 1000)
             tools.append((time.perf_counter() - rendered) * 1000)
@@ -280,8 +283,8 @@ def measure_handles(
     """
     params = ModelParams(
         model_path=model_path,
-        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
-        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN] // 2,
+        max_context_len=MODEL_CONTEXT_LIMIT,
+        max_new_tokens=MODEL_CONTEXT_LIMIT // 2,
     )
     models: dict[str, RKLLMModel | WorkerModel] = {
         "in_process": RKLLMModel(library, "bench_in_process"),

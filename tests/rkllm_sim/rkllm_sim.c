@@ -196,6 +196,16 @@ static void handle_free(sim_handle *h)
 
 /* ---- template ----------------------------------------------------------- */
 
+#define TOOLS_INTRO                                                            \
+    "# Tools\n\nYou may call one or more functions to assist with the user "   \
+    "query.\n\nYou are provided with function signatures within "              \
+    "<tools></tools> XML tags:\n"
+#define TOOLS_OUTRO                                                            \
+    "\n\nFor each function call, return a json object with function name and " \
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"         \
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"          \
+    "</tool_call>"
+
 static void build_system_block(const sim_handle *h, strbuf *out)
 {
     switch (h->sys_mode) {
@@ -206,9 +216,10 @@ static void build_system_block(const sim_handle *h, strbuf *out)
         sb_puts(out, "<|im_start|>system\n");
         sb_puts(out, h->system_text ? h->system_text : DEFAULT_SYSTEM);
         if (h->tools_json) {
-            sb_puts(out, "\n\n# Tools\n<tools>\n");
+            /* The words Qwen3's own chat template puts around the tools. */
+            sb_puts(out, "\n\n" TOOLS_INTRO "<tools>\n");
             sb_puts(out, h->tools_json);
-            sb_puts(out, "\n</tools>");
+            sb_puts(out, "\n</tools>" TOOLS_OUTRO);
         }
         sb_puts(out, TURN_END);
         break;
