@@ -30,7 +30,7 @@ from homeassistant.helpers import (
 from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 
-from .conftest import EntryFactory, agent_issue_error, last_run_record
+from .conftest import EntryFactory, agent_issue_error, last_run_record, words
 
 AGENT = "conversation.agent_0"
 
@@ -265,10 +265,10 @@ async def test_concurrent_requests_all_answered(
 
 
 async def long_replying_model(
-    make_entry: EntryFactory, words: int
+    make_entry: EntryFactory, count: int
 ) -> tuple[ModelSession, str]:
-    """Set up an agent whose model answers anything with words words, 5 ms each."""
-    long_reply = " ".join(f"w{i}" for i in range(words))
+    """Set up an agent whose model answers anything with count words, 5 ms each."""
+    long_reply = words(count)
     entry = await make_entry(
         model_kwargs={
             "replies": (f"default => {long_reply}",),
@@ -297,7 +297,7 @@ async def test_cancel_while_running_and_waiting(
     assert loaded.kv_messages is None
     # The model is usable at once.
     result = await converse(hass, "again")
-    assert speech(result).startswith("w0 w1")
+    assert speech(result).startswith(words(2))
 
 
 async def test_message_on_a_busy_conversation(
