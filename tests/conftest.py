@@ -158,6 +158,17 @@ def verified_library(sim_library: Path, tmp_path: Path) -> VerifiedLibrary:
     return verify_and_copy_library(sim_library, tmp_path / "private")
 
 
+def words(count: int) -> str:
+    """Return count words of letters only: one simulator token each (a digit is one)."""
+    return " ".join(
+        "w"
+        + chr(97 + index // 676 % 26)
+        + chr(97 + index // 26 % 26)
+        + chr(97 + index % 26)
+        for index in range(count)
+    )
+
+
 def model_text(
     *,
     replies: tuple[str, ...] = DEFAULT_REPLIES,
@@ -302,14 +313,18 @@ def reset_sim_counters() -> None:
             ctypes.CDLL(str(path)).rkllm_sim_reset_counters()
 
 
-def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
-    """The simulator's record of the first agent's last run (in its worker)."""
+def run_records(entry: MockConfigEntry) -> list[dict[str, Any]]:
+    """The simulator's records of the runs of the first agent's worker, in order."""
     loaded = next(iter(entry.runtime_data.agents.values())).session
     pid = str(loaded.worker.pid)
-    runs = [fields[3] for fields in _trace_lines("run") if fields[1] == pid]
-    assert runs, f"no run traced for worker {pid}"
-    record: dict[str, Any] = json.loads(runs[-1])
-    return record
+    return [json.loads(fields[3]) for fields in _trace_lines("run") if fields[1] == pid]
+
+
+def last_run_record(entry: MockConfigEntry) -> dict[str, Any]:
+    """The simulator's record of the first agent's last run (in its worker)."""
+    runs = run_records(entry)
+    assert runs, "no run traced for the first agent's worker"
+    return runs[-1]
 
 
 def agent_issues(hass: HomeAssistant) -> list[ir.IssueEntry]:

@@ -18,7 +18,8 @@ from .test_conversation import converse, model_session
 # slots (HassTurnOn's device_class on HA 2026.6), and prints its tools JSON.
 _CHILD = """
 from homeassistant.helpers import config_validation as cv, llm
-from custom_components.rockchip_llm.agent_prefix import serialise_tools
+from custom_components.rockchip_llm.agent_prefix import tool_specs
+from custom_components.rockchip_llm.compact_prefix import compact_prefix
 from custom_components.rockchip_llm.ha_compat import vol
 
 class Tool(llm.Tool):
@@ -36,7 +37,7 @@ class Tool(llm.Tool):
     async def async_call(self, hass, tool_input, llm_context):
         return {}
 
-print(serialise_tools([Tool()], llm.selector_serializer))
+print(compact_prefix("", tool_specs([Tool()], llm.selector_serializer)).tools_json)
 """
 
 
@@ -59,7 +60,7 @@ def test_tools_json_is_the_same_under_every_hash_seed() -> None:
     assert len(outputs) == 1
     enum = json.loads(outputs.pop())[0]["function"]["parameters"]["properties"][
         "device_class"
-    ]["items"]["enum"]
+    ]["enum"]
     assert enum == sorted(enum)
 
 

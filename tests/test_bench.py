@@ -6,6 +6,10 @@ from pathlib import Path
 import subprocess
 import sys
 
+from awesomeversion import AwesomeVersion
+
+from homeassistant.const import __version__ as HA_VERSION
+
 from .conftest import REPO
 
 BENCH = (sys.executable, "-m", "scripts.benchmark")
@@ -18,8 +22,11 @@ TOP_LEVEL = {
     "prefill_ratio",
     "overhead_ms_per_request",
     "overhead_us_per_token",
+    "overhead_ratio_to_ha_render",
     "worker_overhead",
     "host_hop",
+    "interleaved",
+    "prefix_per_home",
 }
 HANDLES = ("in_process", "worker")
 HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
@@ -56,6 +63,21 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     data = json.loads(json_path.read_text())
     assert set(data) == TOP_LEVEL
+    # A follow-up that found another conversation in the KV sends its turns again.
+    mixed = data["interleaved"]
+    assert mixed["switched_back"]["history_reused"] is False
+    assert mixed["kept"]["history_reused"] is True
+    assert mixed["switched_back"]["prefill_tokens"] > mixed["kept"]["prefill_tokens"]
+    assert "after B (turns re-sent)" in completed.stdout
+    homes = {home["home"]: home for home in data["prefix_per_home"]}
+    assert list(homes) == ["one light", "HA demo", "150 entities, 12 areas"]
+    for home in homes.values():
+        # The simulator is never kinder than Qwen3: 0 to +10 % on these prefixes.
+        assert 0 <= home["sim_over_real_pct"] <= 10, home
+        assert home["qwen3_tokens"] < home["ha_qwen3_tokens"]
+    if AwesomeVersion(HA_VERSION) >= "2026.10":  # users' HA (2026.6 says more)
+        assert homes["HA demo"]["qwen3_tokens"] <= 4096 - 512
+    assert homes["150 entities, 12 areas"]["qwen3_tokens"] <= 8192 - 512
     # The second start loads the first one's system cache instead of building one.
     startup = data["startup"]
     assert startup["with_cache"]["cache_loaded"] is True
@@ -76,8 +98,38 @@ def test_bench_smoke(tmp_path: Path) -> None:
         prefilled = data["prefill_tokens"][name]
         assert len(prefilled) == 2
         assert all(isinstance(value, int) and value > 0 for value in prefilled)
-    for key in ("prefill_ratio", "overhead_ms_per_request", "overhead_us_per_token"):
+    for key in (
+        "prefill_ratio",
+        "overhead_ms_per_request",
+        "overhead_us_per_token",
+        "overhead_ratio_to_ha_render",
+    ):
         assert isinstance(data[key], float), key
+
+    # Our overhead is ours minus the reference agent, measured in the same run.
+    versus = data["conditions"]["overhead_vs_reference"]
+    for name in ("ours", "reference", "ours_minus_reference"):
+        assert isinstance(versus[name]["ms_per_request"], float), name
+        assert isinstance(versus[name]["us_per_token"], float), name
+    assert (
+        data["overhead_ms_per_request"]
+        == versus["ours_minus_reference"]["ms_per_request"]
+    )
+    ours, reference = versus["ours"], versus["reference"]
+    difference = ours["ms_per_request"] - reference["ms_per_request"]
+    assert abs(data["overhead_ms_per_request"] - difference) <= 0.002  # rounding
+    ratio = data["overhead_ms_per_request"] / versus["ha_render_ms"]
+    assert abs(data["overhead_ratio_to_ha_render"] - ratio) <= 0.01 + abs(ratio) / 100
+    assert versus["targets"] == {"ratio_to_ha_render": 1.0, "us_per_token": 100.0}
+    # The same in CPU time, which waiting for a CPU on a loaded machine does not add to.
+    cpu = versus["cpu"]
+    for name in ("ours_minus_reference", "worker_process"):
+        assert isinstance(cpu[name]["ms_per_request"], float), name
+    assert cpu["ha_render_ms"] > 0
+    assert isinstance(cpu["ratio_to_ha_render"], float)
+    assert "overhead ≤ HA's prompt rendering per request" in completed.stdout
+    load = data["conditions"]["machine"]["load_average_1_5_15_min"]
+    assert set(load) == {"start", "end"}
 
     # The worker's added cost against the in-process binding: numbers, not values.
     worker = data["worker_overhead"]
@@ -116,7 +168,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert conditions["tool_turn"] == 1
     # The dialogue ran as scripted: a tool call (two runs) and a follow-up.
     assert conditions["runs_per_turn"] == dict.fromkeys(STRATEGIES, [2, 1])
-    assert conditions["tool_calls_executed_by_ha"] == 2
+    # ours and full_prompt in turn 1, and the interleaved phase's four questions
+    # that are the dialogue's turn 1 (A's first and third, B's, A's last).
+    assert conditions["tool_calls_executed_by_ha"] == 2 + 4
     replies = conditions["replies"]
     assert (
         replies["ours"] == replies["full_prompt"] == replies["cache_per_conversation"]

@@ -28,6 +28,7 @@ from custom_components.rockchip_llm.const import (
     CONF_REPEAT_PENALTY,
     CONF_STALL_TIMEOUT,
     CONF_TEMPERATURE,
+    CONF_TOOL_GROUPS,
     CONF_TOP_K,
     CONF_TOP_P,
     DEFAULT_CACHE_BUDGET_MB,
@@ -41,6 +42,7 @@ from custom_components.rockchip_llm.host import prompt_cache
 from custom_components.rockchip_llm.host.model_files import scan_models
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.simulation import SIMULATOR_ENV
+from custom_components.rockchip_llm.tool_groups import ToolGroup
 from homeassistant import config_entries
 from homeassistant.const import CONF_LLM_HASS_API, CONF_NAME
 from homeassistant.core import HomeAssistant
@@ -78,6 +80,8 @@ AGENT_DATA = {
     CONF_TOP_K: 5,
     CONF_MAX_HISTORY: 0,
 }
+
+ALL_TOOL_GROUPS = [group.value for group in ToolGroup]
 
 
 def elf_header(machine: int) -> bytes:
@@ -623,7 +627,12 @@ async def test_subentry_add(hass: HomeAssistant, loaded_entry: MockConfigEntry) 
     assert schema_values(dict(result), "suggested_value") == {
         CONF_MODEL: "Beta",
         **DEFAULT_OPTIONS,
+        CONF_TOOL_GROUPS: ALL_TOOL_GROUPS,
     }
+    # The form shows each tool group's tokens and the model's limit.
+    placeholders = result["description_placeholders"]
+    assert "lights_switches: " in placeholders["tool_costs"]
+    assert placeholders["model_limit"] == "known once the model is loaded"
     assert CONF_NAME in result["data_schema"].schema
     assert [option["value"] for option in select_options(dict(result), CONF_MODEL)] == [
         "Beta",
@@ -692,6 +701,7 @@ async def test_subentry_reconfigure(
     assert schema_values(dict(result), "suggested_value") == {
         CONF_MODEL: "Qwen3 Sim",
         **DEFAULT_OPTIONS,
+        CONF_TOOL_GROUPS: ALL_TOOL_GROUPS,
     }
 
     result = await hass.config_entries.subentries.async_configure(

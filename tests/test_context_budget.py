@@ -27,6 +27,7 @@ from homeassistant.helpers import intent, llm
 from homeassistant.setup import async_setup_component
 
 from .conftest import EntryFactory
+from .sim_template import sim_system_block
 from .test_conversation import converse, model_session, speech
 
 PREFIX = SystemPrefix("You are a voice assistant.", "[]")
@@ -72,7 +73,7 @@ def test_old_turns_go_before_the_answer_shrinks() -> None:
     )
     assert plan.max_new_tokens == 256
     assert plan.dropped_messages == 2
-    assert "User: short" in plan.prompt
+    assert plan.history.startswith("short<|im_end|>")
 
     tight = ContextBudget(
         max_context_len=1000, prefix_tokens=900, kv_tokens=900, reply_tokens=256
@@ -85,7 +86,7 @@ def test_old_turns_go_before_the_answer_shrinks() -> None:
         max_history=0,
         budget=tight,
     )
-    assert plan.prompt == "next"
+    assert plan.text() == "next"
     assert plan.dropped_messages == 4
     assert plan.max_new_tokens == 1000 - 900 - 2
 
@@ -109,8 +110,8 @@ def test_a_tool_call_keeps_its_question() -> None:
         max_history=0,
         budget=budget,
     )
-    assert "turn on the lights" in plan.prompt
-    assert "q" * 600 not in plan.prompt
+    assert plan.history.startswith("turn on the lights<|im_end|>")
+    assert "q" * 600 not in plan.text()
     assert plan.max_new_tokens == 256
 
 
@@ -149,7 +150,7 @@ async def _prompt_for_prefix_tokens(
     count.argtypes = [ctypes.c_char_p]
 
     async def block_tokens(prompt: str) -> int:
-        prefix = await async_render_prefix(
+        prefix, _layout = await async_render_prefix(
             hass,
             {
                 CONF_MODEL: "Qwen3 Sim",
@@ -157,11 +158,7 @@ async def _prompt_for_prefix_tokens(
                 CONF_PROMPT: prompt,
             },
         )
-        block = (
-            f"<|im_start|>system\n{prefix.prompt}\n\n# Tools\n<tools>\n"
-            f"{prefix.tools_json}\n</tools><|im_end|>\n"
-        )
-        return int(count(block.encode()))
+        return int(count(sim_system_block(prefix).encode()))
 
     base = await block_tokens("Be brief.")
     return "Be brief." + " ab" * (tokens - base)
@@ -181,19 +178,21 @@ async def test_full_prefix_still_runs_the_tool_result(
     hass.states.async_set("light.kitchen", "off", {"friendly_name": "Kitchen"})
     async_expose_entity(hass, conversation.DOMAIN, "light.kitchen", True)
     calls = async_mock_service(hass, "light", "turn_on")
-    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 110)
+    prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 160)
     entry = await make_entry(
         {CONF_PROMPT: prompt, "max_context_len": 2048, "max_new_tokens": 256}
     )
     loaded = model_session(entry)
     assert loaded.loaded_cache is not None
     assert loaded.loaded_cache.metadata is not None
-    assert 2048 - 130 < loaded.loaded_cache.metadata.tokens < 2048 - 90
+    assert 2048 - 180 < loaded.loaded_cache.metadata.tokens < 2048 - 140
     result = await converse(hass, "Turn on the kitchen")
     assert result.response.response_type is not intent.IntentResponseType.ERROR
     assert speech(result) == "Done."
     assert len(calls) == 1
     assert all(run.generate_tokens > 0 for run in loaded.recent)
+    # The tool result continued the KV (the model sees the call it answers).
+    assert loaded.recent[-1].reused_history
     assert "does not fit" not in caplog.text
 
 
@@ -217,14 +216,17 @@ async def test_prefix_that_leaves_no_room_names_the_instructions(
     sim_library: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A prefix that leaves no room for a turn and a short answer: the instructions."""
+    """A prefix that leaves no room for a turn and a short answer, even trimmed.
+
+    The answer says so in one sentence and where to fix it (its repair).
+    """
     prompt = await _prompt_for_prefix_tokens(hass, sim_library, 2048 - 20)
     await make_entry({CONF_PROMPT: prompt, "max_context_len": 2048})
     result = await converse(hass, "hello")
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "my instructions" in speech(result)
-    assert "above 2048 tokens" in speech(result)
-    assert "does not fit the context" in caplog.text
+    assert "context of 2048 tokens" in speech(result)
+    assert "Repairs" in speech(result)
+    assert "cannot answer" in caplog.text
 
 
 async def test_agent_flow_checks_the_models_context_limit(

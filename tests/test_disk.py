@@ -184,15 +184,22 @@ async def test_read_only_disk_with_stale_cache(
 async def test_context_hint_only_when_context_is_the_cause(
     hass: HomeAssistant, make_entry: EntryFactory, write_model: ModelWriter
 ) -> None:
-    """A system prompt longer than the context gets the hint; other failures not.
+    """A system prompt longer than the context gets its own repair; other failures not.
 
-    Either way only the agent is reported (a repair); the entry stays up.
+    Either way only the agent is reported (a repair); the entry stays up. The
+    prompt's repair has the numbers and a fix flow (tools, context, exposure).
     """
     entry = await make_entry({"max_context_len": 256})
     assert entry.state is ConfigEntryState.LOADED
-    error = agent_issue_error(hass)
-    assert "raise the agent's context length" in error
-    assert "256" in error
+    issues = [
+        issue
+        for (domain, _id), issue in ir.async_get(hass).issues.items()
+        if domain == DOMAIN and issue.translation_key == "prefix_does_not_fit"
+    ]
+    assert len(issues) == 1
+    assert issues[0].is_fixable
+    assert issues[0].translation_placeholders is not None
+    assert issues[0].translation_placeholders["max_context_len"] == "256"
     await hass.config_entries.async_remove(entry.entry_id)
 
     write_model(extra=("error_at_token 0",))

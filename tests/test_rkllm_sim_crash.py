@@ -35,7 +35,7 @@ from custom_components.rockchip_llm.host.rkllm.worker import (
     WorkerModel,
 )
 
-from .conftest import REPO, ModelWriter
+from .conftest import REPO, ModelWriter, words
 
 BARE_INIT = """\
 import ctypes, sys
@@ -49,7 +49,7 @@ no_callback = lib.rkllm_init.argtypes[2]()  # NULL in both families
 code = lib.rkllm_init(ctypes.byref(handle), ctypes.byref(param), no_callback)
 print("returned", code, flush=True)
 """
-WORDS = "default => " + " ".join(f"w{i}" for i in range(20))
+WORDS = "default => " + words(20)
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_abort_at_token_is_a_sigabrt(
     pieces: list[str] = []
     with pytest.raises(WorkerDiedError, match="SIGABRT"):
         worker.run(RunRequest(prompt="talk"), pieces.append).result(timeout=30)
-    assert "".join(pieces) == "w0 w1 w2"
+    assert "".join(pieces) == words(3)
     wait_for_output(worker, "GGML_ASSERT(")
 
 
@@ -159,7 +159,7 @@ def test_hang_at_token_ignores_the_abort_and_is_killed(
     pieces: list[str] = []
     with pytest.raises(RunStalledError, match="no text for 0.5 s"):
         worker.run(RunRequest(prompt="talk"), pieces.append).result(timeout=30)
-    assert "".join(pieces) == "w0 w1"
+    assert "".join(pieces) == words(2)
     # had rkllm_abort ended the run, the worker would still be alive
     assert worker.death is not None
     assert "SIGKILL" in str(worker.death)

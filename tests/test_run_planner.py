@@ -53,8 +53,12 @@ def test_follow_up_reuses_matching_kv() -> None:
         KVState(PREFIX.key, tuple(dialogue(1))),
     ],
 )
-def test_mismatch_resets_and_folds_history(kv: KVState | None) -> None:
-    """Any other KV content is reset; earlier turns go in front of the new one."""
+def test_mismatch_resets_and_resends_turns(kv: KVState | None) -> None:
+    """Any other KV content is reset; earlier turns are sent again as turns, the new one last.
+
+    The runtime wraps the prompt in a user turn, so the text is exactly the
+    conversation in the chat template's form.
+    """
     plan = plan_run(
         kv,
         PREFIX,
@@ -64,10 +68,44 @@ def test_mismatch_resets_and_folds_history(kv: KVState | None) -> None:
         budget=ROOMY,
     )
     assert not plan.reuse_history
-    assert plan.prompt.startswith(
-        "Earlier in this conversation:\nUser: question 0\nAssistant: answer 0"
+    assert (plan.role, plan.request) == ("user", "user")
+    wrapped = (
+        f"<|im_start|>user\n{plan.text(volatile='Current time is 10:00.')}<|im_end|>\n"
     )
-    assert plan.prompt.endswith("Now the user says: next")
+    assert wrapped == (
+        "<|im_start|>user\nquestion 0<|im_end|>\n"
+        "<|im_start|>assistant\nanswer 0<|im_end|>\n"
+        "<|im_start|>user\nquestion 1<|im_end|>\n"
+        "<|im_start|>assistant\nanswer 1<|im_end|>\n"
+        "<|im_start|>user\nCurrent time is 10:00.\n\nnext<|im_end|>\n"
+    )
+
+
+def test_tool_result_after_a_reset_follows_its_call() -> None:
+    """A tool result whose exchange is not in the KV: the call and result are turns again."""
+    messages = [
+        Message("user", "turn on the porch"),
+        Message("assistant", "", tool_calls=('{"name": "HassTurnOn"}',)),
+        Message("tool", '{"a": 1}', "call-1"),
+        Message("tool", '{"b": 2}', "call-2"),
+        Message("assistant", "Done."),
+        Message("user", "and the kitchen"),
+        Message("assistant", "On it.", tool_calls=('{"name": "HassTurnOn"}',)),
+        Message("tool", '{"ok": true}', "call-3"),
+    ]
+    plan = plan_run(
+        None, PREFIX, messages, keep_history=True, max_history=10, budget=ROOMY
+    )
+    assert (plan.role, plan.request, plan.reuse_history) == ("user", "tool", False)
+    assert plan.text(volatile="Current time is 10:00.") == (
+        "turn on the porch<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "HassTurnOn"}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n[{"a": 1}, {"b": 2}]\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\nDone.<|im_end|>\n"
+        "<|im_start|>user\nand the kitchen<|im_end|>\n"
+        '<|im_start|>assistant\nOn it.\n<tool_call>\n{"name": "HassTurnOn"}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"ok": true}\n</tool_response>'
+    )
 
 
 def test_without_keep_history_never_reuses() -> None:
@@ -83,7 +121,7 @@ def test_without_keep_history_never_reuses() -> None:
         budget=ROOMY,
     )
     assert not plan.reuse_history
-    assert "question 0" in plan.prompt
+    assert "question 0" in plan.history
 
 
 def test_tool_results_are_merged() -> None:
@@ -134,9 +172,9 @@ def test_max_history_keeps_last_user_turns() -> None:
         max_history=2,
         budget=ROOMY,
     )
-    assert "question 2" not in plan.prompt
-    assert "question 3" in plan.prompt
-    assert "question 4" in plan.prompt
+    assert "question 2" not in plan.history
+    assert "question 3" in plan.history
+    assert "question 4" in plan.history
     assert plan.dropped_messages == 6
 
 
@@ -159,10 +197,10 @@ def test_budget_drops_oldest_turns() -> None:
         max_history=0,
         budget=budget,
     )
-    assert "q" * 300 not in plan.prompt
-    assert "User: short" in plan.prompt
+    assert "q" * 300 not in plan.text()
+    assert plan.history.startswith("short<|im_end|>")
     assert plan.max_new_tokens == 256
-    assert estimate_tokens(plan.prompt) <= 1000 - 600 - 256
+    assert estimate_tokens(plan.text()) <= 1000 - 600 - 256
     assert plan.dropped_messages == 2
 
 

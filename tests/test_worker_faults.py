@@ -16,10 +16,10 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, intent
 
-from .conftest import EntryFactory, ModelWriter
+from .conftest import EntryFactory, ModelWriter, words
 
 AGENT = "conversation.agent_0"
-SLOW = " ".join(f"w{i}" for i in range(200))
+SLOW = words(200)
 
 
 @pytest.fixture(autouse=True)

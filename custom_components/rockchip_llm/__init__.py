@@ -26,23 +26,35 @@ from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
 from .connect import async_connect_host
-from .const import CONF_MODEL, DOMAIN, LOGGER, SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
+from .const import (
+    CONF_MODEL,
+    CONTEXT_FOLLOWS_MODEL,
+    DOMAIN,
+    LOGGER,
+    MAX_SAFE_CONTEXT_LEN,
+    SUBENTRY_AI_TASK,
+    SUBENTRY_CONVERSATION,
+)
 from .engine import Engine, plan_domains
 from .host.board import npu_driver_too_old
-from .host.model_files import ModelScan, ModelsDirError
+from .host.model_files import ModelInfo, ModelScan, ModelsDirError
 from .host.prompt_cache import CacheEntry, CacheError, CacheWriteError
 from .host.rkllm.errors import (
     LibraryCopyFailed,
     LibraryError,
     LibraryNotFound,
+    ModelInitError,
     RKLLMError,
 )
 from .host.rkllm.library import RuntimeInfo
 from .host.rkllm.runtime import ModelParams
 from .host.wire import HostLost
+from .model_limits import ModelLimits, async_get_model_limits
+from .prefix_report import async_report_fit
 from .remote import RuntimeHost
 from .services import async_setup_services, async_update_model_selectors
-from .system_cache import SystemCacheKeeper, system_cache_name
+from .session import ModelSession
+from .system_cache import PrefixDoesNotFit, SystemCacheKeeper, system_cache_name
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 AGENT_SUBENTRIES = (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK)
@@ -192,13 +204,24 @@ def _check_library(
 
 
 def _model_params(
-    info_path: Path, settings: list[AgentSettings], domain_id: int
+    info_path: Path,
+    settings: list[AgentSettings],
+    domain_id: int,
+    limit: int | None = None,
 ) -> ModelParams:
-    """Init parameters that serve every agent sharing a model."""
+    """Init parameters that serve every agent sharing a model.
+
+    An agent whose context follows the model asks for the model's limit (when
+    known) up to MAX_SAFE_CONTEXT_LEN.
+    """
     first = settings[0]
+    follows = min(limit or MAX_SAFE_CONTEXT_LEN, MAX_SAFE_CONTEXT_LEN)
     return ModelParams(
         model_path=info_path,
-        max_context_len=max(s.max_context_len for s in settings),
+        max_context_len=max(
+            s.max_context_len if s.max_context_len != CONTEXT_FOLLOWS_MODEL else follows
+            for s in settings
+        ),
         max_new_tokens=max(s.max_new_tokens for s in settings),
         sampling=first.sampling,
         base_domain_id=domain_id,
@@ -233,6 +256,7 @@ async def _async_load_agents(
         by_model.setdefault(model, []).append(subentry.subentry_id)
 
     chat_models: set[str] = set()
+    limits = await async_get_model_limits(hass)
     domains = plan_domains(
         [runtime.scan.models[model].size_bytes for model in by_model]
     )
@@ -241,11 +265,11 @@ async def _async_load_agents(
             AgentSettings.from_options(entry.subentries[i].data) for i in subentry_ids
         ]
         info = runtime.scan.models[model]
-        params = _model_params(info.path, settings, domain_id)
+        params = _model_params(info.path, settings, domain_id, limits.get(info))
         for subentry_id in subentry_ids:
             subentry = entry.subentries[subentry_id]
             try:
-                session = await runtime.engine.async_acquire(info, params)
+                session = await _async_acquire(runtime, limits, info, params, settings)
             except RKLLMError as err:
                 # Only this model's agents are down; the others and the entry stay up
                 # (and the agents editable). A reload tries again.
@@ -268,8 +292,14 @@ async def _async_load_agents(
     disk_failed = False
     for subentry_id, system_cache in runtime.system_caches.items():
         agent = runtime.agents[subentry_id]
+        system_cache.on_fit_changed = partial(
+            async_report_fit, hass, entry.entry_id, entry.title, agent
+        )
         try:
             await system_cache.async_prepare("setup")
+        except PrefixDoesNotFit as err:
+            # Its repair is raised; the agent stays, its entities tell the numbers.
+            LOGGER.error("Agent %r cannot answer: %s", agent.title, err)
         except (RKLLMError, CacheError, ConverseError, OSError) as err:
             if isinstance(err, CacheWriteError) and err.disk_problem is not None:
                 # The repair is raised; the agent answers without a cache meanwhile.
@@ -288,6 +318,30 @@ async def _async_load_agents(
             runtime.agents.pop(agent.subentry_id).shutdown()
     if not disk_failed:
         ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+
+
+async def _async_acquire(
+    runtime: RockchipRuntime,
+    limits: ModelLimits,
+    info: ModelInfo,
+    params: ModelParams,
+    settings: list[AgentSettings],
+) -> ModelSession:
+    """Load a model; a context that follows it retries at the limit it names."""
+    try:
+        session = await runtime.engine.async_acquire(info, params)
+    except ModelInitError as err:
+        if "limit" not in err.placeholders:
+            raise
+        limit = int(err.placeholders["limit"])
+        retry = _model_params(info.path, settings, params.base_domain_id, limit)
+        if retry.max_context_len >= params.max_context_len:
+            raise
+        LOGGER.info("%s holds %d tokens: loading it at that context", info.name, limit)
+        session = await runtime.engine.async_acquire(info, retry)
+    if (reported := session.worker.context_limit) is not None:
+        limits.remember(info, reported)
+    return session
 
 
 def _agent_issue_prefix(entry: RockchipConfigEntry) -> str:

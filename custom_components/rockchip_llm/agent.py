@@ -2,6 +2,7 @@
 
 from collections.abc import AsyncIterator, Mapping
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -19,12 +20,15 @@ from .const import (
     CONF_TEMPERATURE,
     CONF_TOP_K,
     CONF_TOP_P,
+    CONTEXT_FOLLOWS_MODEL,
+    MAX_SAFE_CONTEXT_LEN,
+    MIN_TURN_TOKENS,
     SYSTEM_CACHE_NAME,
     HistoryStrategy,
 )
 from .history_strategy import HistoryStrategyGuard
 from .host.rkllm.runtime import Sampling
-from .run_planner import SystemPrefix
+from .run_planner import MIN_REPLY_TOKENS, SystemPrefix
 from .session import ModelSession
 from .system_cache import SystemCacheKeeper
 from .turn import Conversation, ReplyOptions
@@ -83,7 +87,16 @@ class Agent:
         """Bind an agent to the session of its model."""
         self.subentry_id = subentry_id
         self.title = title or subentry_id
-        self.settings = AgentSettings.from_options(options)
+        settings = AgentSettings.from_options(options)
+        if settings.max_context_len == CONTEXT_FOLLOWS_MODEL:
+            settings = dataclasses.replace(
+                settings,
+                max_context_len=min(
+                    session.params.max_context_len, MAX_SAFE_CONTEXT_LEN
+                ),
+            )
+        self.settings = settings
+        """Settings in force (a context that follows the model: the one loaded)."""
         self.session = session
         self.history = HistoryStrategyGuard(
             hass,
@@ -94,7 +107,15 @@ class Agent:
             else HistoryStrategy.PROMPT_CACHE_ONLY,
         )
         self.system_cache = (
-            SystemCacheKeeper(hass, session, options, self.history, system_cache_name)
+            SystemCacheKeeper(
+                hass,
+                session,
+                options,
+                self.history,
+                system_cache_name,
+                room=MIN_TURN_TOKENS + MIN_REPLY_TOKENS,
+                max_context_len=settings.max_context_len,
+            )
             if chat
             else None
         )

@@ -1,22 +1,29 @@
-"""Render the exact system prefix an Assist request carries, through HA's chat log."""
+"""Render the exact system prefix an Assist request carries, through HA's chat log.
+
+The cache is built from what async_render_prefix returns and requests carry what
+prefix_from_chat_log returns: both are the compact form (compact_prefix.py) of the
+chat log's prompt and the tools the agent offers (offer_tools).
+"""
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import contextlib
-import json
+import dataclasses
 import re
 from typing import Any
 
 from homeassistant.components import conversation
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import Context, HomeAssistant
-from homeassistant.helpers import chat_session, llm
+from homeassistant.helpers import llm
 
-from .const import CONF_PROMPT, DOMAIN
-from .ha_compat import schema_to_openapi
-from .run_planner import NO_TOOLS, SystemPrefix
+from .compact_prefix import CompactPrefix, PrefixLayout, compact_prefix
+from .const import CONF_PROMPT, CONF_TOOL_GROUPS, DOMAIN
+from .ha_compat import async_get_chat_session, schema_to_openapi
+from .run_planner import SystemPrefix
+from .tool_groups import ToolGroup, offered, trim_device_list, trimmed_groups
 
-_TOOLS_JSON: dict[tuple[tuple[str, str | None, str], ...], str] = {}
-_TOOLS_JSON_SIZE = 8
+_COMPACT: dict[tuple[object, ...], CompactPrefix] = {}
+_COMPACT_SIZE = 8
 
 # HA appends its date-time line (llm.DATE_TIME_PROMPT) to the system prompt when no
 # GetDateTime tool is offered. It changes every second, so it is sent with the turn.
@@ -26,31 +33,11 @@ _DATE_TIME_LINE = re.compile(
 )
 
 
-def tools_json(llm_api: llm.APIInstance | None) -> str:
-    """Serialise the LLM API's tools as the runtime's JSON array.
-
-    Requests carry new tool objects each time, usually with the same content:
-    the serialisation is kept per content so a request does not redo it.
-    """
-    if llm_api is None:
-        return NO_TOOLS
-    key = tuple(
-        (tool.name, tool.description, repr(tool.parameters.schema))
-        for tool in llm_api.tools
-    )
-    if (cached := _TOOLS_JSON.get(key)) is not None:
-        return cached
-    if len(_TOOLS_JSON) >= _TOOLS_JSON_SIZE:
-        _TOOLS_JSON.pop(next(iter(_TOOLS_JSON)))
-    _TOOLS_JSON[key] = serialise_tools(llm_api.tools, llm_api.custom_serializer)
-    return _TOOLS_JSON[key]
-
-
-def serialise_tools(
+def tool_specs(
     tools: Iterable[llm.Tool], custom_serializer: Callable[[Any], Any] | None
-) -> str:
-    """Return the canonical JSON array of tools: the same text in every process."""
-    specs: list[dict[str, Any]] = []
+) -> list[tuple[str, dict[str, Any]]]:
+    """Return each tool's canonical spec (the same in every process), by name."""
+    specs: list[tuple[str, dict[str, Any]]] = []
     for tool in tools:
         spec: dict[str, Any] = {
             "name": tool.name,
@@ -60,8 +47,34 @@ def serialise_tools(
         }
         if tool.description:
             spec["description"] = tool.description
-        specs.append({"type": "function", "function": spec})
-    return json.dumps(specs, ensure_ascii=False, sort_keys=True)
+        specs.append((tool.name, {"type": "function", "function": spec}))
+    return specs
+
+
+def compact(
+    prompt: str, llm_api: llm.APIInstance | None, *, device_list: bool = True
+) -> CompactPrefix:
+    """Return the compact prefix of a prompt and the API's tools.
+
+    Requests carry new tool objects each time, usually with the same content:
+    the result is kept per content so a request does not redo it.
+    """
+    tools = llm_api.tools if llm_api is not None else []
+    key = (
+        prompt,
+        device_list,
+        *(
+            (tool.name, tool.description, repr(tool.parameters.schema))
+            for tool in tools
+        ),
+    )
+    if (cached := _COMPACT.get(key)) is not None:
+        return cached
+    if len(_COMPACT) >= _COMPACT_SIZE:
+        _COMPACT.pop(next(iter(_COMPACT)))
+    specs = tool_specs(tools, llm_api.custom_serializer) if llm_api is not None else []
+    _COMPACT[key] = compact_prefix(prompt, specs, device_list=device_list)
+    return _COMPACT[key]
 
 
 def canonical_schema(value: Any) -> Any:
@@ -92,17 +105,63 @@ def split_volatile(prompt: str) -> tuple[str, str]:
     return stable, match.group().strip()
 
 
-def prefix_from_chat_log(chat_log: conversation.ChatLog) -> tuple[SystemPrefix, str]:
-    """Return the cacheable system prefix a chat log carries, and its volatile part.
+def prefix_from_chat_log(
+    chat_log: conversation.ChatLog, trim: int = 0
+) -> tuple[SystemPrefix, str, PrefixLayout]:
+    """Return the cacheable system prefix a chat log carries, its volatile part, layout.
 
-    The volatile part (the current time) goes with the user's turn instead.
+    The prefix is the compact form of the chat log's prompt and tools, trimmed
+    trim steps (tool_groups.py); the volatile part (the current time) goes with the
+    user's turn instead.
     """
     system = chat_log.content[0]
     assert isinstance(system, conversation.SystemContent)
     prompt, volatile = split_volatile(system.content)
-    return SystemPrefix(
-        prompt=prompt, tools_json=tools_json(chat_log.llm_api)
-    ), volatile
+    result = compact(prompt, chat_log.llm_api, device_list=trim_device_list(trim))
+    return (
+        SystemPrefix(prompt=result.prompt, tools_json=result.tools_json),
+        volatile,
+        result.layout,
+    )
+
+
+def offer_tools(
+    chat_log: conversation.ChatLog, options: Mapping[str, Any], trim: int = 0
+) -> None:
+    """Keep only the tools of the agent's groups, less those trim leaves out.
+
+    A tool left out cannot be called either: HA looks calls up in the same list.
+    """
+    api = chat_log.llm_api
+    if api is None:
+        return
+    groups = options.get(CONF_TOOL_GROUPS)
+    chosen = (
+        {ToolGroup(group) for group in groups} if groups is not None else set(ToolGroup)
+    )
+    chosen -= set(trimmed_groups(trim))
+    kept = set(offered((tool.name for tool in api.tools), chosen))
+    if len(kept) < len(api.tools):
+        chat_log.llm_api = dataclasses.replace(
+            api, tools=[tool for tool in api.tools if tool.name in kept]
+        )
+
+
+async def async_provide_llm_data(
+    chat_log: conversation.ChatLog,
+    llm_context: llm.LLMContext,
+    options: Mapping[str, Any],
+    extra_system_prompt: str | None = None,
+    trim: int = 0,
+) -> None:
+    """Give the chat log the agent's prompt and the tools it offers."""
+    await chat_log.async_provide_llm_data(
+        llm_context,
+        options.get(CONF_LLM_HASS_API),
+        options.get(CONF_PROMPT),
+        extra_system_prompt,
+    )
+    offer_tools(chat_log, options, trim)
 
 
 @contextlib.contextmanager
@@ -118,18 +177,17 @@ def request_chat_log(
         device_id=None,
     )
     with (
-        chat_session.async_get_chat_session(hass) as session,
+        async_get_chat_session(hass, None) as session,
         conversation.async_get_chat_log(hass, session) as chat_log,
     ):
         yield llm_context, chat_log
 
 
 async def async_render_prefix(
-    hass: HomeAssistant, options: Mapping[str, Any]
-) -> SystemPrefix:
+    hass: HomeAssistant, options: Mapping[str, Any], trim: int = 0
+) -> tuple[SystemPrefix, PrefixLayout]:
     """Render the prefix a request from a device without an area would carry."""
     with request_chat_log(hass) as (llm_context, chat_log):
-        await chat_log.async_provide_llm_data(
-            llm_context, options.get(CONF_LLM_HASS_API), options.get(CONF_PROMPT), None
-        )
-        return prefix_from_chat_log(chat_log)[0]
+        await async_provide_llm_data(chat_log, llm_context, options, trim=trim)
+        prefix, _volatile, layout = prefix_from_chat_log(chat_log, trim)
+        return prefix, layout

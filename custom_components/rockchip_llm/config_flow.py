@@ -34,6 +34,7 @@ from homeassistant.helpers.selector import (
 )
 from homeassistant.helpers.typing import VolDictType
 
+from .agent import Agent
 from .connect import async_open_host
 from .const import (
     ABI_FAMILY_AUTO,
@@ -54,6 +55,7 @@ from .const import (
     CONF_REPEAT_PENALTY,
     CONF_STALL_TIMEOUT,
     CONF_TEMPERATURE,
+    CONF_TOOL_GROUPS,
     CONF_TOP_K,
     CONF_TOP_P,
     CONFIG_SUBDIR,
@@ -72,8 +74,10 @@ from .host.rkllm.abi import AbiFamily, family_setting
 from .host.rkllm.errors import LibraryCopyFailed
 from .host.rkllm.library import LIBRARY_NAME, file_is_simulator
 from .host.wire import HostError
+from .prefix_report import async_group_costs, costs_text
 from .remote import RuntimeHost
 from .simulation import SIMULATOR_ENV, simulated_label
+from .tool_groups import ToolGroup
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -233,9 +237,16 @@ def _agent_schema(
                 multiple=True,
             )
         )
+        schema[vol.Optional(CONF_TOOL_GROUPS)] = SelectSelector(
+            SelectSelectorConfig(
+                options=[group.value for group in ToolGroup],
+                translation_key=CONF_TOOL_GROUPS,
+                multiple=True,
+            )
+        )
     schema.update(
         {
-            vol.Required(CONF_MAX_CONTEXT_LEN): _integer(128, 32768),
+            vol.Required(CONF_MAX_CONTEXT_LEN): _integer(0, 32768),
             vol.Required(CONF_MAX_NEW_TOKENS): _integer(16, 4096),
             vol.Required(CONF_TEMPERATURE): _slider(0, 2),
             vol.Required(CONF_TOP_K): _integer(1, 100),
@@ -571,6 +582,15 @@ def _context_limit(entry: ConfigEntry, model: str) -> int | None:
     return session.worker.context_limit if session is not None else None
 
 
+def _loaded_agent(entry: ConfigEntry, flow: ConfigSubentryFlow) -> Agent | None:
+    """Return the running agent a reconfigure flow changes (None: a new one)."""
+    if flow.source == SOURCE_USER:
+        return None
+    runtime = getattr(entry, "runtime_data", None)
+    agents: dict[str, Agent] = runtime.agents if runtime is not None else {}
+    return agents.get(flow._get_reconfigure_subentry().subentry_id)  # noqa: SLF001
+
+
 class ConversationFlowHandler(ConfigSubentryFlow):
     """Add or change a conversation agent."""
 
@@ -611,6 +631,18 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         options[CONF_LLM_HASS_API] = [
             api for api in options[CONF_LLM_HASS_API] if api in known_apis
         ]
+        options.setdefault(CONF_TOOL_GROUPS, [group.value for group in ToolGroup])
+        model_limit = _context_limit(entry, options[CONF_MODEL])
+        placeholders["model_limit"] = (
+            f"{model_limit} tokens" if model_limit else "known once the model is loaded"
+        )
+        placeholders["tool_costs"] = (
+            costs_text(
+                await async_group_costs(self.hass, options, _loaded_agent(entry, self))
+            )
+            if self._chat
+            else ""
+        )
         return self.async_show_form(
             step_id="set_options" if self._is_new else "reconfigure",
             data_schema=self.add_suggested_values_to_schema(
@@ -637,6 +669,8 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         name = data.pop(CONF_NAME, "").strip() or data[CONF_MODEL]
         if self._chat:
             data.setdefault(CONF_PROMPT, "")
+        if set(data.get(CONF_TOOL_GROUPS, ToolGroup)) >= set(ToolGroup):
+            data.pop(CONF_TOOL_GROUPS, None)  # every group: what HA offers
         if not data.get(CONF_LLM_HASS_API):
             data.pop(CONF_LLM_HASS_API, None)
         if self._is_new:

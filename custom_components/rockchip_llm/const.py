@@ -49,6 +49,21 @@ CONF_REPEAT_PENALTY: Final = "repeat_penalty"
 CONF_ENABLE_THINKING: Final = "enable_thinking"
 CONF_MAX_HISTORY: Final = "max_history"
 CONF_HISTORY_STRATEGY: Final = "history_strategy"
+CONF_TOOL_GROUPS: Final = "tool_groups"
+"""The tool groups an agent offers (tool_groups.py); absent: every group."""
+CONTEXT_FOLLOWS_MODEL: Final = 0
+"""A max_context_len of 0: the model's own limit, up to MAX_SAFE_CONTEXT_LEN."""
+MAX_SAFE_CONTEXT_LEN: Final = 8192
+"""The largest context an agent follows a model up to (a larger one is set by hand).
+
+The runtime sizes its KV cache for the whole context when it loads the model: for
+Qwen3-4B (36 layers x 8 KV heads x 128 dims x K and V x fp16) that is 144 KB per
+token, 1.2 GB at 8,192 tokens beside its 4.5 GB of weights, which an 8 GB board
+holds; 16,384 would need 2.4 GB. Prefill and decoding also slow with the context."""
+MIN_TURN_TOKENS: Final = 64
+"""Room a prefix must leave for a short turn (a voice command, its template and the
+time line) beside the smallest answer (run_planner.MIN_REPLY_TOKENS), or the agent
+leaves parts of it out."""
 
 
 class HistoryStrategy(StrEnum):
@@ -64,7 +79,7 @@ class HistoryStrategy(StrEnum):
 
 AGENT_OPTION_DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
     {
-        CONF_MAX_CONTEXT_LEN: 4096,
+        CONF_MAX_CONTEXT_LEN: CONTEXT_FOLLOWS_MODEL,
         CONF_MAX_NEW_TOKENS: 256,
         CONF_TEMPERATURE: 0.7,
         CONF_TOP_K: 20,

@@ -6,12 +6,15 @@ from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigSubentry
 from homeassistant.const import CONF_LLM_HASS_API, MATCH_ALL
 from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
-from .const import CONF_PROMPT, DOMAIN, SUBENTRY_CONVERSATION
+from .agent_prefix import async_provide_llm_data
+from .const import DOMAIN, SUBENTRY_CONVERSATION
 from .entity import RockchipLLMBaseEntity, ready_subentries
 from .errors import refuse_nul
+from .ha_compat import ConversationBusyError
 
 # Requests are queued per model by the engine, not by entity updates.
 PARALLEL_UPDATES = 0
@@ -56,6 +59,21 @@ class RockchipConversationEntity(
         if (system_cache := self.agent.system_cache) is not None:
             await system_cache.async_refresh_now()
 
+    async def async_process(
+        self, user_input: conversation.ConversationInput
+    ) -> conversation.ConversationResult:
+        """Answer a message; a conversation still busy with a turn says so.
+
+        Home Assistant 2026.11 refuses a message on a conversation whose turn
+        still runs before it reaches the model, which stays with that turn.
+        """
+        try:
+            return await super().async_process(user_input)
+        except ConversationBusyError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN, translation_key="conversation_busy"
+            ) from err
+
     async def _async_handle_message(
         self,
         user_input: conversation.ConversationInput,
@@ -63,13 +81,14 @@ class RockchipConversationEntity(
     ) -> conversation.ConversationResult:
         """Answer one user message."""
         refuse_nul(user_input.text, "message")
-        options = self.subentry.data
+        system_cache = self.agent.system_cache
         try:
-            await chat_log.async_provide_llm_data(
+            await async_provide_llm_data(
+                chat_log,
                 user_input.as_llm_context(DOMAIN),
-                options.get(CONF_LLM_HASS_API),
-                options.get(CONF_PROMPT),
+                self.subentry.data,
                 user_input.extra_system_prompt,
+                system_cache.trim if system_cache else 0,
             )
         except conversation.ConverseError as err:
             return err.as_conversation_result()

@@ -25,6 +25,7 @@ from .host.model_files import ModelScan, ModelsDirError
 from .host.prompt_cache import CacheEntry, CacheError
 from .host.rkllm.errors import RKLLMError
 from .host.rkllm.library import RuntimeInfo
+from .prefix_report import prefix_attributes
 from .remote import RuntimeHost
 from .session import ModelSession
 
@@ -113,6 +114,8 @@ def _prefix(agent: Agent) -> dict[str, Any] | None:
         "prompt_length": len(prefix.prompt),
         "tools": len(json.loads(prefix.tools_json)),
         "tools_sha256": prefix.tools_sha256,
+        # Tokens against the context, split; what was left out to fit.
+        "tokens": prefix_attributes(agent),
     }
 
 

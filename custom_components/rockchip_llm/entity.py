@@ -38,15 +38,16 @@ def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
         if isinstance(content, conversation.UserContent):
             messages.append(Message("user", content.content))
         elif isinstance(content, conversation.AssistantContent):
-            calls = [
+            calls = tuple(
                 json.dumps(
                     {"name": call.tool_name, "arguments": call.tool_args},
                     ensure_ascii=False,
                 )
                 for call in content.tool_calls or ()
-            ]
-            text = "\n".join([content.content or "", *calls]).strip()
-            messages.append(Message("assistant", text))
+            )
+            messages.append(
+                Message("assistant", (content.content or "").strip(), tool_calls=calls)
+            )
         elif isinstance(content, conversation.ToolResultContent):
             if not messages or messages[-1].role == "user":
                 # A malformed tool call left no assistant content of its own.
@@ -116,7 +117,17 @@ class RockchipLLMBaseEntity(Entity):
         instructions, when given, are appended to the input of the first run.
         """
         agent = self.agent
-        prefix, volatile = prefix_from_chat_log(chat_log)
+        trim = agent.system_cache.trim if agent.system_cache else 0
+        if agent.system_cache and (fit := agent.system_cache.fit) and not fit.fits:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="prefix_does_not_fit_answer",
+                translation_placeholders={
+                    "tokens": str(fit.tokens),
+                    "max_context_len": str(fit.max_context_len),
+                },
+            )
+        prefix, volatile, _layout = prefix_from_chat_log(chat_log, trim)
         tool_names = (
             {tool.name for tool in chat_log.llm_api.tools}
             if chat_log.llm_api

@@ -1,10 +1,14 @@
 """What differs between the Home Assistant versions we support (hacs.json to newest)."""
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+import inspect
 from typing import Any
 
 from homeassistant.components import conversation
-from homeassistant.helpers import llm
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers import chat_session, llm
 from homeassistant.util.json import JsonObjectType
 
 try:  # HA 2026.9 and newer validate with probatio (and alias voluptuous to it)
@@ -22,6 +26,8 @@ except ImportError:  # HA 2026.6 defines them in the package itself
 __all__ = [
     "HAS_TOOL_RESULT_OBJECT",
     "BinarySensorDeviceClass",
+    "ConversationBusyError",
+    "async_get_chat_session",
     "schema_to_openapi",
     "tool_error_delta",
     "tool_result_data",
@@ -30,6 +36,29 @@ __all__ = [
 
 # HA 2026.9 and newer carry tool results as llm.ToolResult (data plus an error flag).
 HAS_TOOL_RESULT_OBJECT = hasattr(llm, "ToolResult")
+
+# HA 2026.11 refuses a second turn on a conversation whose turn still runs; the
+# class never matches an exception on older versions.
+ConversationBusyError: type[HomeAssistantError] = getattr(
+    conversation,
+    "ConversationBusyError",
+    type("NoConversationBusyError", (HomeAssistantError,), {}),
+)
+
+# HA 2026.11 gives a chat session the context of its caller (the session's owner)
+# and reports a call without one; older versions take no context.
+_SESSION_TAKES_CONTEXT = (
+    "context" in inspect.signature(chat_session.async_get_chat_session).parameters
+)
+
+
+def async_get_chat_session(
+    hass: HomeAssistant, context: Context | None
+) -> AbstractContextManager[chat_session.ChatSession]:
+    """Open a new chat session for the caller of context (None: no user)."""
+    if _SESSION_TAKES_CONTEXT:
+        return chat_session.async_get_chat_session(hass, context=context)  # type: ignore[call-arg,unused-ignore]
+    return chat_session.async_get_chat_session(hass)
 
 
 def schema_to_openapi(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 import logging
 from pathlib import Path
+import re
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,6 +27,7 @@ from .host.rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
 from .host.rkllm.runtime import ModelParams, PerfStats, RunRequest, RunResult
 from .remote import RemoteWorker
 from .run_planner import (
+    TOOL_RESPONSE_TAG,
     KVState,
     SystemPrefix,
     chat_template,
@@ -124,7 +126,11 @@ class HeldModel:
         if self.prefix_key == key:
             return
         if prefix.has_tools:
-            await call(self.worker.set_function_tools(prefix.prompt, prefix.tools_json))
+            await call(
+                self.worker.set_function_tools(
+                    prefix.prompt, prefix.tools_json, TOOL_RESPONSE_TAG
+                )
+            )
         else:
             template = chat_template(prefix.prompt, thinking=thinking)
             await call(
@@ -408,16 +414,38 @@ class HeldModel:
         if problem is not None:
             return problem
         tokens = estimate_tokens(prefix.prompt) + estimate_tokens(prefix.tools_json)
-        if tokens >= self.session.params.max_context_len:
+        await self.worker.async_refresh_tail()
+        counted = runtime_input_tokens(self.worker.output_tail())
+        if counted is not None or tokens >= self.session.params.max_context_len:
+            tokens = counted or tokens
             return CacheTooLong(
-                f"{err}. The system prompt (up to {tokens} tokens) may not fit the "
+                f"{err}. The system prompt ({'' if counted else 'up to '}{tokens} "
+                "tokens) may not fit the "
                 f"context length of {self.session.params.max_context_len} tokens: raise "
                 "the agent's context length or expose fewer entities",
                 error=str(err),
                 tokens=str(tokens),
                 max_context_len=str(self.session.params.max_context_len),
+                counted="runtime" if counted else "estimate",
             )
         return err
+
+
+_INPUT_TOO_LONG = re.compile(
+    r"input(?: tokens)?\s*\(\s*(\d+)(?: tokens)?\s*\)\s*(?:exceed|does not fit)"
+)
+
+
+def runtime_input_tokens(output: list[str]) -> int | None:
+    """Return the token count the runtime printed for an input too long, if it did.
+
+    The runtime logs "the input tokens(N) exceed max_context_len(M)"; the
+    simulator "the input (N tokens) does not fit max_context_len M".
+    """
+    for line in reversed(output):
+        if (match := _INPUT_TOO_LONG.search(line)) is not None:
+            return int(match.group(1))
+    return None
 
 
 def _finished_perf(result: RunResult, model: str, name: str) -> PerfStats:

@@ -1,11 +1,33 @@
-"""Fix flows of repair issues: an agent whose model folder is gone picks another."""
+"""Fix flows of repair issues: a model folder that is gone, a prefix that is too long."""
+
+from typing import Any
 
 from homeassistant.components.repairs import RepairsFlow, RepairsFlowResult
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers.selector import (
+    NumberSelector,
+    NumberSelectorConfig,
+    NumberSelectorMode,
+    SelectSelector,
+    SelectSelectorConfig,
+)
 
+from .agent import Agent
 from .config_flow import async_scan_or_abort, model_selector
-from .const import CONF_MODEL
+from .const import (
+    AGENT_OPTION_DEFAULTS,
+    CONF_MAX_CONTEXT_LEN,
+    CONF_MODEL,
+    CONF_TOOL_GROUPS,
+)
 from .ha_compat import vol
+from .prefix_report import (
+    PREFIX_ISSUE_KIND,
+    async_group_costs,
+    costs_text,
+    prefix_attributes,
+)
+from .tool_groups import ToolGroup
 
 
 class ModelMissingRepairFlow(RepairsFlow):
@@ -47,11 +69,106 @@ class ModelMissingRepairFlow(RepairsFlow):
         )
 
 
+class PrefixRepairFlow(RepairsFlow):
+    """An agent's prefix was trimmed or does not fit: change its tools or context.
+
+    The form offers what can be changed here (the tool groups, the context up to
+    the model's limit) and links to Voice assistants, Expose for the devices.
+    """
+
+    def __init__(self, entry_id: str, subentry_id: str) -> None:
+        """Fix the agent subentry_id of the config entry entry_id."""
+        self._entry_id = entry_id
+        self._subentry_id = subentry_id
+
+    async def async_step_init(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Show the numbers and the choices; store them (the entry reloads)."""
+        entry = self.hass.config_entries.async_get_entry(self._entry_id)
+        if entry is None or self._subentry_id not in entry.subentries:
+            return self.async_abort(reason="agent_removed")
+        subentry = entry.subentries[self._subentry_id]
+        runtime = getattr(entry, "runtime_data", None)
+        agent: Agent | None = (
+            runtime.agents.get(self._subentry_id) if runtime is not None else None
+        )
+        limit = agent.session.worker.context_limit if agent is not None else None
+        # The first call may carry {"issue_id": ...} (a compatibility shim of HA).
+        # The form's number box refuses a context above the model's limit.
+        if user_input is not None and CONF_MAX_CONTEXT_LEN in user_input:
+            self.hass.config_entries.async_update_subentry(
+                entry,
+                subentry,
+                data={
+                    **subentry.data,
+                    CONF_MAX_CONTEXT_LEN: int(user_input[CONF_MAX_CONTEXT_LEN]),
+                    CONF_TOOL_GROUPS: list(user_input.get(CONF_TOOL_GROUPS, [])),
+                },
+            )
+            return self.async_create_entry(data={})
+        options = {**AGENT_OPTION_DEFAULTS, **subentry.data}
+        attributes = prefix_attributes(agent) if agent is not None else {}
+        placeholders = {
+            "agent": subentry.title,
+            "model": str(subentry.data.get(CONF_MODEL)),
+            "tokens": str(
+                attributes.get("full_prefix_tokens")
+                or attributes.get("prefix_tokens", "?")
+            ),
+            "max_context_len": str(
+                attributes.get("max_context_len", options[CONF_MAX_CONTEXT_LEN])
+            ),
+            "limit": str(limit or "unknown"),
+            "tool_costs": costs_text(
+                await async_group_costs(self.hass, options, agent)
+            ),
+            "expose_url": "/config/voice-assistants/expose",
+        }
+        groups = subentry.data.get(
+            CONF_TOOL_GROUPS, [group.value for group in ToolGroup]
+        )
+        maximum = limit or 32768
+        return self.async_show_form(
+            step_id="init",
+            data_schema=vol.Schema(
+                {
+                    vol.Required(
+                        CONF_MAX_CONTEXT_LEN,
+                        default=min(
+                            maximum,
+                            attributes.get("max_context_len")
+                            or int(options[CONF_MAX_CONTEXT_LEN])
+                            or maximum,
+                        ),
+                    ): vol.All(
+                        NumberSelector(
+                            NumberSelectorConfig(
+                                min=128, max=maximum, mode=NumberSelectorMode.BOX
+                            )
+                        ),
+                        vol.Coerce(int),
+                    ),
+                    vol.Optional(CONF_TOOL_GROUPS, default=groups): SelectSelector(
+                        SelectSelectorConfig(
+                            options=[group.value for group in ToolGroup],
+                            translation_key=CONF_TOOL_GROUPS,
+                            multiple=True,
+                        )
+                    ),
+                }
+            ),
+            description_placeholders=placeholders,
+        )
+
+
 async def async_create_fix_flow(
     hass: HomeAssistant,
     issue_id: str,
     data: dict[str, str | int | float | None] | None,
 ) -> RepairsFlow:
-    """Create the fix flow of a fixable issue (only "model_missing" is fixable)."""
+    """Create the fix flow of a fixable issue: a missing model, or a prefix."""
     assert data is not None
+    if data.get("kind") == PREFIX_ISSUE_KIND:
+        return PrefixRepairFlow(str(data["entry_id"]), str(data["subentry_id"]))
     return ModelMissingRepairFlow(str(data["entry_id"]), str(data["subentry_id"]))

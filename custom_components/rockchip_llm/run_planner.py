@@ -4,7 +4,7 @@ No Home Assistant imports: the entity converts chat-log content into ``Message``
 records, this module decides what to send.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import hashlib
 import json
 from typing import Literal
@@ -28,6 +28,8 @@ class Message:
     text: str
     tool_call_id: str | None = None
     """For a tool result: the id of the call it answers."""
+    tool_calls: tuple[str, ...] = ()
+    """For an answer: the tools it called, each as {"name", "arguments"} JSON."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,10 @@ class SystemPrefix:
 
 
 NO_TOOLS = "[]"
+TOOL_RESPONSE_TAG = "tool_response"
+"""The tag the chat template puts around a tool result (set with the tools)."""
+TURN_START = "<|im_start|>"
+TURN_END = "<|im_end|>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +105,29 @@ class RunPlan:
     """What the next run sends and whether the KV is kept or reset first."""
 
     role: Literal["user", "tool"]
+    """The role the run is sent with (the runtime's template wraps it)."""
     prompt: str
+    """The new input as the model reads it (a tool result after history: in its tags)."""
     reuse_history: bool
     """True: the KV holds the earlier messages; send only the new input."""
     max_new_tokens: int
     """The answer budget of this run (the agent's, or less when the context is full)."""
     dropped_messages: int = 0
+    history: str = ""
+    """Earlier turns re-sent in front of the input, written as the template writes turns."""
+    request: Literal["user", "tool"] = "user"
+    """What the new input is: the user's request or a tool result."""
+
+    def text(self, *, volatile: str = "", instructions: str | None = None) -> str:
+        """Return the prompt of the run: history, then the new input.
+
+        volatile (HA's current-time line) goes in front of a user request,
+        instructions after the input.
+        """
+        text = f"{self.prompt}\n\n{instructions}" if instructions else self.prompt
+        if volatile and self.request == "user":
+            text = f"{volatile}\n\n{text}"
+        return self.history + text
 
 
 def expected_prefill(prompt: str) -> int:
@@ -141,12 +164,16 @@ def pending_input(messages: list[Message]) -> tuple[list[Message], Message]:
     if tools and len(tools) == len(new):
         if len(tools) == 1:
             return history, tools[0]
-        merged = json.dumps(
-            [json.loads(tool.text) for tool in tools], ensure_ascii=False
-        )
-        return history, Message("tool", merged)
+        return history, Message("tool", _merged_results(tools))
     users = [message.text for message in new if message.role == "user"]
     return history, Message("user", "\n".join(users))
+
+
+def _merged_results(tools: list[Message]) -> str:
+    """One tool input for several results: a JSON array of them."""
+    if len(tools) == 1:
+        return tools[0].text
+    return json.dumps([json.loads(tool.text) for tool in tools], ensure_ascii=False)
 
 
 def trim_history(history: list[Message], max_history: int) -> list[Message]:
@@ -159,17 +186,46 @@ def trim_history(history: list[Message], max_history: int) -> list[Message]:
     return history[user_indexes[-max_history] :]
 
 
-def fold_history(history: list[Message], new: Message) -> str:
-    """Write earlier turns as a short transcript in front of the new input."""
+def tool_response(result: str) -> str:
+    """Write a tool result as the chat template writes it inside a user turn."""
+    return f"<{TOOL_RESPONSE_TAG}>\n{result}\n</{TOOL_RESPONSE_TAG}>"
+
+
+def templated_history(history: list[Message]) -> str:
+    """Write earlier turns as the chat template writes turns (Qwen's ChatML).
+
+    The text goes in front of the new input of a user run, which the runtime
+    wraps in a user turn and follows with the assistant's: so it starts inside
+    the first user turn (history starts with one) and ends by opening the turn
+    of the new input. Answers carry their tool calls as the model wrote them;
+    consecutive tool results are one turn, as when first sent.
+    """
     if not history:
-        return new.text
-    names = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
-    lines = [f"{names[message.role]}: {message.text}" for message in history]
-    transcript = "\n".join(lines)
-    if new.role == "tool":
-        return f"Earlier in this conversation:\n{transcript}\n\nTool result: {new.text}"
+        return ""
+    turns: list[tuple[str, str]] = []
+    index = 0
+    while index < len(history):
+        message = history[index]
+        if message.role == "tool":
+            end = index
+            while end < len(history) and history[end].role == "tool":
+                end += 1
+            turns.append(("user", tool_response(_merged_results(history[index:end]))))
+            index = end
+            continue
+        if message.role == "assistant":
+            calls = [
+                f"<tool_call>\n{call}\n</tool_call>" for call in message.tool_calls
+            ]
+            turns.append(("assistant", "\n".join(filter(None, [message.text, *calls]))))
+        else:
+            turns.append(("user", message.text))
+        index += 1
+    first, *rest = turns
     return (
-        f"Earlier in this conversation:\n{transcript}\n\nNow the user says: {new.text}"
+        first[1]
+        + "".join(f"{TURN_END}\n{TURN_START}{role}\n{text}" for role, text in rest)
+        + f"{TURN_END}\n{TURN_START}user\n"
     )
 
 
@@ -195,14 +251,7 @@ class PromptTooLong(Exception):
 
         Otherwise the input itself (the user's text, a tool result) is too long.
         """
-        budget = self.budget
-        return (
-            budget.prefix_tokens
-            + budget.floor
-            + budget.extra_tokens
-            + TURN_TEMPLATE_TOKENS
-            > budget.max_context_len
-        )
+        return self.budget.input_room < 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +273,17 @@ class ContextBudget:
         """The smallest answer budget a run may get."""
         return min(self.reply_tokens, MIN_REPLY_TOKENS)
 
+    @property
+    def input_room(self) -> int:
+        """Tokens left for an input after the prefix, a turn's template and the smallest answer."""
+        return (
+            self.max_context_len
+            - self.prefix_tokens
+            - self.extra_tokens
+            - TURN_TEMPLATE_TOKENS
+            - self.floor
+        )
+
     def reply_for(self, base_tokens: int, input_tokens: int) -> int | None:
         """Return the answer budget left after base_tokens and the input (None: below floor)."""
         left = self.max_context_len - base_tokens - input_tokens - self.extra_tokens
@@ -241,9 +301,11 @@ def plan_run(
 ) -> RunPlan:
     """Plan the cheapest run that answers the last input of messages.
 
-    When the context is tight, turns before the current exchange (a tool call's
-    question) are given up first, then the answer budget shrinks (down to a floor);
-    only then is the request refused.
+    When the KV holds another conversation (or none), the run clears it and sends
+    the earlier turns again as turns, the new input last. When the context is
+    tight, turns before the current exchange (a tool call's question) are given
+    up first, then the answer budget shrinks (down to a floor); only then is the
+    request refused.
     """
     history, new = pending_input(messages)
     new_tokens = estimate_tokens(new.text)
@@ -257,35 +319,33 @@ def plan_run(
         else None
     )
     if reuse_reply == budget.reply_tokens:
-        return RunPlan(_input_role(new), new.text, True, reuse_reply)
+        return _kept_plan(new, reuse_reply)
     candidates = _history_candidates(trim_history(history, max_history))
     exchange = _current_exchange(history, new)
     # 1. a full answer, giving up turns before the current exchange only
     for kept in candidates:
         if len(kept) < exchange:
             break
-        reply = budget.reply_for(
-            budget.prefix_tokens, estimate_tokens(fold_history(kept, new))
-        )
+        plan = _fresh_plan(kept, new, history, budget.reply_tokens)
+        reply = budget.reply_for(budget.prefix_tokens, estimate_tokens(plan.text()))
         if reply == budget.reply_tokens:
-            return _fresh_plan(kept, new, history, reply)
+            return plan
     # 2. the KV as it is, with a shorter answer
     if reuse_reply is not None:
-        return RunPlan(_input_role(new), new.text, True, reuse_reply)
+        return _kept_plan(new, reuse_reply)
     # 3. only the current exchange (then not even that), with a shorter answer
     for kept in candidates:
         if len(kept) > exchange:
             continue
-        reply = budget.reply_for(
-            budget.prefix_tokens, estimate_tokens(fold_history(kept, new))
-        )
+        plan = _fresh_plan(kept, new, history, budget.reply_tokens)
+        reply = budget.reply_for(budget.prefix_tokens, estimate_tokens(plan.text()))
         if reply is not None:
-            return _fresh_plan(kept, new, history, reply)
+            return replace(plan, max_new_tokens=reply)
     raise PromptTooLong(budget, new_tokens)
 
 
 def _history_candidates(history: list[Message]) -> list[list[Message]]:
-    """Histories to fold, longest first: dropping from the front, starting at a user."""
+    """Histories to re-send, longest first: dropping from the front, starting at a user."""
     candidates: list[list[Message]] = []
     for start in range(len(history) + 1):
         kept = history[start:]
@@ -304,15 +364,38 @@ def _current_exchange(history: list[Message], new: Message) -> int:
     return 0
 
 
+def _kept_plan(new: Message, reply: int) -> RunPlan:
+    """Send only the new input: the KV holds the conversation before it."""
+    role = _input_role(new)
+    return RunPlan(role, new.text, True, reply, request=role)
+
+
 def _fresh_plan(
     kept: list[Message], new: Message, history: list[Message], reply: int
 ) -> RunPlan:
+    """Send the kept turns again as turns, then the new input, on a cleared KV.
+
+    A tool result after earlier turns is written in its tags inside the user run
+    that carries them; alone it is sent as a tool run.
+    """
+    request = _input_role(new)
+    if not kept:
+        return RunPlan(
+            request,
+            new.text,
+            reuse_history=False,
+            max_new_tokens=reply,
+            dropped_messages=len(history),
+            request=request,
+        )
     return RunPlan(
-        _input_role(new) if not kept else "user",
-        fold_history(kept, new),
+        "user",
+        tool_response(new.text) if request == "tool" else new.text,
         reuse_history=False,
         max_new_tokens=reply,
         dropped_messages=len(history) - len(kept),
+        history=templated_history(kept),
+        request=request,
     )
 
 

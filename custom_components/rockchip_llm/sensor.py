@@ -28,6 +28,7 @@ from .agent import Agent
 from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
 from .entity import ready_subentries
 from .host.prompt_cache import CacheEntry
+from .prefix_report import prefix_attributes
 from .remote import RuntimeHost
 from .status import AgentStatusEntity, last_run
 
@@ -67,9 +68,15 @@ def _cache_attributes(agent: Agent) -> Mapping[str, Any]:
 
 
 def _prompt_tokens(agent: Agent) -> int | None:
-    """Tokens of the system prompt and tools, as counted by the cache build."""
+    """Tokens of the system prompt and tools, as counted by the cache build.
+
+    Without a cache because the prefix does not fit: the count that says so.
+    """
     cache = _system_cache(agent)
-    return cache.metadata.tokens if cache and cache.metadata else None
+    if cache and cache.metadata:
+        return cache.metadata.tokens
+    fit = agent.system_cache.fit if agent.system_cache else None
+    return fit.tokens if fit and not fit.fits else None
 
 
 def _context_use(agent: Agent) -> float | None:
@@ -136,6 +143,7 @@ SENSORS: Final = (
         state_class=SensorStateClass.MEASUREMENT,
         suggested_display_precision=0,
         value_fn=_context_use,
+        attributes_fn=prefix_attributes,
         chat_only=True,
     ),
     AgentSensorDescription(

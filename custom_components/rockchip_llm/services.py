@@ -27,11 +27,13 @@ from homeassistant.helpers.service import (
 from homeassistant.util.hass_dict import HassKey
 from homeassistant.util.yaml import load_yaml_dict
 
+from .action_checks import check_cache_prompt_fits, check_question_fits
 from .const import CONF_MODEL, CONF_PROMPT, DOMAIN, SYSTEM_CACHE_NAME
 from .errors import generation_failed, refuse_nul
 from .ha_compat import vol
 from .host.prompt_cache import (
     CACHE_NAME_PATTERN,
+    CacheBudgetExceeded,
     CacheEntry,
     CacheError,
     CacheTooLong,
@@ -200,11 +202,20 @@ def _entry_json(entry: CacheEntry) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _build_errors(model: str) -> Iterator[None]:
-    """Report a failed cache build of model with a translated error."""
+    """Report a failed cache build of model with a translated error.
+
+    A cache the disk budget cannot take, or a prompt the context may not hold,
+    is the caller's (a validation error); anything else is an internal failure.
+    """
     try:
         yield
     except (RKLLMError, CacheError) as err:
-        raise cache_build_error(HomeAssistantError, model, err) from err
+        kind = (
+            ServiceValidationError
+            if isinstance(err, (CacheBudgetExceeded, CacheTooLong))
+            else HomeAssistantError
+        )
+        raise cache_build_error(kind, model, err) from err
 
 
 async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
@@ -303,6 +314,7 @@ async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
     system_prefix = agent.system_cache.prefix if agent.system_cache else None
     tools = system_prefix.tools_json if system_prefix is not None else NO_TOOLS
     prefix = SystemPrefix(prompt=call.data[CONF_PROMPT], tools_json=tools)
+    check_cache_prompt_fits(agent.session, name, prefix)
     with _build_errors(agent.session.name):
         entry = await agent.session.async_build_cache(
             prefix, name, SERVICE_CREATE_CACHE
@@ -329,6 +341,13 @@ async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
     prefix, cache = system_cache.prefix, system_cache.cache
     if prefix is None or cache is None:
         raise _validation_error("cache_not_ready", agent=call.data[ATTR_AGENT])
+    check_question_fits(
+        agent.session,
+        call.data[ATTR_AGENT],
+        cache,
+        call.data[ATTR_QUESTION],
+        agent.settings.max_new_tokens,
+    )
     try:
         result = await agent.session.async_benchmark(
             prefix,

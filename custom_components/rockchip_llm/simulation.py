@@ -1,7 +1,7 @@
 """The development simulator in what the user sees (no Home Assistant imports).
 
 Whether a library is the simulator is read from its file
-(:func:`~.rkllm.library.file_is_simulator`); everything the user sees says so.
+(:func:`~.host.rkllm.library.file_is_simulator`); everything the user sees says so.
 """
 
 from typing import Final

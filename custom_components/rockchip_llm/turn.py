@@ -200,9 +200,7 @@ class Conversation:
         plan, prefix_tokens, exact_cache = self._plan(
             self._messages(source), extra, strategy
         )
-        prompt = f"{plan.prompt}\n\n{instructions}" if instructions else plan.prompt
-        if volatile and plan.role == "user":
-            prompt = f"{volatile}\n\n{prompt}"
+        prompt = plan.text(volatile=volatile, instructions=instructions)
         generation = held.generation(
             RunRequest(
                 prompt=prompt,

@@ -9,7 +9,7 @@ three ways:
 - ours: the integration's default (history_strategy auto: system prompt cache plus
   history reuse in the KV cache);
 - full_prompt: the official demos' pattern (history_strategy off: no prompt cache,
-  the whole prompt with the folded history is prefilled every turn);
+  the whole prompt with the history re-sent as turns is prefilled every turn);
 - cache_per_conversation: rkllama's pattern, driven directly on the binding
   (keep_history=0, one prompt cache file per conversation, saved on every run and
   loaded before the next, the whole templated conversation sent every turn).

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 from collections.abc import Sequence
+import ctypes
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,8 @@ import sys
 import tempfile
 
 from .harness import new_hass_event_loop
+from .homes import async_prefix_figures, figures_json, print_prefix_table
+from .qwen3 import load_qwen3
 from .report import print_report, to_json, write_plot
 from .run import async_benchmark, async_one_startup
 from .scenario import (
@@ -170,8 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(start))
             return 0
         report = loop_runner.run(async_benchmark(settings, work_dir))
-    data = to_json(report)
+        count = ctypes.CDLL(str(SIM_LIBRARIES[settings.abi])).rkllm_sim_count_tokens
+        count.argtypes = [ctypes.c_char_p]
+        homes = loop_runner.run(
+            async_prefix_figures(load_qwen3(), lambda text: count(text.encode()))
+        )
+    data = to_json(report) | {"prefix_per_home": figures_json(homes)}
     print_report(data)
+    print_prefix_table(homes)
     if settings.json_path is not None:
         settings.json_path.write_text(
             json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

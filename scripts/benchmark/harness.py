@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 from dataclasses import dataclass
 import json
+import os
 from pathlib import Path
 import socket
 import time
@@ -97,8 +98,8 @@ async def home_assistant(config_dir: Path) -> AsyncIterator[HomeAssistant]:
             await hass.async_stop(force=True)
 
 
-async def async_setup_home(hass: HomeAssistant) -> list[Any]:
-    """Create areas and 30 exposed entities, load Assist intents, mock light.turn_on."""
+async def async_setup_assist(hass: HomeAssistant) -> None:
+    """Set up what Assist needs: conversation (on a free loopback port), intents."""
     assert await async_setup_component(hass, "homeassistant", {})
     # conversation needs http, which would serve on 8123 (a dev instance's port).
     assert await async_setup_component(
@@ -108,6 +109,11 @@ async def async_setup_home(hass: HomeAssistant) -> list[Any]:
     )
     assert await async_setup_component(hass, "conversation", {})
     assert await async_setup_component(hass, "intent", {})
+
+
+async def async_setup_home(hass: HomeAssistant) -> list[Any]:
+    """Create areas and 30 exposed entities, load Assist intents, mock light.turn_on."""
+    await async_setup_assist(hass)
     areas = ar.async_get(hass)
     entities = er.async_get(hass)
     for area_name, specs in HOME.items():
@@ -265,6 +271,15 @@ def system_cache(entry: MockConfigEntry) -> CacheMetadata | None:
     """Return the metadata of the system cache the entry's model has loaded."""
     cache = _only_agent(entry).session.loaded_cache
     return cache.metadata if cache else None
+
+
+def worker_cpu_ms(entry: MockConfigEntry) -> float:
+    """Return the CPU time (user + system, ms) the entry's worker process used so far."""
+    pid = _only_agent(entry).session.worker.pid
+    assert pid is not None
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def runs_from_now(entry: MockConfigEntry) -> Callable[[], RunTotals]:

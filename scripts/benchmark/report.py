@@ -8,26 +8,40 @@ import platform
 import statistics
 from typing import Any
 
-from custom_components.rockchip_llm.const import (
-    AGENT_OPTION_DEFAULTS,
-    CONF_MAX_CONTEXT_LEN,
-)
 from homeassistant.const import __version__ as HA_VERSION
 
 from .results import HandleTimes, OverheadSample, Report, TurnResult
-from .scenario import HANDLES, HOME, SIM_LIBRARIES, STRATEGIES, WORKER_TARGETS, Turn
+from .scenario import (
+    HANDLES,
+    HOME,
+    MODEL_CONTEXT_LIMIT,
+    OVERHEAD_TARGETS,
+    SIM_LIBRARIES,
+    STRATEGIES,
+    WORKER_TARGETS,
+    Turn,
+)
 
 
 def fit_overhead(
-    samples: list[OverheadSample], value: Callable[[OverheadSample], float]
+    samples: list[OverheadSample],
+    value: Callable[[OverheadSample], float],
+    center: Callable[[list[float]], float] = statistics.median,
 ) -> tuple[float, float]:
-    """Least squares of value = a + b * generated tokens: (ms per request, µs per token)."""
-    xs = [float(sample.generate_tokens) for sample in samples]
-    ys = [value(sample) for sample in samples]
-    if len(set(xs)) < 2:
-        mean = statistics.fmean(ys)
-        return mean, 0.0
-    slope, intercept = statistics.linear_regression(xs, ys)
+    """Line value = a + b * generated tokens through the medians per reply length.
+
+    Returns (ms per request, µs per token). Medians, not a least-squares fit of
+    every sample: on a loaded machine a few requests wait far longer for a CPU.
+    (center=statistics.fmean for coarse values, like CPU ticks, that only add up.)
+    """
+    groups: dict[int, list[float]] = {}
+    for sample in samples:
+        groups.setdefault(sample.generate_tokens, []).append(value(sample))
+    if len(groups) < 2:
+        return center([value(sample) for sample in samples]), 0.0
+    lengths = sorted(groups)
+    medians = [center(groups[length]) for length in lengths]
+    slope, intercept = statistics.linear_regression(lengths, medians)
     return intercept, slope * 1000
 
 
@@ -39,6 +53,68 @@ def outside_sim(sample: OverheadSample) -> float:
 def outside_prefill(sample: OverheadSample) -> float:
     """Wall time minus the simulator's prefill time (decode loop callbacks kept)."""
     return sample.wall_ms - sample.prefill_ms
+
+
+def overhead_vs_reference(report: Report) -> dict[str, Any]:
+    """Ours and the reference agent per request and per token, and the difference.
+
+    The difference per request is also given as a ratio to HA's own rendering of
+    the prompt (async_provide_llm_data), which every LLM agent pays: a measure that
+    scales with the machine, unlike an absolute time.
+    """
+    ours = fit_overhead(report.overhead, outside_prefill) if report.overhead else None
+    theirs = (
+        fit_overhead(report.reference, lambda sample: sample.wall_ms)
+        if report.reference
+        else None
+    )
+    difference = (ours[0] - theirs[0], ours[1] - theirs[1]) if ours and theirs else None
+
+    def fit(values: tuple[float, float] | None) -> dict[str, float | None]:
+        return {
+            "ms_per_request": _round(values[0], 3) if values else None,
+            "us_per_token": _round(values[1], 2) if values else None,
+        }
+
+    cpu = _cpu_vs_reference(report)
+    return {
+        "ours": fit(ours),
+        "reference": fit(theirs),
+        "ours_minus_reference": fit(difference),
+        "ha_render_ms": _round(report.ha_prompt_ms, 3),
+        "ratio_to_ha_render": _round(difference[0] / report.ha_prompt_ms, 2)
+        if difference and report.ha_prompt_ms > 0
+        else None,
+        "targets": OVERHEAD_TARGETS,
+        "cpu": {
+            "ours_minus_reference": fit(cpu[0]),
+            "worker_process": fit(cpu[1]),
+            "ha_render_ms": _round(report.ha_prompt_cpu_ms, 3),
+            "ratio_to_ha_render": _round(cpu[0][0] / report.ha_prompt_cpu_ms, 2)
+            if cpu[0] and report.ha_prompt_cpu_ms > 0
+            else None,
+            "method": (
+                "CPU time instead of wall time (time.process_time of HA's process, "
+                "all threads; the worker process from /proc, 10 ms ticks, hence means): "
+                "what ours costs whatever else the machine runs; the worker's includes "
+                "the simulator's own work"
+            ),
+        },
+    }
+
+
+def _cpu_vs_reference(
+    report: Report,
+) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """HA process CPU of ours minus the reference's, and the worker's CPU (per fit)."""
+    if not report.overhead or not report.reference:
+        return None, None
+    ours = fit_overhead(report.overhead, lambda sample: sample.cpu_ms)
+    theirs = fit_overhead(report.reference, lambda sample: sample.cpu_ms)
+    worker = fit_overhead(
+        report.overhead, lambda sample: sample.worker_cpu_ms, statistics.fmean
+    )
+    return (ours[0] - theirs[0], ours[1] - theirs[1]), worker
 
 
 def handle_costs(times: HandleTimes) -> dict[str, float | int | None]:
@@ -158,9 +234,9 @@ def to_json(report: Report) -> dict[str, Any]:
     with_tools = total_new + report.tool_result_tokens
     prefill_ratio = total_prefill / with_tools if with_tools else None
     samples = report.overhead
-    per_request, per_token = (
-        fit_overhead(samples, outside_prefill) if samples else (0.0, 0.0)
-    )
+    vs_reference = overhead_vs_reference(report)
+    per_request = vs_reference["ours_minus_reference"]["ms_per_request"]
+    per_token = vs_reference["ours_minus_reference"]["us_per_token"]
     perf_request, perf_token = (
         fit_overhead(samples, outside_sim) if samples else (0.0, 0.0)
     )
@@ -178,7 +254,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "calibration": "RK3588, Qwen3-0.6B w8a8 (published rknn-llm figures)",
         "prefill_ms_per_token": settings.prefill_ms,
         "decode_ms_per_token": settings.decode_ms,
-        "max_context_len": AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        "max_context_len": MODEL_CONTEXT_LIMIT,
         "exposed_entities": sum(len(specs) for specs in HOME.values()),
         "areas": len(HOME),
         "tools": report.tools,
@@ -234,8 +310,8 @@ def to_json(report: Report) -> dict[str, Any]:
         "strategies": {
             "ours": "history_strategy auto: system prompt cache + KV history reuse",
             "full_prompt": (
-                "history_strategy off: no prompt cache, keep_history=0, history folded "
-                "into the prompt, full prefill every turn (the official demos' pattern)"
+                "history_strategy off: no prompt cache, keep_history=0, history re-sent as "
+                "turns in the prompt, full prefill every turn (the official demos' pattern)"
             ),
             "cache_per_conversation": (
                 "rkllama's pattern on the binding: keep_history=0, the whole templated "
@@ -250,18 +326,23 @@ def to_json(report: Report) -> dict[str, Any]:
         "overhead_method": (
             f"zero simulator delays, {len(samples)} requests in new conversations "
             f"through async_converse, alternating a 2-token and a "
-            f"{settings.overhead_reply_tokens}-token reply; least squares of "
-            "(wall time - perf prefill_time_ms) = a + b * generated tokens. "
-            "perf generate_time_ms is not subtracted: at zero delay it is the time "
-            "spent in our ctypes callback, which is integration overhead"
+            f"{settings.overhead_reply_tokens}-token reply, to ours and (taking turns) "
+            "to the reference agent (scripts/benchmark/reference.py: the same chat-log "
+            "calls and prompt, the same reply streamed token by token, no model); "
+            "wall time = a + b * streamed tokens through the medians per reply "
+            "length, for each (ours: "
+            "minus perf prefill_time_ms; perf generate_time_ms is not subtracted: at "
+            "zero delay it is the time spent in our ctypes callback, which is "
+            "integration overhead); overhead = ours - reference"
         ),
+        "overhead_vs_reference": vs_reference,
         "overhead_breakdown_ms_per_request": {
             "ha_async_provide_llm_data": _round(report.ha_prompt_ms, 3),
             "ours_tools_json": _round(report.tools_json_ms, 3),
-            "rest": _round(per_request - report.ha_prompt_ms - report.tools_json_ms, 3),
             "method": (
                 "medians of separate timings of the same calls, see "
-                "async_prompt_costs in scripts/benchmark/strategies.py"
+                "async_prompt_costs in scripts/benchmark/strategies.py; both agents "
+                "pay HA's, only ours pays tools_json"
             ),
         },
         "overhead_excluding_perf_generate_time": {
@@ -293,6 +374,10 @@ def to_json(report: Report) -> dict[str, Any]:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "homeassistant": HA_VERSION,
+            "load_average_1_5_15_min": {
+                when: [round(value, 2) for value in load]
+                for when, load in report.load_average.items()
+            },
         },
     }
     return {
@@ -308,9 +393,35 @@ def to_json(report: Report) -> dict[str, Any]:
         "prefill_ratio": _round(prefill_ratio, 3),
         "overhead_ms_per_request": _round(per_request, 3),
         "overhead_us_per_token": _round(per_token, 2),
+        "overhead_ratio_to_ha_render": vs_reference["ratio_to_ha_render"],
         "worker_overhead": worker_overhead(report),
         "host_hop": host_hop(report),
         "startup": report.startup,
+        "interleaved": interleaved(report),
+    }
+
+
+def interleaved(report: Report) -> dict[str, Any] | None:
+    """Return the interleaved section: a switched-back follow-up next to a kept one."""
+    if not report.interleaved:
+        return None
+    return {
+        **{
+            name: {
+                "ttft_ms": _round(result.ttft_ms),
+                "prefill_tokens": result.prefill_tokens,
+                "prefill_ms": _round(result.prefill_ms),
+                "history_reused": result.history_reused,
+                "reply": result.reply,
+            }
+            for name, result in report.interleaved.items()
+        },
+        "method": (
+            "ours (history_strategy auto): conversation A asks the dialogue's first "
+            "three questions, conversation B one; A's next follow-up finds B in the "
+            "KV (switched_back: the KV is cleared to the system cache and A's turns "
+            "are sent again as turns), A's follow-up after it continues the KV (kept)"
+        ),
     }
 
 
@@ -375,20 +486,38 @@ def print_report(data: dict[str, Any]) -> None:
     print(f"{'total':>5} {sum(conditions['new_tokens_per_turn']):>4}{totals}")
     if any(not flag for flag in reused[1:]):
         print(
-            "! ours did not continue the KV: reset to the system cache, history folded"
+            "! ours did not continue the KV: reset to the system cache, history re-sent"
         )
 
-    breakdown = conditions["overhead_breakdown_ms_per_request"]
     print(
         f"\nprefill_ratio (ours) {data['prefill_ratio']} (new = user turns + the "
         f"{conditions['tool_result_turn_tokens']}-token tool result; "
         f"{conditions['prefill_ratio_user_turns_only']} over user turns alone)"
     )
+    versus = conditions["overhead_vs_reference"]
+    print("\nOverhead against the reference agent (zero delays, medians)")
+    print(f"{'':>22}{'ours':>12}{'reference':>12}{'overhead':>12}")
+    for label, key in (
+        ("ms per request", "ms_per_request"),
+        ("µs per token", "us_per_token"),
+    ):
+        cells = "".join(
+            f"{_cell(versus[name][key], 3):>12}"
+            for name in ("ours", "reference", "ours_minus_reference")
+        )
+        print(f"{label:>22}{cells}")
     print(
-        f"overhead {data['overhead_ms_per_request']} ms/request "
-        f"(HA async_provide_llm_data {breakdown['ha_async_provide_llm_data']} ms, "
-        f"our tools_json {breakdown['ours_tools_json']} ms, rest {breakdown['rest']} ms), "
-        f"{data['overhead_us_per_token']} µs/token"
+        f"HA's own prompt rendering (async_provide_llm_data) {versus['ha_render_ms']} ms: "
+        f"overhead = {data['overhead_ratio_to_ha_render']} x that; our tools_json "
+        f"{conditions['overhead_breakdown_ms_per_request']['ours_tools_json']} ms"
+    )
+    cpu = versus["cpu"]
+    print(
+        f"In CPU time: overhead {cpu['ours_minus_reference']['ms_per_request']} ms/request "
+        f"(HA's rendering {cpu['ha_render_ms']} ms: {cpu['ratio_to_ha_render']} x), "
+        f"{cpu['ours_minus_reference']['us_per_token']} µs/token in HA's process; "
+        f"the worker process {cpu['worker_process']['ms_per_request']} ms/request, "
+        f"{cpu['worker_process']['us_per_token']} µs/token"
     )
 
     for case, label in (("without_cache", "without"), ("with_cache", "with")):
@@ -399,6 +528,19 @@ def print_report(data: dict[str, Any]) -> None:
                 f"{start['ha_start_to_ready_ms']} ms (entry setup "
                 f"{start['entry_setup_ms']} ms, cache {how}, "
                 f"{start['cache_bytes']} bytes)"
+            )
+
+    if (mixed := data.get("interleaved")) is not None:
+        print("\nTwo conversations on one model (ours): follow-ups of conversation A")
+        print(f"{'':>26}{'TTFT ms':>9}{'prefilled':>11}{'prefill ms':>12}")
+        for key, label in (
+            ("switched_back", "after B (turns re-sent)"),
+            ("kept", "continuing the KV"),
+        ):
+            row = mixed[key]
+            print(
+                f"{label:>26}{_cell(row['ttft_ms']):>9}{row['prefill_tokens']:>11}"
+                f"{_cell(row['prefill_ms']):>12}"
             )
 
     worker = data["worker_overhead"]
@@ -437,8 +579,14 @@ def print_report(data: dict[str, Any]) -> None:
     print("\nTargets (reported, not asserted)")
     print(f"  cached TTFT ≤ 60 ms (ours, follow-up mean): {_verdict(followup, 60)}")
     print(f"  prefill_ratio ≤ 1.05: {_verdict(data['prefill_ratio'], 1.05)}")
-    print(f"  overhead ≤ 2 ms/request: {_verdict(data['overhead_ms_per_request'], 2)}")
-    print(f"  overhead ≤ 100 µs/token: {_verdict(data['overhead_us_per_token'], 100)}")
+    print(
+        "  overhead ≤ HA's prompt rendering per request: "
+        f"{_verdict(data['overhead_ratio_to_ha_render'], OVERHEAD_TARGETS['ratio_to_ha_render'])}"
+    )
+    print(
+        "  overhead ≤ 100 µs/token: "
+        f"{_verdict(data['overhead_us_per_token'], OVERHEAD_TARGETS['us_per_token'])}"
+    )
     if worker is not None:
         for key, unit in (
             ("us_per_token", "µs/token"),

@@ -34,6 +34,10 @@ class OverheadSample:
     prefill_ms: float
     generate_ms: float
     generate_tokens: int
+    cpu_ms: float = 0.0
+    """CPU time of Home Assistant's process (all its threads) during the request."""
+    worker_cpu_ms: float = 0.0
+    """CPU time of the worker process during the request (10 ms ticks: sum many)."""
 
 
 @dataclass(slots=True)
@@ -60,7 +64,12 @@ class Report:
     tool_result_tokens: int = 0
     turns: dict[str, list[TurnResult]] = field(default_factory=dict)
     overhead: list[OverheadSample] = field(default_factory=list)
+    reference: list[OverheadSample] = field(default_factory=list)
+    """The reference agent's requests, taking turns with the overhead phase's."""
+    load_average: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    """os.getloadavg() at the "start" and the "end" of the run."""
     ha_prompt_ms: float = 0.0
+    ha_prompt_cpu_ms: float = 0.0
     tools_json_ms: float = 0.0
     tool_calls_executed: int = 0
     startup: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -71,3 +80,5 @@ class Report:
     host_hello_ms: dict[str, float] = field(default_factory=dict)
     """Connecting to each host and its hello, once per connection."""
     """The worker phase: "in_process" and "worker"."""
+    interleaved: dict[str, TurnResult] = field(default_factory=dict)
+    """Two conversations on one model: "switched_back" and "kept" follow-ups."""

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .harness import (
     home_assistant,
 )
 from .host_hop import async_measure_host_links
+from .reference import async_add_reference
 from .results import Report
 from .scenario import (
     MODEL_NAME,
@@ -31,10 +33,12 @@ from .scenario import (
     user_turn_text,
     write_model,
     zero_model_file,
+    zero_model_replies,
 )
 from .strategies import (
     async_cache_per_conversation,
     async_ha_dialogue,
+    async_interleaved,
     async_overhead,
     async_prompt_costs,
     async_startup,
@@ -52,6 +56,7 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
     report = Report(settings=settings, dialogue=dialogue)
     models_dir = work_dir / "models"
     model_path = write_model(models_dir, MODEL_NAME, settings.model_file())
+    report.load_average["start"] = os.getloadavg()
     zero_models_dir = work_dir / "zero_models"
     write_model(
         zero_models_dir,
@@ -112,6 +117,9 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             if sent:
                 report.tool_result_tokens = count(tool_turn_text(tool_result))
 
+            _LOGGER.info("Interleaved conversations (ours)")
+            report.interleaved = await async_interleaved(hass, ours, dialogue)
+
             _LOGGER.info("Strategy full_prompt (history_strategy off)")
             report.turns["full_prompt"] = await async_ha_dialogue(hass, full, dialogue)
 
@@ -130,12 +138,19 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             _LOGGER.info(
                 "Overhead: %d requests per reply length", settings.overhead_requests
             )
-            report.overhead = await async_overhead(
-                hass, zero, settings.overhead_requests
+            reference = await async_add_reference(
+                hass,
+                next(iter(zero.entry.subentries.values())).data,
+                zero_model_replies(settings.overhead_reply_tokens),
             )
-            report.ha_prompt_ms, report.tools_json_ms = await async_prompt_costs(
-                hass, zero.entry, settings.overhead_requests
+            report.overhead, report.reference = await async_overhead(
+                hass, zero, reference, settings.overhead_requests
             )
+            (
+                report.ha_prompt_ms,
+                report.ha_prompt_cpu_ms,
+                report.tools_json_ms,
+            ) = await async_prompt_costs(hass, zero.entry, settings.overhead_requests)
             report.tool_calls_executed = len(light_calls)
 
             _LOGGER.info(
@@ -165,6 +180,7 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
         report.startup[case] = await async_startup(
             library_path, models_dir, startup_cache, work_dir / f"config_{case}"
         )
+    report.load_average["end"] = os.getloadavg()
     built, again = report.startup["without_cache"], report.startup["with_cache"]
     # The second start must load the first one's cache, not build a new one.
     again["cache_loaded"] = again.pop("cache_created_at") == built.pop(

@@ -5,10 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from custom_components.rockchip_llm.const import (
-    AGENT_OPTION_DEFAULTS,
-    CONF_MAX_CONTEXT_LEN,
-)
 from custom_components.rockchip_llm.run_planner import SystemPrefix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +20,9 @@ RK3588_DECODE_MS = 30.4
 QWEN3_06B_KV_BYTES_PER_TOKEN = 114688
 """28 layers x 8 KV heads x 128 dims x 2 (K and V) x fp16: 112 KB per token."""
 
+MODEL_CONTEXT_LIMIT = 4096
+"""The simulated models are built for 4,096 tokens (rkllm-toolkit's common choice);
+the agents follow that limit (their default context length)."""
 STRATEGIES = ("ours", "full_prompt", "cache_per_conversation")
 MODEL_NAME = "Qwen3-0.6B RK3588 (simulated)"
 ZERO_MODEL_NAME = "Zero delay (simulated)"
@@ -31,6 +30,9 @@ WORKER_MODEL_NAME = "Zero delay, worker phase (simulated)"
 HANDLES = ("in_process", "worker")
 """RKLLMModel (the binding on a thread of this process) and WorkerModel."""
 WORKER_TARGETS = {"us_per_token": 100.0, "ms_per_request": 1.0}
+# Our overhead (ours minus the reference agent): per request at most HA's own prompt
+# rendering time (a ratio, so it holds on any machine), per token at most 100 µs.
+OVERHEAD_TARGETS = {"ratio_to_ha_render": 1.0, "us_per_token": 100.0}
 """Issue 11: what the worker process may add per streamed token and per request."""
 
 # The simulator's Qwen chat template (tests/rkllm_sim/README.md, "Chat template").
@@ -222,44 +224,49 @@ def model_file(
 ) -> str:
     """Return the simulated model: calibrated delays and the dialogue's answers.
 
-    The replies match substrings of the raw prompt, and strategies that fold or
-    re-send the history put earlier questions into it too. The rules are therefore
-    listed from the last turn to the first, so the newest question wins; the tool
-    answer sits just before the tool question for the same reason (role tool for
-    ours, "Tool result:" for the folded history of full_prompt, "<tool_response>"
-    for the re-templated conversation of cache_per_conversation).
+    The simulator answers the latest request of the conversation it reads (a tool
+    result for the latest call gets the tool rule), however each strategy sends
+    the history, so one rule per question serves all of them.
     """
     lines = [
         "RKLLM-SIM 1",
-        f"max_context_limit {AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN]}",
+        f"max_context_limit {MODEL_CONTEXT_LIMIT}",
         f"prefill_ms_per_token {prefill_ms}",
         f"decode_ms_per_token {decode_ms}",
         f"cache_bytes_per_token {cache_bytes_per_token}",
         f"reply tool * => {TOOL_ANSWER}",
     ]
-    for turn in reversed(dialogue):
-        if turn.tool_call:
-            lines += [
-                f"reply user <tool_response> => {TOOL_ANSWER}",
-                f"reply user Tool result: => {TOOL_ANSWER}",
-            ]
-        lines.append(f"reply user {turn.question.rstrip('?.!')} => {turn.answer}")
+    lines += [
+        f"reply user {turn.question.rstrip('?.!')} => {turn.answer}"
+        for turn in dialogue
+    ]
     lines.append(f"default => {DEFAULT_ANSWER}")
     return "\n".join(lines) + "\n"
 
 
+def zero_model_replies(reply_tokens: int) -> dict[str, str]:
+    """Return the replies of the overhead phase by question (a short and a long one)."""
+    return {
+        "short request": "OK.",
+        # One simulator token per word: letters only (a digit is a token of its own).
+        "long request": " ".join(
+            "word" + chr(97 + index // 26 % 26) + chr(97 + index % 26)
+            for index in range(reply_tokens)
+        ),
+    }
+
+
 def zero_model_file(reply_tokens: int) -> str:
     """Return the zero-delay model of the overhead phase."""
-    long_reply = " ".join(f"word{index}" for index in range(reply_tokens))
+    replies = zero_model_replies(reply_tokens)
     return (
         "\n".join(
             (
                 "RKLLM-SIM 1",
-                f"max_context_limit {AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN]}",
+                f"max_context_limit {MODEL_CONTEXT_LIMIT}",
                 "prefill_ms_per_token 0",
                 "decode_ms_per_token 0",
-                "reply user short request => OK.",
-                f"reply user long request => {long_reply}",
+                *(f"reply user {text} => {reply}" for text, reply in replies.items()),
                 "default => OK.",
             )
         )

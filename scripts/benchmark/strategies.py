@@ -8,10 +8,12 @@ from typing import Any
 
 from pytest_homeassistant_custom_component.common import MockConfigEntry, mock_storage  # type: ignore[import-untyped]
 
-from custom_components.rockchip_llm.agent_prefix import request_chat_log, tools_json
+from custom_components.rockchip_llm.agent_prefix import (
+    prefix_from_chat_log,
+    request_chat_log,
+)
 from custom_components.rockchip_llm.const import (
     AGENT_OPTION_DEFAULTS,
-    CONF_MAX_CONTEXT_LEN,
     CONF_MAX_NEW_TOKENS,
     CONF_PROMPT,
     HistoryStrategy,
@@ -39,11 +41,14 @@ from .harness import (
     async_stream,
     home_assistant,
     system_cache,
+    worker_cpu_ms,
 )
+from .reference import ReferenceAgent
 from .results import HandleTimes, OverheadSample, TurnResult
 from .scenario import (
     ASSISTANT_START,
     HANDLES,
+    MODEL_CONTEXT_LIMIT,
     MODEL_NAME,
     NO_THINK,
     TURN_END,
@@ -67,6 +72,28 @@ async def async_ha_dialogue(
         )
         results.append(result)
     return results
+
+
+async def async_interleaved(
+    hass: HomeAssistant, agent: BenchAgent, dialogue: list[Turn]
+) -> dict[str, TurnResult]:
+    """Two conversations on one model: a follow-up that switched back, one that kept the KV.
+
+    Conversation A asks the dialogue's first three questions, then B asks one, so
+    A's next follow-up finds B in the KV ("switched_back": its turns are sent
+    again); A's follow-up after that continues the KV ("kept").
+    """
+
+    def question(index: int) -> str:
+        return dialogue[index % len(dialogue)].question
+
+    first: str | None = None
+    for index in range(3):
+        first, _result = await async_converse_timed(hass, agent, question(index), first)
+    await async_converse_timed(hass, agent, question(0), None)
+    _id, switched_back = await async_converse_timed(hass, agent, question(3), first)
+    _id, kept = await async_converse_timed(hass, agent, question(4), first)
+    return {"switched_back": switched_back, "kept": kept}
 
 
 # cache_per_conversation, on the binding
@@ -95,7 +122,7 @@ async def async_cache_per_conversation(
     model = RKLLMModel(library, "cache_per_conversation")
     params = ModelParams(
         model_path=model_path,
-        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
+        max_context_len=MODEL_CONTEXT_LIMIT,
         max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_NEW_TOKENS],
     )
     cache_path = work_dir / "conversation.bin"
@@ -153,53 +180,74 @@ async def async_cache_per_conversation(
 
 
 async def async_overhead(
-    hass: HomeAssistant, agent: BenchAgent, requests: int
-) -> list[OverheadSample]:
-    """Zero-delay requests, alternating a 2-token and a long reply (new conversations)."""
-    samples: list[OverheadSample] = []
+    hass: HomeAssistant, agent: BenchAgent, reference: ReferenceAgent, requests: int
+) -> tuple[list[OverheadSample], list[OverheadSample]]:
+    """Zero-delay requests to ours and to the reference agent, taking turns.
+
+    Each alternates a 2-token and a long reply, in new conversations; ours and the
+    reference take turns request by request, so load from elsewhere hits both alike.
+    """
+    ours: list[OverheadSample] = []
+    theirs: list[OverheadSample] = []
+    # The reference runs no model: the runtime's figures of its requests are none.
+    bare = BenchAgent(agent.entry, reference.entity_id)
     for index in range(-4, 2 * requests):
         text = "long request" if index % 2 else "short request"
-        _conversation_id, result = await async_converse_timed(hass, agent, text, None)
-        if index < 0:
-            continue  # warm-up
-        samples.append(
-            OverheadSample(
-                wall_ms=result.wall_ms,
-                ttft_ms=result.ttft_ms,
-                prefill_ms=result.prefill_ms,
-                generate_ms=result.generate_ms,
-                generate_tokens=result.generate_tokens,
+        for into, asked in ((ours, agent), (theirs, bare)):
+            cpu, worker_cpu = time.process_time(), worker_cpu_ms(agent.entry)
+            _conversation_id, result = await async_converse_timed(
+                hass, asked, text, None
             )
-        )
-    return samples
+            if index < 0:
+                continue  # warm-up
+            into.append(
+                OverheadSample(
+                    wall_ms=result.wall_ms,
+                    ttft_ms=result.ttft_ms,
+                    prefill_ms=result.prefill_ms,
+                    generate_ms=result.generate_ms,
+                    generate_tokens=result.generate_tokens
+                    if asked is agent
+                    else len(reference.replies[text]),
+                    cpu_ms=(time.process_time() - cpu) * 1000,
+                    worker_cpu_ms=worker_cpu_ms(agent.entry) - worker_cpu,
+                )
+            )
+    return ours, theirs
 
 
 async def async_prompt_costs(
     hass: HomeAssistant, entry: MockConfigEntry, samples: int
-) -> tuple[float, float]:
-    """Median ms of HA rendering the agent's prompt and tools, and of our tools JSON.
+) -> tuple[float, float, float]:
+    """Median ms of HA rendering the agent's prompt and tools (wall, CPU), and of our tools JSON.
 
     Both happen on every request: chat_log.async_provide_llm_data (Home Assistant:
     the Assist API prompt with the exposed entities, the tool objects) and
-    agent_prefix.tools_json (the integration: the tools as the runtime's JSON).
+    agent_prefix.prefix_from_chat_log (the integration: the compact prefix).
     """
     options = next(iter(entry.subentries.values())).data
     provide: list[float] = []
+    provide_cpu: list[float] = []
     tools: list[float] = []
     for _sample in range(samples):
         with request_chat_log(hass) as (llm_context, chat_log):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await chat_log.async_provide_llm_data(
                 llm_context,
                 options.get(CONF_LLM_HASS_API),
                 options.get(CONF_PROMPT),
                 None,
             )
-            rendered = time.perf_counter()
-            tools_json(chat_log.llm_api)
+            rendered, rendered_cpu = time.perf_counter(), time.process_time()
+            prefix_from_chat_log(chat_log)
             provide.append((rendered - started) * 1000)
+            provide_cpu.append((rendered_cpu - cpu) * 1000)
             tools.append((time.perf_counter() - rendered) * 1000)
-    return statistics.median(provide), statistics.median(tools)
+    return (
+        statistics.median(provide),
+        statistics.median(provide_cpu),
+        statistics.median(tools),
+    )
 
 
 # The worker's added cost
@@ -225,8 +273,8 @@ def handle_params(model_path: Path) -> ModelParams:
     """Return the init parameters of the handles whose calls are timed."""
     return ModelParams(
         model_path=model_path,
-        max_context_len=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN],
-        max_new_tokens=AGENT_OPTION_DEFAULTS[CONF_MAX_CONTEXT_LEN] // 2,
+        max_context_len=MODEL_CONTEXT_LIMIT,
+        max_new_tokens=MODEL_CONTEXT_LIMIT // 2,
     )
 
 

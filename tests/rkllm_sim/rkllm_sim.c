@@ -196,6 +196,16 @@ static void handle_free(sim_handle *h)
 
 /* ---- template ----------------------------------------------------------- */
 
+#define TOOLS_INTRO                                                            \
+    "# Tools\n\nYou may call one or more functions to assist with the user "   \
+    "query.\n\nYou are provided with function signatures within "              \
+    "<tools></tools> XML tags:\n"
+#define TOOLS_OUTRO                                                            \
+    "\n\nFor each function call, return a json object with function name and " \
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"         \
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"          \
+    "</tool_call>"
+
 static void build_system_block(const sim_handle *h, strbuf *out)
 {
     switch (h->sys_mode) {
@@ -206,9 +216,10 @@ static void build_system_block(const sim_handle *h, strbuf *out)
         sb_puts(out, "<|im_start|>system\n");
         sb_puts(out, h->system_text ? h->system_text : DEFAULT_SYSTEM);
         if (h->tools_json) {
-            sb_puts(out, "\n\n# Tools\n<tools>\n");
+            /* The words Qwen3's own chat template puts around the tools. */
+            sb_puts(out, "\n\n" TOOLS_INTRO "<tools>\n");
             sb_puts(out, h->tools_json);
-            sb_puts(out, "\n</tools>");
+            sb_puts(out, "\n</tools>" TOOLS_OUTRO);
         }
         sb_puts(out, TURN_END);
         break;
@@ -390,6 +401,8 @@ typedef struct {
     int context_shifts;
     int limit;
     const char *cache_saved;
+    const char *request_role; /* what the model read as the latest request */
+    const char *request;
 } run_report;
 
 static void record_last_run(sim_handle *h, const run_job *job,
@@ -432,6 +445,10 @@ static void record_last_run(sim_handle *h, const run_job *job,
               h->kv.n);
     sb_puts(&b, ", \"prompt_cache_saved\": ");
     sb_json_str(&b, rep->cache_saved);
+    sb_puts(&b, ", \"request_role\": ");
+    sb_json_str(&b, rep->request_role);
+    sb_puts(&b, ", \"request\": ");
+    sb_json_str(&b, rep->request);
     sb_puts(&b, "}");
     free(h->last_run_json);
     h->last_run_json = sb_take(&b);
@@ -518,11 +535,29 @@ static int run_core(sim_handle *h, run_job *job)
         limit = job->max_new_tokens;
     int max_ctx = h->max_context_len;
     int n_keep = h->n_keep;
+    char *tool_tag = sim_xstrdup(h->tool_tag ? h->tool_tag : DEFAULT_TOOL_TAG);
     pthread_mutex_unlock(&h->mu);
 
-    char *reply = sim_model_reply(m, job->role,
-                                  job->prompt ? job->prompt : "",
-                                  job->enable_thinking);
+    /* The model acts on the latest request of the conversation it reads (the
+       whole context), not on the text of this run alone. */
+    char *request_role = NULL, *request = NULL;
+    if (job->input_type == RKLLM_INPUT_PROMPT) {
+        strbuf context;
+        sb_init(&context);
+        sim_detokenize(&seq, &context);
+        if (sim_read_request(sb_cstr(&context), tool_tag, &request_role, &request) != 0) {
+            request_role = sim_xstrdup(job->role); /* not ChatML: the run's own text */
+            request = sim_xstrdup(job->prompt);
+        }
+        sb_free(&context);
+    } else {
+        request_role = sim_xstrdup(job->role);
+        request = sim_xstrdup("");
+    }
+    free(tool_tag);
+    char *reply = sim_model_reply(m, request_role, request, job->enable_thinking);
+    rep.request_role = request_role;
+    rep.request = request;
     rep.seq_tokens = seq.n;
     rep.reused = reuse;
     rep.limit = limit;
@@ -723,6 +758,8 @@ fail:
 
 out:
     free(reply);
+    free(request_role);
+    free(request);
     tv_free(&seq);
     tv_free(&old_kv);
     tv_free(&ctx);

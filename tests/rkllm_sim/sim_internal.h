@@ -74,6 +74,18 @@ void sim_tokenize(const char *text, size_t len, piecevec *out);
 void sim_tokenize_ids(const char *text, tokvec *out); /* appends */
 size_t sim_count_tokens(const char *text);
 
+/* ---- reading the conversation (sim_chat.c) ------------------------------ */
+
+/* Remembers the text of a token id (process-wide; the first text seen wins). */
+void sim_vocab_note(int32_t id, const char *bytes, size_t len);
+/* Appends the text of tokens (U+FFFD for an id never tokenized here). */
+void sim_detokenize(const tokvec *tokens, strbuf *out);
+/* The latest request of a ChatML context that ends in the generation prompt:
+   role "user" or "tool" (a tool response answering the call of the turn
+   before) and its text, both malloc'd. -1: the context is not ChatML. */
+int sim_read_request(const char *context, const char *tool_tag, char **role,
+                     char **content);
+
 /* ---- model files --------------------------------------------------------- */
 
 typedef struct {

@@ -456,24 +456,25 @@ static char *strip_thinking(const char *text)
 char *sim_model_reply(const sim_model *m, const char *role, const char *input,
                       int enable_thinking)
 {
+    /* The rule whose pattern occurs first in the input wins (ties: the rule
+       listed first); "*" matches at the end, after every other pattern. An
+       input that holds several requests (a transcript in one message) is
+       answered on the first of them, as a confused small model may. */
     const sim_rule *hit = NULL;
-    char *captured = NULL;
-    for (size_t i = 0; i < m->nrules && !hit; i++) {
+    const char *hit_at = NULL;
+    const char *input_end = input + strlen(input);
+    for (size_t i = 0; i < m->nrules; i++) {
         const sim_rule *r = &m->rules[i];
         if (strcmp(r->role, "*") != 0 && strcmp(r->role, role) != 0)
             continue;
-        if (r->any) {
+        const char *at = r->any ? input_end : find_ci(input, r->literal);
+        if (at && (!hit || at < hit_at)) {
             hit = r;
-        } else if (r->var) {
-            const char *at = find_ci(input, r->literal);
-            if (at) {
-                hit = r;
-                captured = capture_rest(at + strlen(r->literal));
-            }
-        } else if (find_ci(input, r->literal)) {
-            hit = r;
+            hit_at = at;
         }
     }
+    char *captured =
+        hit && hit->var ? capture_rest(hit_at + strlen(hit->literal)) : NULL;
 
     strbuf b;
     sb_init(&b);

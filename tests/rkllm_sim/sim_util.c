@@ -282,6 +282,11 @@ size_t sim_utf8_len(const unsigned char *s, size_t avail)
     return len;
 }
 
+static int is_letter(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
 static size_t token_len(const unsigned char *s, size_t n)
 {
     if (s[0] == '<' && n >= 5 && s[1] == '|') {
@@ -291,19 +296,22 @@ static size_t token_len(const unsigned char *s, size_t n)
         if (j > 2 && j + 1 < n && s[j] == '|' && s[j + 1] == '>')
             return j + 2;
     }
+    /* A digit is a token of its own, as in Qwen's pre-tokenizer. */
+    if (s[0] >= '0' && s[0] <= '9')
+        return 1;
     size_t start = 0;
-    if (s[0] == ' ' && n > 1 && is_alnum(s[1]))
+    if (s[0] == ' ' && n > 1 && is_letter(s[1]))
         start = 1;
-    if (is_alnum(s[start])) {
+    if (is_letter(s[start])) {
         size_t j = start;
-        while (j < n && j - start < 8 && is_alnum(s[j]))
+        while (j < n && j - start < (start ? 7u : 6u) && is_letter(s[j]))
             j++;
         return j;
     }
     if (is_symbol(s[0])) {
         size_t j = 1;
-        while (j < n && j < 4 && is_symbol(s[j]) &&
-               !(s[j] == ' ' && j + 1 < n && is_alnum(s[j + 1])) &&
+        while (j < n && j < 3 && is_symbol(s[j]) &&
+               !(s[j] == ' ' && j + 1 < n && is_letter(s[j + 1])) &&
                !(s[j] == '<' && j + 1 < n && s[j + 1] == '|'))
             j++;
         return j;
@@ -331,6 +339,7 @@ void sim_tokenize(const char *text, size_t len, piecevec *out)
         out->v[out->n].off = i;
         out->v[out->n].len = l;
         out->v[out->n].id = sim_token_id(text + i, l);
+        sim_vocab_note(out->v[out->n].id, text + i, l);
         out->n++;
         i += l;
     }
@@ -343,7 +352,9 @@ void sim_tokenize_ids(const char *text, tokvec *out)
     size_t i = 0;
     while (i < len) {
         size_t l = token_len(s + i, len - i);
-        tv_push(out, sim_token_id(text + i, l));
+        int32_t id = sim_token_id(text + i, l);
+        sim_vocab_note(id, text + i, l);
+        tv_push(out, id);
         i += l;
     }
 }

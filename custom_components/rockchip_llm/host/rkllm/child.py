@@ -4,11 +4,14 @@ A child is ``python -I -S -c <bootstrap> <this folder> <module> <args...>``. The
 bootstrap imports this folder as a package of a private name and calls
 ``<module>._child_main(args)``, so the child never imports
 ``custom_components/rockchip_llm/__init__.py`` and with it Home Assistant.
+When its parent is measured by coverage, so is the child (:func:`start_coverage`).
 """
 
+import os
 from pathlib import Path
 import signal
 import sys
+import sysconfig
 from typing import Final
 
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
@@ -24,6 +27,7 @@ spec = importlib.util.spec_from_file_location(
 package = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = package
 spec.loader.exec_module(package)
+importlib.import_module({_CHILD_PACKAGE!r} + ".child").start_coverage()
 main = importlib.import_module({_CHILD_PACKAGE!r} + "." + module)._child_main
 sys.exit(main(sys.argv[3:]))
 """
@@ -41,6 +45,31 @@ def child_command(module: str, *args: str) -> list[str]:
         module,
         *args,
     ]
+
+
+def start_coverage() -> None:  # pragma: no cover - runs before coverage does
+    """Measure this child process when its parent asks coverage to measure children.
+
+    Coverage measures subprocesses through a .pth file and an environment variable
+    (its ``patch = subprocess``), but a child runs with -I -S: no .pth file is read
+    and site-packages is not on the path. When the variable is set and coverage is
+    installed, it is imported from site-packages (only it) and started. Call this
+    first in a child's bootstrap; without the variable it does nothing.
+    """
+    if not (
+        os.environ.get("COVERAGE_PROCESS_CONFIG")
+        or os.environ.get("COVERAGE_PROCESS_START")
+    ):
+        return
+    site_packages = sysconfig.get_path("purelib")
+    sys.path.append(site_packages)
+    try:
+        import coverage  # noqa: PLC0415 - a development tool, only when asked for
+    except ImportError:
+        return
+    finally:
+        sys.path.remove(site_packages)
+    coverage.process_startup()
 
 
 def exit_description(returncode: int) -> str:

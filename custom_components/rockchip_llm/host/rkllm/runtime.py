@@ -480,6 +480,7 @@ def init_failed(params: ModelParams, code: int, limit: int | None) -> ModelInitE
             f"{params.max_context_len} is above the model's limit of {limit} "
             "tokens; lower the agents' context length",
             model=str(params.model_path),
+            limit=str(limit),
         )
     return ModelInitError(
         f"rkllm_init failed for {params.model_path} (code {code}); "
