@@ -21,6 +21,7 @@ from custom_components.rockchip_llm import link
 from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.host.cli import async_serve_socket
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
+from custom_components.rockchip_llm.host.rkllm.child import COVERAGE_PATH_ENV
 from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
 from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
 from custom_components.rockchip_llm.host.server import Host, HostConfig
@@ -83,10 +84,29 @@ HOST_PYTHON = _find_host_python()
 """The interpreter of every runtime host the tests start (Home Assistant's are 3.14)."""
 
 
+HOST_COVERAGE = Path(
+    os.environ.get("ROCKCHIP_LLM_CACHE") or Path.home() / ".cache/rockchip-llm"
+) / "host-coverage-{}".format(
+    subprocess.run(
+        [HOST_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+)
+"""coverage for the board's Python, from scripts/setup (child.COVERAGE_PATH_ENV)."""
+
+
 @pytest.fixture(autouse=True)
 def host_on_board_python(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the runtime hosts Home Assistant starts on the board's Python, not HA's."""
+    """Run the runtime hosts Home Assistant starts on the board's Python, not HA's.
+
+    Where scripts/setup installed coverage for it, the hosts and their workers are
+    measured too (when the test run is).
+    """
     monkeypatch.setenv("ROCKCHIP_LLM_HOST_PYTHON", HOST_PYTHON)
+    if HOST_COVERAGE.is_dir():
+        monkeypatch.setenv(COVERAGE_PATH_ENV, str(HOST_COVERAGE))
 
 
 @pytest.fixture

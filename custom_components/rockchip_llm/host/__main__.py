@@ -21,4 +21,5 @@ assert _SPEC is not None and _SPEC.loader is not None
 _PACKAGE = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = _PACKAGE
 _SPEC.loader.exec_module(_PACKAGE)
+importlib.import_module(f"{_SPEC.name}.rkllm.child").start_coverage()
 sys.exit(importlib.import_module(f"{_SPEC.name}.cli").main(sys.argv[1:]))

@@ -47,6 +47,9 @@ def child_command(module: str, *args: str) -> list[str]:
     ]
 
 
+COVERAGE_PATH_ENV: Final = "ROCKCHIP_LLM_COVERAGE_PATH"
+
+
 def start_coverage() -> None:  # pragma: no cover - runs before coverage does
     """Measure this child process when its parent asks coverage to measure children.
 
@@ -61,7 +64,9 @@ def start_coverage() -> None:  # pragma: no cover - runs before coverage does
         or os.environ.get("COVERAGE_PROCESS_START")
     ):
         return
-    site_packages = sysconfig.get_path("purelib")
+    # The runtime host may run on another Python than the tests' (the board's):
+    # ROCKCHIP_LLM_COVERAGE_PATH then names a folder with coverage for it.
+    site_packages = os.environ.get(COVERAGE_PATH_ENV) or sysconfig.get_path("purelib")
     sys.path.append(site_packages)
     try:
         import coverage  # noqa: PLC0415 - a development tool, only when asked for
