@@ -182,7 +182,10 @@ async def test_list_and_delete_unknown_targets(
 
 
 async def test_internal_failure_stays_an_internal_error(
-    hass: HomeAssistant, make_entry: EntryFactory, api: TestClient
+    in_process_host: None,
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    api: TestClient,
 ) -> None:
     """A failure on input that fits (the disk is full) is a 500: it is not the caller's."""
     await make_entry()

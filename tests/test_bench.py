@@ -53,7 +53,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,  # a smoke of every phase, three runtime hosts among them
         check=False,
         cwd=REPO,
     )
