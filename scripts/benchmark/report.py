@@ -338,11 +338,11 @@ def to_json(report: Report) -> dict[str, Any]:
         "overhead_vs_reference": vs_reference,
         "overhead_breakdown_ms_per_request": {
             "ha_async_provide_llm_data": _round(report.ha_prompt_ms, 3),
-            "ours_tools_json": _round(report.tools_json_ms, 3),
+            "ours_prefix_from_chat_log": _round(report.prefix_ms, 3),
             "method": (
                 "medians of separate timings of the same calls, see "
                 "async_prompt_costs in scripts/benchmark/strategies.py; both agents "
-                "pay HA's, only ours pays tools_json"
+                "pay HA's, only ours pays prefix_from_chat_log (the compact prefix)"
             ),
         },
         "overhead_excluding_perf_generate_time": {
@@ -508,8 +508,8 @@ def print_report(data: dict[str, Any]) -> None:
         print(f"{label:>22}{cells}")
     print(
         f"HA's own prompt rendering (async_provide_llm_data) {versus['ha_render_ms']} ms: "
-        f"overhead = {data['overhead_ratio_to_ha_render']} x that; our tools_json "
-        f"{conditions['overhead_breakdown_ms_per_request']['ours_tools_json']} ms"
+        f"overhead = {data['overhead_ratio_to_ha_render']} x that; our prefix_from_chat_log "
+        f"{conditions['overhead_breakdown_ms_per_request']['ours_prefix_from_chat_log']} ms"
     )
     cpu = versus["cpu"]
     print(

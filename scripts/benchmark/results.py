@@ -70,7 +70,7 @@ class Report:
     """os.getloadavg() at the "start" and the "end" of the run."""
     ha_prompt_ms: float = 0.0
     ha_prompt_cpu_ms: float = 0.0
-    tools_json_ms: float = 0.0
+    prefix_ms: float = 0.0
     tool_calls_executed: int = 0
     startup: dict[str, dict[str, Any]] = field(default_factory=dict)
     """HA start to a ready agent: "without_cache" (built), "with_cache" (loaded)."""

@@ -149,7 +149,7 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             (
                 report.ha_prompt_ms,
                 report.ha_prompt_cpu_ms,
-                report.tools_json_ms,
+                report.prefix_ms,
             ) = await async_prompt_costs(hass, zero.entry, settings.overhead_requests)
             report.tool_calls_executed = len(light_calls)
 
