@@ -34,7 +34,10 @@ from .instance import (
 
 MODEL = "Check Model"
 DEFAULT_REPLY = "I am a simulated model."
-STORY = " ".join(f"w{index}" for index in range(150))
+STORY = " ".join(
+    f"w{chr(97 + index // 26)}{chr(97 + index % 26)}" for index in range(150)
+)
+"""150 words of letters: one simulator token each (a digit is a token of its own)."""
 MODEL_FILE = f"""\
 RKLLM-SIM 1
 # The real-process check's simulated model: a story slow enough to ask twice meanwhile.
@@ -137,6 +140,13 @@ def onboard(ha: Instance) -> None:
 def set_up(ha: Instance, config: Path) -> None:
     """Add the integration with its config flow, as the UI does."""
     flow = ha.post("/api/config/config_entries/flow", {"handler": "rockchip_llm"})
+    expect(
+        flow.get("type") == "menu" and "local" in flow.get("menu_options", ()),
+        f"the flow asks where the runtime runs, got {flow}",
+    )
+    flow = ha.post(
+        f"/api/config/config_entries/flow/{flow['flow_id']}", {"next_step_id": "local"}
+    )
     expect(
         flow.get("step_id") == "simulator",
         f"the flow offers the simulator step, got {flow}",
