@@ -53,13 +53,14 @@ class _Instance:
         self.port = port
         self.log = log
         self.token = ""
-        self.process = subprocess.Popen(
-            [str(REPO / "scripts" / "develop"), "--port", str(port)]
-            + ["--config", str(config)],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        script = str(REPO / "scripts" / "develop")
+        with log.open("w") as output:
+            self.process = subprocess.Popen(
+                [script, "--port", str(port), "--config", str(config)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def request(
         self, method: str, path: str, data: dict[str, Any] | None = None, *, form=False
