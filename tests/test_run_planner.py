@@ -197,3 +197,37 @@ def test_prompt_too_long() -> None:
             max_history=10,
             budget=tight,
         )
+
+
+NOTE = Message("local", "Home Assistant handled this itself, without you: ...")
+
+
+def test_home_assistants_own_turns_come_before_the_request() -> None:
+    """Notes of locally handled requests precede the request, with the KV or without."""
+    history = dialogue(1)
+    messages = [*history, NOTE, Message("user", "next")]
+    reused = plan_run(
+        KVState(PREFIX.key, tuple(history)),
+        PREFIX,
+        messages,
+        keep_history=True,
+        max_history=10,
+        budget=ROOMY,
+    )
+    assert reused.reuse_history
+    assert reused.prompt == f"{NOTE.text}\n\nNow the user says: next"
+    folded = plan_run(
+        None, PREFIX, messages, keep_history=True, max_history=10, budget=ROOMY
+    )
+    assert not folded.reuse_history
+    assert folded.prompt == (
+        "Earlier in this conversation:\nUser: question 0\nAssistant: answer 0\n"
+        f"{NOTE.text}\n\nNow the user says: next"
+    )
+    # An answered note stays in the transcript as it was, and counts as a turn.
+    later = [*messages, Message("assistant", "Hi."), Message("user", "again")]
+    plan = plan_run(None, PREFIX, later, keep_history=True, max_history=2, budget=ROOMY)
+    assert plan.prompt == (
+        f"Earlier in this conversation:\n{NOTE.text}\nUser: next\nAssistant: Hi."
+        "\n\nNow the user says: again"
+    )

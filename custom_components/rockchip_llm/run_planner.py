@@ -11,7 +11,11 @@ from typing import Literal
 
 from .prompt_cache import prompt_sha256
 
-type Role = Literal["user", "assistant", "tool"]
+type Role = Literal["user", "assistant", "tool", "local"]
+""""local": a request Home Assistant handled itself, told as its note."""
+
+REQUEST_MARKER = "Now the user says: "
+"""Starts the request to answer after context in front of it (notes, a transcript)."""
 
 CHARS_PER_TOKEN = 3
 """Conservative estimate for text we have not tokenised (real BPE: 3.5-4.5)."""
@@ -145,15 +149,18 @@ def pending_input(messages: list[Message]) -> tuple[list[Message], Message]:
             [json.loads(tool.text) for tool in tools], ensure_ascii=False
         )
         return history, Message("tool", merged)
-    users = [message.text for message in new if message.role == "user"]
-    return history, Message("user", "\n".join(users))
+    users = "\n".join(message.text for message in new if message.role == "user")
+    notes = [message.text for message in new if message.role == "local"]
+    if notes:
+        users = "\n".join([*notes, "", f"{REQUEST_MARKER}{users}"])
+    return history, Message("user", users)
 
 
 def trim_history(history: list[Message], max_history: int) -> list[Message]:
     """Keep the last max_history user turns (0 keeps everything)."""
     if max_history <= 0:
         return history
-    user_indexes = [i for i, message in enumerate(history) if message.role == "user"]
+    user_indexes = [i for i, message in enumerate(history) if _is_request(message)]
     if len(user_indexes) <= max_history:
         return history
     return history[user_indexes[-max_history] :]
@@ -163,14 +170,16 @@ def fold_history(history: list[Message], new: Message) -> str:
     """Write earlier turns as a short transcript in front of the new input."""
     if not history:
         return new.text
-    names = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
-    lines = [f"{names[message.role]}: {message.text}" for message in history]
+    names = {"user": "User: ", "assistant": "Assistant: ", "tool": "Tool result: "}
+    lines = [f"{names.get(message.role, '')}{message.text}" for message in history]
     transcript = "\n".join(lines)
     if new.role == "tool":
         return f"Earlier in this conversation:\n{transcript}\n\nTool result: {new.text}"
-    return (
-        f"Earlier in this conversation:\n{transcript}\n\nNow the user says: {new.text}"
-    )
+    request = new.text
+    if REQUEST_MARKER in request:  # notes of Home Assistant's own handling go first
+        notes, request = request.rsplit(REQUEST_MARKER, 1)
+        transcript = f"{transcript}\n{notes.strip()}"
+    return f"Earlier in this conversation:\n{transcript}\n\n{REQUEST_MARKER}{request}"
 
 
 MIN_REPLY_TOKENS = 32
@@ -289,7 +298,7 @@ def _history_candidates(history: list[Message]) -> list[list[Message]]:
     candidates: list[list[Message]] = []
     for start in range(len(history) + 1):
         kept = history[start:]
-        if not kept or kept[0].role == "user":
+        if not kept or _is_request(kept[0]):
             candidates.append(kept)
     return candidates
 
@@ -314,6 +323,11 @@ def _fresh_plan(
         max_new_tokens=reply,
         dropped_messages=len(history) - len(kept),
     )
+
+
+def _is_request(message: Message) -> bool:
+    """Whether message starts a turn: the user's, or one Home Assistant handled."""
+    return message.role in ("user", "local")
 
 
 def _input_role(message: Message) -> Literal["user", "tool"]:

@@ -453,9 +453,23 @@ static char *strip_thinking(const char *text)
     return sb_take(&b);
 }
 
-char *sim_model_reply(const sim_model *m, const char *role, const char *input,
+/* The request a user prompt asks: after the last "Now the user says: ", which ends
+ * context placed in front of it (earlier turns, notes), else the whole prompt. */
+static const char *latest_request(const char *role, const char *input)
+{
+    static const char marker[] = "Now the user says: ";
+    const char *request = input;
+    if (strcmp(role, "user") != 0)
+        return input;
+    for (const char *at = strstr(input, marker); at; at = strstr(at + 1, marker))
+        request = at + strlen(marker);
+    return request;
+}
+
+char *sim_model_reply(const sim_model *m, const char *role, const char *full_input,
                       int enable_thinking)
 {
+    const char *input = latest_request(role, full_input);
     const sim_rule *hit = NULL;
     char *captured = NULL;
     for (size_t i = 0; i < m->nrules && !hit; i++) {
@@ -482,16 +496,16 @@ char *sim_model_reply(const sim_model *m, const char *role, const char *input,
             strbuf tmp;
             sb_init(&tmp);
             substitute(&tmp, hit->text, hit->var, captured);
-            substitute(&b, sb_cstr(&tmp), "input", input);
+            substitute(&b, sb_cstr(&tmp), "input", full_input);
             sb_free(&tmp);
         } else {
-            substitute(&b, hit->text, "input", input);
+            substitute(&b, hit->text, "input", full_input);
         }
     } else if (m->default_reply) {
-        substitute(&b, m->default_reply, "input", input);
+        substitute(&b, m->default_reply, "input", full_input);
     } else {
         sb_puts(&b, "You said: ");
-        sb_puts(&b, input);
+        sb_puts(&b, full_input);
     }
     free(captured);
     char *reply = sb_take(&b);
