@@ -15,7 +15,6 @@ from custom_components.rockchip_llm import config_flow
 from custom_components.rockchip_llm.const import (
     ABI_FAMILY_AUTO,
     AGENT_OPTION_DEFAULTS,
-    AI_TASK_MAX_NEW_TOKENS,
     CONF_ABI_FAMILY,
     CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
