@@ -1,8 +1,8 @@
 """scripts/develop: its port, its loopback-only default and a restart from the UI.
 
-The real script runs a real Home Assistant (the repository's http settings, in a
-small configuration of its own); a restart is asked for through HA's REST API as
-the UI's Settings -> System -> Restart does.
+The real script runs a real Home Assistant (in a small configuration of its own);
+a restart is asked for through HA's REST API as the UI's Settings -> System ->
+Restart does.
 """
 
 from collections.abc import Iterator
@@ -33,23 +33,12 @@ def _free_port() -> int:
         return port
 
 
-def _http_section() -> str:
-    """The http: block of the dev instance's configuration.yaml."""
-    lines = (REPO / "config" / "configuration.yaml").read_text().splitlines()
-    start = lines.index("http:")
-    block = [lines[start]]
-    for line in lines[start + 1 :]:
-        if not line.startswith("  "):
-            break
-        block.append(line)
-    return "\n".join(block)
-
-
 class _Instance:
     """A scripts/develop run and a client of its Home Assistant."""
 
     def __init__(self, config: Path, port: int, log: Path) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self.config = config
         self.port = port
         self.log = log
         self.token = ""
@@ -145,9 +134,7 @@ def instance(tmp_path: Path, socket_enabled: None) -> Iterator[_Instance]:
     """
     config = tmp_path / "config"
     config.mkdir()
-    (config / "configuration.yaml").write_text(
-        f"{_http_section()}\napi:\nonboarding:\n"
-    )
+    (config / "configuration.yaml").write_text("api:\nonboarding:\n")
     running = _Instance(config, _free_port(), tmp_path / "develop.log")
     try:
         yield running
