@@ -262,3 +262,11 @@ def test_home_assistants_own_turns_come_before_the_request() -> None:
         "question 0<|im_end|>\n<|im_start|>assistant\nanswer 0<|im_end|>\n"
         f"<|im_start|>user\n{NOTE.text}\n\nNow the user says: next"
     )
+    # An answered note is re-sent in its request's turn, as first sent, and counts
+    # as a turn.
+    later = [*messages, Message("assistant", "Hi."), Message("user", "again")]
+    plan = plan_run(None, PREFIX, later, keep_history=True, max_history=2, budget=ROOMY)
+    assert plan.text() == (
+        f"{NOTE.text}\n\nNow the user says: next<|im_end|>\n"
+        "<|im_start|>assistant\nHi.<|im_end|>\n<|im_start|>user\nagain"
+    )

@@ -210,7 +210,8 @@ def templated_history(history: list[Message]) -> str:
     wraps in a user turn and follows with the assistant's: so it starts inside
     the first user turn (history starts with one) and ends by opening the turn
     of the new input. Answers carry their tool calls as the model wrote them;
-    consecutive tool results are one turn, as when first sent.
+    consecutive tool results are one turn, and notes of what Home Assistant
+    handled itself share the turn of the request after them, as when first sent.
     """
     if not history:
         return ""
@@ -223,6 +224,18 @@ def templated_history(history: list[Message]) -> str:
             while end < len(history) and history[end].role == "tool":
                 end += 1
             turns.append(("user", tool_response(_merged_results(history[index:end]))))
+            index = end
+            continue
+        if message.role == "local":  # notes go in the turn of the request after them
+            end = index
+            while end < len(history) and history[end].role == "local":
+                end += 1
+            notes = [note.text for note in history[index:end]]
+            if end < len(history) and history[end].role == "user":
+                turns.append(("user", with_notes(notes, history[end].text)))
+                end += 1
+            else:
+                turns.append(("user", "\n".join(notes)))
             index = end
             continue
         if message.role == "assistant":
