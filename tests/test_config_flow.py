@@ -13,7 +13,9 @@ import voluptuous as vol
 
 from custom_components.rockchip_llm import config_flow
 from custom_components.rockchip_llm.const import (
+    ABI_FAMILY_AUTO,
     AGENT_OPTION_DEFAULTS,
+    CONF_ABI_FAMILY,
     CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_ENABLE_THINKING,
@@ -240,7 +242,7 @@ async def test_full_flow(
     assert entry.version == 1
     (subentry,) = entry.subentries.values()
     assert subentry.subentry_type == SUBENTRY_CONVERSATION
-    assert subentry.title == "Qwen3 Sim"
+    assert subentry.title == "Qwen3 Sim Conversation"
     assert subentry.unique_id is None
     assert dict(subentry.data) == {CONF_MODEL: "Qwen3 Sim", **DEFAULT_OPTIONS}
     # The cache folder was created, the write probe removed; the host checked the
@@ -293,6 +295,7 @@ async def test_user_form_defaults(
         CONF_CACHE_DIR: str(config_dir / "rkllm" / "cache"),
         CONF_CACHE_BUDGET: DEFAULT_CACHE_BUDGET_MB,
         CONF_STALL_TIMEOUT: DEFAULT_STALL_TIMEOUT_S,
+        CONF_ABI_FAMILY: ABI_FAMILY_AUTO,  # the field shows "Automatic"
     }
 
 
@@ -393,7 +396,11 @@ async def test_library_errors(
     assert result["step_id"] == "local"
     assert result["errors"] == {CONF_LIBRARY_PATH: error}
     assert result["description_placeholders"]["error"]
-    assert schema_values(result, "suggested_value") == paths
+    # What was submitted stays, the ABI family's "auto" default included.
+    assert schema_values(result, "suggested_value") == {
+        **paths,
+        CONF_ABI_FAMILY: ABI_FAMILY_AUTO,
+    }
 
 
 async def test_wrong_arch_placeholders(
@@ -581,7 +588,10 @@ async def test_reconfigure(
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "reconfigure"
     assert result["errors"] == {CONF_MODELS_DIR: "models_dir_missing"}
-    assert schema_values(result, "suggested_value") == bad
+    assert schema_values(result, "suggested_value") == {
+        **bad,
+        CONF_ABI_FAMILY: ABI_FAMILY_AUTO,
+    }
 
     new = {
         **paths,
@@ -632,7 +642,7 @@ async def test_subentry_add(hass: HomeAssistant, loaded_entry: MockConfigEntry) 
     # The form shows each tool group's tokens and the model's limit.
     placeholders = result["description_placeholders"]
     assert "lights_switches: " in placeholders["tool_costs"]
-    assert placeholders["model_limit"] == "known once the model is loaded"
+    assert placeholders["model_limits"] == "-"  # no model loaded yet
     assert CONF_NAME in result["data_schema"].schema
     assert [option["value"] for option in select_options(dict(result), CONF_MODEL)] == [
         "Beta",
@@ -666,7 +676,7 @@ async def test_subentry_add(hass: HomeAssistant, loaded_entry: MockConfigEntry) 
 async def test_subentry_add_minimal(
     hass: HomeAssistant, loaded_entry: MockConfigEntry
 ) -> None:
-    """Without a name the model names the agent; no API and no prompt are kept as such."""
+    """Without a name, model and kind name the agent; no API and no prompt are kept."""
     result = await hass.config_entries.subentries.async_init(
         (loaded_entry.entry_id, SUBENTRY_CONVERSATION),
         context={"source": config_entries.SOURCE_USER},
@@ -683,7 +693,7 @@ async def test_subentry_add_minimal(
     (added,) = set(loaded_entry.subentries) - known
     assert result["type"] is FlowResultType.CREATE_ENTRY
     subentry = loaded_entry.subentries[added]
-    assert subentry.title == "Beta"
+    assert subentry.title == "Beta Conversation"
     assert CONF_LLM_HASS_API not in subentry.data
     assert subentry.data[CONF_PROMPT] == ""
 

@@ -235,3 +235,38 @@ def test_prompt_too_long() -> None:
             max_history=10,
             budget=tight,
         )
+
+
+NOTE = Message("local", "Home Assistant handled this itself, without you: ...")
+
+
+def test_home_assistants_own_turns_come_before_the_request() -> None:
+    """Notes of locally handled requests precede the request, with the KV or without."""
+    history = dialogue(1)
+    messages = [*history, NOTE, Message("user", "next")]
+    reused = plan_run(
+        KVState(PREFIX.key, tuple(history)),
+        PREFIX,
+        messages,
+        keep_history=True,
+        max_history=10,
+        budget=ROOMY,
+    )
+    assert reused.reuse_history
+    assert reused.prompt == f"{NOTE.text}\n\nNow the user says: next"
+    resent = plan_run(
+        None, PREFIX, messages, keep_history=True, max_history=10, budget=ROOMY
+    )
+    assert not resent.reuse_history
+    assert resent.text() == (
+        "question 0<|im_end|>\n<|im_start|>assistant\nanswer 0<|im_end|>\n"
+        f"<|im_start|>user\n{NOTE.text}\n\nNow the user says: next"
+    )
+    # An answered note is re-sent in its request's turn, as first sent, and counts
+    # as a turn.
+    later = [*messages, Message("assistant", "Hi."), Message("user", "again")]
+    plan = plan_run(None, PREFIX, later, keep_history=True, max_history=2, budget=ROOMY)
+    assert plan.text() == (
+        f"{NOTE.text}\n\nNow the user says: next<|im_end|>\n"
+        "<|im_start|>assistant\nHi.<|im_end|>\n<|im_start|>user\nagain"
+    )

@@ -11,6 +11,7 @@ import pytest
 from pytest_homeassistant_custom_component.common import (
     MockConfigEntry,
     async_fire_time_changed,
+    mock_restore_cache_with_extra_data,
 )
 
 from custom_components.rockchip_llm.const import DOMAIN
@@ -25,9 +26,15 @@ from homeassistant.const import (
     STATE_UNKNOWN,
     EntityCategory,
 )
-from homeassistant.core import Context, Event, EventStateChangedData, HomeAssistant
+from homeassistant.core import (
+    Context,
+    Event,
+    EventStateChangedData,
+    HomeAssistant,
+    State,
+)
 from homeassistant.exceptions import HomeAssistantError
-from homeassistant.helpers import entity_registry as er
+from homeassistant.helpers import entity_registry as er, translation
 from homeassistant.util import dt as dt_util
 
 from .conftest import EntryFactory
@@ -335,3 +342,69 @@ async def test_last_answer_is_per_agent(
     other_id = sensor_id(hass, "time_to_first_token", "conversation.agent_1")
     assert other_id is not None
     assert float(hass.states.get(other_id).state) == round(other.ttft_ms or 0, 1)
+
+
+LAST_ANSWER_KEYS = ("time_to_first_token", "tokens_per_second", "prefill_tokens")
+
+
+async def test_last_answer_readings_come_back_after_a_restart(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """The "Last ..." readings survive a reload until the agent answers again.
+
+    A reload removes and re-adds the entities through HA's restore-state store,
+    as a restart does (whose states HA writes to disk at stop).
+    """
+    entry = await make_entry(model_kwargs={"decode_ms_per_token": 2})
+    await converse(hass)
+    before = {key: state(hass, key) for key in LAST_ANSWER_KEYS}
+    assert STATE_UNKNOWN not in before.values()
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    assert model_session(entry).last_runs == {}  # the new model knows no answer yet
+    assert {key: state(hass, key) for key in LAST_ANSWER_KEYS} == before
+    await converse(hass, "turn on the kitchen light")
+    run = model_session(entry).last_runs[next(iter(entry.runtime_data.agents))]
+    assert int(state(hass, "prefill_tokens")) == run.prefill_tokens
+
+
+async def test_last_answer_readings_from_a_stored_restart(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Readings HA stored at its last stop are shown on the next start."""
+    entry = await make_entry(setup=False)
+    subentry_id = next(iter(entry.subentries))
+    registry = er.async_get(hass)
+    entity_id = registry.async_get_or_create(
+        "sensor",
+        DOMAIN,
+        f"{subentry_id}_prefill_tokens",
+        suggested_object_id="agent_0_last_prefilled_tokens",
+    ).entity_id
+    mock_restore_cache_with_extra_data(
+        hass,
+        (
+            (
+                State(entity_id, "42"),
+                {"native_value": 42, "native_unit_of_measurement": "tokens"},
+            ),
+        ),
+    )
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    assert hass.states.get(entity_id).state == "42"
+
+
+async def test_busy_reads_yes_or_no(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """Busy has no "running" device class: its translated states are Yes and No."""
+    await make_entry()
+    busy = hass.states.get(BUSY)
+    assert busy.state == STATE_OFF
+    assert "device_class" not in busy.attributes
+    texts = await translation.async_get_translations(hass, "en", "entity", [DOMAIN])
+    prefix = f"component.{DOMAIN}.entity.binary_sensor.busy"
+    assert texts[f"{prefix}.name"] == "Busy"
+    assert texts[f"{prefix}.state.on"] == "Yes"
+    assert texts[f"{prefix}.state.off"] == "No"

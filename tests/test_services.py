@@ -420,3 +420,60 @@ async def test_list_caches_after_model_folder_rename(
     assert by_model["Qwen3 Sim"]["problem"] == "model_missing"
     assert by_model["Other"]["valid"] is True
     assert all(cache["problem"] for cache in listed["caches"] if not cache["valid"])
+
+
+async def test_create_cache_says_whether_the_assist_tools_are_in_it(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """By default the agent's Assist tools come with the prompt; the caller may leave them out."""
+    entry = await make_entry()
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert agent.system_cache.prefix is not None
+    assert agent.system_cache.prefix.has_tools
+    prompt = "You summarise the news of the day in three sentences."
+    with_tools = await call(
+        hass, "create_cache", {"model": "Qwen3 Sim", "name": "news", "prompt": prompt}
+    )
+    without = await call(
+        hass,
+        "create_cache",
+        {
+            "model": "Qwen3 Sim",
+            "name": "news_alone",
+            "prompt": prompt,
+            "assist_tools": False,
+        },
+    )
+    assert with_tools["cache"]["assist_tools"] is True
+    assert without["cache"]["assist_tools"] is False
+    # The Assist tools of a home with a few lights are hundreds of tokens.
+    assert with_tools["cache"]["tokens"] - without["cache"]["tokens"] > 200
+    assert without["cache"]["tokens"] < 64  # the 55-character prompt, templated
+
+
+async def test_delete_cache_answers_what_it_removed(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """delete_cache responds with the removed cache; its name field lists the stored ones."""
+    await make_entry()
+
+    async def offered() -> list[str]:
+        await hass.async_block_till_done()
+        descriptions = (await async_get_all_descriptions(hass))[DOMAIN]
+        name_selector = descriptions["delete_cache"]["fields"]["name"]["selector"]
+        selector.validate_selector(name_selector)
+        assert name_selector["select"]["custom_value"] is True
+        return list(name_selector["select"]["options"])
+
+    assert await offered() == ["system"]
+    created = await call(
+        hass, "create_cache", {"model": "Qwen3 Sim", "name": "head", "prompt": "Hi."}
+    )
+    assert await offered() == ["head", "system"]
+    removed = await call(hass, "delete_cache", {"model": "Qwen3 Sim", "name": "head"})
+    assert removed["deleted"]["model"] == "Qwen3 Sim"
+    assert removed["deleted"]["name"] == "head"
+    assert removed["deleted"]["tokens"] == created["cache"]["tokens"]
+    assert removed["deleted"]["size_bytes"] == created["cache"]["size_bytes"]
+    assert not (cache_dir / "Qwen3 Sim" / "head.bin").exists()
+    assert await offered() == ["system"]

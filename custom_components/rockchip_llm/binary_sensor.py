@@ -12,17 +12,13 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from . import RockchipConfigEntry
 from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
 from .entity import ready_subentries
-from .ha_compat import BinarySensorDeviceClass
 from .status import AgentStatusEntity
 
 # Pushed by the model's handle; nothing waits for an update.
 PARALLEL_UPDATES = 0
 
-BUSY: Final = BinarySensorEntityDescription(
-    key="busy",
-    translation_key="busy",
-    device_class=BinarySensorDeviceClass.RUNNING,
-)
+BUSY: Final = BinarySensorEntityDescription(key="busy", translation_key="busy")
+"""No device class: its states read "Yes" and "No" (translated), not "Running"."""
 
 
 async def async_setup_entry(

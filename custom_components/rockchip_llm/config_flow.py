@@ -39,6 +39,7 @@ from .connect import async_open_host
 from .const import (
     ABI_FAMILY_AUTO,
     AGENT_OPTION_DEFAULTS,
+    AI_TASK_MAX_NEW_TOKENS,
     CONF_ABI_FAMILY,
     CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
@@ -183,14 +184,41 @@ def model_selector(models: Mapping[str, ModelInfo], simulated: bool) -> SelectSe
     )
 
 
-def _default_agent_options(model: str, prompt: str) -> dict[str, Any]:
-    """Return the options of a new agent on model."""
-    return {
+def _default_agent_options(
+    model: str, prompt: str, *, chat: bool = True
+) -> dict[str, Any]:
+    """Return the options of a new agent on model (chat: a conversation agent)."""
+    options = {
         CONF_MODEL: model,
         CONF_PROMPT: prompt,
         CONF_LLM_HASS_API: [llm.LLM_API_ASSIST],
         **AGENT_OPTION_DEFAULTS,
     }
+    if not chat:
+        options[CONF_MAX_NEW_TOKENS] = AI_TASK_MAX_NEW_TOKENS
+    return options
+
+
+_KIND_NAMES: Final = {
+    SUBENTRY_CONVERSATION: "Conversation",
+    SUBENTRY_AI_TASK: "AI Task",
+}
+"""What a default agent name calls each kind of agent (as HA's own LLM agents do)."""
+
+
+def default_agent_name(model: str, subentry_type: str, taken: set[str]) -> str:
+    """Return a name for a new agent that says its model and kind, unique in taken."""
+    name = f"{model} {_KIND_NAMES[subentry_type]}"
+    number = 2
+    unique = name
+    while unique in taken:
+        unique = f"{name} {number}"
+        number += 1
+    return unique
+
+
+def _format_tokens(count: int) -> str:
+    return f"{count:,}"
 
 
 def _number(
@@ -384,7 +412,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 vol.Required(
                     CONF_STALL_TIMEOUT, default=DEFAULT_STALL_TIMEOUT_S
                 ): _STALL_SELECTOR,
-                vol.Optional(CONF_ABI_FAMILY): SelectSelector(
+                vol.Optional(CONF_ABI_FAMILY, default=ABI_FAMILY_AUTO): SelectSelector(
                     SelectSelectorConfig(
                         options=[ABI_FAMILY_AUTO, *map(family_setting, AbiFamily)],
                         translation_key=CONF_ABI_FAMILY,
@@ -487,7 +515,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 {
                     "subentry_type": SUBENTRY_CONVERSATION,
                     "data": _default_agent_options(model, prompt),
-                    "title": model,
+                    "title": default_agent_name(model, SUBENTRY_CONVERSATION, set()),
                     "unique_id": None,
                 }
             ],
@@ -591,10 +619,21 @@ def _loaded_agent(entry: ConfigEntry, flow: ConfigSubentryFlow) -> Agent | None:
     return agents.get(flow._get_reconfigure_subentry().subentry_id)  # noqa: SLF001
 
 
+def _model_limits(entry: ConfigEntry, models: Mapping[str, ModelInfo]) -> str:
+    """Say the context limit of each model the runtime has loaded (a form's line)."""
+    known = [
+        f"{model}: {_format_tokens(limit)} tokens"
+        for model in models
+        if (limit := _context_limit(entry, model)) is not None
+    ]
+    return "; ".join(known) or "-"
+
+
 class ConversationFlowHandler(ConfigSubentryFlow):
     """Add or change a conversation agent."""
 
     _chat = True
+    _subentry_type = SUBENTRY_CONVERSATION
 
     @property
     def _is_new(self) -> bool:
@@ -612,15 +651,21 @@ class ConversationFlowHandler(ConfigSubentryFlow):
         limits: dict[str, str] = {}
         if user_input is not None:
             limit = _context_limit(entry, user_input[CONF_MODEL])
-            if limit is None or int(user_input[CONF_MAX_CONTEXT_LEN]) <= limit:
+            name = user_input.get(CONF_NAME, "").strip()
+            if limit is not None and int(user_input[CONF_MAX_CONTEXT_LEN]) > limit:
+                errors[CONF_MAX_CONTEXT_LEN] = "context_above_model_limit"
+                limits["limit"] = str(limit)
+            elif name and name in self._taken_names():
+                errors[CONF_NAME] = "name_in_use"
+            else:
                 return self._async_save(user_input)
-            errors[CONF_MAX_CONTEXT_LEN] = "context_above_model_limit"
-            limits["limit"] = str(limit)
 
         placeholders: dict[str, str] = {}
         scan, simulated = await async_scan_or_abort(entry, placeholders)
         prompt = await self.hass.async_add_executor_job(_read_default_prompt)
-        options = _default_agent_options(next(iter(scan.models)), prompt)
+        options = _default_agent_options(
+            next(iter(scan.models)), prompt, chat=self._chat
+        )
         if not self._is_new:
             data = self._get_reconfigure_subentry().data
             options |= data
@@ -632,10 +677,6 @@ class ConversationFlowHandler(ConfigSubentryFlow):
             api for api in options[CONF_LLM_HASS_API] if api in known_apis
         ]
         options.setdefault(CONF_TOOL_GROUPS, [group.value for group in ToolGroup])
-        model_limit = _context_limit(entry, options[CONF_MODEL])
-        placeholders["model_limit"] = (
-            f"{model_limit} tokens" if model_limit else "known once the model is loaded"
-        )
         placeholders["tool_costs"] = (
             costs_text(
                 await async_group_costs(self.hass, options, _loaded_agent(entry, self))
@@ -656,8 +697,16 @@ class ConversationFlowHandler(ConfigSubentryFlow):
                 options,
             ),
             errors=errors,
-            description_placeholders={**placeholders, **limits},
+            description_placeholders={
+                **placeholders,
+                "model_limits": _model_limits(entry, scan.models),
+                **limits,
+            },
         )
+
+    def _taken_names(self) -> set[str]:
+        """Names of the entry's agents (a new one must differ from them)."""
+        return {subentry.title for subentry in self._get_entry().subentries.values()}
 
     async_step_user = async_step_set_options
     async_step_reconfigure = async_step_set_options
@@ -666,7 +715,9 @@ class ConversationFlowHandler(ConfigSubentryFlow):
     def _async_save(self, user_input: dict[str, Any]) -> SubentryFlowResult:
         """Create or update the agent from the submitted options."""
         data = dict(user_input)
-        name = data.pop(CONF_NAME, "").strip() or data[CONF_MODEL]
+        name = data.pop(CONF_NAME, "").strip() or default_agent_name(
+            data[CONF_MODEL], self._subentry_type, self._taken_names()
+        )
         if self._chat:
             data.setdefault(CONF_PROMPT, "")
         if set(data.get(CONF_TOOL_GROUPS, ToolGroup)) >= set(ToolGroup):
@@ -684,3 +735,4 @@ class AITaskFlowHandler(ConversationFlowHandler):
     """Add or change an AI Task agent (data generation, no tools or history)."""
 
     _chat = False
+    _subentry_type = SUBENTRY_AI_TASK

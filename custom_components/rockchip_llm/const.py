@@ -93,6 +93,9 @@ AGENT_OPTION_DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
 """The one table of agent option defaults: a new agent's options, and what an agent
 stored before an option existed reads."""
 
+AI_TASK_MAX_NEW_TOKENS: Final = 1024
+"""A new AI Task agent's answer budget: summaries and JSON run longer than voice answers."""
+
 DEFAULT_PROMPT_FILE: Final = Path(__file__).parent / "prompts" / "system.txt"
 
 SYSTEM_CACHE_NAME: Final = "system"

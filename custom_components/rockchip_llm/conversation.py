@@ -7,12 +7,13 @@ from homeassistant.config_entries import ConfigSubentry
 from homeassistant.const import CONF_LLM_HASS_API, MATCH_ALL
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers import intent
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
 from .agent_prefix import async_provide_llm_data
 from .const import DOMAIN, SUBENTRY_CONVERSATION
-from .entity import RockchipLLMBaseEntity, ready_subentries
+from .entity import RockchipLLMBaseEntity, only_invalid_tool_calls, ready_subentries
 from .errors import refuse_nul
 from .ha_compat import ConversationBusyError
 
@@ -93,4 +94,11 @@ class RockchipConversationEntity(
         except conversation.ConverseError as err:
             return err.as_conversation_result()
         await self._async_handle_chat_log(chat_log)
-        return conversation.async_get_result_from_chat_log(user_input, chat_log)
+        result = conversation.async_get_result_from_chat_log(user_input, chat_log)
+        if only_invalid_tool_calls(chat_log):
+            # No action was taken: the answer must not claim one (action_done).
+            speech = result.response.speech.get("plain", {}).get("speech", "")
+            result.response.async_set_error(
+                intent.IntentResponseErrorCode.FAILED_TO_HANDLE, speech
+            )
+        return result

@@ -1,6 +1,7 @@
 """Base entity of our agents: device info and the chat loop."""
 
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
+from dataclasses import dataclass, field
 import json
 
 from homeassistant.components import conversation
@@ -31,12 +32,35 @@ from .stream_parser import (
 INVALID_TOOL_CALL = "invalid_tool_call"
 
 
-def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
-    """Reduce the chat log (after the system prompt) to what the model sees."""
+def messages_from_chat_log(
+    chat_log: conversation.ChatLog, agent_id: str
+) -> list[Message]:
+    """Reduce the chat log (after the system prompt) to what the model sees.
+
+    What Home Assistant handled itself ("Prefer handling commands locally", sentence
+    triggers: external tool calls, answers of another agent than agent_id) becomes
+    one note per request, told as Home Assistant's, never as the model's turns.
+    """
     messages: list[Message] = []
+    local: LocalExchange | None = None
     for content in chat_log.content[1:]:
         if isinstance(content, conversation.UserContent):
+            local = None
             messages.append(Message("user", content.content))
+        elif isinstance(content, conversation.AssistantContent) and (
+            content.agent_id != agent_id
+            or any(call.external for call in content.tool_calls or ())
+        ):
+            if local is None:
+                request = (
+                    messages.pop() if messages and messages[-1].role == "user" else None
+                )
+                local = LocalExchange(request.text if request else "")
+                local.add(content)
+                messages.append(Message("local", local.text()))
+            else:
+                local.add(content)
+                messages[-1] = Message("local", local.text())
         elif isinstance(content, conversation.AssistantContent):
             calls = tuple(
                 json.dumps(
@@ -49,6 +73,8 @@ def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
                 Message("assistant", (content.content or "").strip(), tool_calls=calls)
             )
         elif isinstance(content, conversation.ToolResultContent):
+            if local is not None:
+                continue  # the result of Home Assistant's own call: its answer says it
             if not messages or messages[-1].role == "user":
                 # A malformed tool call left no assistant content of its own.
                 messages.append(Message("assistant", ""))
@@ -57,6 +83,46 @@ def messages_from_chat_log(chat_log: conversation.ChatLog) -> list[Message]:
             )
             messages.append(Message("tool", result, content.tool_call_id))
     return messages
+
+
+@dataclass(slots=True)
+class LocalExchange:
+    """A request Home Assistant handled without the model: what it did and said."""
+
+    request: str
+    actions: list[str] = field(default_factory=list)
+    answer: str = ""
+
+    def add(self, content: conversation.AssistantContent) -> None:
+        """Take Home Assistant's tool calls and answer from content."""
+        self.actions.extend(
+            f"{call.tool_name} {json.dumps(call.tool_args, ensure_ascii=False)}"
+            for call in content.tool_calls or ()
+        )
+        if content.content:
+            self.answer = content.content
+
+    def text(self) -> str:
+        """Say it as Home Assistant's: the model was not asked."""
+        did = f" ran {', '.join(self.actions)} and" if self.actions else ""
+        return (
+            "Home Assistant handled this itself, without you: "
+            f"the user said {json.dumps(self.request, ensure_ascii=False)}; "
+            f"Home Assistant{did} answered "
+            f"{json.dumps(self.answer, ensure_ascii=False)}."
+        )
+
+
+def only_invalid_tool_calls(chat_log: conversation.ChatLog) -> bool:
+    """Whether the turn's tool calls were all invalid (so no action was taken)."""
+    results = [
+        content
+        for content in chat_log.content[chat_log.llm_input_provided_index :]
+        if isinstance(content, conversation.ToolResultContent)
+    ]
+    return bool(results) and all(
+        result.tool_name == INVALID_TOOL_CALL for result in results
+    )
 
 
 def ready_subentries(
@@ -137,7 +203,7 @@ class RockchipLLMBaseEntity(Entity):
             async with agent.async_conversation(prefix) as conversation:
                 for _iteration in range(MAX_TOOL_ITERATIONS):
                     reply = conversation.reply(
-                        lambda: messages_from_chat_log(chat_log),
+                        lambda: messages_from_chat_log(chat_log, self.entity_id),
                         instructions=instructions,
                         volatile=volatile,
                     )

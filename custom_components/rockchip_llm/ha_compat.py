@@ -18,14 +18,8 @@ except ImportError:  # older HA ships voluptuous and voluptuous-openapi
     import voluptuous as vol  # type: ignore[no-redef]
     from voluptuous_openapi import convert as _to_openapi  # type: ignore[no-redef]
 
-try:  # newer HA keeps the binary sensor device classes in binary_sensor.const
-    from homeassistant.components.binary_sensor.const import BinarySensorDeviceClass
-except ImportError:  # HA 2026.6 defines them in the package itself
-    from homeassistant.components.binary_sensor import BinarySensorDeviceClass  # type: ignore[attr-defined,no-redef,unused-ignore]
-
 __all__ = [
     "HAS_TOOL_RESULT_OBJECT",
-    "BinarySensorDeviceClass",
     "ConversationBusyError",
     "async_get_chat_session",
     "schema_to_openapi",

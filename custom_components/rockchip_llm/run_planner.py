@@ -11,7 +11,11 @@ from typing import Literal
 
 from .host.prompt_cache import prompt_sha256
 
-type Role = Literal["user", "assistant", "tool"]
+type Role = Literal["user", "assistant", "tool", "local"]
+""""local": a request Home Assistant handled itself, told as its note."""
+
+REQUEST_MARKER = "Now the user says: "
+"""Starts the request to answer after the notes of what Home Assistant handled itself."""
 
 CHARS_PER_TOKEN = 3
 """Conservative estimate for text we have not tokenised (real BPE: 3.5-4.5)."""
@@ -165,8 +169,16 @@ def pending_input(messages: list[Message]) -> tuple[list[Message], Message]:
         if len(tools) == 1:
             return history, tools[0]
         return history, Message("tool", _merged_results(tools))
-    users = [message.text for message in new if message.role == "user"]
-    return history, Message("user", "\n".join(users))
+    users = "\n".join(message.text for message in new if message.role == "user")
+    notes = [message.text for message in new if message.role == "local"]
+    return history, Message("user", with_notes(notes, users))
+
+
+def with_notes(notes: list[str], request: str) -> str:
+    """Write what Home Assistant handled itself in front of the request it precedes."""
+    if not notes:
+        return request
+    return "\n".join([*notes, "", f"{REQUEST_MARKER}{request}"])
 
 
 def _merged_results(tools: list[Message]) -> str:
@@ -180,7 +192,7 @@ def trim_history(history: list[Message], max_history: int) -> list[Message]:
     """Keep the last max_history user turns (0 keeps everything)."""
     if max_history <= 0:
         return history
-    user_indexes = [i for i, message in enumerate(history) if message.role == "user"]
+    user_indexes = [i for i, message in enumerate(history) if _is_request(message)]
     if len(user_indexes) <= max_history:
         return history
     return history[user_indexes[-max_history] :]
@@ -198,7 +210,8 @@ def templated_history(history: list[Message]) -> str:
     wraps in a user turn and follows with the assistant's: so it starts inside
     the first user turn (history starts with one) and ends by opening the turn
     of the new input. Answers carry their tool calls as the model wrote them;
-    consecutive tool results are one turn, as when first sent.
+    consecutive tool results are one turn, and notes of what Home Assistant
+    handled itself share the turn of the request after them, as when first sent.
     """
     if not history:
         return ""
@@ -211,6 +224,18 @@ def templated_history(history: list[Message]) -> str:
             while end < len(history) and history[end].role == "tool":
                 end += 1
             turns.append(("user", tool_response(_merged_results(history[index:end]))))
+            index = end
+            continue
+        if message.role == "local":  # notes go in the turn of the request after them
+            end = index
+            while end < len(history) and history[end].role == "local":
+                end += 1
+            notes = [note.text for note in history[index:end]]
+            if end < len(history) and history[end].role == "user":
+                turns.append(("user", with_notes(notes, history[end].text)))
+                end += 1
+            else:
+                turns.append(("user", "\n".join(notes)))
             index = end
             continue
         if message.role == "assistant":
@@ -349,7 +374,7 @@ def _history_candidates(history: list[Message]) -> list[list[Message]]:
     candidates: list[list[Message]] = []
     for start in range(len(history) + 1):
         kept = history[start:]
-        if not kept or kept[0].role == "user":
+        if not kept or _is_request(kept[0]):
             candidates.append(kept)
     return candidates
 
@@ -397,6 +422,11 @@ def _fresh_plan(
         history=templated_history(kept),
         request=request,
     )
+
+
+def _is_request(message: Message) -> bool:
+    """Whether message starts a turn: the user's, or one Home Assistant handled."""
+    return message.role in ("user", "local")
 
 
 def _input_role(message: Message) -> Literal["user", "tool"]:

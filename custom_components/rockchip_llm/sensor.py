@@ -4,9 +4,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from homeassistant.components.sensor import (
+    RestoreSensor,
     SensorDeviceClass,
     SensorEntity,
     SensorEntityDescription,
@@ -116,6 +117,8 @@ class AgentSensorDescription(SensorEntityDescription):
     attributes_fn: Callable[[Agent], Mapping[str, Any]] | None = None
     chat_only: bool = False
     """Only conversation agents have a system prompt cache."""
+    restore: bool = False
+    """A reading of the last answer: shown again after a restart until the next one."""
 
 
 SENSORS: Final = (
@@ -166,6 +169,7 @@ SENSORS: Final = (
         state_class=SensorStateClass.MEASUREMENT,
         suggested_display_precision=0,
         value_fn=_ttft,
+        restore=True,
     ),
     AgentSensorDescription(
         key="tokens_per_second",
@@ -174,6 +178,7 @@ SENSORS: Final = (
         state_class=SensorStateClass.MEASUREMENT,
         suggested_display_precision=1,
         value_fn=_tokens_per_second,
+        restore=True,
     ),
     AgentSensorDescription(
         key="prefill_tokens",
@@ -181,6 +186,7 @@ SENSORS: Final = (
         native_unit_of_measurement=TOKENS,
         state_class=SensorStateClass.MEASUREMENT,
         value_fn=_prefill_tokens,
+        restore=True,
     ),
     AgentSensorDescription(
         key="queue_length",
@@ -222,7 +228,9 @@ async def async_setup_entry(
         chat = subentry_type == SUBENTRY_CONVERSATION
         for subentry in ready_subentries(entry, subentry_type):
             entities: list[SensorEntity] = [
-                AgentSensor(entry, subentry, description)
+                (LastAnswerSensor if description.restore else AgentSensor)(
+                    entry, subentry, description
+                )
                 for description in SENSORS
                 if chat or not description.chat_only
             ]
@@ -251,6 +259,27 @@ class AgentSensor(AgentStatusEntity, SensorEntity):
         if (attributes := self.entity_description.attributes_fn) is None:
             return None
         return attributes(self.agent)
+
+
+class LastAnswerSensor(AgentSensor, RestoreSensor):
+    """A reading of the agent's last answer, restored after a restart.
+
+    Until the agent answers again, the reading from before the restart is shown.
+    """
+
+    _restored: StateType = None
+
+    async def async_added_to_hass(self) -> None:
+        """Take the last reading from before the restart, then follow the model."""
+        if (data := await self.async_get_last_sensor_data()) is not None:
+            self._restored = cast("StateType", data.native_value)
+        await super().async_added_to_hass()
+
+    @property
+    def native_value(self) -> StateType:
+        """The last answer's reading; the restored one before the first answer."""
+        value = super().native_value
+        return self._restored if value is None else value
 
 
 class NPULoadSensor(AgentStatusEntity, SensorEntity):

@@ -53,11 +53,14 @@ SERVICE_CREATE_CACHE = "create_cache"
 SERVICE_DELETE_CACHE = "delete_cache"
 SERVICE_BENCHMARK = "benchmark"
 ATTR_AGENT = "agent"
+ATTR_ASSIST_TOOLS = "assist_tools"
 ATTR_RUNS = "runs"
 ATTR_QUESTION = "question"
 DEFAULT_QUESTION = "Is the kitchen light on?"
 MODEL_SERVICES = (SERVICE_LIST_CACHES, SERVICE_CREATE_CACHE, SERVICE_DELETE_CACHE)
 _DESCRIPTIONS: HassKey[dict[str, Any]] = HassKey(f"{DOMAIN}_service_descriptions")
+_CACHE_NAMES: HassKey[list[str]] = HassKey(f"{DOMAIN}_cache_names")
+"""Names of the stored caches, offered by delete_cache's name field."""
 
 REBUILD_SCHEMA = vol.Schema(
     {
@@ -71,6 +74,7 @@ CREATE_SCHEMA = vol.Schema(
         vol.Required(CONF_MODEL): cv.string,
         vol.Required(CONF_NAME): cv.string,
         vol.Required(CONF_PROMPT): cv.string,
+        vol.Optional(ATTR_ASSIST_TOOLS, default=True): cv.boolean,
     }
 )
 BENCHMARK_SCHEMA = vol.Schema(
@@ -247,6 +251,7 @@ async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
                 "created_at": metadata.created_at,
             }
         )
+    await async_refresh_cache_names(call.hass)
     return cast("ServiceResponse", {"caches": caches}) if call.return_response else None
 
 
@@ -311,28 +316,54 @@ async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
     _check_name(name)
     refuse_nul(call.data[CONF_PROMPT], CONF_PROMPT)
     agent = _agent_for_model(call.hass, call.data[CONF_MODEL])
-    system_prefix = agent.system_cache.prefix if agent.system_cache else None
-    tools = system_prefix.tools_json if system_prefix is not None else NO_TOOLS
+    tools = (
+        _assist_tools(call.hass, agent.session.name)
+        if call.data[ATTR_ASSIST_TOOLS]
+        else NO_TOOLS
+    )
     prefix = SystemPrefix(prompt=call.data[CONF_PROMPT], tools_json=tools)
     check_cache_prompt_fits(agent.session, name, prefix)
     with _build_errors(agent.session.name):
         entry = await agent.session.async_build_cache(
             prefix, name, SERVICE_CREATE_CACHE
         )
-    return {"cache": _entry_json(entry)} if call.return_response else None
+    await async_refresh_cache_names(call.hass)
+    if not call.return_response:
+        return None
+    return {"cache": _entry_json(entry) | {ATTR_ASSIST_TOOLS: prefix.has_tools}}
 
 
-async def _async_delete_cache(call: ServiceCall) -> None:
+def _assist_tools(hass: HomeAssistant, model: str) -> str:
+    """Return the tools a conversation agent of model puts before its prompt."""
+    for runtime in _runtimes(hass):
+        for agent in runtime.chat_agents:
+            prefix = agent.system_cache.prefix if agent.system_cache else None
+            if agent.session.name == model and prefix is not None:
+                return prefix.tools_json
+    return NO_TOOLS
+
+
+async def _async_delete_cache(call: ServiceCall) -> ServiceResponse:
     name: str = call.data[CONF_NAME]
     model: str = call.data[CONF_MODEL]
     _check_name(name)
     agent = _agent_for_model(call.hass, model)
     try:
+        stored = await agent.session.services.store.async_list(model)
         deleted = await agent.session.async_delete_cache(name)
     except CacheError as err:
         raise _validation_error(err.translation_key, **err.placeholders) from err
     if not deleted:
         raise _validation_error("cache_not_found", model=model, name=name)
+    await async_refresh_cache_names(call.hass)
+    if not call.return_response:
+        return None
+    removed = next((entry for entry in stored if entry.name == name), None)
+    return {
+        "deleted": _entry_json(removed)
+        if removed is not None
+        else {"model": model, "name": name}
+    }
 
 
 async def _async_benchmark(call: ServiceCall) -> ServiceResponse:
@@ -392,7 +423,7 @@ async def async_setup_services(hass: HomeAssistant) -> None:
             SERVICE_DELETE_CACHE,
             _async_delete_cache,
             DELETE_SCHEMA,
-            SupportsResponse.NONE,
+            SupportsResponse.OPTIONAL,
         ),
         (SERVICE_BENCHMARK, _async_benchmark, BENCHMARK_SCHEMA, SupportsResponse.ONLY),
     ):
@@ -402,12 +433,30 @@ async def async_setup_services(hass: HomeAssistant) -> None:
     hass.data[_DESCRIPTIONS] = await hass.async_add_executor_job(
         load_yaml_dict, str(Path(__file__).with_name("services.yaml"))
     )
-    async_update_model_selectors(hass)
+    await async_refresh_cache_names(hass)
 
 
 @callback
 def async_update_model_selectors(hass: HomeAssistant) -> None:
-    """Offer the loaded models as a list in the UI's model field of the actions."""
+    """Offer the loaded models now, and the stored caches once they are listed."""
+    _async_set_selectors(hass)
+    hass.async_create_task(async_refresh_cache_names(hass))
+
+
+async def async_refresh_cache_names(hass: HomeAssistant) -> None:
+    """List the stored caches of the loaded entries for delete_cache's name field."""
+    names: set[str] = set()
+    for runtime in _runtimes(hass):
+        with contextlib.suppress(CacheError, RKLLMError):  # the host may be gone
+            entries = await runtime.engine.store.async_list()
+            names.update(entry.name for entry in entries)
+    hass.data[_CACHE_NAMES] = sorted(names)
+    _async_set_selectors(hass)
+
+
+@callback
+def _async_set_selectors(hass: HomeAssistant) -> None:
+    """Offer the loaded models and the stored cache names as lists in the UI."""
     models = sorted(
         {agent.session.name for r in _runtimes(hass) for agent in r.agents.values()}
     )
@@ -416,4 +465,12 @@ def async_update_model_selectors(hass: HomeAssistant) -> None:
         description["fields"][CONF_MODEL]["selector"] = {
             "select": {"options": models, "mode": "dropdown"}
         }
+        if service == SERVICE_DELETE_CACHE:
+            description["fields"][CONF_NAME]["selector"] = {
+                "select": {
+                    "options": hass.data.get(_CACHE_NAMES, []),
+                    "mode": "dropdown",
+                    "custom_value": True,
+                }
+            }
         async_set_service_schema(hass, DOMAIN, service, description)

@@ -453,13 +453,28 @@ static char *strip_thinking(const char *text)
     return sb_take(&b);
 }
 
-char *sim_model_reply(const sim_model *m, const char *role, const char *input,
+/* The request a user turn asks: after the last "Now the user says: ", which ends
+ * the notes of what Home Assistant handled itself in front of it, else the
+ * whole turn. */
+static const char *latest_request(const char *role, const char *input)
+{
+    static const char marker[] = "Now the user says: ";
+    const char *request = input;
+    if (strcmp(role, "user") != 0)
+        return input;
+    for (const char *at = strstr(input, marker); at; at = strstr(at + 1, marker))
+        request = at + strlen(marker);
+    return request;
+}
+
+char *sim_model_reply(const sim_model *m, const char *role, const char *full_input,
                       int enable_thinking)
 {
-    /* The rule whose pattern occurs first in the input wins (ties: the rule
-       listed first); "*" matches at the end, after every other pattern. An
-       input that holds several requests (a transcript in one message) is
-       answered on the first of them, as a confused small model may. */
+    /* The rule whose pattern occurs first in the request wins (ties: the rule
+       listed first); "*" matches at the end, after every other pattern. A
+       request that holds several commands is answered on the first of them,
+       as a confused small model may. */
+    const char *input = latest_request(role, full_input);
     const sim_rule *hit = NULL;
     const char *hit_at = NULL;
     const char *input_end = input + strlen(input);
@@ -483,16 +498,16 @@ char *sim_model_reply(const sim_model *m, const char *role, const char *input,
             strbuf tmp;
             sb_init(&tmp);
             substitute(&tmp, hit->text, hit->var, captured);
-            substitute(&b, sb_cstr(&tmp), "input", input);
+            substitute(&b, sb_cstr(&tmp), "input", full_input);
             sb_free(&tmp);
         } else {
-            substitute(&b, hit->text, "input", input);
+            substitute(&b, hit->text, "input", full_input);
         }
     } else if (m->default_reply) {
-        substitute(&b, m->default_reply, "input", input);
+        substitute(&b, m->default_reply, "input", full_input);
     } else {
         sb_puts(&b, "You said: ");
-        sb_puts(&b, input);
+        sb_puts(&b, full_input);
     }
     free(captured);
     char *reply = sb_take(&b);
