@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from homeassistant.const import __version__ as HA_VERSION
+from tests.sim_words import words
 
 from .instance import (
     RESTART_EXIT_CODE,
@@ -34,7 +35,7 @@ from .instance import (
 
 MODEL = "Check Model"
 DEFAULT_REPLY = "I am a simulated model."
-STORY = " ".join(f"w{index}" for index in range(150))
+STORY = words(150)  # one simulator token each
 MODEL_FILE = f"""\
 RKLLM-SIM 1
 # The real-process check's simulated model: a story slow enough to ask twice meanwhile.
