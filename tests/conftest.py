@@ -178,17 +178,6 @@ def verified_library(sim_library: Path, tmp_path: Path) -> VerifiedLibrary:
     return verify_and_copy_library(sim_library, tmp_path / "private")
 
 
-def words(count: int) -> str:
-    """Return count words of letters only: one simulator token each (a digit is one)."""
-    return " ".join(
-        "w"
-        + chr(97 + index // 676 % 26)
-        + chr(97 + index // 26 % 26)
-        + chr(97 + index % 26)
-        for index in range(count)
-    )
-
-
 def model_text(
     *,
     replies: tuple[str, ...] = DEFAULT_REPLIES,

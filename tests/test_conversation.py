@@ -30,7 +30,8 @@ from homeassistant.helpers import (
 from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 
-from .conftest import EntryFactory, agent_issue_error, last_run_record, words
+from .conftest import EntryFactory, agent_issue_error, last_run_record
+from .sim_words import words
 
 AGENT = "conversation.agent_0"
 

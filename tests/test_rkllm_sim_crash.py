@@ -35,7 +35,8 @@ from custom_components.rockchip_llm.host.rkllm.worker import (
     WorkerModel,
 )
 
-from .conftest import REPO, ModelWriter, words
+from .conftest import REPO, ModelWriter
+from .sim_words import words
 
 BARE_INIT = """\
 import ctypes, sys

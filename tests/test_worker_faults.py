@@ -16,7 +16,8 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, intent
 
-from .conftest import EntryFactory, ModelWriter, words
+from .conftest import EntryFactory, ModelWriter
+from .sim_words import words
 
 AGENT = "conversation.agent_0"
 SLOW = words(200)

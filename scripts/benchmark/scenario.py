@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from custom_components.rockchip_llm.run_planner import SystemPrefix
+from tests.sim_words import words
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_DIR = ROOT / "tests" / "rkllm_sim"
@@ -248,11 +249,7 @@ def zero_model_replies(reply_tokens: int) -> dict[str, str]:
     """Return the replies of the overhead phase by question (a short and a long one)."""
     return {
         "short request": "OK.",
-        # One simulator token per word: letters only (a digit is a token of its own).
-        "long request": " ".join(
-            "word" + chr(97 + index // 26 % 26) + chr(97 + index % 26)
-            for index in range(reply_tokens)
-        ),
+        "long request": words(reply_tokens),  # one simulator token each
     }
 
 

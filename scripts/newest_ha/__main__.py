@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from homeassistant.const import __version__ as HA_VERSION
+from tests.sim_words import words
 
 from .instance import (
     RESTART_EXIT_CODE,
@@ -34,10 +35,7 @@ from .instance import (
 
 MODEL = "Check Model"
 DEFAULT_REPLY = "I am a simulated model."
-STORY = " ".join(
-    f"w{chr(97 + index // 26)}{chr(97 + index % 26)}" for index in range(150)
-)
-"""150 words of letters: one simulator token each (a digit is a token of its own)."""
+STORY = words(150)  # one simulator token each
 MODEL_FILE = f"""\
 RKLLM-SIM 1
 # The real-process check's simulated model: a story slow enough to ask twice meanwhile.
