@@ -642,7 +642,7 @@ async def test_subentry_add(hass: HomeAssistant, loaded_entry: MockConfigEntry) 
     # The form shows each tool group's tokens and the model's limit.
     placeholders = result["description_placeholders"]
     assert "lights_switches: " in placeholders["tool_costs"]
-    assert placeholders["model_limits"] == "-"  # no model loaded yet
+    assert placeholders["model_limits"] == "Qwen3 Sim: 4,096 tokens"  # as loaded
     assert CONF_NAME in result["data_schema"].schema
     assert [option["value"] for option in select_options(dict(result), CONF_MODEL)] == [
         "Beta",

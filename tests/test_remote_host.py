@@ -46,7 +46,8 @@ pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mount namespaces (unshare --mount) need root"
 )
 
-AGENT = "conversation.qwen3_sim"
+AGENT = "conversation.qwen3_sim_conversation"
+"""The agent the flow creates: the model's name and its kind."""
 SLOW_REPLY = " ".join(f"w{i}" for i in range(300))
 
 
