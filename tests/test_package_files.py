@@ -102,6 +102,26 @@ def test_translations_are_strings() -> None:
     assert "[%key:" not in json.dumps(english)
 
 
+def test_texts_have_no_markup_tags() -> None:
+    """The frontend reads "<word>" as a tag of the message format: no text may hold one.
+
+    (The host step once said "python3 <config>/…" and showed "Translation error:
+    UNCLOSED_TAG" instead.)
+    """
+
+    def texts(data: object) -> list[str]:
+        if isinstance(data, dict):
+            return [text for value in data.values() for text in texts(value)]
+        return [data] if isinstance(data, str) else []
+
+    tagged = [
+        text
+        for text in texts(load_json("translations/en.json"))
+        if re.search(r"</?[A-Za-z][^>]*>", text)
+    ]
+    assert tagged == []
+
+
 def test_every_flow_field_is_described() -> None:
     """Every form field of every step has a label and a data_description."""
     strings = load_json("strings.json")
