@@ -463,7 +463,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 user_input or {},
             ),
             errors=validation.errors,
-            description_placeholders={"error": "", **validation.placeholders},
+            description_placeholders=validation.placeholders,
         )
 
     async def async_step_simulator(
@@ -566,7 +566,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
                 user_input or entry.data,
             ),
             errors=validation.errors,
-            description_placeholders={"error": "", **validation.placeholders},
+            description_placeholders=validation.placeholders,
         )
 
     @classmethod
