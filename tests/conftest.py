@@ -3,6 +3,7 @@
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.host.rkllm.child import COVERAGE_PATH_ENV
 from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
 from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
-from custom_components.rockchip_llm.host.server import Host, HostConfig
+from custom_components.rockchip_llm.host.server import Host
 from homeassistant import block_async_io
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
@@ -123,17 +124,8 @@ async def in_process_host(
 
     def spawn(local: link.LocalHost) -> tuple[socket.socket, None, None]:
         ours, theirs = socket.socketpair()
-        host = Host(
-            HostConfig(
-                library=local.library,
-                models_dir=local.models_dir,
-                cache_dir=local.cache_dir,
-                cache_budget_bytes=local.cache_budget_bytes,
-                abi_family=local.abi_family,
-                stall_timeout=local.stall_timeout,
-                forward_logs=False,  # its records are this process's already
-            )
-        )
+        # Its records are this process's already: not sent over the link too.
+        host = Host(dataclasses.replace(local.config, forward_logs=False))
         thread = threading.Thread(
             target=asyncio.run,
             args=(async_serve_socket(theirs, host),),

@@ -8,6 +8,7 @@ import pytest
 from custom_components.rockchip_llm.const import HistoryStrategy
 from custom_components.rockchip_llm.engine import Engine
 from custom_components.rockchip_llm.host.rkllm.runtime import ModelParams, Sampling
+from custom_components.rockchip_llm.host.server import HostConfig
 from custom_components.rockchip_llm.link import LocalHost, async_connect
 from custom_components.rockchip_llm.remote import RuntimeHost
 from custom_components.rockchip_llm.run_planner import Message, SystemPrefix
@@ -54,10 +55,12 @@ async def session(
     write_model()
     link, hello = await async_connect(
         LocalHost(
-            library=sim_library,
-            models_dir=models_dir,
-            cache_dir=tmp_path / "cache",
-            cache_budget_bytes=10**9,
+            HostConfig(
+                library=sim_library,
+                models_dir=models_dir,
+                cache_dir=tmp_path / "cache",
+                cache_budget_bytes=10**9,
+            ),
             python=HOST_PYTHON,
         ),
         "test_session",

@@ -23,6 +23,7 @@ from .const import (
 )
 from .host.address import parse_tcp_address
 from .host.rkllm.abi import parse_family
+from .host.server import HostConfig
 from .host.wire import HostError, HostVersionMismatch
 from .link import HostAddress, LocalHost, TcpHost, UnixHost, async_connect, local_python
 from .remote import RuntimeHost
@@ -43,14 +44,16 @@ def host_address(data: Mapping[str, Any]) -> HostAddress:
     if address := data.get(CONF_HOST_ADDRESS):
         return parse_address(str(address))
     return LocalHost(
-        library=Path(data[CONF_LIBRARY_PATH]),
-        models_dir=Path(data[CONF_MODELS_DIR]),
-        cache_dir=Path(data[CONF_CACHE_DIR]),
-        cache_budget_bytes=int(
-            data.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB) * 1_000_000
+        HostConfig(
+            library=Path(data[CONF_LIBRARY_PATH]),
+            models_dir=Path(data[CONF_MODELS_DIR]),
+            cache_dir=Path(data[CONF_CACHE_DIR]),
+            cache_budget_bytes=int(
+                data.get(CONF_CACHE_BUDGET, DEFAULT_CACHE_BUDGET_MB) * 1_000_000
+            ),
+            abi_family=parse_family(data.get(CONF_ABI_FAMILY)),
+            stall_timeout=float(data.get(CONF_STALL_TIMEOUT, DEFAULT_STALL_TIMEOUT_S)),
         ),
-        abi_family=parse_family(data.get(CONF_ABI_FAMILY)),
-        stall_timeout=float(data.get(CONF_STALL_TIMEOUT, DEFAULT_STALL_TIMEOUT_S)),
         python=local_python(),
     )
 

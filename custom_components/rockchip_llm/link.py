@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import IO, Any, Final
 
-from .host.rkllm.abi import AbiFamily
+from .host.server import HostConfig
 from .host.version import HOST_VERSION, PROTOCOL_VERSION, update_advice
 from .host.wire import (
     MAX_MESSAGE_BYTES,
@@ -54,12 +54,8 @@ type EventHandler = Callable[[Message], None]
 class LocalHost:
     """A host this machine starts for Home Assistant, over a socket pair."""
 
-    library: Path
-    models_dir: Path
-    cache_dir: Path
-    cache_budget_bytes: int | None = None
-    abi_family: AbiFamily | None = None
-    stall_timeout: float | None = None
+    config: HostConfig
+    """What the host serves: its library, folders and settings."""
     python: str = sys.executable
     """The interpreter of the host (Home Assistant's own by default)."""
 
@@ -69,6 +65,7 @@ class LocalHost:
 
     def command(self, fd: int) -> list[str]:
         """Return the host's command line, serving the socket fd."""
+        config = self.config
         command = [
             self.python,
             "-I",
@@ -77,18 +74,21 @@ class LocalHost:
             "--fd",
             str(fd),
             "--library",
-            str(self.library),
+            str(config.library),
             "--models",
-            str(self.models_dir),
+            str(config.models_dir),
             "--cache",
-            str(self.cache_dir),
+            str(config.cache_dir),
         ]
-        if self.cache_budget_bytes is not None:
-            command += ["--cache-budget-mb", repr(self.cache_budget_bytes / 1_000_000)]
-        if self.abi_family is not None:
-            command += ["--abi-family", str(self.abi_family)]
-        if self.stall_timeout is not None:
-            command += ["--stall-timeout", str(self.stall_timeout)]
+        if config.cache_budget_bytes is not None:
+            command += [
+                "--cache-budget-mb",
+                repr(config.cache_budget_bytes / 1_000_000),
+            ]
+        if config.abi_family is not None:
+            command += ["--abi-family", str(config.abi_family)]
+        if config.stall_timeout is not None:
+            command += ["--stall-timeout", str(config.stall_timeout)]
         return command
 
 

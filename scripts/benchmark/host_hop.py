@@ -15,6 +15,7 @@ import sys
 import time
 
 from custom_components.rockchip_llm.host.rkllm.runtime import ModelParams, RunRequest
+from custom_components.rockchip_llm.host.server import HostConfig
 from custom_components.rockchip_llm.link import (
     HOST_FOLDER,
     HostAddress,
@@ -111,9 +112,7 @@ async def async_measure_host_links(
     ]
     addresses: dict[str, HostAddress] = {
         "host_local": LocalHost(
-            library=library,
-            models_dir=models_dir,
-            cache_dir=work_dir / "host-cache-local",
+            HostConfig(library, models_dir, work_dir / "host-cache-local"),
             python=sys.executable,
         ),
         "host_unix": UnixHost(socket_path),

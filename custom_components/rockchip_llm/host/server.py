@@ -124,6 +124,8 @@ class Host:
         """Serve config's folders."""
         self.config = config
         self.store = PromptCacheStore(config.cache_dir, config.cache_budget_bytes)
+        self.library: VerifiedLibrary | None = None
+        """The library as the last hello checked it (None: unusable)."""
         self._client: _Client | None = None
         self._clients: set[_Client] = set()
         self._serving: set[asyncio.Task[Any]] = set()
@@ -207,7 +209,7 @@ class Host:
                         None, CacheWriteError, str(err), err.os_error, folder
                     )
                 )
-            self.library: VerifiedLibrary | None = None
+            self.library = None
         else:
             self.library = library
             runtime = {**info_to_wire(library.info), "simulated": library.simulated}
@@ -464,7 +466,7 @@ class _Client:
 
     def library(self) -> VerifiedLibrary:
         """Return the checked library; refused while there is none."""
-        library: VerifiedLibrary | None = getattr(self.host, "library", None)
+        library = self.host.library
         if library is None:
             raise BadRequest("the runtime library of this host cannot be used")
         return library
