@@ -8,7 +8,6 @@ import json
 import logging
 import os
 from pathlib import Path
-import shutil
 import socket
 import subprocess
 import threading
@@ -20,6 +19,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rockchip_llm import link
 from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.host.announce import ZEROCONF_PATH_ENV
 from custom_components.rockchip_llm.host.cli import async_serve_socket
 from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.host.rkllm.child import COVERAGE_PATH_ENV
@@ -32,6 +32,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.setup import async_setup_component
 
+from .board_python import find_host_python, setup_folder
 from .entry_factory import runtime_entry
 
 REPO = Path(__file__).parent.parent
@@ -57,45 +58,21 @@ DEFAULT_REPLIES = (
 )
 
 
-def _find_host_python() -> str:
-    """The board-like Python the runtime host runs on in tests: 3.11 to 3.13.
-
-    Debian 12 and Armbian bookworm boards have 3.11; the machine's own python3 is
-    such an interpreter. ROCKCHIP_LLM_TEST_HOST_PYTHON names another one.
-    """
-    candidates = [
-        os.environ.get("ROCKCHIP_LLM_TEST_HOST_PYTHON"),
-        shutil.which("python3.11"),
-        shutil.which("python3"),
-        "/usr/bin/python3",
-    ]
-    for candidate in filter(None, candidates):
-        version = subprocess.run(
-            [candidate, "-I", "-S", "-c", "import sys; print(sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        if version in ("(3, 11)", "(3, 12)", "(3, 13)"):
-            return candidate
-    pytest.fail("no Python 3.11-3.13 found to run the runtime host on (the board's)")
+def _host_python() -> str:
+    python = find_host_python()
+    if python is None:
+        pytest.fail(
+            "no Python 3.11-3.13 found to run the runtime host on (the board's)"
+        )
+    return python
 
 
-HOST_PYTHON = _find_host_python()
+HOST_PYTHON = _host_python()
 """The interpreter of every runtime host the tests start (Home Assistant's are 3.14)."""
-
-
-HOST_COVERAGE = Path(
-    os.environ.get("ROCKCHIP_LLM_CACHE") or Path.home() / ".cache/rockchip-llm"
-) / "host-coverage-{}".format(
-    subprocess.run(
-        [HOST_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-)
+HOST_COVERAGE = setup_folder("coverage", HOST_PYTHON)
 """coverage for the board's Python, from scripts/setup (child.COVERAGE_PATH_ENV)."""
+HOST_ZEROCONF = setup_folder("zeroconf", HOST_PYTHON)
+"""zeroconf for the board's Python, from scripts/setup (announce.ZEROCONF_PATH_ENV)."""
 
 
 @pytest.fixture(autouse=True)
@@ -103,11 +80,13 @@ def host_on_board_python(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the runtime hosts Home Assistant starts on the board's Python, not HA's.
 
     Where scripts/setup installed coverage for it, the hosts and their workers are
-    measured too (when the test run is).
+    measured too (when the test run is). The hosts find zeroconf where setup put
+    it, as a board's python3 with python3-zeroconf would (ROCKCHIP_LLM_ZEROCONF_PATH).
     """
     monkeypatch.setenv("ROCKCHIP_LLM_HOST_PYTHON", HOST_PYTHON)
     if HOST_COVERAGE.is_dir():
         monkeypatch.setenv(COVERAGE_PATH_ENV, str(HOST_COVERAGE))
+    monkeypatch.setenv(ZEROCONF_PATH_ENV, str(HOST_ZEROCONF))
 
 
 @pytest.fixture

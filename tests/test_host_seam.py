@@ -32,6 +32,23 @@ def _imports(path: Path) -> list[tuple[str, int]]:
     return found
 
 
+def _imports_guarded_by_import_error(path: Path) -> set[str]:
+    """The modules a file imports inside a try that catches ImportError."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Try) and any(
+            isinstance(handler.type, ast.Name) and handler.type.id == "ImportError"
+            for handler in node.handlers
+        ):
+            found |= {
+                alias.name
+                for statement in node.body
+                if isinstance(statement, ast.Import)
+                for alias in statement.names
+            }
+    return found
+
+
 @pytest.fixture(scope="module")
 def stdlib_names() -> set[str]:
     """The standard library of the host's Python."""
@@ -56,8 +73,12 @@ def test_the_host_has_modules() -> None:
     assert {"__main__.py", "server.py", "wire.py", "rkllm/worker.py"} <= names
 
 
-DEVELOPMENT_IMPORT = ("rkllm/child.py", "coverage")
-"""The one import that is not the standard library's: child.start_coverage's."""
+OUTSIDE_STDLIB = {
+    ("rkllm/child.py", "coverage"),
+    ("announce.py", "zeroconf"),
+}
+"""The imports that are not the standard library's: child.start_coverage's (a
+development tool) and the announcement's (optional: no zeroconf, no discovery)."""
 
 
 @pytest.mark.parametrize(
@@ -78,8 +99,12 @@ def test_a_host_module_imports_only_the_stdlib_and_the_host(
         assert top not in ("homeassistant", "custom_components"), (
             f"{path.name}: {module}"
         )
-        if (str(path.relative_to(HOST_FOLDER)), top) == DEVELOPMENT_IMPORT:
-            continue  # imported only when a test run asks for coverage
+        if (str(path.relative_to(HOST_FOLDER)), top) in OUTSIDE_STDLIB:
+            # Looked for only when wanted; the host runs without it.
+            assert module in _imports_guarded_by_import_error(path), (
+                f"{path.name}: {module} is imported without an except ImportError"
+            )
+            continue
         assert top in stdlib_names, f"{path.name}: {module} is not in Python's stdlib"
 
 

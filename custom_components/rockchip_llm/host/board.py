@@ -6,6 +6,7 @@ Reading them blocks (kernel files): call these off the event loop.
 import os
 from pathlib import Path
 import re
+import socket
 from typing import Any, Final
 
 NPU_DEBUGFS_ENV: Final = "ROCKCHIP_LLM_NPU_DEBUGFS"
@@ -82,6 +83,16 @@ def read_host_info() -> dict[str, Any]:
         "device_tree_compatible": compatible,
         "soc": soc.removeprefix("rockchip,") if soc else None,
     }
+
+
+def hostname() -> str:
+    """Return the board's name on the network."""
+    return socket.gethostname()
+
+
+def board_name(host: str, soc: str | None) -> str:
+    """Name the board as people know it: its hostname, with the SoC when known."""
+    return f"{host} ({soc})" if soc else host
 
 
 def npu_driver_too_old(version: str | None) -> bool:

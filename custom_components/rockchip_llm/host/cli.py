@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -12,7 +13,9 @@ import stat
 import sys
 from typing import Final
 
+from . import board
 from .address import parse_tcp_address
+from .announce import Announcer
 from .rkllm.abi import AbiFamily
 from .server import Host, HostConfig
 from .version import DEFAULT_PORT, HOST_VERSION
@@ -107,6 +110,26 @@ async def async_serve_socket(sock: socket.socket, host: Host) -> None:
         await host.async_close()
 
 
+def announced_identity(config: HostConfig) -> str:
+    """Return the identity the host announces on the LAN (Home Assistant's unique id).
+
+    A stand-in until the host has a certificate (issue 18, item 1, host/identity.py):
+    a digest of the machine's name and the cache folder, the same at every start.
+    """
+    key = f"{board.hostname()}\0{config.cache_dir.resolve()}".encode()
+    return f"sha256:{hashlib.sha256(key).hexdigest()}"
+
+
+async def _async_announce(config: HostConfig, server: asyncio.Server) -> Announcer:
+    """Announce a TCP host on the LAN where it can be (logged when not)."""
+    facts = await asyncio.get_running_loop().run_in_executor(None, board.read_host_info)
+    announcer = Announcer(
+        announced_identity(config), board.board_name(board.hostname(), facts["soc"])
+    )
+    await announcer.async_start([sock.getsockname() for sock in server.sockets])
+    return announcer
+
+
 async def _serve(args: argparse.Namespace, host: Host) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
@@ -144,8 +167,13 @@ async def _serve(args: argparse.Namespace, host: Host) -> None:
         where = ", ".join(str(sock.getsockname()) for sock in server.sockets or ())
     _LOGGER.info("Rockchip LLM runtime host %s listening on %s", HOST_VERSION, where)
     print(f"listening on {where}", flush=True)  # noqa: T201 - for whoever started it
+    announcer = (
+        await _async_announce(host.config, server) if args.tcp is not None else None
+    )
     async with server:
         await stopped.wait()
+        if announcer is not None:
+            await announcer.async_close()
         server.close()
         await host.async_close()
     if args.socket is not None:

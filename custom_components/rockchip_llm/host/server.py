@@ -219,6 +219,7 @@ class Host:
         return {
             "host_version": HOST_VERSION,
             "protocol": PROTOCOL_VERSION,
+            "hostname": board.hostname(),
             "runtime": runtime,
             "library_error": library_error,
             "library_disk_error": disk_error,

@@ -1,0 +1,207 @@
+"""A runtime host on a board of a test LAN (tests/lan.py): its own namespace and name.
+
+The host runs ``python3 -I -S <host folder> --tcp ...`` as on a board, on the
+simulator, with a hostname of its own (a UTS namespace), with or without zeroconf
+for its Python; the test (Home Assistant) reaches it at the board's address.
+"""
+
+import asyncio
+from dataclasses import dataclass
+import os
+from pathlib import Path
+import select
+import shutil
+import signal
+import subprocess
+import time
+from typing import IO, Self
+
+from zeroconf import ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from custom_components.rockchip_llm.host.announce import SERVICE_TYPE, ZEROCONF_PATH_ENV
+from custom_components.rockchip_llm.host.version import DEFAULT_PORT
+from custom_components.rockchip_llm.link import HOST_FOLDER
+from homeassistant.components.zeroconf.discovery import info_from_service
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+
+from .board_python import find_host_python, setup_folder
+from .lan import REPO, Board
+
+SIMULATOR = REPO / "tests" / "rkllm_sim" / "build" / "librkllm_sim_1_3.so"
+START_TIMEOUT = 30.0
+"""Seconds a host may take to start listening."""
+LOG_TIMEOUT = 30.0
+"""Seconds a line may take to appear in a host's log."""
+
+
+def board_python() -> tuple[str, Path]:
+    """The board's Python and its zeroconf folder (fails when setup made none)."""
+    python = find_host_python()
+    if python is None:
+        raise RuntimeError("no Python 3.11-3.13 to run the runtime host on")
+    zeroconf = setup_folder("zeroconf", python)
+    if not (zeroconf / "zeroconf").is_dir():
+        raise RuntimeError(
+            f"no zeroconf for the board's Python in {zeroconf}: run scripts/setup"
+        )
+    return python, zeroconf
+
+
+@dataclass
+class BoardHost:
+    """A host process on a board."""
+
+    board: Board
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    @property
+    def address(self) -> str:
+        """What a user types into the flow."""
+        return f"{self.board.address}:{self.port}"
+
+    def log_text(self) -> str:
+        """What the host logged so far."""
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = LOG_TIMEOUT) -> None:
+        """Wait until the host logged text (fails with the log after timeout)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(
+                    f"the host never logged {text!r}:\n{self.log_text()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the host (SIGTERM) and wait for it."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(20)
+
+
+def start_board_host(
+    board: Board,
+    folder: Path,
+    *,
+    hostname: str,
+    model_text: str,
+    zeroconf: bool = True,
+    listen: str = "0.0.0.0",  # noqa: S104 - every address of the board's namespace
+    port: int = DEFAULT_PORT,
+) -> BoardHost:
+    """Start a host on the board serving one simulated model ("Qwen3 Sim").
+
+    Without zeroconf the host's Python finds none (an empty folder is searched).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "models" / "Qwen3 Sim"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "model.rkllm").write_text(model_text)
+    library = folder / "librkllmrt.so"
+    shutil.copy(SIMULATOR, library)
+    python, zeroconf_folder = board_python()
+    if not zeroconf:
+        zeroconf_folder = folder / "no-zeroconf"
+        zeroconf_folder.mkdir(exist_ok=True)
+    log = folder / "host.log"
+    env = {
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        ZEROCONF_PATH_ENV: str(zeroconf_folder),
+    }
+    with log.open("ab") as stderr:
+        process = board.start(
+            [
+                python,
+                "-I",
+                "-S",
+                str(HOST_FOLDER),
+                "--library",
+                str(library),
+                "--models",
+                str(folder / "models"),
+                "--cache",
+                str(folder / "cache"),
+                "--tcp",
+                f"{listen}:{port}",
+            ],  # fmt: skip
+            hostname=hostname,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )
+    _wait_listening(process, log)
+    return BoardHost(board, process, log, port)
+
+
+def _wait_listening(process: subprocess.Popen[bytes], log: Path) -> None:
+    stdout: IO[bytes] | None = process.stdout
+    assert stdout is not None
+    ready, _, _ = select.select([stdout], [], [], START_TIMEOUT)
+    line = stdout.readline().decode() if ready else ""
+    if not line.startswith("listening on "):
+        raise AssertionError(f"the host did not start: {line!r}\n{log.read_text()}")
+
+
+class LanBrowser:
+    """Home Assistant's view of the hosts announced on one link (its zeroconf).
+
+    The zeroconf package of Home Assistant browses on the root side of the link,
+    and each announcement is read with HA's own ``info_from_service``: what its
+    zeroconf integration hands to a config flow.
+    """
+
+    def __init__(self, interface: str) -> None:
+        """Browse on the link of this address of the root namespace."""
+        self._interface = interface
+        self._changes: asyncio.Queue[tuple[str, ServiceStateChange]] = asyncio.Queue()
+        self._zeroconf: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+
+    async def __aenter__(self) -> Self:
+        """Start browsing."""
+        self._zeroconf = AsyncZeroconf(interfaces=[self._interface])
+        self._browser = AsyncServiceBrowser(
+            self._zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._changed]
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop browsing."""
+        assert self._browser is not None and self._zeroconf is not None
+        await self._browser.async_cancel()
+        await self._zeroconf.async_close()
+
+    def _changed(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        self._changes.put_nowait((name, state_change))
+
+    async def _async_next(self, wanted: ServiceStateChange) -> str:
+        async with asyncio.timeout(LOG_TIMEOUT):
+            while True:
+                name, change = await self._changes.get()
+                if change is wanted:
+                    return name
+
+    async def async_added(self) -> ZeroconfServiceInfo:
+        """Wait for the next host announced; return what HA's zeroconf makes of it."""
+        assert self._zeroconf is not None
+        name = await self._async_next(ServiceStateChange.Added)
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        assert await info.async_request(self._zeroconf.zeroconf, 3000), name
+        found = info_from_service(info)
+        assert found is not None, info
+        return found
+
+    async def async_removed(self) -> str:
+        """Wait for a host to withdraw its announcement; return its name."""
+        return await self._async_next(ServiceStateChange.Removed)
