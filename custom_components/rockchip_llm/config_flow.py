@@ -32,6 +32,7 @@ from homeassistant.helpers.selector import (
     TemplateSelector,
     TextSelector,
 )
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from homeassistant.helpers.typing import VolDictType
 
 from .agent import Agent
@@ -74,6 +75,7 @@ from .host.model_files import ModelInfo, ModelScan, ModelsDirError
 from .host.rkllm.abi import AbiFamily, family_setting
 from .host.rkllm.errors import LibraryCopyFailed
 from .host.rkllm.library import LIBRARY_NAME, file_is_simulator
+from .host.version import DEFAULT_PORT
 from .host.wire import HostError
 from .prefix_report import async_group_costs, costs_text
 from .remote import RuntimeHost
@@ -144,6 +146,13 @@ async def _async_validate_host(host: RuntimeHost, result: _Validation) -> None:
     else:
         if not result.models:
             result.errors[CONF_MODELS_DIR] = "no_models"
+
+
+def _discovered_address(discovery_info: ZeroconfServiceInfo) -> str:
+    """Return a discovered host's address as the host step takes it (host:port)."""
+    ip = discovery_info.ip_address
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{host}:{discovery_info.port or DEFAULT_PORT}"
 
 
 def _runtime_identity(paths: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,6 +345,8 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         self._models: dict[str, ModelInfo] = {}
         self._simulated = False
         self._host_facts: dict[str, str] = {}
+        self._discovered: dict[str, str] = {}
+        """The address of a host found by discovery, and its name."""
 
     def _normalize_paths(self, user_input: Mapping[str, Any]) -> dict[str, str]:
         """Return the paths made absolute; relative paths are under the config folder."""
@@ -460,11 +471,42 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             step_id="host",
             data_schema=self.add_suggested_values_to_schema(
                 vol.Schema({vol.Required(CONF_HOST_ADDRESS): TextSelector()}),
-                user_input or {},
+                user_input or self._discovered,
             ),
             errors=validation.errors,
             description_placeholders=validation.placeholders,
         )
+
+    async def async_step_zeroconf(
+        self, discovery_info: ZeroconfServiceInfo
+    ) -> ConfigFlowResult:
+        """Offer a host that announced itself on the LAN; follow one that moved."""
+        identity = discovery_info.properties.get("id")
+        if not identity:
+            return self.async_abort(reason="discovered_without_id")
+        address = _discovered_address(discovery_info)
+        await self.async_set_unique_id(str(identity))
+        self._abort_if_unique_id_configured(updates={CONF_HOST_ADDRESS: address})
+        self._async_abort_entries_match({CONF_HOST_ADDRESS: address})
+        name = str(discovery_info.properties.get("name") or discovery_info.hostname)
+        self._discovered = {CONF_HOST_ADDRESS: address, CONF_NAME: name}
+        self.context["title_placeholders"] = {"name": name}
+        return await self.async_step_zeroconf_confirm()
+
+    async def async_step_zeroconf_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask whether to set up the discovered host, then go on to the host step."""
+        if user_input is None:
+            self._set_confirm_only()
+            return self.async_show_form(
+                step_id="zeroconf_confirm",
+                description_placeholders={
+                    "name": self._discovered[CONF_NAME],
+                    "address": self._discovered[CONF_HOST_ADDRESS],
+                },
+            )
+        return await self.async_step_host()
 
     async def async_step_simulator(
         self, user_input: dict[str, Any] | None = None
@@ -507,9 +549,9 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             )
         model = user_input[CONF_MODEL]
         prompt = await self.hass.async_add_executor_job(_read_default_prompt)
-        address = self._paths.get(CONF_HOST_ADDRESS)
+        where = self._discovered.get(CONF_NAME) or self._paths.get(CONF_HOST_ADDRESS)
         return self.async_create_entry(
-            title=f"{_ENTRY_TITLE} ({address})" if address else _ENTRY_TITLE,
+            title=f"{_ENTRY_TITLE} ({where})" if where else _ENTRY_TITLE,
             data=self._paths,
             subentries=[
                 {

@@ -1,0 +1,297 @@
+"""Runtime hosts found by zeroconf: offered under Discovered, followed when they move.
+
+The flow runs through Home Assistant's flow manager with the ZeroconfServiceInfo
+its zeroconf integration hands over, against real hosts (the board's Python);
+the last test takes that info from a host's real announcement on a test LAN.
+"""
+
+from collections.abc import AsyncIterator
+from functools import partial
+from ipaddress import ip_address
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+import pytest_socket
+
+from custom_components.rockchip_llm.const import CONF_HOST_ADDRESS, DOMAIN
+from custom_components.rockchip_llm.host.announce import SERVICE_TYPE
+from homeassistant import config_entries
+from homeassistant.components import conversation
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+
+from .board_host import LanBrowser, start_board_host
+from .conftest import model_text
+from .host_process import HostProcess, start_host, stop_host
+from .lan import LAN_NETWORK, Lan
+from .test_conversation import speech
+
+IDENTITY = "sha256:" + "ab" * 32
+AGENT = "conversation.qwen3_sim_conversation"
+
+
+@pytest.fixture
+def host_sockets(socket_enabled: None) -> None:
+    """Let the test reach hosts on 127.0.0.1 and on its LAN's boards."""
+    pytest_socket.socket_allow_hosts(["127.0.0.1", LAN_NETWORK])
+
+
+@pytest.fixture
+async def tcp_host(hass: HomeAssistant, tmp_path: Path) -> AsyncIterator[HostProcess]:
+    """A host on 127.0.0.1 at a port of its own (started and stopped in a thread)."""
+    host = await hass.async_add_executor_job(
+        partial(start_host, tmp_path / "host", tcp=True)
+    )
+    yield host
+    for entry in hass.config_entries.async_entries(DOMAIN):
+        await hass.config_entries.async_unload(entry.entry_id)
+    await hass.async_add_executor_job(stop_host, host)
+
+
+def announcement(
+    address: str, port: int | None, properties: dict[str, Any] | None = None
+) -> ZeroconfServiceInfo:
+    """What HA's zeroconf hands over for a host announced at address:port."""
+    return ZeroconfServiceInfo(
+        ip_address=ip_address(address),
+        ip_addresses=[ip_address(address)],
+        port=port,
+        hostname="rockchip-llm-abababababab.local.",
+        type=SERVICE_TYPE,
+        name=f"board-a.{SERVICE_TYPE}",
+        properties={
+            "id": IDENTITY,
+            "version": "0.1.0",
+            "protocol": "1",
+            "name": "board-a",
+        }
+        if properties is None
+        else properties,
+    )
+
+
+async def discover(hass: HomeAssistant, info: ZeroconfServiceInfo) -> Any:
+    """Start the flow as HA's zeroconf integration does."""
+    return await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_ZEROCONF}, data=info
+    )
+
+
+def suggested(result: Any, key: str) -> Any:
+    """The value a form suggests for a field."""
+    for field in result["data_schema"].schema:
+        if field == key:
+            return (field.description or {}).get("suggested_value")
+    raise KeyError(key)
+
+
+async def set_up_discovered(hass: HomeAssistant, info: ZeroconfServiceInfo) -> Any:
+    """Confirm a discovered host, take the address the host step suggests, pick the model."""
+    result = await discover(hass, info)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "zeroconf_confirm"
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["step_id"] == "host"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST_ADDRESS: suggested(result, CONF_HOST_ADDRESS)}
+    )
+    assert result["step_id"] == "model", result
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"model": "Qwen3 Sim"}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    return result
+
+
+async def converse(hass: HomeAssistant, text: str, agent: str = AGENT) -> str:
+    """Say text to an agent; return its answer."""
+    result = await conversation.async_converse(
+        hass, text, None, Context(), agent_id=agent
+    )
+    return speech(result)
+
+
+async def test_a_discovered_host_is_offered_with_its_name_and_set_up(
+    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+) -> None:
+    """Confirm with the host's name, the host step filled in, then the model."""
+    assert tcp_host.tcp is not None
+    address, port = tcp_host.tcp
+    result = await discover(hass, announcement(address, port))
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "zeroconf_confirm"
+    assert result["description_placeholders"] == {
+        "name": "board-a",
+        "address": f"{address}:{port}",
+    }
+    [flow] = hass.config_entries.flow.async_progress()
+    assert flow["context"]["title_placeholders"] == {"name": "board-a"}
+    assert flow["context"]["unique_id"] == IDENTITY
+
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "host"
+    assert suggested(result, CONF_HOST_ADDRESS) == f"{address}:{port}"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST_ADDRESS: f"{address}:{port}"}
+    )
+    assert result["step_id"] == "model"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"model": "Qwen3 Sim"}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["title"] == "Rockchip LLM (board-a)"
+    entry = result["result"]
+    assert entry.unique_id == IDENTITY
+    assert entry.data == {CONF_HOST_ADDRESS: f"{address}:{port}"}
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert await converse(hass, "Hello") == "Hello from the simulator."
+
+
+async def test_a_host_that_moved_is_followed(
+    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+) -> None:
+    """Found at a new address: the entry takes it and reloads; nothing is offered."""
+    assert tcp_host.tcp is not None
+    address, port = tcp_host.tcp
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        title="Rockchip LLM (board-a)",
+        unique_id=IDENTITY,
+        data={CONF_HOST_ADDRESS: "127.0.0.1:1"},  # where nobody listens now
+    )
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+
+    result = await discover(hass, announcement(address, port))
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data == {CONF_HOST_ADDRESS: f"{address}:{port}"}
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert not hass.config_entries.flow.async_progress()
+
+
+async def test_a_configured_host_found_again_is_not_offered(
+    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+) -> None:
+    """Same identity and address: no flow, no reload; one added by address: no flow."""
+    assert tcp_host.tcp is not None
+    address, port = tcp_host.tcp
+    result = await set_up_discovered(hass, announcement(address, port))
+    entry = result["result"]
+    host_link = entry.runtime_data.engine.host.link
+
+    result = await discover(hass, announcement(address, port))
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    await hass.async_block_till_done()
+    assert entry.runtime_data.engine.host.link is host_link  # not reloaded
+
+    # An entry added by its address (no identity known) is recognised by it.
+    by_address = MockConfigEntry(
+        domain=DOMAIN, data={CONF_HOST_ADDRESS: "192.0.2.7:7823"}
+    )
+    by_address.add_to_hass(hass)
+    other = {"id": "sha256:" + "cd" * 32, "name": "board-b"}
+    result = await discover(hass, announcement("192.0.2.7", 7823, other))
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert not hass.config_entries.flow.async_progress()
+
+
+async def test_one_entry_per_host(
+    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+) -> None:
+    """A host already set up cannot be added again, by its address or by discovery."""
+    assert tcp_host.tcp is not None
+    address, port = tcp_host.tcp
+    await set_up_discovered(hass, announcement(address, port))
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "host"}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST_ADDRESS: f" {address}:{port} "}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert len(hass.config_entries.async_entries(DOMAIN)) == 1
+
+
+async def test_a_host_found_twice_is_offered_once(
+    hass: HomeAssistant, ha_base: None
+) -> None:
+    """Two announcements of one host (two addresses) while it is offered: one flow."""
+    first = await discover(hass, announcement("192.0.2.7", 7823))
+    assert first["step_id"] == "zeroconf_confirm"
+    second = await discover(hass, announcement("fd00::7", 7823))
+    assert second["type"] is FlowResultType.ABORT
+    assert second["reason"] == "already_in_progress"
+    [flow] = hass.config_entries.flow.async_progress()
+    assert flow["flow_id"] == first["flow_id"]
+
+
+async def test_an_ipv6_host_is_offered_with_brackets(
+    hass: HomeAssistant, ha_base: None
+) -> None:
+    """An IPv6 address and the port read as the host step takes them."""
+    result = await discover(hass, announcement("fd00::7", None))
+    assert result["description_placeholders"]["address"] == "[fd00::7]:7823"
+
+
+async def test_an_announcement_without_identity_is_refused(
+    hass: HomeAssistant, ha_base: None
+) -> None:
+    """A service of our type without an id cannot be told apart: not offered."""
+    result = await discover(hass, announcement("192.0.2.7", 7823, {"name": "x"}))
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "discovered_without_id"
+    assert not hass.config_entries.flow.async_progress()
+
+
+@pytest.fixture
+async def test_lan(hass: HomeAssistant, host_sockets: None) -> AsyncIterator[Lan]:
+    """A LAN of this test's own, removed afterwards (after the entries unloaded)."""
+    made = Lan()
+    try:
+        yield made
+    finally:
+        for entry in hass.config_entries.async_entries(DOMAIN):
+            await hass.config_entries.async_unload(entry.entry_id)
+        await hass.async_add_executor_job(made.close)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+async def test_a_host_announced_on_the_lan_is_set_up_from_its_announcement(
+    hass: HomeAssistant, ha_base: None, test_lan: Lan, tmp_path: Path
+) -> None:
+    """The board's real announcement, read by HA's zeroconf code, sets it up."""
+    board = await hass.async_add_executor_job(test_lan.add_board)
+    async with LanBrowser(board.root_address) as browser:
+        await hass.async_add_executor_job(
+            partial(
+                start_board_host,
+                board,
+                tmp_path / "a",
+                hostname="board-a",
+                model_text=model_text(),
+            )
+        )
+        info = await browser.async_added()
+    result = await set_up_discovered(hass, info)
+    entry = result["result"]
+    assert entry.unique_id == info.properties["id"]
+    assert entry.data == {CONF_HOST_ADDRESS: f"{board.address}:7823"}
+    assert result["title"] == "Rockchip LLM (board-a)"
+    assert await converse(hass, "Hello") == "Hello from the simulator."
