@@ -6,6 +6,7 @@ for its Python; the test (Home Assistant) reaches it at the board's address.
 """
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 import os
 from pathlib import Path
@@ -92,6 +93,7 @@ def start_board_host(
     zeroconf: bool = True,
     listen: str = "0.0.0.0",  # noqa: S104 - every address of the board's namespace
     port: int = DEFAULT_PORT,
+    extra_env: Mapping[str, str] | None = None,
 ) -> BoardHost:
     """Start a host on the board serving one simulated model ("Qwen3 Sim").
 
@@ -112,6 +114,7 @@ def start_board_host(
         **os.environ,
         "PYTHONDONTWRITEBYTECODE": "1",
         ZEROCONF_PATH_ENV: str(zeroconf_folder),
+        **(extra_env or {}),
     }
     with log.open("ab") as stderr:
         process = board.start(

@@ -26,8 +26,8 @@ import sys
 from typing import IO, Any
 
 REPO = Path(__file__).parent.parent
-LAN_NETWORK = "10.77.0.0/16"
-"""Every address a LAN gives its links."""
+BOARD_ADDRESSES = tuple(f"10.77.{n}.2" for n in range(1, 255))
+"""Every address a LAN may give a board (for a test's list of hosts it may reach)."""
 _LOCK = Path("/tmp/rockchip-llm-lan.lock")  # noqa: S108 - one machine-wide lock
 """Held while a subnet is chosen, so two runs never take the same one."""
 _SUBNET = re.compile(r"inet 10\.77\.(\d+)\.")
@@ -73,7 +73,7 @@ class Board:
     @property
     def address(self) -> str:
         """The board's address."""
-        return f"10.77.{self.index}.2"
+        return BOARD_ADDRESSES[self.index - 1]
 
     @property
     def root_address(self) -> str:

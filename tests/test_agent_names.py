@@ -11,6 +11,7 @@ from custom_components.rockchip_llm.const import (
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
 )
+from custom_components.rockchip_llm.host_device import host_device_identifier
 from homeassistant import config_entries
 from homeassistant.const import CONF_NAME
 from homeassistant.core import HomeAssistant
@@ -73,7 +74,8 @@ async def test_unnamed_agents_get_names_of_their_own(
         "Qwen3 Sim Conversation",
     ]
     devices = dr.async_entries_for_config_entry(dr.async_get(hass), entry.entry_id)
-    assert sorted(device.name for device in devices) == sorted(["Agent 0", *titles])
+    agents = [d for d in devices if host_device_identifier(entry) not in d.identifiers]
+    assert sorted(device.name for device in agents) == sorted(["Agent 0", *titles])
 
 
 async def test_a_name_in_use_is_refused(

@@ -28,7 +28,7 @@ from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from .board_host import LanBrowser, start_board_host
 from .conftest import model_text
 from .host_process import HostProcess, start_host, stop_host
-from .lan import LAN_NETWORK, Lan
+from .lan import BOARD_ADDRESSES, Lan
 from .test_conversation import speech
 
 IDENTITY = "sha256:" + "ab" * 32
@@ -38,7 +38,7 @@ AGENT = "conversation.qwen3_sim_conversation"
 @pytest.fixture
 def host_sockets(socket_enabled: None) -> None:
     """Let the test reach hosts on 127.0.0.1 and on its LAN's boards."""
-    pytest_socket.socket_allow_hosts(["127.0.0.1", LAN_NETWORK])
+    pytest_socket.socket_allow_hosts(["127.0.0.1", *BOARD_ADDRESSES])
 
 
 @pytest.fixture

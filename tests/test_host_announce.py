@@ -31,7 +31,7 @@ from custom_components.rockchip_llm.host.version import (
 from .board_host import LanBrowser, start_board_host
 from .conftest import model_text
 from .host_process import RawClient, start_host, stop_host
-from .lan import LAN_NETWORK, Board, Lan, lan
+from .lan import BOARD_ADDRESSES, Board, Lan, lan
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="network namespaces (ip netns) need root"
@@ -44,7 +44,7 @@ IDENTITY = re.compile(r"sha256:[0-9a-f]{64}")
 @pytest.fixture
 def test_lan(socket_enabled: None) -> Iterator[Lan]:
     """A LAN of this test's own, removed afterwards; the test may reach its boards."""
-    pytest_socket.socket_allow_hosts(["127.0.0.1", LAN_NETWORK])
+    pytest_socket.socket_allow_hosts(["127.0.0.1", *BOARD_ADDRESSES])
     with lan() as made:
         yield made
 

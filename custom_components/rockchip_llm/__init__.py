@@ -18,6 +18,7 @@ from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import (
     area_registry as ar,
     config_validation as cv,
+    device_registry as dr,
     entity_registry as er,
     issue_registry as ir,
 )
@@ -49,6 +50,7 @@ from .host.rkllm.errors import (
 from .host.rkllm.library import RuntimeInfo
 from .host.rkllm.runtime import ModelParams
 from .host.wire import HostLost
+from .host_device import async_register_host_device
 from .model_limits import ModelLimits, async_get_model_limits
 from .prefix_report import async_report_fit
 from .remote import RuntimeHost
@@ -72,6 +74,8 @@ class RockchipRuntime:
 
     engine: Engine
     scan: ModelScan
+    host_device: dr.DeviceEntry
+    """The host's device: the agents' devices run through it."""
     agents: dict[str, Agent] = field(default_factory=dict)
 
     @property
@@ -116,6 +120,7 @@ async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
 async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> bool:
     """Connect to the runtime host, load the agents' models and their system caches."""
     host = await async_connect_host(hass, entry)
+    host_device = async_register_host_device(hass, entry, host)
     try:
         runtime = _check_library(hass, entry, host)
         _check_npu_driver(hass, host.board.get("npu_driver_version"))
@@ -128,7 +133,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
                 translation_placeholders={"path": str(err.path)},
             ) from err
         engine = Engine(host, runtime, partial(_async_report_cache_write, hass, entry))
-        runtime_data = RockchipRuntime(engine=engine, scan=scan)
+        runtime_data = RockchipRuntime(
+            engine=engine, scan=scan, host_device=host_device
+        )
         try:
             await _async_load_agents(hass, entry, runtime_data)
         except BaseException:

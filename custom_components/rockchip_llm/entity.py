@@ -16,7 +16,7 @@ from .agent import Agent
 from .agent_prefix import prefix_from_chat_log
 from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS
 from .errors import generation_failed
-from .ha_compat import tool_error_delta, tool_result_data
+from .ha_compat import tool_error_delta, tool_result_data, via_device
 from .host.rkllm.errors import RKLLMError
 from .run_planner import Message, PromptTooLong
 from .simulation import simulated_label
@@ -145,7 +145,7 @@ def agent_device_info(
     agent = entry.runtime_data.agents[subentry.subentry_id]
     version = engine.runtime.version
     simulated = engine.host.simulated
-    return dr.DeviceInfo(
+    info = dr.DeviceInfo(
         identifiers={(DOMAIN, subentry.subentry_id)},
         name=subentry.title,
         manufacturer="Rockchip",
@@ -155,6 +155,8 @@ def agent_device_info(
         else f"RKLLM runtime {version}",
         entry_type=dr.DeviceEntryType.SERVICE,
     )
+    info.update(via_device(entry.runtime_data.host_device))
+    return info
 
 
 class RockchipLLMBaseEntity(Entity):

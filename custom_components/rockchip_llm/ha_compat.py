@@ -3,12 +3,12 @@
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 import inspect
-from typing import Any
+from typing import Any, cast
 
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
-from homeassistant.helpers import chat_session, llm
+from homeassistant.helpers import chat_session, device_registry as dr, llm
 from homeassistant.util.json import JsonObjectType
 
 try:  # HA 2026.9 and newer validate with probatio (and alias voluptuous to it)
@@ -25,6 +25,7 @@ __all__ = [
     "schema_to_openapi",
     "tool_error_delta",
     "tool_result_data",
+    "via_device",
     "vol",
 ]
 
@@ -89,3 +90,16 @@ def tool_error_delta(
         "tool_name": tool_name,
         "tool_result": data,
     }
+
+
+# HA 2026.8 links a device to the one it runs through by that device's id and reports
+# the older link by an identifier (via_device) as deprecated; older versions know
+# only the identifier.
+_VIA_DEVICE_ID = "via_device_id" in dr.DeviceInfo.__optional_keys__
+
+
+def via_device(device: dr.DeviceEntry) -> dr.DeviceInfo:
+    """Return the DeviceInfo key of a device that runs through device."""
+    if _VIA_DEVICE_ID:
+        return dr.DeviceInfo(via_device_id=device.id)
+    return cast("dr.DeviceInfo", {"via_device": next(iter(device.identifiers))})
