@@ -16,6 +16,7 @@ from unittest.mock import patch
 
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+import pytest_socket
 
 from custom_components.rockchip_llm import link
 from custom_components.rockchip_llm.const import DOMAIN
@@ -34,6 +35,7 @@ from homeassistant.setup import async_setup_component
 
 from .board_python import find_host_python, setup_folder
 from .entry_factory import runtime_entry
+from .lan import BOARD_ADDRESSES, Lan
 
 REPO = Path(__file__).parent.parent
 PACKAGE = REPO / "custom_components" / DOMAIN
@@ -122,6 +124,34 @@ async def in_process_host(
     for thread in threads:
         await hass.async_add_executor_job(thread.join, 30)
         assert not thread.is_alive(), "an in-process runtime host did not stop"
+
+
+@pytest.fixture
+def lan_sockets(socket_enabled: None) -> None:
+    """Let the test reach hosts on 127.0.0.1 and on the boards of a test LAN."""
+    pytest_socket.socket_allow_hosts(["127.0.0.1", *BOARD_ADDRESSES])
+
+
+@pytest.fixture
+def board_lan(lan_sockets: None) -> Generator[Lan]:
+    """A LAN of the test's own (tests/lan.py: network namespaces, needs root)."""
+    made = Lan()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+async def hass_lan(hass: HomeAssistant, lan_sockets: None) -> AsyncGenerator[Lan]:
+    """A LAN of the test's own for Home Assistant, removed after the entries unloaded."""
+    made = Lan()
+    try:
+        yield made
+    finally:
+        for entry in hass.config_entries.async_entries(DOMAIN):
+            await hass.config_entries.async_unload(entry.entry_id)
+        await hass.async_add_executor_job(made.close)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,6 +23,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from typing import IO, Any
 
 REPO = Path(__file__).parent.parent
@@ -165,10 +166,20 @@ class Lan:
     _runs = itertools.count(1)
 
     def __init__(self) -> None:
-        """Start empty; add boards with :meth:`add_board`."""
+        """Start empty (add boards with :meth:`add_board`), with a reaper.
+
+        The reaper, a process of its own, removes the LAN should this process end
+        without closing it (killed, or a test timeout's exit).
+        """
         self.tag = f"rl{os.getpid():06x}{next(self._runs) % 256:02x}"
         """rl, this process and its count of LANs: no other run's names."""
         self.boards: list[Board] = []
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "tests.lan", "reap", self.tag, str(os.getpid())],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def add_board(self, shape: Shape | None = None) -> Board:
         """Make a namespace linked to the root one (through a shaped wire, if given)."""
@@ -213,24 +224,47 @@ class Lan:
 
     def close(self) -> None:
         """Stop the boards' processes and wires; remove their namespaces and links."""
-        errors: list[str] = []
         for board in self.boards:
             for process in board.processes:
                 _stop(process)
             if board.wire is not None:
                 _stop(board.wire)  # its TAP devices go with it
-            for args in (
-                ("link", "delete", board.root_device),
-                ("netns", "delete", board.namespace),
-            ):
-                try:
-                    ip(*args)
-                except RuntimeError as err:
-                    if "Cannot find device" not in str(err):
-                        errors.append(str(err))
         self.boards.clear()
-        if errors:
-            raise RuntimeError("; ".join(errors))
+        try:
+            remove(self.tag)
+        finally:
+            _stop(self._reaper)
+
+
+def remove(tag: str) -> None:
+    """Kill what still runs in the namespaces of tag; remove them and its links."""
+    namespaces = [
+        line.split()[0]
+        for line in ip("netns", "list").splitlines()
+        if line.startswith(tag)
+    ]
+    for namespace in namespaces:
+        for pid in ip("netns", "pids", namespace).split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    devices = [
+        line.split()[0].partition("@")[0]
+        for line in ip("-br", "link").splitlines()
+        if line.startswith(tag)
+    ]
+    for device in devices:
+        with contextlib.suppress(RuntimeError):  # gone with its namespace meanwhile
+            ip("link", "delete", device)
+    for namespace in namespaces:
+        ip("netns", "delete", namespace)
+
+
+def _reap(tag: str, parent: int) -> None:
+    """Wait for parent to end (or for SIGTERM: it closed the LAN); then remove tag's."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    remove(tag)
 
 
 def _assign_subnet(board: Board) -> None:
@@ -251,3 +285,7 @@ def lan() -> Iterator[Lan]:
         yield made
     finally:
         made.close()
+
+
+if __name__ == "__main__":  # python -m tests.lan reap TAG PARENT_PID
+    _reap(sys.argv[2], int(sys.argv[3]))

@@ -5,7 +5,8 @@ process makes the two ends of a link itself: two TAP devices, and every Ethernet
 frame one side sends is written to the other after a delay (uniform in delay ±
 jitter, so frames may overtake each other, as with netem's jitter) unless it is
 dropped (loss, multicast included: mDNS crosses it like any frame). The devices
-exist while this process runs; they vanish with it.
+exist while this process runs; they vanish with it, and it ends with the process
+that started it.
 
 ``python -m tests.lan_wire NAME_A NAME_B --delay-ms 20 --jitter-ms 10 --loss 0.01``
 prints ``ready`` once both devices exist; SIGUSR1 prints the counts so far as a
@@ -131,9 +132,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGUSR1, report)
     _say("ready")
-    while running:
+    parent = os.getppid()
+    while running and os.getppid() == parent:  # ends with the process that made it
         wire.run_once()
-    _say(json.dumps(wire.counts))
+    with contextlib.suppress(OSError):  # nobody reads any more
+        _say(json.dumps(wire.counts))
     sys.exit(0)
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
-import pytest_socket
 
 from custom_components.rockchip_llm.const import CONF_HOST_ADDRESS, DOMAIN
 from custom_components.rockchip_llm.host.announce import SERVICE_TYPE
@@ -28,17 +27,11 @@ from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from .board_host import LanBrowser, start_board_host
 from .conftest import model_text
 from .host_process import HostProcess, start_host, stop_host
-from .lan import BOARD_ADDRESSES, Lan
+from .lan import Lan
 from .test_conversation import speech
 
 IDENTITY = "sha256:" + "ab" * 32
 AGENT = "conversation.qwen3_sim_conversation"
-
-
-@pytest.fixture
-def host_sockets(socket_enabled: None) -> None:
-    """Let the test reach hosts on 127.0.0.1 and on its LAN's boards."""
-    pytest_socket.socket_allow_hosts(["127.0.0.1", *BOARD_ADDRESSES])
 
 
 @pytest.fixture
@@ -118,7 +111,7 @@ async def converse(hass: HomeAssistant, text: str, agent: str = AGENT) -> str:
 
 
 async def test_a_discovered_host_is_offered_with_its_name_and_set_up(
-    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+    hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
     """Confirm with the host's name, the host step filled in, then the model."""
     assert tcp_host.tcp is not None
@@ -156,7 +149,7 @@ async def test_a_discovered_host_is_offered_with_its_name_and_set_up(
 
 
 async def test_a_host_that_moved_is_followed(
-    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+    hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
     """Found at a new address: the entry takes it and reloads; nothing is offered."""
     assert tcp_host.tcp is not None
@@ -181,7 +174,7 @@ async def test_a_host_that_moved_is_followed(
 
 
 async def test_a_configured_host_found_again_is_not_offered(
-    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+    hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
     """Same identity and address: no flow, no reload; one added by address: no flow."""
     assert tcp_host.tcp is not None
@@ -209,7 +202,7 @@ async def test_a_configured_host_found_again_is_not_offered(
 
 
 async def test_one_entry_per_host(
-    hass: HomeAssistant, ha_base: None, host_sockets: None, tcp_host: HostProcess
+    hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
     """A host already set up cannot be added again, by its address or by discovery."""
     assert tcp_host.tcp is not None
@@ -260,24 +253,12 @@ async def test_an_announcement_without_identity_is_refused(
     assert not hass.config_entries.flow.async_progress()
 
 
-@pytest.fixture
-async def test_lan(hass: HomeAssistant, host_sockets: None) -> AsyncIterator[Lan]:
-    """A LAN of this test's own, removed afterwards (after the entries unloaded)."""
-    made = Lan()
-    try:
-        yield made
-    finally:
-        for entry in hass.config_entries.async_entries(DOMAIN):
-            await hass.config_entries.async_unload(entry.entry_id)
-        await hass.async_add_executor_job(made.close)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 async def test_a_host_announced_on_the_lan_is_set_up_from_its_announcement(
-    hass: HomeAssistant, ha_base: None, test_lan: Lan, tmp_path: Path
+    hass: HomeAssistant, ha_base: None, hass_lan: Lan, tmp_path: Path
 ) -> None:
     """The board's real announcement, read by HA's zeroconf code, sets it up."""
-    board = await hass.async_add_executor_job(test_lan.add_board)
+    board = await hass.async_add_executor_job(hass_lan.add_board)
     async with LanBrowser(board.root_address) as browser:
         await hass.async_add_executor_job(
             partial(

@@ -6,7 +6,6 @@ zeroconf browses on the root side and reads each announcement as HA does.
 """
 
 import asyncio
-from collections.abc import Iterator
 from functools import partial
 import os
 from pathlib import Path
@@ -15,7 +14,6 @@ import socket
 import subprocess
 
 import pytest
-import pytest_socket
 
 from custom_components.rockchip_llm.host.announce import (
     SERVICE_TYPE,
@@ -31,7 +29,7 @@ from custom_components.rockchip_llm.host.version import (
 from .board_host import LanBrowser, start_board_host
 from .conftest import model_text
 from .host_process import RawClient, start_host, stop_host
-from .lan import BOARD_ADDRESSES, Board, Lan, lan
+from .lan import Board, Lan
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="network namespaces (ip netns) need root"
@@ -39,14 +37,6 @@ pytestmark = pytest.mark.skipif(
 
 NO_ZEROCONF = "Discovery is off: this Python has no zeroconf package"
 IDENTITY = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-@pytest.fixture
-def test_lan(socket_enabled: None) -> Iterator[Lan]:
-    """A LAN of this test's own, removed afterwards; the test may reach its boards."""
-    pytest_socket.socket_allow_hosts(["127.0.0.1", *BOARD_ADDRESSES])
-    with lan() as made:
-        yield made
 
 
 def greet(board: Board, port: int = DEFAULT_PORT) -> dict[str, object]:
@@ -62,10 +52,10 @@ def greet(board: Board, port: int = DEFAULT_PORT) -> dict[str, object]:
 
 
 async def test_a_host_on_the_lan_is_found_as_home_assistant_sees_it(
-    test_lan: Lan, tmp_path: Path
+    board_lan: Lan, tmp_path: Path
 ) -> None:
     """The TXT record names the host; its address and port are the board's."""
-    board = test_lan.add_board()
+    board = board_lan.add_board()
     async with LanBrowser(board.root_address) as browser:
         host = await asyncio.to_thread(
             start_board_host,
@@ -94,10 +84,10 @@ async def test_a_host_on_the_lan_is_found_as_home_assistant_sees_it(
 
 
 async def test_the_identity_stays_across_restarts(
-    test_lan: Lan, tmp_path: Path
+    board_lan: Lan, tmp_path: Path
 ) -> None:
     """A restarted host is announced with the same id (Home Assistant's unique id)."""
-    board = test_lan.add_board()
+    board = board_lan.add_board()
     async with LanBrowser(board.root_address) as browser:
         folder = tmp_path / "a"
         start = partial(
@@ -113,10 +103,10 @@ async def test_the_identity_stays_across_restarts(
 
 
 def test_a_host_without_zeroconf_is_reached_at_its_address(
-    test_lan: Lan, tmp_path: Path
+    board_lan: Lan, tmp_path: Path
 ) -> None:
     """Its Python has no zeroconf: logged once, and it serves whoever has the address."""
-    board = test_lan.add_board()
+    board = board_lan.add_board()
     host = start_board_host(
         board, tmp_path / "a", hostname="b", model_text=model_text(), zeroconf=False
     )
@@ -138,10 +128,10 @@ def test_a_host_on_loopback_is_not_announced(tmp_path: Path) -> None:
 
 
 def test_a_host_whose_announcement_fails_serves_all_the_same(
-    test_lan: Lan, tmp_path: Path
+    board_lan: Lan, tmp_path: Path
 ) -> None:
     """The mDNS port is taken (another responder): a warning, and the host serves."""
-    board = test_lan.add_board()
+    board = board_lan.add_board()
     holder = board.start(
         [
             "python3",

@@ -5,7 +5,6 @@ a host; Home Assistant (the hass fixture) has an entry per host. The device page
 tells the boards apart: a device per host, and each agent's device runs via it.
 """
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from pytest_homeassistant_custom_component.common import async_fire_time_changed
-import pytest_socket
 
 from custom_components.rockchip_llm.const import CONF_HOST_ADDRESS, DOMAIN
 from custom_components.rockchip_llm.host.board import DEVICE_TREE_ENV
@@ -30,7 +28,7 @@ from homeassistant.util import dt as dt_util
 
 from .board_host import BoardHost, start_board_host
 from .conftest import model_text
-from .lan import BOARD_ADDRESSES, Lan
+from .lan import Lan
 from .test_conversation import speech
 
 pytestmark = pytest.mark.skipif(
@@ -48,22 +46,9 @@ class Site:
     """The entity id of its conversation agent."""
 
 
-@pytest.fixture
-async def test_lan(hass: HomeAssistant, socket_enabled: None) -> AsyncIterator[Lan]:
-    """A LAN of this test's own, removed after the entries unloaded."""
-    pytest_socket.socket_allow_hosts(["127.0.0.1", *BOARD_ADDRESSES])
-    made = Lan()
-    try:
-        yield made
-    finally:
-        for entry in hass.config_entries.async_entries(DOMAIN):
-            await hass.config_entries.async_unload(entry.entry_id)
-        await hass.async_add_executor_job(made.close)
-
-
-def start(test_lan: Lan, folder: Path, name: str, soc: str | None = None) -> BoardHost:
+def start(hass_lan: Lan, folder: Path, name: str, soc: str | None = None) -> BoardHost:
     """A board named name (with a device tree of that SoC) whose host greets by name."""
-    board = test_lan.add_board()
+    board = hass_lan.add_board()
     extra_env = {}
     if soc is not None:
         tree = folder / "device-tree"
@@ -117,14 +102,14 @@ async def ask(hass: HomeAssistant, site: Site) -> str:
 
 
 async def test_each_host_has_its_entry_its_agents_and_its_device(
-    hass: HomeAssistant, ha_base: None, test_lan: Lan, tmp_path: Path
+    hass: HomeAssistant, ha_base: None, hass_lan: Lan, tmp_path: Path
 ) -> None:
     """Two boards, two entries; the device page names the board of each agent."""
     hosts = [
         await hass.async_add_executor_job(
-            partial(start, test_lan, tmp_path / "a", "board-a", "rk3588")
+            partial(start, hass_lan, tmp_path / "a", "board-a", "rk3588")
         ),
-        await hass.async_add_executor_job(start, test_lan, tmp_path / "b", "board-b"),
+        await hass.async_add_executor_job(start, hass_lan, tmp_path / "b", "board-b"),
     ]
     sites = [await add(hass, host) for host in hosts]
     assert [await ask(hass, site) for site in sites] == [
@@ -155,11 +140,11 @@ async def test_each_host_has_its_entry_its_agents_and_its_device(
 
 
 async def test_one_host_down_leaves_the_other_answering(
-    hass: HomeAssistant, ha_base: None, test_lan: Lan, tmp_path: Path
+    hass: HomeAssistant, ha_base: None, hass_lan: Lan, tmp_path: Path
 ) -> None:
     """A stopped host makes only its agents unavailable; it comes back when it is up."""
-    a = await hass.async_add_executor_job(start, test_lan, tmp_path / "a", "board-a")
-    b = await hass.async_add_executor_job(start, test_lan, tmp_path / "b", "board-b")
+    a = await hass.async_add_executor_job(start, hass_lan, tmp_path / "a", "board-a")
+    b = await hass.async_add_executor_job(start, hass_lan, tmp_path / "b", "board-b")
     site_a, site_b = await add(hass, a), await add(hass, b)
 
     await hass.async_add_executor_job(a.stop)
