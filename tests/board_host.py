@@ -94,15 +94,16 @@ def start_board_host(
     listen: str = "0.0.0.0",  # noqa: S104 - every address of the board's namespace
     port: int = DEFAULT_PORT,
     extra_env: Mapping[str, str] | None = None,
+    model: str = "Qwen3 Sim",
 ) -> BoardHost:
-    """Start a host on the board serving one simulated model ("Qwen3 Sim").
+    """Start a host on the board serving one simulated model (its folder's name).
 
     Without zeroconf the host's Python finds none (an empty folder is searched).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    model = folder / "models" / "Qwen3 Sim"
-    model.mkdir(parents=True, exist_ok=True)
-    (model / "model.rkllm").write_text(model_text)
+    model_folder = folder / "models" / model
+    model_folder.mkdir(parents=True, exist_ok=True)
+    (model_folder / "model.rkllm").write_text(model_text)
     library = folder / "librkllmrt.so"
     shutil.copy(SIMULATOR, library)
     python, zeroconf_folder = board_python()

@@ -27,7 +27,7 @@ import time
 from typing import IO, Any
 
 REPO = Path(__file__).parent.parent
-BOARD_ADDRESSES = tuple(f"10.77.{n}.2" for n in range(1, 255))
+BOARD_ADDRESSES = tuple(f"10.77.{n}.{h}" for n in range(1, 255) for h in (2, 3))
 """Every address a LAN may give a board (for a test's list of hosts it may reach)."""
 _LOCK = Path("/tmp/rockchip-llm-lan.lock")  # noqa: S108 - one machine-wide lock
 """Held while a subnet is chosen, so two runs never take the same one."""
@@ -69,12 +69,14 @@ class Board:
     """The link's end in the board's namespace."""
     wire: subprocess.Popen[str] | None = None
     """The shaping process of a shaped link."""
+    host_number: int = 2
+    """The board's address on its subnet: .2, .3 once it moved."""
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         """The board's address."""
-        return BOARD_ADDRESSES[self.index - 1]
+        return f"10.77.{self.index}.{self.host_number}"
 
     @property
     def root_address(self) -> str:
@@ -122,10 +124,26 @@ class Board:
         ip("-n", self.namespace, "link", "set", self.device, "up" if up else "down")
 
     def move(self) -> None:
-        """Give the board an address on another subnet (a new lease after a move)."""
-        ip("-n", self.namespace, "addr", "flush", "dev", self.device)
-        ip("addr", "flush", "dev", self.root_device)
-        _assign_subnet(self)
+        """Give the board another address on its subnet (as a new DHCP lease would)."""
+        ip(
+            "-n",
+            self.namespace,
+            "addr",
+            "del",
+            f"{self.address}/24",
+            "dev",
+            self.device,
+        )
+        self.host_number = 5 - self.host_number
+        ip(
+            "-n",
+            self.namespace,
+            "addr",
+            "add",
+            f"{self.address}/24",
+            "dev",
+            self.device,
+        )
 
     def wire_counts(self) -> dict[str, int]:
         """The shaped link's counts so far: forwarded, dropped and refused frames."""

@@ -29,7 +29,12 @@ from .instance import (
     SIMULATOR,
     CheckFailed,
     Instance,
+    check_log,
+    converse,
+    expect,
     free_port,
+    onboard,
+    speech,
     wait_for,
 )
 
@@ -85,18 +90,11 @@ BUSY = (
     "Ask again when I have finished"
 )
 BUILT = "Built prompt cache"
-DEPRECATION = "Detected that custom integration"
 
 
 def step(text: str) -> None:
     """Say what the check does next."""
     print(f"[newest-ha] {text}", flush=True)
-
-
-def expect(condition: bool, what: str) -> None:
-    """Fail the check with what was expected when condition is false."""
-    if not condition:
-        raise CheckFailed(what)
 
 
 def make_config(base: Path) -> Path:
@@ -107,32 +105,6 @@ def make_config(base: Path) -> Path:
     (model_dir / "check.rkllm").write_text(MODEL_FILE)
     (config / "custom_components").symlink_to(ROOT / "custom_components")
     return config
-
-
-def onboard(ha: Instance) -> None:
-    """Create the owner through onboarding and take an access token."""
-    client_id = f"{ha.url}/"
-    answer = ha.post(
-        "/api/onboarding/users",
-        {
-            "client_id": client_id,
-            "name": "Check",
-            "username": "check",
-            "password": "check-password",
-            "language": "en",
-        },
-    )
-    tokens = ha.request(
-        "POST",
-        "/auth/token",
-        {
-            "grant_type": "authorization_code",
-            "code": answer["auth_code"],
-            "client_id": client_id,
-        },
-        form=True,
-    )
-    ha.token = tokens["access_token"]
 
 
 def set_up(ha: Instance, config: Path) -> None:
@@ -181,23 +153,6 @@ def agent_ready(ha: Instance) -> str:
     ]
     expect(len(agents) == 1, f"one agent, got {agents}")
     return agents[0]
-
-
-def converse(
-    ha: Instance, agent: str, text: str, conversation_id: str | None = None
-) -> dict[str, Any]:
-    """Send a message to the agent; return the response part of the answer."""
-    body = {"text": text, "agent_id": agent, "language": "en"}
-    if conversation_id:
-        body["conversation_id"] = conversation_id
-    answer: dict[str, Any] = ha.post("/api/conversation/process", body)
-    return answer
-
-
-def speech(answer: dict[str, Any]) -> str:
-    """Return the plain speech of a conversation answer."""
-    text: str = answer["response"]["speech"]["plain"]["speech"]
-    return text
 
 
 def check_tool_call(ha: Instance, agent: str) -> None:
@@ -300,17 +255,6 @@ def check_restart(ha: Instance, created_at: str) -> None:
     expect(not built, f"no cache was built after the restart, got {built}")
     answer = converse(ha, agent, "Hello")
     expect(speech(answer) == DEFAULT_REPLY, f"it answers, got {answer}")
-
-
-def check_log(ha: Instance) -> None:
-    """No deprecation report and no error of ours in any run's log."""
-    bad = [
-        line
-        for line in ha.log_lines()
-        if DEPRECATION in line
-        or ("rockchip_llm" in line and (" ERROR " in line or "Traceback" in line))
-    ]
-    expect(not bad, "the log is clean:\n" + "\n".join(bad))
 
 
 def run(base: Path) -> None:

@@ -1,5 +1,6 @@
-"""A Home Assistant process on a configuration of its own, and its REST API."""
+"""A Home Assistant process on a configuration of its own, and its REST and websocket API."""
 
+import asyncio
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
 from dataclasses import dataclass, field
@@ -15,14 +16,25 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import aiohttp
+
 ROOT = Path(__file__).resolve().parents[2]
 SIMULATOR = ROOT / "tests" / "rkllm_sim" / "build" / "librkllm_sim_1_3.so"
 RESTART_EXIT_CODE = 100
 """What hass exits with when a restart is asked (its supervisor starts it again)."""
 
 
+DEPRECATION = "Detected that custom integration"
+
+
 class CheckFailed(Exception):
     """A step of the check did not see what it expected."""
+
+
+def expect(condition: bool, what: str) -> None:
+    """Fail the check with what was expected when condition is false."""
+    if not condition:
+        raise CheckFailed(what)
 
 
 def free_port() -> int:
@@ -157,6 +169,26 @@ class Instance:
         """POST JSON to a path of the REST API."""
         return self.request("POST", path, body if body is not None else {})
 
+    def command(self, message: Mapping[str, Any]) -> Any:
+        """Send one websocket command (what the frontend asks); return its result."""
+
+        async def ask() -> Any:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(f"{self.url}/api/websocket") as socket,
+            ):
+                await socket.receive_json()  # auth_required
+                await socket.send_json({"type": "auth", "access_token": self.token})
+                if (auth := await socket.receive_json())["type"] != "auth_ok":
+                    raise CheckFailed(f"websocket authentication failed: {auth}")
+                await socket.send_json({"id": 1, **message})
+                answer = await socket.receive_json(timeout=120)
+            if not answer.get("success"):
+                raise CheckFailed(f"websocket {message['type']}: {answer}")
+            return answer["result"]
+
+        return asyncio.run(ask())
+
     def state(self, entity_id: str) -> dict[str, Any] | None:
         """Return the state object of an entity, None while it does not exist."""
         for state in self.get("/api/states"):
@@ -178,3 +210,57 @@ class Instance:
         """Yield the lines every process on this configuration wrote so far."""
         for log in self.logs:
             yield from log.read_text(errors="replace").splitlines()
+
+
+def onboard(ha: Instance) -> None:
+    """Create the owner through onboarding and take an access token."""
+    client_id = f"{ha.url}/"
+    answer = ha.post(
+        "/api/onboarding/users",
+        {
+            "client_id": client_id,
+            "name": "Check",
+            "username": "check",
+            "password": "check-password",
+            "language": "en",
+        },
+    )
+    tokens = ha.request(
+        "POST",
+        "/auth/token",
+        {
+            "grant_type": "authorization_code",
+            "code": answer["auth_code"],
+            "client_id": client_id,
+        },
+        form=True,
+    )
+    ha.token = tokens["access_token"]
+
+
+def converse(
+    ha: Instance, agent: str, text: str, conversation_id: str | None = None
+) -> dict[str, Any]:
+    """Send a message to the agent; return the response part of the answer."""
+    body = {"text": text, "agent_id": agent, "language": "en"}
+    if conversation_id:
+        body["conversation_id"] = conversation_id
+    answer: dict[str, Any] = ha.post("/api/conversation/process", body)
+    return answer
+
+
+def speech(answer: dict[str, Any]) -> str:
+    """Return the plain speech of a conversation answer."""
+    text: str = answer["response"]["speech"]["plain"]["speech"]
+    return text
+
+
+def check_log(ha: Instance) -> None:
+    """No deprecation report and no error of ours in any run's log."""
+    bad = [
+        line
+        for line in ha.log_lines()
+        if DEPRECATION in line
+        or ("rockchip_llm" in line and (" ERROR " in line or "Traceback" in line))
+    ]
+    expect(not bad, "the log is clean:\n" + "\n".join(bad))
