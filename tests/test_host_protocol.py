@@ -95,21 +95,27 @@ def test_cache_requests_stay_in_the_store(
             assert error["kind"] == "InvalidModelName", error
         assert raw.error("cache.list", {"model": ".."})["kind"] == "InvalidModelName"
 
-        # Symlinks in the store that point out of it: a model folder, a cache file.
+        # Links in the store that point out of it, a model folder and cache files,
+        # are never followed: read as missing or "not_a_file", replaced by a build.
         cache.mkdir(exist_ok=True)
         (cache / "linked").symlink_to(outside / MODEL, target_is_directory=True)
         (cache / MODEL).mkdir(exist_ok=True)
         (cache / MODEL / "x.bin").symlink_to(outside / "x.bin")
         (cache / MODEL / "x.json").symlink_to(outside / "x.json")
-        for op in ("cache.get", "cache.delete", "cache.touch", "cache.staging"):
-            error = raw.error(op, {"model": "linked", "name": "x"})
-            assert error["kind"] == "InvalidModelName", error
-            assert "resolves outside" in error["message"]
-            error = raw.error(op, {"model": MODEL, "name": "x"})
-            assert error["kind"] == "InvalidCacheName", error
-            assert "resolves outside" in error["message"]
+        assert raw.ok("cache.get", {"model": "linked", "name": "x"}) is None
+        assert raw.ok("cache.delete", {"model": "linked", "name": "x"}) is False
+        assert raw.ok("cache.touch", {"model": "linked", "name": "x"}) is None
+        got = raw.ok("cache.get", {"model": MODEL, "name": "x"})
+        assert (got["problem"], got["metadata"]) == ("not_a_file", None)
+        assert raw.ok("cache.touch", {"model": MODEL, "name": "x"}) is None
         listed = raw.ok("cache.list", {"model": None})
-        assert [entry["model"] for entry in listed] == []
+        assert [(e["model"], e["problem"]) for e in listed] == [(MODEL, "not_a_file")]
+        _outside_untouched(outside)
+        staging = raw.ok("cache.staging", {"model": "linked", "name": "x"})
+        assert Path(staging).parent == cache / "linked"
+        assert not (cache / "linked").is_symlink()
+        assert raw.ok("cache.delete", {"model": MODEL, "name": "x"}) is True
+        assert sorted((cache / MODEL).iterdir()) == []
     _outside_untouched(outside)
 
 
@@ -186,13 +192,17 @@ def test_workers_load_and_save_caches_only_in_the_store(
             str(outside / MODEL / "x.bin"),
             str(cache / MODEL / ".." / ".." / "outside" / MODEL / "x.bin"),
             str(cache / "linked" / "x.bin"),
-            str(cache / MODEL / "leak.bin"),
             f"{MODEL}/x.bin",
             "/etc/passwd",
         ):
             error = raw.error("worker.load_prompt_cache", {"worker": 1, "path": path})
             assert error["kind"] == "BadRequest", (path, error)
             assert "not a prompt cache of this host" in error["message"]
+        # A cache file of the store that is a link: never handed to the runtime.
+        leak = str(cache / MODEL / "leak.bin")
+        error = raw.error("worker.load_prompt_cache", {"worker": 1, "path": leak})
+        assert error["kind"] == "CacheContentMismatch", error
+        assert "not_a_file" in error["message"]
         for path in (
             str(outside / MODEL / STAGING),
             str(cache / "linked" / STAGING),

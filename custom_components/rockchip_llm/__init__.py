@@ -25,6 +25,7 @@ from homeassistant.helpers.start import async_at_started
 from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
+from .cache_repair import CacheDiskRepair, async_report_cache_write
 from .connect import async_connect_host
 from .const import (
     CONF_MODEL,
@@ -40,6 +41,7 @@ from .host.board import npu_driver_too_old
 from .host.model_files import ModelInfo, ModelScan, ModelsDirError
 from .host.prompt_cache import CacheEntry, CacheError, CacheWriteError
 from .host.rkllm.errors import (
+    LibraryChanged,
     LibraryCopyFailed,
     LibraryError,
     LibraryNotFound,
@@ -72,6 +74,7 @@ class RockchipRuntime:
 
     engine: Engine
     scan: ModelScan
+    disk_repair: CacheDiskRepair
     agents: dict[str, Agent] = field(default_factory=dict)
 
     @property
@@ -127,8 +130,17 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
                 translation_key=err.reason,
                 translation_placeholders={"path": str(err.path)},
             ) from err
-        engine = Engine(host, runtime, partial(_async_report_cache_write, hass, entry))
-        runtime_data = RockchipRuntime(engine=engine, scan=scan)
+        disk_repair = CacheDiskRepair(hass, entry.entry_id, host.store)
+        engine = Engine(
+            host,
+            runtime,
+            disk_repair.report,
+            partial(_async_library_changed, hass, entry, host),
+        )
+        runtime_data = RockchipRuntime(
+            engine=engine, scan=scan, disk_repair=disk_repair
+        )
+        disk_repair.on_cleared = partial(_async_refresh_system_caches, runtime_data)
         try:
             await _async_load_agents(hass, entry, runtime_data)
         except BaseException:
@@ -138,6 +150,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
         await host.async_close()
         raise
     entry.runtime_data = runtime_data
+    entry.async_on_unload(disk_repair.async_start())
     entry.async_on_unload(host.on_lost(partial(_async_host_lost, hass, entry)))
     entry.async_on_unload(
         hass.bus.async_listen(
@@ -182,7 +195,7 @@ def _check_library(
         err = LibraryError(str(err) or "the runtime host has no usable library")
     if isinstance(err, LibraryCopyFailed):
         # The cache folder's disk is full or read-only: retried, with its repair.
-        _async_report_cache_write(hass, entry, host.library_copy_problem())
+        async_report_cache_write(hass, entry.entry_id, host.library_copy_problem())
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
             translation_key=err.translation_key,
@@ -317,7 +330,7 @@ async def _async_load_agents(
             )
             runtime.agents.pop(agent.subentry_id).shutdown()
     if not disk_failed:
-        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+        await runtime.disk_repair.async_check()
 
 
 async def _async_acquire(
@@ -382,20 +395,27 @@ def _async_agent_failed(
     )
 
 
-def _cache_issue_id(entry: RockchipConfigEntry) -> str:
-    return f"cache_dir_{entry.entry_id}"
+@callback
+def _async_refresh_system_caches(runtime: RockchipRuntime) -> None:
+    """Build the system caches that are missing (the disk takes them again)."""
+    for system_cache in runtime.system_caches.values():
+        system_cache.schedule_refresh()
 
 
 @callback
-def _async_report_cache_write(
-    hass: HomeAssistant, entry: RockchipConfigEntry, error: CacheWriteError | None
+def _async_library_changed(
+    hass: HomeAssistant,
+    entry: RockchipConfigEntry,
+    host: RuntimeHost,
+    err: LibraryChanged,
 ) -> None:
-    """Raise the disk repair when the disk refuses a cache; clear it once one is written."""
-    if error is None or error.disk_problem is None:
-        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
-        return
+    """Say with a repair that the library changed under the running models."""
+    LOGGER.error("%s", err)
     _async_create_issue(
-        hass, _cache_issue_id(entry), error.disk_problem, error.placeholders
+        hass,
+        f"library_{entry.entry_id}",
+        "library_changed",
+        {"path": str(host.hello.get("library_path", "")), "error": str(err)},
     )
 
 

@@ -232,6 +232,7 @@ class RockchipLLMBaseEntity(Entity):
                 },
             ) from err
         except RKLLMError as err:
+            LOGGER.warning("%s could not answer: %s", agent.title, err)
             raise generation_failed(err) from err
 
 

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias, TypeGuard
 
 from . import board
-from .model_files import ModelInfo, ModelScan, model_fingerprint, scan_models
+from .model_files import (
+    ModelInfo,
+    ModelScan,
+    ModelsDirError,
+    model_fingerprint,
+    scan_models,
+)
 from .prompt_cache import (
     CacheEntry,
     CacheMetadata,
@@ -37,12 +43,13 @@ from .rkllm.abi import AbiFamily
 from .rkllm.errors import (
     LibraryCopyFailed,
     LibraryError,
+    ModelFileMissing,
     PromptCacheNotSaved,
     RKLLMError,
     WorkerDiedError,
 )
 from .rkllm.library import VerifiedLibrary, info_to_wire
-from .rkllm.probe import verify_and_copy_library
+from .rkllm.probe import checked_copy, verify_and_copy_library
 from .rkllm.protocol import params_from_wire, request_from_wire, result_to_wire
 from .rkllm.worker import WorkerModel
 from .version import HOST_VERSION, PROTOCOL_VERSION, update_advice
@@ -126,6 +133,8 @@ class Host:
         self.store = PromptCacheStore(config.cache_dir, config.cache_budget_bytes)
         self.library: VerifiedLibrary | None = None
         """The library as the last hello checked it (None: unusable)."""
+        self._library_check = asyncio.Lock()
+        """Held while a worker's start checks (and maybe copies again) the library."""
         self._client: _Client | None = None
         self._clients: set[_Client] = set()
         self._serving: set[asyncio.Task[Any]] = set()
@@ -464,21 +473,39 @@ class _Client:
             raise BadRequest("no such worker")
         return worker
 
-    def library(self) -> VerifiedLibrary:
-        """Return the checked library; refused while there is none."""
-        library = self.host.library
-        if library is None:
-            raise BadRequest("the runtime library of this host cannot be used")
-        return library
+    async def library(self) -> VerifiedLibrary:
+        """Return the checked library with an intact copy; refused while there is none.
+
+        A copy damaged since the hello is made again from the original
+        (probe.checked_copy), without a new hello.
+        """
+        host = self.host
+        async with host._library_check:  # noqa: SLF001
+            if host.library is None:
+                raise BadRequest("the runtime library of this host cannot be used")
+            host.library = await self.blocking(checked_copy, host.library)
+            return host.library
 
     async def model(self, name: str) -> ModelInfo:
         """Return the scanned model of that name."""
-        scan: ModelScan = await self.blocking(scan_models, self.host.config.models_dir)
-        if (info := scan.models.get(name)) is None:
-            raise RKLLMError(
-                f"model {name!r} is not in the runtime host's models folder "
-                f"{self.host.config.models_dir}",
+        folder = self.host.config.models_dir
+        try:
+            scan: ModelScan = await self.blocking(scan_models, folder)
+        except ModelsDirError as err:
+            raise ModelFileMissing(
+                f"the models folder {folder} of the runtime host "
+                f"{_FOLDER_PROBLEMS.get(err.reason, 'cannot be read')}, so model "
+                f"{name} cannot be loaded",
                 model=name,
+                path=str(folder),
+            ) from err
+        if (info := scan.models.get(name)) is None:
+            raise ModelFileMissing(
+                f"model {name} is not in the runtime host's models folder {folder} "
+                "(was its folder or .rkllm file removed or renamed?); put it back, or "
+                "pick another model for its agents, and reload the integration",
+                model=name,
+                path=str(folder),
             )
         return info
 
@@ -500,6 +527,12 @@ class _Client:
         if path != expected:
             raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host")
         return expected
+
+
+_FOLDER_PROBLEMS: Final = {
+    "models_dir_missing": "does not exist (is the drive mounted?)",
+    "models_dir_not_dir": "is not a folder",
+}
 
 
 def _as_request_error(err: BaseException) -> BaseException:
@@ -553,7 +586,7 @@ async def _worker_open(client: _Client, _id: int, args: Mapping[str, Any]) -> An
     params = params_from_wire({**raw_params, "model_path": str(info.path)})
     worker_id = next(client._worker_ids)  # noqa: SLF001
     worker = WorkerModel(
-        client.library(),
+        await client.library(),
         name,
         stall_timeout=client.host.config.stall_timeout,
         on_death=functools.partial(client._worker_died, worker_id),  # noqa: SLF001
@@ -618,6 +651,8 @@ async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any])
 async def _worker_load_cache(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
     worker = client.worker(args)
     path = client.cache_file(_text(args, "path"))
+    # The runtime is given only a .bin that holds what its metadata describes.
+    await client.blocking(client.host.store.verify, path.parent.name, path.stem)
     await asyncio.wrap_future(worker.load_prompt_cache(path))
 
 
@@ -747,6 +782,20 @@ async def _cache_write_problem(
 ) -> Any:
     problem = await client.blocking(
         client.host.store.write_problem, Path(_text(args, "staging"))
+    )
+    return error_to_wire(problem) if problem is not None else None
+
+
+@_op("cache.disk_problem")
+async def _cache_disk_problem(
+    client: _Client, _id: int, args: Mapping[str, Any]
+) -> Any:
+    problem = await client.blocking(
+        client.host.store.disk_problem,
+        _optional_text(args, "model"),
+        _text(args, "name"),
+        _whole(args, "needed_bytes"),
+        _text(args, "evictable"),
     )
     return error_to_wire(problem) if problem is not None else None
 

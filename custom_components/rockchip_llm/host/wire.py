@@ -17,6 +17,8 @@ from typing import Any, Final, TypeAlias
 from .model_files import ModelInfo, ModelScan, ModelsDirError
 from .prompt_cache import (
     CacheBudgetExceeded,
+    CacheContentMismatch,
+    CacheDeleteError,
     CacheEntry,
     CacheError,
     CacheMetadata,
@@ -83,9 +85,11 @@ def _error_classes() -> dict[str, type[Exception]]:
     classes += [
         CacheError,
         CacheWriteError,
+        CacheDeleteError,
         CacheBudgetExceeded,
         CacheTooLong,
         CorruptCache,
+        CacheContentMismatch,
         InvalidCacheName,
         InvalidModelName,
         ModelsDirError,
@@ -118,6 +122,8 @@ def error_to_wire(err: BaseException) -> Message:
         data["code"] = err.code
     if isinstance(err, CacheWriteError):
         data["errno"] = err.errno
+    if isinstance(err, CacheBudgetExceeded):
+        data["needed_bytes"] = err.needed_bytes
     if isinstance(err, LibraryCopyFailed):
         data["errno"] = err.os_error.errno
     if isinstance(err, ModelsDirError):
@@ -150,6 +156,9 @@ def error_from_wire(data: Any) -> Exception:
         err.code = int(data.get("code", -1))
     if isinstance(err, CacheWriteError):
         err.errno = number
+    if isinstance(err, CacheBudgetExceeded):
+        needed = data.get("needed_bytes")
+        err.needed_bytes = needed if isinstance(needed, int) else 0
     if isinstance(err, LibraryCopyFailed):
         err.os_error = OSError(
             number or errno_module.EIO,

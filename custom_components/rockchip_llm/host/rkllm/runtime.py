@@ -33,7 +33,7 @@ from .abi import (
     RKLLMResult,
     RKLLMSamplingParam,
 )
-from .errors import ModelClosedError, ModelInitError, RunError
+from .errors import ModelClosedError, ModelFileMissing, ModelInitError, RunError
 from .library import RuntimeLibrary
 
 _LOGGER = logging.getLogger(__name__)
@@ -473,7 +473,14 @@ def context_limit_in(log: bytes) -> int | None:
 
 
 def init_failed(params: ModelParams, code: int, limit: int | None) -> ModelInitError:
-    """Describe a failed rkllm_init, naming a context above the model's limit."""
+    """Describe a failed rkllm_init: a missing file, a context above the model's limit."""
+    if not params.model_path.is_file():
+        return ModelFileMissing(
+            f"the model file {params.model_path} is gone (removed or renamed while "
+            "it was in use); put it back, or pick another model for its agents, "
+            "and reload the integration",
+            model=str(params.model_path),
+        )
     if limit is not None and params.max_context_len > limit:
         return ModelInitError(
             f"rkllm_init failed for {params.model_path}: context length "
