@@ -27,6 +27,7 @@ TOP_LEVEL = {
     "host_hop",
     "interleaved",
     "prefix_per_home",
+    "cache_hash",
 }
 HANDLES = ("in_process", "worker")
 HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
@@ -48,6 +49,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--overhead-reply-tokens=20",
             "--worker-repetitions=2",
             "--worker-reply-tokens=20",
+            "--hash-mb=2",
             f"--json={json_path}",
             f"--plot={plot_path}",
         ],
@@ -78,6 +80,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     if AwesomeVersion(HA_VERSION) >= "2026.10":  # users' HA (2026.6 says more)
         assert homes["HA demo"]["qwen3_tokens"] <= 4096 - 512
     assert homes["150 entities, 12 areas"]["qwen3_tokens"] <= 8192 - 512
+    cache_hash = data["cache_hash"]
+    assert (cache_hash["megabytes"], cache_hash["hash"]) == (2, "sha256")
+    assert set(cache_hash["mb_per_s"]) == {"sha256", "blake2b", "sha1"}
+    assert all(speed > 0 for speed in cache_hash["mb_per_s"].values())
+    assert "Cache content check: sha256 of 2 MB" in completed.stdout
     # The second start loads the first one's system cache instead of building one.
     startup = data["startup"]
     assert startup["with_cache"]["cache_loaded"] is True

@@ -503,3 +503,52 @@ async def test_delete_cache_answers_what_it_removed(
     assert removed["deleted"]["size_bytes"] == created["cache"]["size_bytes"]
     assert not (cache_dir / "Qwen3 Sim" / "head.bin").exists()
     assert await offered() == ["system"]
+
+
+async def test_agents_cache_names_are_reserved(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """create_cache cannot overwrite an agent's system cache, nor rebuild_cache another's.
+
+    The message says whose cache it is and which action rebuilds it; the agent
+    keeps its cache and answers from it.
+    """
+    entry = await make_entry(
+        {CONF_PROMPT: "You are the kitchen assistant."},
+        {CONF_PROMPT: "You are the garage assistant."},
+    )
+    first, second = entry.runtime_data.agents.values()
+    second_name = f"system_{second.subentry_id.lower()}"
+    saves = sim_counter(entry, "prompt_cache_save")
+    for name, agent in (("system", "Agent 0"), (second_name, "Agent 1")):
+        with pytest.raises(ServiceValidationError) as err:
+            await call(
+                hass,
+                "create_cache",
+                {"model": "Qwen3 Sim", "name": name, "prompt": "Be a pirate."},
+            )
+        assert err.value.translation_key == "cache_reserved_create"
+        assert str(err.value) == (
+            f'"{name}" is the system prompt cache of the agent {agent} (model Qwen3 '
+            "Sim), which the agent keeps itself; rockchip_llm.rebuild_cache rebuilds "
+            "it. Choose another name for this cache"
+        )
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, "rebuild_cache", {"agent": AGENT, "name": second_name})
+    assert err.value.translation_key == "cache_reserved_rebuild"
+    assert err.value.translation_placeholders == {
+        "model": "Qwen3 Sim",
+        "name": second_name,
+        "agent": "Agent 1",
+    }
+    assert sim_counter(entry, "prompt_cache_save") == saves  # nothing was built
+    assert first.system_cache is not None and first.system_cache.cache is not None
+    assert second.system_cache is not None and second.system_cache.cache is not None
+    assert hass.states.get("sensor.agent_0_prompt_cache").state == "ready"
+    await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
+    assert first.session.recent[-1].cache == "system"
+    # Its own name is the agent's to rebuild, and other names are free.
+    await call(hass, "rebuild_cache", {"agent": AGENT, "name": "system"})
+    await call(
+        hass, "create_cache", {"model": "Qwen3 Sim", "name": "pirate", "prompt": "Arr."}
+    )

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+from pathlib import Path
 import signal
 from typing import Any
 
@@ -17,7 +18,7 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, intent
 
-from .conftest import EntryFactory, ModelWriter
+from .conftest import EntryFactory, ModelWriter, agent_issue_error, agent_issues
 from .sim_words import words
 
 AGENT = "conversation.agent_0"
@@ -149,8 +150,13 @@ async def test_a_model_that_keeps_dying_is_given_up_until_reload(
     )
     assert loaded.failure is not None
     assert loaded.worker.pid == pid  # not started again
+    # The repair has the details, the runtime's last lines among them.
+    error = agent_issue_error(hass)
+    assert "died 5 times within 10 minutes" in error
+    assert "I rkllm: rkllm-runtime version" in error
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+    assert agent_issues(hass) == []
 
 
 async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
@@ -181,3 +187,34 @@ async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
     assert "produced no text for 1 s" in speech(result)
     assert "SIGKILL" in str(loaded.worker.death)
     assert speech(await converse(hass, "talk")) == SLOW
+
+
+async def test_model_file_removed_while_running(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    models_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The model's file removed, then its worker restarted: the answer and log say so.
+
+    Not "rkllm_init failed ... check the model file, the runtime version and the
+    context length": the file is named, the spoken answer says what to do.
+    """
+    entry = await make_entry()
+    loaded = session_of(entry)
+    path = models_dir / "Qwen3 Sim" / "model.rkllm"
+    await hass.async_add_executor_job(path.unlink)
+    pid = loaded.worker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while loaded.worker.death is None:
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING):
+        result = await converse(hass, "hello")
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert speech(result) == (
+        "Sorry, my model file is gone from the runtime host; put it back or pick "
+        "another model for me, then reload the Rockchip LLM integration"
+    )
+    assert f"the model file {path} of Qwen3 Sim is gone" in caplog.text
+    assert "rkllm_init failed" not in caplog.text

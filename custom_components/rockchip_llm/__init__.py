@@ -135,7 +135,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
             host,
             runtime,
             disk_repair.report,
-            partial(_async_library_changed, hass, entry, host),
+            partial(_async_model_down, hass, entry, host),
         )
         runtime_data = RockchipRuntime(
             engine=engine, scan=scan, disk_repair=disk_repair
@@ -403,20 +403,29 @@ def _async_refresh_system_caches(runtime: RockchipRuntime) -> None:
 
 
 @callback
-def _async_library_changed(
+def _async_model_down(
     hass: HomeAssistant,
     entry: RockchipConfigEntry,
     host: RuntimeHost,
-    err: LibraryChanged,
+    model: str,
+    err: RKLLMError,
 ) -> None:
-    """Say with a repair that the library changed under the running models."""
-    LOGGER.error("%s", err)
-    _async_create_issue(
-        hass,
-        f"library_{entry.entry_id}",
-        "library_changed",
-        {"path": str(host.hello.get("library_path", "")), "error": str(err)},
-    )
+    """Say with a repair why a model stays down until a reload (which clears it).
+
+    A changed library has the library's repair; a model given up, one per agent.
+    """
+    if isinstance(err, LibraryChanged):
+        LOGGER.error("%s", err)
+        _async_create_issue(
+            hass,
+            f"library_{entry.entry_id}",
+            "library_changed",
+            {"path": str(host.hello.get("library_path", "")), "error": str(err)},
+        )
+        return
+    for subentry_id, agent in entry.runtime_data.agents.items():
+        if agent.session.name == model:
+            _async_agent_failed(hass, entry, entry.subentries[subentry_id], err, model)
 
 
 @callback

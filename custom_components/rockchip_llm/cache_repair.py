@@ -62,6 +62,7 @@ class CacheDiskRepair:
         """The bytes of the cache the budget refused (0: a disk problem)."""
         self.on_cleared: Callable[[], None] | None = None
         """Called when a check found the cause gone (to build the missing caches)."""
+        self._stopped = False
 
     @callback
     def report(self, error: CacheWriteError | None) -> None:
@@ -74,14 +75,21 @@ class CacheDiskRepair:
 
     @callback
     def async_start(self) -> CALLBACK_TYPE:
-        """Check again on a timer; return the function that stops it."""
-        return async_track_time_interval(
+        """Check again on a timer; return the function that stops it (at unload)."""
+        cancel = async_track_time_interval(
             self._hass,
             self._async_tick,
             DISK_RECHECK_INTERVAL,
             name="rockchip_llm disk repair check",
             cancel_on_shutdown=True,
         )
+
+        @callback
+        def stop() -> None:
+            self._stopped = True  # a check under way touches nothing after it
+            cancel()
+
+        return stop
 
     async def _async_tick(self, _now: datetime) -> None:
         await self.async_check()
@@ -107,6 +115,8 @@ class CacheDiskRepair:
             )
         except (CacheError, RKLLMError) as err:
             LOGGER.debug("Cannot check the disk of the prompt caches: %s", err)
+            return
+        if self._stopped:
             return
         if problem is not None:
             async_report_cache_write(self._hass, self._entry_id, problem)

@@ -90,8 +90,10 @@ class SessionServices:
     """Hears of every cache build: None when written, the error when the disk refused."""
     on_caches_evicted: Callable[[], None]
     """Called when a build deleted caches to stay within the disk budget."""
-    on_library_changed: Callable[[LibraryChanged], None]
-    """Hears that a worker could not start: its library copy and the original changed."""
+    on_model_down: Callable[[str, RKLLMError], None]
+    """Hears of a model (by name) that stays down until a reload, and why.
+
+    Its library changed (LibraryChanged) or it was given up (ModelGivenUp)."""
     run_gate: asyncio.Lock | None
     """Held during every run when the runtime cannot run handles concurrently."""
 
@@ -419,6 +421,7 @@ class ModelSession:
                 how=death.placeholders.get("how", ""),
             )
             self.notify()
+            self.services.on_model_down(self.name, self.failure)
             raise self.failure
         await asyncio.sleep(RESTART_BACKOFF_S[len(recent) - 1])
         _LOGGER.warning("Restarting the runtime process of %s", self.name)
@@ -426,7 +429,7 @@ class ModelSession:
         try:
             worker = await _async_start_worker(self.services, self.name, self.params)
         except LibraryChanged as err:
-            self.services.on_library_changed(err)
+            self.services.on_model_down(self.name, err)
             raise
         except HostLost:
             raise  # the entry is set up again
@@ -439,6 +442,7 @@ class ModelSession:
                 how=err.placeholders.get("how", ""),
             )
             self.notify()
+            self.services.on_model_down(self.name, self.failure)
             raise self.failure from err
         # A new process holds nothing: no system prompt, prompt cache or KV.
         self._held = HeldModel(self, worker)

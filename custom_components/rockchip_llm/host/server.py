@@ -486,8 +486,12 @@ class _Client:
             host.library = await self.blocking(checked_copy, host.library)
             return host.library
 
-    async def model(self, name: str) -> ModelInfo:
-        """Return the scanned model of that name."""
+    async def model(self, name: str, was: object = None) -> ModelInfo:
+        """Return the scanned model of that name.
+
+        was: the model file the client last knew of it, named when it is gone
+        (only when it is a file of that model's folder).
+        """
         folder = self.host.config.models_dir
         try:
             scan: ModelScan = await self.blocking(scan_models, folder)
@@ -500,6 +504,14 @@ class _Client:
                 path=str(folder),
             ) from err
         if (info := scan.models.get(name)) is None:
+            if isinstance(was, str) and Path(was).parent == folder / name:
+                raise ModelFileMissing(
+                    f"the model file {was} of {name} is gone (removed or renamed while "
+                    "it was in use); put it back, or pick another model for its "
+                    "agents, and reload the integration",
+                    model=name,
+                    path=was,
+                )
             raise ModelFileMissing(
                 f"model {name} is not in the runtime host's models folder {folder} "
                 "(was its folder or .rkllm file removed or renamed?); put it back, or "
@@ -579,10 +591,10 @@ async def _board_npu_load(client: _Client, _id: int, _args: Mapping[str, Any]) -
 async def _worker_open(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
     """Start a worker for a model and load the model in it."""
     name = _text(args, "model")
-    info = await client.model(name)
     raw_params = args["params"]
     if not isinstance(raw_params, dict):
         raise BadRequest("params must be an object")
+    info = await client.model(name, raw_params.get("model_path"))
     params = params_from_wire({**raw_params, "model_path": str(info.path)})
     worker_id = next(client._worker_ids)  # noqa: SLF001
     worker = WorkerModel(
