@@ -344,6 +344,12 @@ _BASE_ARGS: dict[str, dict[str, Any]] = {
     "cache.commit": {"staging": STAGING, "metadata": {}},
     "cache.discard": {"staging": STAGING},
     "cache.write_problem": {"staging": STAGING},
+    "cache.disk_problem": {
+        "model": MODEL,
+        "name": "x",
+        "needed_bytes": 10,
+        "evictable": "auto_",
+    },
     "cache.usage": {},
 }
 

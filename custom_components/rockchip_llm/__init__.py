@@ -423,7 +423,10 @@ def _async_model_down(
             {"path": str(host.hello.get("library_path", "")), "error": str(err)},
         )
         return
-    for subentry_id, agent in entry.runtime_data.agents.items():
+    runtime: RockchipRuntime | None = getattr(entry, "runtime_data", None)
+    if runtime is None:
+        return  # during setup, which reports its agents that fail itself
+    for subentry_id, agent in runtime.agents.items():
         if agent.session.name == model:
             _async_agent_failed(hass, entry, entry.subentries[subentry_id], err, model)
 

@@ -285,7 +285,7 @@ class HeldModel:
             try:
                 await self.async_use_cache(candidate)
             except CorruptCache as err:  # the host found the file not as described
-                _LOGGER.warning("%s; rebuilding it", err)
+                _LOGGER.info("%s; rebuilding it", err)  # (the host warned of it)
             except RKLLMError as err:  # a cache the runtime refuses is rebuilt
                 _LOGGER.warning(
                     "The runtime refused prompt cache %s (%s); rebuilding it",
