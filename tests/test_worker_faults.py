@@ -13,6 +13,7 @@ from custom_components.rockchip_llm.host.rkllm import worker as worker_module
 from custom_components.rockchip_llm.session import ModelSession
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
+from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, intent
 
@@ -133,8 +134,16 @@ async def test_a_model_that_keeps_dying_is_given_up_until_reload(
     assert "reload the integration" in speech(result)
     assert loaded.failure is not None
     assert loaded.worker.pid == pid  # not started again
+    # Given up: its agent says so in one sentence and its entities are unavailable.
+    assert speech(await converse(hass, "hello")) == (
+        "Agent 0 cannot answer: the runtime process of model Qwen3 Sim kept crashing "
+        "and was stopped; reload the integration (Settings, Devices & services, "
+        "Rockchip LLM) to try again"
+    )
+    assert hass.states.get(AGENT).state == STATE_UNAVAILABLE
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+    assert hass.states.get(AGENT).state != STATE_UNAVAILABLE
 
 
 async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
