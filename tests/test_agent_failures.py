@@ -343,3 +343,49 @@ async def test_prefix_that_does_not_fit_keeps_the_readings_that_explain_it(
     await hass.async_block_till_done()
     assert STATE_UNAVAILABLE not in agent_entities(hass, subentry_id).values()
     assert await answer(hass, BROKEN) == "Hello from the simulator."
+
+
+async def test_model_folder_gone_says_so(
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    make_entry: EntryFactory,
+    write_model: ModelWriter,
+    models_dir: Path,
+) -> None:
+    """A renamed model folder: the agent's answer says to pick another model."""
+    write_model()
+    write_model("Other")
+    entry = await make_entry({}, {"model": "Other"})
+    (models_dir / "Qwen3 Sim").rename(models_dir / "Renamed")
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    subentry_id = subentry_of(entry, "Agent 0")
+    assert await answer(hass, BROKEN) == answer_text(
+        "agent_model_missing", agent="Agent 0", model="Qwen3 Sim"
+    )
+    assert set(agent_entities(hass, subentry_id).values()) == {STATE_UNAVAILABLE}
+    described = await diagnostics_agent(hass, hass_client, entry, subentry_id)
+    assert (described["state"], described["reason"]) == ("failed", "model_missing")
+    assert "'Qwen3 Sim'" in described["error"]
+    assert await answer(hass, HEALTHY) == "Hello from the simulator."
+
+
+async def test_system_prompt_that_cannot_be_set_up_says_so(
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    make_entry: EntryFactory,
+    write_model: ModelWriter,
+) -> None:
+    """The model loads but every run fails, so its system cache cannot be built."""
+    write_model(extra=("error_at_token 0",))
+    entry = await make_entry()
+    subentry_id = subentry_of(entry, "Agent 0")
+    [issue] = agent_issues(hass)
+    assert issue.is_fixable
+    assert await answer(hass, BROKEN) == answer_text(
+        "agent_prepare_failed", agent="Agent 0", model="Qwen3 Sim"
+    )
+    assert set(agent_entities(hass, subentry_id).values()) == {STATE_UNAVAILABLE}
+    described = await diagnostics_agent(hass, hass_client, entry, subentry_id)
+    assert (described["state"], described["reason"]) == ("failed", "prepare_failed")
+    assert described["error"] == agent_issue_error(hass)

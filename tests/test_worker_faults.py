@@ -17,7 +17,7 @@ from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, intent
 
-from .conftest import EntryFactory, ModelWriter
+from .conftest import EntryFactory, ModelWriter, agent_issue_error, agent_issues
 from .sim_words import words
 
 AGENT = "conversation.agent_0"
@@ -141,9 +141,13 @@ async def test_a_model_that_keeps_dying_is_given_up_until_reload(
         "Rockchip LLM) to try again"
     )
     assert hass.states.get(AGENT).state == STATE_UNAVAILABLE
+    [issue] = agent_issues(hass)  # its repair: reload (its fix flow tries again)
+    assert issue.is_fixable
+    assert "died 5 times within 10 minutes" in agent_issue_error(hass)
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
     assert hass.states.get(AGENT).state != STATE_UNAVAILABLE
+    assert not agent_issues(hass)
 
 
 async def test_a_wedged_run_is_stopped_and_the_model_comes_back(

@@ -160,6 +160,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
         )
     )
     _async_track_prefix_sources(hass, entry, runtime_data)
+    _async_track_given_up(hass, entry, runtime_data)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     entry.async_on_unload(entry.add_update_listener(_async_update_listener))
     entry.async_on_unload(
@@ -415,6 +416,28 @@ def _async_agent_failed(
             "subentry_id": subentry.subentry_id,
         },
     )
+
+
+@callback
+def _async_track_given_up(
+    hass: HomeAssistant, entry: RockchipConfigEntry, runtime: RockchipRuntime
+) -> None:
+    """Report the agents of a model whose process kept dying and was given up."""
+    for agent in runtime.agents.values():
+
+        @callback
+        def check(agent: Agent = agent) -> None:
+            session = agent.session
+            subentry = entry.subentries.get(agent.subentry_id)
+            if session.failure is None or subentry is None:
+                return
+            issue_id = f"{_agent_issue_prefix(entry)}{agent.subentry_id}"
+            if ir.async_get(hass).async_get_issue(DOMAIN, issue_id) is None:
+                _async_agent_failed(
+                    hass, entry, subentry, session.failure, session.name
+                )
+
+        entry.async_on_unload(agent.session.add_listener(check))
 
 
 def _cache_issue_id(entry: RockchipConfigEntry) -> str:
