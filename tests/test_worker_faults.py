@@ -15,6 +15,7 @@ from custom_components.rockchip_llm.host.rkllm import worker as worker_module
 from custom_components.rockchip_llm.session import ModelSession
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
+from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, intent
 
@@ -150,13 +151,23 @@ async def test_a_model_that_keeps_dying_is_given_up_until_reload(
     )
     assert loaded.failure is not None
     assert loaded.worker.pid == pid  # not started again
+    # Given up: its agent says so in one sentence and its entities are unavailable.
+    assert speech(await converse(hass, "hello")) == (
+        "Agent 0 cannot answer: the runtime process of model Qwen3 Sim kept crashing "
+        "and was stopped; reload the integration (Settings, Devices & services, "
+        "Rockchip LLM) to try again"
+    )
+    assert hass.states.get(AGENT).state == STATE_UNAVAILABLE
+    [issue] = agent_issues(hass)  # its repair: reload (its fix flow tries again)
+    assert issue.is_fixable
     # The repair has the details, the runtime's last lines among them.
     error = agent_issue_error(hass)
     assert "died 5 times within 10 minutes" in error
     assert "I rkllm: rkllm-runtime version" in error
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
-    assert agent_issues(hass) == []
+    assert hass.states.get(AGENT).state != STATE_UNAVAILABLE
+    assert not agent_issues(hass)
 
 
 async def test_a_wedged_run_is_stopped_and_the_model_comes_back(

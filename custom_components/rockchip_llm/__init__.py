@@ -25,6 +25,13 @@ from homeassistant.helpers.start import async_at_started
 from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
+from .agent_state import (
+    AGENT_ISSUE_KIND,
+    AgentFailure,
+    AgentProblem,
+    load_failure,
+    running_failure,
+)
 from .cache_repair import CacheDiskRepair, async_report_cache_write
 from .connect import async_connect_host
 from .const import (
@@ -76,6 +83,14 @@ class RockchipRuntime:
     scan: ModelScan
     disk_repair: CacheDiskRepair
     agents: dict[str, Agent] = field(default_factory=dict)
+    failures: dict[str, AgentFailure] = field(default_factory=dict)
+    """Why each agent that was not set up is not, by subentry id."""
+
+    def failure(self, subentry_id: str) -> AgentFailure | None:
+        """Why an agent cannot answer (None: it can)."""
+        if (agent := self.agents.get(subentry_id)) is None:
+            return self.failures.get(subentry_id)
+        return running_failure(agent)
 
     @property
     def chat_agents(self) -> list[Agent]:
@@ -254,6 +269,10 @@ async def _async_load_agents(
         issue_id = f"model_missing_{subentry.subentry_id}"
         if model not in runtime.scan.models:
             LOGGER.error("Model folder %r of agent %r is gone", model, subentry.title)
+            runtime.failures[subentry.subentry_id] = AgentFailure(
+                AgentProblem.MODEL_MISSING,
+                f"the model folder {model!r} is not in the models folder",
+            )
             _async_create_issue(
                 hass,
                 issue_id,
@@ -286,6 +305,7 @@ async def _async_load_agents(
             except RKLLMError as err:
                 # Only this model's agents are down; the others and the entry stay up
                 # (and the agents editable). A reload tries again.
+                runtime.failures[subentry_id] = load_failure(err)
                 _async_agent_failed(hass, entry, subentry, err)
                 continue
             chat = subentry.subentry_type == SUBENTRY_CONVERSATION
@@ -305,9 +325,7 @@ async def _async_load_agents(
     disk_failed = False
     for subentry_id, system_cache in runtime.system_caches.items():
         agent = runtime.agents[subentry_id]
-        system_cache.on_fit_changed = partial(
-            async_report_fit, hass, entry.entry_id, entry.title, agent
-        )
+        system_cache.on_fit_changed = partial(_async_fit_changed, hass, entry, agent)
         try:
             await system_cache.async_prepare("setup")
         except PrefixDoesNotFit as err:
@@ -329,8 +347,20 @@ async def _async_load_agents(
                 agent.session.name,
             )
             runtime.agents.pop(agent.subentry_id).shutdown()
+            runtime.failures[agent.subentry_id] = AgentFailure(
+                AgentProblem.PREPARE_FAILED, str(err) or type(err).__name__
+            )
     if not disk_failed:
         await runtime.disk_repair.async_check()
+
+
+@callback
+def _async_fit_changed(
+    hass: HomeAssistant, entry: RockchipConfigEntry, agent: Agent
+) -> None:
+    """Report how the agent's prefix fits; its entities follow whether it can answer."""
+    async_report_fit(hass, entry.entry_id, entry.title, agent)
+    agent.session.notify()
 
 
 async def _async_acquire(
@@ -391,6 +421,11 @@ def _async_agent_failed(
             "model": model,
             "entry": entry.title,
             "error": reason,
+        },
+        fix_data={
+            "kind": AGENT_ISSUE_KIND,
+            "entry_id": entry.entry_id,
+            "subentry_id": subentry.subentry_id,
         },
     )
 
