@@ -13,9 +13,9 @@ import functools
 import json
 import os
 from pathlib import Path
+import secrets
 import select
 import shutil
-import secrets
 import signal
 import socket
 import ssl

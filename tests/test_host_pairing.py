@@ -6,6 +6,7 @@ refused for a while; the identity and the key are made once, in the state folder
 """
 
 from collections.abc import Callable, Iterator
+import functools
 import hashlib
 from pathlib import Path
 import re
@@ -78,9 +79,11 @@ def tcp_host(tmp_path: Path) -> Iterator[HostProcess]:
 def refusals(host: HostProcess, count: int = 1) -> list[str]:
     """The host's log lines of refused connections, once there are count of them."""
     deadline = time.monotonic() + 10
-    while len(found := re.findall(r"Refused 127\.0\.0\.1:\d+: (.*)", host.stderr())) < (
-        count
-    ) and time.monotonic() < deadline:
+    while (
+        len(found := re.findall(r"Refused 127\.0\.0\.1:\d+: (.*)", host.stderr()))
+        < (count)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
     return found
 
@@ -363,7 +366,7 @@ def _recorded_session(address: tuple[str, int], key: bytes) -> bytes:
         def read(size: int) -> bytes:
             data = b""
             while len(data) < size:
-                data += pump(lambda: tls.read(size - len(data)))
+                data += pump(functools.partial(tls.read, size - len(data)))
             return data
 
         pump(tls.do_handshake)

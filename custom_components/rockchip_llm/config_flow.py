@@ -586,7 +586,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             return await self._async_show_paths_form(
                 "reconfigure", user_input, validation
             )
-        return self.async_update_reload_and_abort(
+        return self._async_update_entry(
             entry, data={**paths, **_runtime_settings(user_input)}
         )
 
@@ -605,7 +605,7 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             }
             if not validation.errors and data == stored:
                 # The host may be serving this entry now: nothing to check.
-                return self.async_update_reload_and_abort(entry, data=entry.data)
+                return self._async_update_entry(entry, data=entry.data)
             if not validation.errors:
                 if data[CONF_HOST_ADDRESS] != entry.data[CONF_HOST_ADDRESS]:
                     self._async_abort_entries_match(
@@ -660,15 +660,28 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
     ) -> ConfigFlowResult:
         """Store a host's new address or key and the identity it proved; reload."""
         if identity is None:  # a Unix socket: no pairing
-            return self.async_update_reload_and_abort(entry, unique_id=None, data=data)
+            return self._async_update_entry(entry, unique_id=None, data=data)
         other = self.hass.config_entries.async_entry_for_domain_unique_id(
             DOMAIN, identity
         )
         if other is not None and other.entry_id != entry.entry_id:
             return self.async_abort(reason="host_already_configured")
-        return self.async_update_reload_and_abort(
+        return self._async_update_entry(
             entry, unique_id=identity, data={**data, CONF_HOST_IDENTITY: identity}
         )
+
+    @callback
+    def _async_update_entry(
+        self, entry: ConfigEntry, *, data: Mapping[str, Any], **changes: Any
+    ) -> ConfigFlowResult:
+        """Store a reconfigured or re-paired entry and set it up again.
+
+        A loaded entry's update listener reloads it when something changed; any
+        other entry is reloaded here (a retry or an error, it tries again).
+        """
+        if entry.update_listeners:
+            return self.async_update_and_abort(entry, data=data, **changes)
+        return self.async_update_reload_and_abort(entry, data=data, **changes)
 
     @classmethod
     @callback
