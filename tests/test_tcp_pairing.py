@@ -185,6 +185,41 @@ async def test_pairing_through_the_flow(
     assert tcp_host.pairing_key not in str(diagnostics)
 
 
+async def test_an_address_that_is_none_is_a_form_error(
+    hass: HomeAssistant, kitchen: list[Any]
+) -> None:
+    """A port out of range: the address field says so, nothing is connected."""
+    flow_id = await host_step(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_HOST_ADDRESS: "192.0.2.1:70000", CONF_PAIRING_KEY: "x"}
+    )
+    assert result["errors"] == {CONF_HOST_ADDRESS: "invalid_host_address"}
+    assert "70000" in result["description_placeholders"]["error"]
+
+
+async def test_an_entry_without_a_pairing_key_asks_for_one(
+    hass: HomeAssistant, host_sockets: None, tcp_host: HostProcess, kitchen: list[Any]
+) -> None:
+    """A TCP entry of an earlier release (address only): the reauth flow pairs it."""
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="Rockchip LLM", data={CONF_HOST_ADDRESS: address(tcp_host)}
+    )
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.SETUP_ERROR
+    assert "no usable pairing key" in (entry.reason or "")
+    [flow] = hass.config_entries.flow.async_progress_by_handler(DOMAIN)
+    assert flow["context"]["source"] == config_entries.SOURCE_REAUTH
+    result = await hass.config_entries.flow.async_configure(
+        flow["flow_id"], {CONF_PAIRING_KEY: tcp_host.pairing_key}
+    )
+    assert result["reason"] == "reauth_successful"
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert entry.unique_id == tcp_host.identity
+
+
 async def test_the_same_host_at_another_address_is_not_added_twice(
     hass: HomeAssistant, host_sockets: None, tcp_host: HostProcess, kitchen: list[Any]
 ) -> None:
