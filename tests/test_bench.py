@@ -55,7 +55,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=180,  # a smoke of every phase, three runtime hosts among them
+        timeout=180,  # a smoke of every phase, four runtime hosts among them
         check=False,
         cwd=REPO,
     )
@@ -156,7 +156,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     # The runtime host's links, each against the bare worker.
     hop = data["host_hop"]
-    for name in ("host_local", "host_unix", "host_tcp"):
+    for name in ("host_local", "host_unix", "host_tcp", "host_tls"):
         for key in HANDLE_TIMES:
             assert isinstance(hop[name][key], float), (name, key)
         assert hop[name]["long_run_tokens"] == 20
@@ -166,7 +166,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "clear_kv_cache_ms",
         }
         assert hop["hello_ms"][name] > 0
+    # Connection set-up (TLS and pairing on top of plain TCP), and what TLS adds.
+    assert set(hop["handshake_ms"]) == {"host_unix", "host_tcp", "host_tls"}
+    assert all(value > 0 for value in hop["handshake_ms"].values())
+    assert set(hop["tls_added_to_tcp"]) == {
+        "us_per_token",
+        "ms_per_request",
+        "handshake_ms",
+    }
+    assert all(isinstance(value, float) for value in hop["tls_added_to_tcp"].values())
     assert "Runtime host links" in completed.stdout
+    assert "TLS and pairing over plain TCP:" in completed.stdout
 
     conditions = data["conditions"]
     assert conditions["prefill_ms_per_token"] == 0

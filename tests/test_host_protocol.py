@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from custom_components.rockchip_llm.host.heartbeat import HEARTBEAT
 from custom_components.rockchip_llm.host.wire import MAX_MESSAGE_BYTES
 
 from .host_process import (
@@ -428,7 +429,7 @@ def _frame(rng: random.Random, request_id: int, requests: float) -> tuple[bytes,
         return frame[: rng.randrange(len(frame) - 1)], True
     return rng.choice(
         (
-            b"\n",
+            HEARTBEAT,  # an empty line: skipped, as the heartbeat of a TCP link
             b"   \n",
             b"[]\n",
             b'"hello"\n',
@@ -446,6 +447,13 @@ def _frame(rng: random.Random, request_id: int, requests: float) -> tuple[bytes,
             rng.randbytes(rng.randrange(1, 200)).replace(b"\n", b"") + b"\n",
         )
     ), False
+
+
+def _hello_frame() -> bytes:
+    """A hello as a first frame."""
+    return json.dumps(
+        {"id": 1, "op": "hello", "args": _BASE_ARGS["hello"]}
+    ).encode() + (b"\n")
 
 
 def _message(line: bytes) -> dict[str, Any] | None:
@@ -501,6 +509,9 @@ def _fuzz_connection(
         else:
             frame, truncated = _frame(rng, 1, 0.5)
             raw.send_raw(frame)
+            if frame == HEARTBEAT:  # skipped: the host still waits for a hello
+                frame = _hello_frame()
+                raw.send_raw(frame)
             if truncated or not _is_hello(frame):
                 if truncated:
                     raw.sock.shutdown(socket.SHUT_WR)
@@ -514,6 +525,8 @@ def _fuzz_connection(
         for request_id in range(2, 2 + rng.randrange(1, FUZZ_FRAMES + 1)):
             frame, truncated = _frame(rng, request_id, 0.9)
             raw.send_raw(frame)
+            if frame == HEARTBEAT:  # skipped; the next request is answered
+                continue
             if truncated:
                 raw.sock.shutdown(socket.SHUT_WR)
             if truncated or not _is_request(frame):

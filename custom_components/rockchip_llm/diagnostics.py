@@ -19,7 +19,7 @@ from homeassistant.core import HomeAssistant
 from . import AGENT_SUBENTRIES, RockchipConfigEntry, RockchipRuntime
 from .agent import Agent
 from .connect import async_open_host
-from .const import CONF_MODEL, CONF_PROMPT, SUBENTRY_CONVERSATION
+from .const import CONF_MODEL, CONF_PAIRING_KEY, CONF_PROMPT, SUBENTRY_CONVERSATION
 from .engine import Engine
 from .host.model_files import ModelScan, ModelsDirError
 from .host.prompt_cache import CacheEntry, CacheError
@@ -30,6 +30,8 @@ from .remote import RuntimeHost
 from .session import ModelSession
 
 TO_REDACT: Final = {CONF_PROMPT}
+ENTRY_TO_REDACT: Final = {CONF_PAIRING_KEY}
+"""A TCP host's pairing key: whoever has it can use the host."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -193,6 +195,7 @@ def _host(host: RuntimeHost) -> dict[str, Any]:
         "where": host.where,
         "version": host.hello.get("host_version"),
         "pid": host.link.pid,
+        "identity": host.identity,
         "models_dir": host.hello.get("models_dir"),
         "cache_dir": host.hello.get("cache_dir"),
         "board": host.board,
@@ -237,7 +240,7 @@ async def async_get_config_entry_diagnostics(
             "title": entry.title,
             "state": entry.state.value,
             "reason": entry.reason,
-            "data": dict(entry.data),
+            "data": async_redact_data(entry.data, ENTRY_TO_REDACT),
             "options": dict(entry.options),
         },
         "subentries": {

@@ -294,6 +294,11 @@ class RuntimeHost:
         return self.link.where
 
     @property
+    def identity(self) -> str | None:
+        """A TCP host's identity (sha256:<hex> of its certificate), else None."""
+        return self.link.identity
+
+    @property
     def runtime(self) -> RuntimeInfo | None:
         """The checked runtime library, None when the host cannot use its library."""
         data = self.hello.get("runtime")

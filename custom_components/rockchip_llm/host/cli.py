@@ -13,8 +13,10 @@ import sys
 from typing import Final
 
 from .address import parse_tcp_address
+from .identity import HostIdentity, IdentityError, default_state_dir, load_or_create
 from .rkllm.abi import AbiFamily
 from .server import Host, HostConfig
+from .tcp_server import TcpServer
 from .version import DEFAULT_PORT, HOST_VERSION
 from .wire import MAX_MESSAGE_BYTES
 
@@ -22,6 +24,8 @@ _LOGGER = logging.getLogger(__name__)
 
 SOCKET_MODE: Final = 0o660
 """The socket file: owner and group may connect, others not (never world-writable)."""
+LOCAL_ONLY: Final = "127.0.0.1"
+"""Where --tcp listens unless given an address: this machine only."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,13 +78,27 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--tcp",
         type=parse_tcp_address,
+        nargs="?",
+        const=(LOCAL_ONLY, DEFAULT_PORT),
         metavar="ADDRESS[:PORT]",
-        help=f"listen on TCP (port {DEFAULT_PORT} unless given), e.g. 127.0.0.1",
+        help=(
+            f"listen on TCP, with TLS and the pairing key: {LOCAL_ONLY} unless given "
+            f"(0.0.0.0: every network), port {DEFAULT_PORT} unless given"
+        ),
     )
     where.add_argument(
         "--fd",
         type=int,
         help=argparse.SUPPRESS,  # a connected socket from the process that started it
+    )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        help=(
+            "with --tcp: the folder of the host's certificate, private key and "
+            "pairing key, made at the first start (default: $STATE_DIRECTORY under "
+            "systemd, else ~/.local/state/rockchip-llm)"
+        ),
     )
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=HOST_VERSION)
@@ -107,7 +125,26 @@ async def async_serve_socket(sock: socket.socket, host: Host) -> None:
         await host.async_close()
 
 
-async def _serve(args: argparse.Namespace, host: Host) -> None:
+def _load_identity(state_dir: Path) -> HostIdentity:
+    """Read (at the first start: make) the identity; tell it on the console and log."""
+    identity, made = load_or_create(state_dir)
+    if made:
+        _LOGGER.info("Made a new %s in %s", " and ".join(made), state_dir)
+    _LOGGER.info("Identity %s", identity.identity)
+    _LOGGER.info(
+        "Pairing key %s (in %s/%s)",
+        identity.pairing_key_text,
+        state_dir,
+        identity.pairing_key_file.name,
+    )
+    print(f"identity {identity.identity}", flush=True)  # noqa: T201
+    print(f"pairing key {identity.pairing_key_text}", flush=True)  # noqa: T201
+    return identity
+
+
+async def _serve(
+    args: argparse.Namespace, host: Host, identity: HostIdentity | None
+) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -137,9 +174,13 @@ async def _serve(args: argparse.Namespace, host: Host) -> None:
         args.socket.chmod(SOCKET_MODE)
         where = str(args.socket)
     else:
+        assert identity is not None
         address, port = args.tcp
         server = await asyncio.start_server(
-            host.async_serve, address, port, limit=MAX_MESSAGE_BYTES
+            TcpServer(host, identity).async_serve,
+            address,
+            port,
+            limit=MAX_MESSAGE_BYTES,
         )
         where = ", ".join(str(sock.getsockname()) for sock in server.sockets or ())
     _LOGGER.info("Rockchip LLM runtime host %s listening on %s", HOST_VERSION, where)
@@ -169,5 +210,14 @@ def main(argv: list[str]) -> int:
         abi_family=AbiFamily(args.abi_family) if args.abi_family else None,
         stall_timeout=args.stall_timeout,
     )
-    asyncio.run(_serve(args, Host(config)))
+    try:
+        identity = (
+            _load_identity(args.state or default_state_dir())
+            if args.tcp is not None
+            else None
+        )
+        asyncio.run(_serve(args, Host(config), identity))
+    except IdentityError as err:
+        _LOGGER.error("Cannot start: %s", err)
+        raise SystemExit(1) from None
     return 0

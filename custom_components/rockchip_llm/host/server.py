@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias, TypeGuard
 
 from . import board
+from .heartbeat import HEARTBEAT, Heartbeat
 from .model_files import (
     ModelInfo,
     ModelScan,
@@ -74,6 +75,8 @@ HELLO_TIMEOUT: Final = 10.0
 """Seconds a new connection may take to say hello."""
 SERVE_END_TIMEOUT: Final = 5.0
 """Seconds a closed connection's handler may take to end when the host stops."""
+CLOSE_TIMEOUT: Final = 2.0
+"""Seconds a closed connection may take to flush (a stalled one is then cut off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +147,23 @@ class Host:
             logging.getLogger(_PACKAGE).addHandler(self._log_handler)
 
     async def async_serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        heartbeat: bool = False,
     ) -> None:
-        """Serve one connection until it ends and its workers are stopped."""
+        """Serve one connection until it ends and its workers are stopped.
+
+        With heartbeat (TCP), a connection silent for seconds is closed.
+        """
         peer = str(writer.get_extra_info("peername") or "local link")
         client = _Client(self, reader, writer, peer)
+        if heartbeat:
+            # It beats from now on; it listens once the hello is answered (the
+            # request loop reads all the time, the greeting does not).
+            client.heartbeat.watching = False
+            client.heartbeat.start()
         self._clients.add(client)
         serving = asyncio.current_task()
         if serving is not None:
@@ -302,6 +317,8 @@ class _Client:
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self.heartbeat = Heartbeat(self._write_heartbeat, self._silent)
+        """Started by the host for a TCP connection."""
 
     # Connection
 
@@ -309,6 +326,21 @@ class _Client:
         """Queue a message for the client (dropped once it is gone)."""
         if not self._closed and not self.writer.is_closing():
             self.writer.write(encode(message))
+            self.heartbeat.wrote = True
+
+    def _write_heartbeat(self, beat: bytes) -> None:
+        if not self._closed and not self.writer.is_closing():
+            self.writer.write(beat)
+
+    def _silent(self) -> None:
+        """Nothing came for seconds: give the connection up (its workers stop)."""
+        _LOGGER.warning(
+            "Closing the connection of %s: nothing arrived from it for %g s (the "
+            "network or Home Assistant stalled)",
+            self.peer,
+            self.heartbeat.silence_limit,
+        )
+        self.writer.transport.abort()
 
     def send_threadsafe(self, message: Message) -> None:
         """Queue a message from any thread."""
@@ -316,13 +348,16 @@ class _Client:
             self._loop.call_soon_threadsafe(self.send, message)
 
     async def _read(self) -> Message | None:
-        """Read one message; None at the end of the stream."""
-        try:
-            line = await self.reader.readline()
-        except ValueError as err:  # a line over the limit
-            raise BadRequest(
-                f"a message longer than {MAX_MESSAGE_BYTES} bytes"
-            ) from err
+        """Read one message (heartbeats skipped); None at the end of the stream."""
+        line = HEARTBEAT
+        while line == HEARTBEAT:
+            try:
+                line = await self.reader.readline()
+            except ValueError as err:  # a line over the limit
+                raise BadRequest(
+                    f"a message longer than {MAX_MESSAGE_BYTES} bytes"
+                ) from err
+            self.heartbeat.heard = True
         if not line:
             return None
         if not line.endswith(b"\n"):
@@ -337,6 +372,7 @@ class _Client:
         try:
             if not await self._async_greet():
                 return
+            self.heartbeat.watching = True
             while (message := await self._read()) is not None and not self._closed:
                 request_id = message.get("id")
                 op = message.get("op")
@@ -445,6 +481,7 @@ class _Client:
         await asyncio.shield(self._closing)
 
     async def _async_close(self) -> None:
+        self.heartbeat.stop()
         for task in list(self._tasks):
             task.cancel()
         workers, self.workers = list(self.workers.values()), {}
@@ -455,8 +492,13 @@ class _Client:
         if workers:
             _LOGGER.info("Stopped %d worker(s) of %s", len(workers), self.peer)
         self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            self.writer.transport.abort()
+        except (ConnectionError, OSError):
+            pass
 
     # Helpers of the requests
 

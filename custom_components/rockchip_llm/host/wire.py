@@ -52,6 +52,18 @@ class HostUnreachable(HostError):
     translation_key = "host_unreachable"
 
 
+class HostPairingRefused(HostError):
+    """The host did not accept the pairing key (or did not prove it holds it)."""
+
+    translation_key = "host_pairing_refused"
+
+
+class HostIdentityChanged(HostError):
+    """The host at the address shows another certificate than the one paired."""
+
+    translation_key = "host_identity_changed"
+
+
 class HostLost(rkllm_errors.WorkerDiedError):
     """The link to the runtime host ended while something waited for it."""
 
@@ -95,6 +107,8 @@ def _error_classes() -> dict[str, type[Exception]]:
         ModelsDirError,
         HostError,
         HostUnreachable,
+        HostPairingRefused,
+        HostIdentityChanged,
         HostLost,
         HostBusy,
         HostVersionMismatch,
