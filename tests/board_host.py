@@ -57,6 +57,10 @@ class BoardHost:
     process: subprocess.Popen[bytes]
     log: Path
     port: int
+    identity: str
+    """The identity the host printed (sha256:… of its certificate)."""
+    pairing_key: str
+    """The pairing key the host printed."""
 
     @property
     def address(self) -> str:
@@ -132,23 +136,36 @@ def start_board_host(
                 str(folder / "cache"),
                 "--tcp",
                 f"{listen}:{port}",
+                "--state",
+                str(folder / "state"),
             ],  # fmt: skip
             hostname=hostname,
             stdout=subprocess.PIPE,
             stderr=stderr,
             env=env,
         )
-    _wait_listening(process, log)
-    return BoardHost(board, process, log, port)
+    printed = _wait_listening(process, log)
+    return BoardHost(
+        board, process, log, port, printed["identity"], printed["pairing key"]
+    )
 
 
-def _wait_listening(process: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_listening(process: subprocess.Popen[bytes], log: Path) -> dict[str, str]:
+    """Wait for "listening on"; return what the host printed before (identity, key)."""
     stdout: IO[bytes] | None = process.stdout
     assert stdout is not None
-    ready, _, _ = select.select([stdout], [], [], START_TIMEOUT)
-    line = stdout.readline().decode() if ready else ""
-    if not line.startswith("listening on "):
-        raise AssertionError(f"the host did not start: {line!r}\n{log.read_text()}")
+    printed: dict[str, str] = {}
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        left = max(deadline - time.monotonic(), 0)
+        ready, _, _ = select.select([stdout], [], [], left)
+        line = stdout.readline().decode() if ready else ""
+        if line.startswith("listening on "):
+            return printed
+        if not line.startswith(("identity ", "pairing key ")):
+            raise AssertionError(f"the host did not start: {line!r}\n{log.read_text()}")
+        name, _, value = line.strip().rpartition(" ")
+        printed[name] = value
 
 
 class LanBrowser:

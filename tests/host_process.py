@@ -1,8 +1,9 @@
 """A real runtime host process for tests: the machine's Python 3.11, the simulator.
 
 The host runs ``python3.11 -I -S <host folder>`` as a user would start it, on a
-Unix socket (or TCP) in the test's folder. :class:`RawClient` speaks the wire
-protocol with blocking sockets, so a test can send anything, well formed or not.
+Unix socket in the test's folder or on TCP 127.0.0.1 (TLS and the pairing key, its
+state folder in the test's). :class:`RawClient` speaks the wire protocol with
+blocking sockets, so a test can send anything, well formed or not.
 """
 
 from collections.abc import Iterator
@@ -12,10 +13,12 @@ import functools
 import json
 import os
 from pathlib import Path
+import secrets
 import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from typing import Any
@@ -23,6 +26,8 @@ from typing import Any
 import pytest
 import pytest_socket
 
+from custom_components.rockchip_llm.host import heartbeat, pairing
+from custom_components.rockchip_llm.host.identity import identity_of, parse_pairing_key
 from custom_components.rockchip_llm.host.version import HOST_VERSION, PROTOCOL_VERSION
 
 from .conftest import PACKAGE, SIM_LIBRARIES, model_text
@@ -35,6 +40,67 @@ ANSWER_TIMEOUT = 30.0
 """Seconds a request may take to be answered."""
 GONE_TIMEOUT = 10.0
 """Seconds a worker may take to be stopped after its client went away."""
+
+
+def tls_context() -> ssl.SSLContext:
+    """A client's TLS: 1.3, any certificate (the test checks the identity itself)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def tls_connect(address: tuple[str, int]) -> ssl.SSLSocket:
+    """A TLS connection to a TCP host (not paired yet)."""
+    sock = socket.create_connection(address, timeout=ANSWER_TIMEOUT)
+    return tls_context().wrap_socket(sock)
+
+
+def peer_identity(sock: ssl.SSLSocket) -> str:
+    """The identity of the certificate a TLS connection shows."""
+    der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return identity_of(der)
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Read size bytes; fewer when the other end closes first."""
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = sock.recv(size - len(data))
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@dataclass
+class Pairing:
+    """What a client sent and received in one pairing handshake."""
+
+    opening: bytes
+    host_nonce: bytes
+    proof: bytes
+    host_proof: bytes
+
+
+def pair(sock: ssl.SSLSocket, key: bytes) -> Pairing:
+    """Pair as Home Assistant does; the host's proof is checked."""
+    identity = peer_identity(sock)
+    nonce = secrets.token_bytes(pairing.NONCE_BYTES)
+    opening = pairing.MAGIC + nonce
+    sock.sendall(opening)
+    host_nonce = recv_exactly(sock, pairing.NONCE_BYTES)
+    assert len(host_nonce) == pairing.NONCE_BYTES, "the host closed the pairing"
+    proof = pairing.client_proof(key, identity, nonce, host_nonce)
+    sock.sendall(proof)
+    answer = recv_exactly(sock, pairing.PROOF_BYTES)
+    assert answer == pairing.host_proof(key, identity, nonce, host_nonce), answer
+    return Pairing(opening, host_nonce, proof, answer)
 
 
 @functools.cache
@@ -129,12 +195,25 @@ def children(pid: int) -> set[int]:
 class RawClient:
     """A client of the wire protocol over a blocking socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        """Use a connected socket."""
+    def __init__(self, sock: socket.socket, *, beats: bool = False) -> None:
+        """Use a connected socket; beats: send the heartbeat while waiting (TCP)."""
         self.sock = sock
-        sock.settimeout(ANSWER_TIMEOUT)
+        self._beats = beats
+        sock.settimeout(heartbeat.INTERVAL if beats else ANSWER_TIMEOUT)
         self._buffer = b""
         self._ids = 100
+
+    def _recv(self, deadline: float) -> bytes:
+        """One chunk (b"" at the end), beating while it waits (TCP)."""
+        while True:
+            try:
+                return self.sock.recv(65536)
+            except ConnectionResetError:
+                return b""
+            except TimeoutError:
+                if not self._beats or time.monotonic() > deadline:
+                    raise
+                self.send_raw(heartbeat.HEARTBEAT)
 
     def close(self) -> None:
         """Close the connection."""
@@ -142,7 +221,7 @@ class RawClient:
 
     def send_raw(self, data: bytes) -> None:
         """Send bytes as they are (the host may already have closed)."""
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.sock.sendall(data)
 
     def send(self, message: Any) -> None:
@@ -151,11 +230,9 @@ class RawClient:
 
     def read_line(self) -> bytes:
         """One line from the host; b"" at the end of the stream."""
+        deadline = time.monotonic() + ANSWER_TIMEOUT
         while b"\n" not in self._buffer:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
+            chunk = self._recv(deadline)
             if not chunk:
                 rest, self._buffer = self._buffer, b""
                 return rest
@@ -164,8 +241,10 @@ class RawClient:
         return line + b"\n"
 
     def read(self) -> dict[str, Any] | None:
-        """One message from the host; None at the end of the stream."""
-        line = self.read_line()
+        """One message from the host (heartbeats skipped); None at the end."""
+        line = heartbeat.HEARTBEAT
+        while line == heartbeat.HEARTBEAT:
+            line = self.read_line()
         if not line:
             return None
         message: dict[str, Any] = json.loads(line)
@@ -227,17 +306,19 @@ class RawClient:
     def at_end(self, timeout: float = 10.0) -> bool:
         """Whether the host ends the connection within timeout (data before is skipped)."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([self.sock], [], [], left)
-            if not readable:
-                break
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return True
-            if not chunk:
-                return True
-        return False
+        self.sock.settimeout(min(timeout, heartbeat.INTERVAL))
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if not self._recv(deadline):
+                        return True
+                except TimeoutError:
+                    return False
+                except ssl.SSLError:  # a TLS stream cut off without its close
+                    return True
+            return False
+        finally:
+            self.sock.settimeout(heartbeat.INTERVAL if self._beats else ANSWER_TIMEOUT)
 
 
 @dataclass
@@ -250,6 +331,10 @@ class HostProcess:
     models_dir: Path
     cache_dir: Path
     stderr_path: Path
+    identity: str | None = None
+    """A TCP host's identity, as it printed it."""
+    pairing_key: str = ""
+    """A TCP host's pairing key, as it printed it."""
     worker_pids: list[int] = field(default_factory=list)
 
     @property
@@ -261,15 +346,22 @@ class HostProcess:
         """What the host wrote to its standard error so far."""
         return self.stderr_path.read_text(errors="replace")
 
+    @property
+    def key(self) -> bytes:
+        """A TCP host's pairing key."""
+        return parse_pairing_key(self.pairing_key)
+
     def connect(self) -> RawClient:
-        """A new connection to the host."""
+        """A new connection to the host (over TCP: TLS, identity checked, paired)."""
         if self.socket_path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(str(self.socket_path))
-        else:
-            assert self.tcp is not None
-            sock = socket.create_connection(self.tcp)
-        return RawClient(sock)
+            return RawClient(sock)
+        assert self.tcp is not None
+        tls = tls_connect(self.tcp)
+        assert peer_identity(tls) == self.identity
+        pair(tls, self.key)
+        return RawClient(tls, beats=True)
 
     @contextlib.contextmanager
     def client(self, client: str = "test-client") -> Iterator[RawClient]:
@@ -305,15 +397,24 @@ def start_host(
     tcp: bool = False,
     library: Path = SIM_LIBRARIES[max(SIM_LIBRARIES)],
     extra: tuple[str, ...] = (),
+    port: int = 0,
 ) -> HostProcess:
-    """Start a host serving a simulated model; wait until it listens."""
+    """Start a host serving a simulated model; wait until it listens.
+
+    On TCP (127.0.0.1, a free port unless given), its state folder is
+    tmp_path/state.
+    """
     models_dir = tmp_path / "models"
     cache_dir = tmp_path / "cache"
     if not models_dir.exists():
         write_sim_model(models_dir)
     stderr_path = tmp_path / "host-stderr.log"
     socket_path = None if tcp else tmp_path / "host.sock"
-    where = ["--tcp", "127.0.0.1:0"] if tcp else ["--socket", str(socket_path)]
+    where = (
+        ["--tcp", f"127.0.0.1:{port}", "--state", str(tmp_path / "state")]
+        if tcp
+        else ["--socket", str(socket_path)]
+    )
     command = [
         host_python(),
         "-I",
@@ -335,14 +436,23 @@ def start_host(
             stdout=subprocess.PIPE,
             stderr=stderr,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            bufsize=0,  # unbuffered: select sees every line the host printed
         )
     assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
-    line = process.stdout.readline().decode() if ready else ""
-    if not line.startswith("listening on "):
-        process.kill()
-        process.wait()
-        pytest.fail(f"the host did not start: {line!r}\n{stderr_path.read_text()}")
+    printed: dict[str, str] = {}
+    line = ""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not line.startswith("listening on "):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([process.stdout], [], [], max(left, 0))
+        line = process.stdout.readline().decode() if ready else ""
+        if line.startswith(("identity ", "pairing key ")):
+            name, _, value = line.strip().rpartition(" ")
+            printed[name] = value
+        elif not line.startswith("listening on "):
+            process.kill()
+            process.wait()
+            pytest.fail(f"the host did not start: {line!r}\n{stderr_path.read_text()}")
     address = None
     if tcp:
         host, port = (
@@ -350,7 +460,14 @@ def start_host(
         )
         address = (host.strip("'"), int(port))
     return HostProcess(
-        process, socket_path, address, models_dir, cache_dir, stderr_path
+        process,
+        socket_path,
+        address,
+        models_dir,
+        cache_dir,
+        stderr_path,
+        identity=printed.get("identity"),
+        pairing_key=printed.get("pairing key", ""),
     )
 
 

@@ -27,6 +27,7 @@ TOP_LEVEL = {
     "host_hop",
     "interleaved",
     "prefix_per_home",
+    "cache_hash",
 }
 HANDLES = ("in_process", "worker")
 HANDLE_TIMES = ("clear_kv_cache_ms", "short_run_ms", "long_run_ms", "us_per_token")
@@ -48,12 +49,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--overhead-reply-tokens=20",
             "--worker-repetitions=2",
             "--worker-reply-tokens=20",
+            "--hash-mb=2",
             f"--json={json_path}",
             f"--plot={plot_path}",
         ],
         capture_output=True,
         text=True,
-        timeout=180,  # a smoke of every phase, three runtime hosts among them
+        timeout=180,  # a smoke of every phase, four runtime hosts among them
         check=False,
         cwd=REPO,
     )
@@ -78,6 +80,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     if AwesomeVersion(HA_VERSION) >= "2026.10":  # users' HA (2026.6 says more)
         assert homes["HA demo"]["qwen3_tokens"] <= 4096 - 512
     assert homes["150 entities, 12 areas"]["qwen3_tokens"] <= 8192 - 512
+    cache_hash = data["cache_hash"]
+    assert (cache_hash["megabytes"], cache_hash["hash"]) == (2, "sha256")
+    assert set(cache_hash["mb_per_s"]) == {"sha256", "blake2b", "sha1"}
+    assert all(speed > 0 for speed in cache_hash["mb_per_s"].values())
+    assert "Cache content check: sha256 of 2 MB" in completed.stdout
     # The second start loads the first one's system cache instead of building one.
     startup = data["startup"]
     assert startup["with_cache"]["cache_loaded"] is True
@@ -149,7 +156,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     # The runtime host's links, each against the bare worker.
     hop = data["host_hop"]
-    for name in ("host_local", "host_unix", "host_tcp"):
+    for name in ("host_local", "host_unix", "host_tcp", "host_tls"):
         for key in HANDLE_TIMES:
             assert isinstance(hop[name][key], float), (name, key)
         assert hop[name]["long_run_tokens"] == 20
@@ -159,7 +166,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "clear_kv_cache_ms",
         }
         assert hop["hello_ms"][name] > 0
+    # Connection set-up (TLS and pairing on top of plain TCP), and what TLS adds.
+    assert set(hop["handshake_ms"]) == {"host_unix", "host_tcp", "host_tls"}
+    assert all(value > 0 for value in hop["handshake_ms"].values())
+    assert set(hop["tls_added_to_tcp"]) == {
+        "us_per_token",
+        "ms_per_request",
+        "handshake_ms",
+    }
+    assert all(isinstance(value, float) for value in hop["tls_added_to_tcp"].values())
     assert "Runtime host links" in completed.stdout
+    assert "TLS and pairing over plain TCP:" in completed.stdout
 
     conditions = data["conditions"]
     assert conditions["prefill_ms_per_token"] == 0

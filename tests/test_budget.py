@@ -144,3 +144,45 @@ async def test_budget_in_real_use(
         ir.async_get(hass).async_get_issue(DOMAIN, f"cache_dir_{entry.entry_id}")
         is None
     )
+
+
+async def test_budget_repair_withdrawn_once_there_is_room(
+    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+) -> None:
+    """The budget's repair stays while the refused cache still would not fit.
+
+    Deleting a named cache makes room: the next look (list_caches) withdraws it,
+    without a write or a reload.
+    """
+    entry = await make_entry()
+    folder = cache_dir / "Qwen3 Sim"
+    system = (await hass.async_add_executor_job(disk_bytes, folder))["system"]
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, CONF_CACHE_BUDGET: 3.3 * system / 1_000_000}
+    )
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    agent = next(iter(entry.runtime_data.agents.values()))
+    prompt = agent.system_cache.prefix.prompt  # type: ignore[union-attr]
+    issue_id = f"cache_dir_{entry.entry_id}"
+
+    async def create(name: str, text: str) -> None:
+        await hass.services.async_call(
+            DOMAIN,
+            "create_cache",
+            {"model": "Qwen3 Sim", "name": name, "prompt": text},
+            blocking=True,
+        )
+
+    await create("notes", prompt)
+    with pytest.raises(HomeAssistantError) as err:
+        await create("big", prompt * 2)
+    assert err.value.translation_key == "cache_budget_exceeded"
+    assert ir.async_get(hass).async_get_issue(DOMAIN, issue_id) is not None
+    await list_caches(hass)
+    assert ir.async_get(hass).async_get_issue(DOMAIN, issue_id) is not None
+    await hass.services.async_call(
+        DOMAIN, "delete_cache", {"model": "Qwen3 Sim", "name": "notes"}, blocking=True
+    )
+    await list_caches(hass)
+    assert ir.async_get(hass).async_get_issue(DOMAIN, issue_id) is None
+    await create("big", prompt * 2)

@@ -415,13 +415,9 @@ async def test_warm_up_rebuilds_a_missing_cache(
 ) -> None:
     """Preparing the agent (pipeline start) makes sure its system cache exists."""
     entry = await make_entry()
-    await hass.services.async_call(
-        "rockchip_llm",
-        "delete_cache",
-        {"model": "Qwen3 Sim", "name": "system"},
-        blocking=True,
-    )
     agent = next(iter(entry.runtime_data.agents.values()))
+    # (delete_cache refuses an agent's own cache: the session's own delete here)
+    assert await agent.session.async_delete_cache("system")
     assert agent.system_cache.cache is None
     await conversation.async_prepare_agent(hass, AGENT, "en")
     assert agent.system_cache.cache is not None

@@ -311,16 +311,19 @@ async def test_systemd_unit_command_serves(
     option = dict(zip(argv[4::2], argv[5::2], strict=True))
     cache_folder = "/var/cache/" + one(service, "CacheDirectory")
     socket_folder = "/run/" + one(service, "RuntimeDirectory")
+    state_folder = "/var/lib/" + one(service, "StateDirectory")
     assert option["--cache"] == cache_folder
 
     models, cache, sockets = tmp_path / "models", tmp_path / "cache", tmp_path / "run"
+    state = tmp_path / "state"
     write_sim_model(models)
-    for folder in (cache, sockets):
+    for folder in (cache, sockets, state):
         folder.mkdir()
         os.chown(folder, SERVICE_UID, SERVICE_UID)  # systemd does it for its folders
     binds = {
         argv[3]: Bind(PACKAGE / "host", read_only=True),
         option["--library"]: Bind(SIMULATOR, read_only=True),
+        state_folder: Bind(state),  # before the models folder, which is inside it
         option["--models"]: Bind(models, read_only=True),
         cache_folder: Bind(cache),
         socket_folder: Bind(sockets),
@@ -329,7 +332,8 @@ async def test_systemd_unit_command_serves(
         tmp_path,
         argv,
         binds,
-        env={"PATH": "/usr/bin:/bin"},
+        # systemd tells the service its state folder; openssl is the board's
+        env={"PATH": "/usr/bin:/bin", "STATE_DIRECTORY": state_folder},
         user=SERVICE_UID,
         umask=int(one(service, "UMask"), 8),
     ) as where:
@@ -345,7 +349,11 @@ async def test_systemd_unit_command_serves(
         else:
             found = re.fullmatch(r"\('127\.0\.0\.1', (\d+)\)", where)
             assert found, where
-            address = TcpHost("127.0.0.1", int(found.group(1)))
+            # The key it printed, and made in systemd's state folder.
+            log = (tmp_path / "host.log").read_text()
+            [key] = re.findall(r"^pairing key (\S+)$", log, re.MULTILINE)
+            assert (state / "pairing-key").read_text() == key + "\n"
+            address = TcpHost("127.0.0.1", int(found.group(1)), pairing_key=key)
         hello = await hello_at(address)
     check_hello(hello, option)
     if "--cache-budget-mb" in option:
@@ -354,8 +362,8 @@ async def test_systemd_unit_command_serves(
         )
 
 
-def test_dockerfile_is_debian_with_python3_only() -> None:
-    """The image: Debian bookworm-slim, python3 and nothing else, the host's code mounted."""
+def test_dockerfile_is_debian_with_python3_and_openssl() -> None:
+    """The image: Debian bookworm-slim, python3 and openssl, the host's code mounted."""
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
     assert instructions[0] == ("FROM", "debian:bookworm-slim")
     installs = [
@@ -365,7 +373,11 @@ def test_dockerfile_is_debian_with_python3_only() -> None:
     ]
     assert len(installs) == 1
     packages = installs[0].split("apt-get install", 1)[1].split("&&")[0].split()
-    assert [word for word in packages if not word.startswith("-")] == ["python3"]
+    # openssl makes the host's certificate at its first start on TCP.
+    assert sorted(word for word in packages if not word.startswith("-")) == [
+        "openssl",
+        "python3",
+    ]
     assert not [name for name, _ in instructions if name in {"COPY", "ADD"}]
 
 

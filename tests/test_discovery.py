@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from custom_components.rockchip_llm.const import CONF_HOST_ADDRESS, DOMAIN
+from custom_components.rockchip_llm.const import (
+    CONF_HOST_ADDRESS,
+    CONF_HOST_IDENTITY,
+    CONF_PAIRING_KEY,
+    DOMAIN,
+)
 from custom_components.rockchip_llm.host.announce import SERVICE_TYPE
 from homeassistant import config_entries
 from homeassistant.components import conversation
@@ -47,7 +52,10 @@ async def tcp_host(hass: HomeAssistant, tmp_path: Path) -> AsyncIterator[HostPro
 
 
 def announcement(
-    address: str, port: int | None, properties: dict[str, Any] | None = None
+    address: str,
+    port: int | None,
+    properties: dict[str, Any] | None = None,
+    identity: str = IDENTITY,
 ) -> ZeroconfServiceInfo:
     """What HA's zeroconf hands over for a host announced at address:port."""
     return ZeroconfServiceInfo(
@@ -58,7 +66,7 @@ def announcement(
         type=SERVICE_TYPE,
         name=f"board-a.{SERVICE_TYPE}",
         properties={
-            "id": IDENTITY,
+            "id": identity,
             "version": "0.1.0",
             "protocol": "1",
             "name": "board-a",
@@ -83,7 +91,30 @@ def suggested(result: Any, key: str) -> Any:
     raise KeyError(key)
 
 
-async def set_up_discovered(hass: HomeAssistant, info: ZeroconfServiceInfo) -> Any:
+def announced(host: HostProcess) -> ZeroconfServiceInfo:
+    """The announcement of a host of the test."""
+    assert host.tcp is not None and host.identity is not None
+    return announcement(*host.tcp, identity=host.identity)
+
+
+def paired_entry(host: HostProcess, address: str) -> MockConfigEntry:
+    """An entry paired with host (its identity and key), at address."""
+    assert host.identity is not None
+    return MockConfigEntry(
+        domain=DOMAIN,
+        title="Rockchip LLM (board-a)",
+        unique_id=host.identity,
+        data={
+            CONF_HOST_ADDRESS: address,
+            CONF_PAIRING_KEY: host.pairing_key,
+            CONF_HOST_IDENTITY: host.identity,
+        },
+    )
+
+
+async def set_up_discovered(
+    hass: HomeAssistant, info: ZeroconfServiceInfo, key: str
+) -> Any:
     """Confirm a discovered host, take the address the host step suggests, pick the model."""
     result = await discover(hass, info)
     assert result["type"] is FlowResultType.FORM
@@ -91,7 +122,11 @@ async def set_up_discovered(hass: HomeAssistant, info: ZeroconfServiceInfo) -> A
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
     assert result["step_id"] == "host"
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {CONF_HOST_ADDRESS: suggested(result, CONF_HOST_ADDRESS)}
+        result["flow_id"],
+        {
+            CONF_HOST_ADDRESS: suggested(result, CONF_HOST_ADDRESS),
+            CONF_PAIRING_KEY: key,
+        },
     )
     assert result["step_id"] == "model", result
     result = await hass.config_entries.flow.async_configure(
@@ -113,10 +148,10 @@ async def converse(hass: HomeAssistant, text: str, agent: str = AGENT) -> str:
 async def test_a_discovered_host_is_offered_with_its_name_and_set_up(
     hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
-    """Confirm with the host's name, the host step filled in, then the model."""
+    """Confirm with the host's name, the host step filled in, the key, then the model."""
     assert tcp_host.tcp is not None
     address, port = tcp_host.tcp
-    result = await discover(hass, announcement(address, port))
+    result = await discover(hass, announced(tcp_host))
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "zeroconf_confirm"
     assert result["description_placeholders"] == {
@@ -125,7 +160,7 @@ async def test_a_discovered_host_is_offered_with_its_name_and_set_up(
     }
     [flow] = hass.config_entries.flow.async_progress()
     assert flow["context"]["title_placeholders"] == {"name": "board-a"}
-    assert flow["context"]["unique_id"] == IDENTITY
+    assert flow["context"]["unique_id"] == tcp_host.identity
 
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
     assert result["type"] is FlowResultType.FORM
@@ -134,6 +169,14 @@ async def test_a_discovered_host_is_offered_with_its_name_and_set_up(
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], {CONF_HOST_ADDRESS: f"{address}:{port}"}
     )
+    assert result["errors"] == {CONF_PAIRING_KEY: "pairing_key_required"}
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"],
+        {
+            CONF_HOST_ADDRESS: f"{address}:{port}",
+            CONF_PAIRING_KEY: tcp_host.pairing_key,
+        },
+    )
     assert result["step_id"] == "model"
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], {"model": "Qwen3 Sim"}
@@ -141,55 +184,107 @@ async def test_a_discovered_host_is_offered_with_its_name_and_set_up(
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["title"] == "Rockchip LLM (board-a)"
     entry = result["result"]
-    assert entry.unique_id == IDENTITY
-    assert entry.data == {CONF_HOST_ADDRESS: f"{address}:{port}"}
+    assert entry.unique_id == tcp_host.identity
+    assert entry.data == {
+        CONF_HOST_ADDRESS: f"{address}:{port}",
+        CONF_PAIRING_KEY: tcp_host.pairing_key,
+        CONF_HOST_IDENTITY: tcp_host.identity,
+    }
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.LOADED
     assert await converse(hass, "Hello") == "Hello from the simulator."
 
 
+async def test_a_host_that_is_not_the_announced_one_is_refused(
+    hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
+) -> None:
+    """An announcement of another identity than the host there proves: a form error."""
+    assert tcp_host.tcp is not None
+    address, port = tcp_host.tcp
+    result = await discover(hass, announcement(address, port))  # IDENTITY: forged
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"],
+        {
+            CONF_HOST_ADDRESS: f"{address}:{port}",
+            CONF_PAIRING_KEY: tcp_host.pairing_key,
+        },
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "host"
+    assert result["errors"] == {"base": "identity_not_announced"}
+    assert result["description_placeholders"]["identity"] == tcp_host.identity
+    assert result["description_placeholders"]["announced"] == IDENTITY
+    assert not hass.config_entries.async_entries(DOMAIN)
+
+
 async def test_a_host_that_moved_is_followed(
     hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
-    """Found at a new address: the entry takes it and reloads; nothing is offered."""
+    """Found at a new address, proving its identity there: the entry takes it."""
     assert tcp_host.tcp is not None
     address, port = tcp_host.tcp
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        title="Rockchip LLM (board-a)",
-        unique_id=IDENTITY,
-        data={CONF_HOST_ADDRESS: "127.0.0.1:1"},  # where nobody listens now
-    )
+    entry = paired_entry(tcp_host, "127.0.0.1:1")  # where nobody listens now
     entry.add_to_hass(hass)
     await hass.config_entries.async_setup(entry.entry_id)
     assert entry.state is ConfigEntryState.SETUP_RETRY
 
-    result = await discover(hass, announcement(address, port))
+    result = await discover(hass, announced(tcp_host))
     assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "already_configured"
-    assert entry.data == {CONF_HOST_ADDRESS: f"{address}:{port}"}
+    assert result["reason"] == "host_already_configured"
+    assert entry.data[CONF_HOST_ADDRESS] == f"{address}:{port}"
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.LOADED
     assert not hass.config_entries.flow.async_progress()
 
 
+async def test_a_forged_announcement_moves_no_entry(
+    hass: HomeAssistant,
+    ha_base: None,
+    lan_sockets: None,
+    tcp_host: HostProcess,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another host announced with a paired host's identity: the entry stays put."""
+    entry = paired_entry(tcp_host, "127.0.0.1:1")
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    other = await hass.async_add_executor_job(
+        partial(start_host, tmp_path / "other", tcp=True)
+    )
+    try:
+        assert other.tcp is not None and tcp_host.identity is not None
+        forged = announcement(*other.tcp, identity=tcp_host.identity)
+        result = await discover(hass, forged)
+        assert result["type"] is FlowResultType.ABORT
+        assert result["reason"] == "host_already_configured"
+        assert entry.data[CONF_HOST_ADDRESS] == "127.0.0.1:1"
+        assert f"Not moving Rockchip LLM (board-a) to 127.0.0.1:{other.tcp[1]}" in (
+            caplog.text
+        )
+        assert "shows another identity" in caplog.text
+        assert not hass.config_entries.flow.async_progress()
+    finally:
+        await hass.config_entries.async_unload(entry.entry_id)
+        await hass.async_add_executor_job(stop_host, other)
+
+
 async def test_a_configured_host_found_again_is_not_offered(
     hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
-    """Same identity and address: no flow, no reload; one added by address: no flow."""
-    assert tcp_host.tcp is not None
-    address, port = tcp_host.tcp
-    result = await set_up_discovered(hass, announcement(address, port))
+    """Same identity and address: no flow, no reload; also for one added by address."""
+    result = await set_up_discovered(hass, announced(tcp_host), tcp_host.pairing_key)
     entry = result["result"]
     host_link = entry.runtime_data.engine.host.link
 
-    result = await discover(hass, announcement(address, port))
+    result = await discover(hass, announced(tcp_host))
     assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "already_configured"
+    assert result["reason"] == "host_already_configured"
     await hass.async_block_till_done()
     assert entry.runtime_data.engine.host.link is host_link  # not reloaded
 
-    # An entry added by its address (no identity known) is recognised by it.
+    # An entry at an address with another identity (a host being re-paired): no flow.
     by_address = MockConfigEntry(
         domain=DOMAIN, data={CONF_HOST_ADDRESS: "192.0.2.7:7823"}
     )
@@ -201,13 +296,13 @@ async def test_a_configured_host_found_again_is_not_offered(
     assert not hass.config_entries.flow.async_progress()
 
 
-async def test_one_entry_per_host(
+async def test_a_host_added_by_address_is_known_by_its_identity(
     hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
 ) -> None:
-    """A host already set up cannot be added again, by its address or by discovery."""
+    """Paired by a typed name: announced at its address, it proves itself there
+    (while it serves the entry) and the entry follows; found again, nothing happens."""
     assert tcp_host.tcp is not None
     address, port = tcp_host.tcp
-    await set_up_discovered(hass, announcement(address, port))
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": config_entries.SOURCE_USER}
     )
@@ -215,7 +310,55 @@ async def test_one_entry_per_host(
         result["flow_id"], {"next_step_id": "host"}
     )
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {CONF_HOST_ADDRESS: f" {address}:{port} "}
+        result["flow_id"],
+        {
+            CONF_HOST_ADDRESS: f"localhost:{port}",
+            CONF_PAIRING_KEY: tcp_host.pairing_key,
+        },
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"model": "Qwen3 Sim"}
+    )
+    entry = result["result"]
+    await hass.async_block_till_done()
+    assert entry.unique_id == tcp_host.identity
+    assert entry.state is ConfigEntryState.LOADED
+
+    result = await discover(hass, announced(tcp_host))
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "host_already_configured"
+    await hass.async_block_till_done()
+    assert entry.data[CONF_HOST_ADDRESS] == f"{address}:{port}"
+    assert entry.state is ConfigEntryState.LOADED
+    host_link = entry.runtime_data.engine.host.link
+
+    result = await discover(hass, announced(tcp_host))
+    assert result["reason"] == "host_already_configured"
+    await hass.async_block_till_done()
+    assert entry.runtime_data.engine.host.link is host_link  # not reloaded
+    assert not hass.config_entries.flow.async_progress()
+    assert await converse(hass, "Hello") == "Hello from the simulator."
+
+
+async def test_one_entry_per_host(
+    hass: HomeAssistant, ha_base: None, lan_sockets: None, tcp_host: HostProcess
+) -> None:
+    """A host already set up cannot be added again, by its address or by discovery."""
+    assert tcp_host.tcp is not None
+    address, port = tcp_host.tcp
+    await set_up_discovered(hass, announced(tcp_host), tcp_host.pairing_key)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "host"}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"],
+        {
+            CONF_HOST_ADDRESS: f" {address}:{port} ",
+            CONF_PAIRING_KEY: tcp_host.pairing_key,
+        },
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "already_configured"
@@ -260,7 +403,7 @@ async def test_a_host_announced_on_the_lan_is_set_up_from_its_announcement(
     """The board's real announcement, read by HA's zeroconf code, sets it up."""
     board = await hass.async_add_executor_job(hass_lan.add_board)
     async with LanBrowser(board.root_address) as browser:
-        await hass.async_add_executor_job(
+        host = await hass.async_add_executor_job(
             partial(
                 start_board_host,
                 board,
@@ -270,9 +413,9 @@ async def test_a_host_announced_on_the_lan_is_set_up_from_its_announcement(
             )
         )
         info = await browser.async_added()
-    result = await set_up_discovered(hass, info)
+    result = await set_up_discovered(hass, info, host.pairing_key)
     entry = result["result"]
-    assert entry.unique_id == info.properties["id"]
-    assert entry.data == {CONF_HOST_ADDRESS: f"{board.address}:7823"}
+    assert entry.unique_id == info.properties["id"] == host.identity
+    assert entry.data[CONF_HOST_ADDRESS] == f"{board.address}:7823"
     assert result["title"] == "Rockchip LLM (board-a)"
     assert await converse(hass, "Hello") == "Hello from the simulator."

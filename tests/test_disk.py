@@ -6,19 +6,24 @@ privilege to mount, these tests are skipped.
 """
 
 from collections.abc import Iterator
+from datetime import timedelta
 import errno
+import logging
 import os
 from pathlib import Path
 import subprocess
 
 import pytest
+from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
-from custom_components.rockchip_llm.const import DOMAIN
+from custom_components.rockchip_llm.cache_repair import DISK_RECHECK_INTERVAL
+from custom_components.rockchip_llm.const import DOMAIN, REBUILD_DEBOUNCE_SECONDS
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
-from homeassistant.exceptions import HomeAssistantError
+from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import issue_registry as ir
+from homeassistant.util import dt as dt_util
 
 from .conftest import EntryFactory, ModelWriter, agent_issue_error
 
@@ -236,3 +241,130 @@ async def test_library_copy_on_full_disk(
     assert entry.state is ConfigEntryState.LOADED
     assert cache_issue(hass, entry.entry_id) is None
     assert [p.suffix for p in private.iterdir()] == [".so"]
+
+
+def free_plenty(disk: Disk) -> None:
+    """Free the disk as a user would: more than the 16 MB a cache may need."""
+    disk.free()
+    disk.resize("64m")
+
+
+async def test_disk_repair_withdrawn_when_space_is_freed(
+    hass: HomeAssistant, make_entry: EntryFactory, disk: Disk, cache_dir: Path
+) -> None:
+    """No write needed: a check on a timer finds the space back, and the cache is built.
+
+    While the disk stays full, the check keeps the repair.
+    """
+    entry = await make_entry()
+    folder = cache_dir / "Qwen3 Sim"
+
+    def lose_cache_and_fill() -> None:
+        for name in ("system.bin", "system.json"):
+            (folder / name).unlink()
+        disk.fill()
+
+    await hass.async_add_executor_job(lose_cache_and_fill)
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert entry.state is ConfigEntryState.LOADED
+    issue = cache_issue(hass, entry.entry_id)
+    assert issue is not None and issue.translation_key == "cache_disk_full"
+    agent = next(iter(entry.runtime_data.agents.values()))
+    assert agent.system_cache.cache is None
+    assert await answer(hass) == "Hello from the simulator."  # without its cache
+
+    later = dt_util.utcnow() + DISK_RECHECK_INTERVAL + timedelta(seconds=1)
+    async_fire_time_changed(hass, later)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert cache_issue(hass, entry.entry_id) is not None  # still full
+
+    await hass.async_add_executor_job(free_plenty, disk)
+    later += DISK_RECHECK_INTERVAL + timedelta(seconds=1)
+    async_fire_time_changed(hass, later)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert cache_issue(hass, entry.entry_id) is None
+    # The missing system cache is built (debounced) now that the disk takes it.
+    async_fire_time_changed(
+        hass, later + timedelta(seconds=REBUILD_DEBOUNCE_SECONDS + 1)
+    )
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert agent.system_cache.cache is not None
+    assert await hass.async_add_executor_job((folder / "system.bin").exists)
+
+
+async def test_disk_repair_checked_again_by_a_reload(
+    hass: HomeAssistant, make_entry: EntryFactory, disk: Disk
+) -> None:
+    """A reload keeps the repair while the disk is full and withdraws it once it is not.
+
+    The reload writes nothing (the system cache is loaded): the disk is asked.
+    """
+    entry = await make_entry()
+    await hass.async_add_executor_job(disk.fill)
+    with pytest.raises(HomeAssistantError):
+        await hass.services.async_call(
+            DOMAIN, "rebuild_cache", {"agent": AGENT}, blocking=True
+        )
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    assert cache_issue(hass, entry.entry_id) is not None
+    await hass.async_add_executor_job(free_plenty, disk)
+    assert await hass.config_entries.async_reload(entry.entry_id)
+    assert cache_issue(hass, entry.entry_id) is None
+    assert await answer(hass) == "Hello from the simulator."
+
+
+async def test_delete_on_a_read_only_disk(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    disk: Disk,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refused delete says it could not delete and why; the repair goes at the next look.
+
+    No warnings about files that were never written.
+    """
+    entry = await make_entry()
+    folder = cache_dir / "Qwen3 Sim"
+    await hass.services.async_call(
+        DOMAIN,
+        "create_cache",
+        {"model": "Qwen3 Sim", "name": "notes", "prompt": "Take notes."},
+        blocking=True,
+    )
+    await hass.async_add_executor_job(disk.read_only, True)
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(HomeAssistantError) as err:
+            await hass.services.async_call(
+                DOMAIN,
+                "delete_cache",
+                {"model": "Qwen3 Sim", "name": "notes"},
+                blocking=True,
+            )
+        with pytest.raises(HomeAssistantError):
+            await hass.services.async_call(
+                DOMAIN, "rebuild_cache", {"agent": AGENT}, blocking=True
+            )
+    assert not isinstance(err.value, ServiceValidationError)  # not the caller's
+    assert err.value.translation_key == "cache_delete_not_writable"
+    assert str(err.value) == (
+        f'The prompt cache "notes" of model Qwen3 Sim could not be deleted: {folder} '
+        "is not writable (Read-only file system). Make the folder writable (is the "
+        "disk read-only?) and try again"
+    )
+    assert "could not be written" not in str(err.value)
+    assert "Cannot remove" not in caplog.text
+    issue = cache_issue(hass, entry.entry_id)
+    assert issue is not None and issue.translation_key == "cache_dir_not_writable"
+    assert await hass.async_add_executor_job((folder / "notes.bin").exists)
+    await hass.async_add_executor_job(disk.read_only, False)
+    await hass.async_add_executor_job(disk.resize, "64m")  # 16 MB free count as room
+    await hass.services.async_call(
+        DOMAIN, "list_caches", {}, blocking=True, return_response=True
+    )
+    assert cache_issue(hass, entry.entry_id) is None
+    await hass.services.async_call(
+        DOMAIN, "delete_cache", {"model": "Qwen3 Sim", "name": "notes"}, blocking=True
+    )
+    assert not await hass.async_add_executor_job((folder / "notes.bin").exists)

@@ -28,6 +28,7 @@ from custom_components.rockchip_llm.link import TcpHost, UnixHost, async_connect
 
 from .host_process import (
     GONE_TIMEOUT,
+    HOST_FOLDER,
     MODEL,
     HostProcess,
     allow_host_sockets,
@@ -62,7 +63,7 @@ def _address(host: HostProcess) -> UnixHost | TcpHost:
     if host.socket_path is not None:
         return UnixHost(host.socket_path)
     assert host.tcp is not None
-    return TcpHost(*host.tcp)
+    return TcpHost(*host.tcp, pairing_key=host.pairing_key, identity=host.identity)
 
 
 def test_a_client_that_closes_has_its_workers_stopped(
@@ -77,19 +78,31 @@ def test_a_client_that_closes_has_its_workers_stopped(
 
 
 _CLIENT_SCRIPT = """
-import json, socket, sys, time
-where = json.loads(sys.argv[1])
+import hashlib, importlib.util, json, os, socket, ssl, sys, time
+where, key = json.loads(sys.argv[1]), bytes.fromhex(sys.argv[2])
 if isinstance(where, str):
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(where)
-else:
-    sock = socket.create_connection(tuple(where))
+else:  # TLS, then the pairing of the host's own pairing.py (standard library only)
+    spec = importlib.util.spec_from_file_location("pairing", sys.argv[3])
+    pairing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairing)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = context.wrap_socket(socket.create_connection(tuple(where)))
+    identity = "sha256:" + hashlib.sha256(sock.getpeercert(True)).hexdigest()
+    nonce = os.urandom(pairing.NONCE_BYTES)
+    sock.sendall(pairing.MAGIC + nonce)
+    host_nonce = sock.recv(pairing.NONCE_BYTES)
+    sock.sendall(pairing.client_proof(key, identity, nonce, host_nonce))
+    assert len(sock.recv(pairing.PROOF_BYTES)) == pairing.PROOF_BYTES
 file = sock.makefile("rwb")
 def request(message):
     file.write(json.dumps(message).encode() + b"\\n")
     file.flush()
-    while "event" in (answer := json.loads(file.readline())):
-        pass  # the host's log records
+    while (line := file.readline()) == b"\\n" or "event" in (answer := json.loads(line)):
+        pass  # heartbeats and the host's log records
     return answer
 hello = {"protocol": %(protocol)d, "version": %(version)r, "client": "killed"}
 assert "ok" in request({"id": 1, "op": "hello", "args": hello})
@@ -111,8 +124,17 @@ def test_a_killed_client_has_its_workers_stopped(runtime_host: HostProcess) -> N
         "version": HOST_VERSION,
         "model": MODEL,
     }
+    key = runtime_host.key.hex() if runtime_host.tcp else ""
     client = subprocess.Popen(
-        [host_python(), "-I", "-c", script, json.dumps(where)],
+        [
+            host_python(),
+            "-I",
+            "-c",
+            script,
+            json.dumps(where),
+            key,
+            str(HOST_FOLDER / "pairing.py"),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from custom_components.rockchip_llm.host.heartbeat import HEARTBEAT
 from custom_components.rockchip_llm.host.wire import MAX_MESSAGE_BYTES
 
 from .host_process import (
@@ -95,21 +96,27 @@ def test_cache_requests_stay_in_the_store(
             assert error["kind"] == "InvalidModelName", error
         assert raw.error("cache.list", {"model": ".."})["kind"] == "InvalidModelName"
 
-        # Symlinks in the store that point out of it: a model folder, a cache file.
+        # Links in the store that point out of it, a model folder and cache files,
+        # are never followed: read as missing or "not_a_file", replaced by a build.
         cache.mkdir(exist_ok=True)
         (cache / "linked").symlink_to(outside / MODEL, target_is_directory=True)
         (cache / MODEL).mkdir(exist_ok=True)
         (cache / MODEL / "x.bin").symlink_to(outside / "x.bin")
         (cache / MODEL / "x.json").symlink_to(outside / "x.json")
-        for op in ("cache.get", "cache.delete", "cache.touch", "cache.staging"):
-            error = raw.error(op, {"model": "linked", "name": "x"})
-            assert error["kind"] == "InvalidModelName", error
-            assert "resolves outside" in error["message"]
-            error = raw.error(op, {"model": MODEL, "name": "x"})
-            assert error["kind"] == "InvalidCacheName", error
-            assert "resolves outside" in error["message"]
+        assert raw.ok("cache.get", {"model": "linked", "name": "x"}) is None
+        assert raw.ok("cache.delete", {"model": "linked", "name": "x"}) is False
+        assert raw.ok("cache.touch", {"model": "linked", "name": "x"}) is None
+        got = raw.ok("cache.get", {"model": MODEL, "name": "x"})
+        assert (got["problem"], got["metadata"]) == ("not_a_file", None)
+        assert raw.ok("cache.touch", {"model": MODEL, "name": "x"}) is None
         listed = raw.ok("cache.list", {"model": None})
-        assert [entry["model"] for entry in listed] == []
+        assert [(e["model"], e["problem"]) for e in listed] == [(MODEL, "not_a_file")]
+        _outside_untouched(outside)
+        staging = raw.ok("cache.staging", {"model": "linked", "name": "x"})
+        assert Path(staging).parent == cache / "linked"
+        assert not (cache / "linked").is_symlink()
+        assert raw.ok("cache.delete", {"model": MODEL, "name": "x"}) is True
+        assert sorted((cache / MODEL).iterdir()) == []
     _outside_untouched(outside)
 
 
@@ -186,13 +193,17 @@ def test_workers_load_and_save_caches_only_in_the_store(
             str(outside / MODEL / "x.bin"),
             str(cache / MODEL / ".." / ".." / "outside" / MODEL / "x.bin"),
             str(cache / "linked" / "x.bin"),
-            str(cache / MODEL / "leak.bin"),
             f"{MODEL}/x.bin",
             "/etc/passwd",
         ):
             error = raw.error("worker.load_prompt_cache", {"worker": 1, "path": path})
             assert error["kind"] == "BadRequest", (path, error)
             assert "not a prompt cache of this host" in error["message"]
+        # A cache file of the store that is a link: never handed to the runtime.
+        leak = str(cache / MODEL / "leak.bin")
+        error = raw.error("worker.load_prompt_cache", {"worker": 1, "path": leak})
+        assert error["kind"] == "CacheContentMismatch", error
+        assert "not_a_file" in error["message"]
         for path in (
             str(outside / MODEL / STAGING),
             str(cache / "linked" / STAGING),
@@ -334,6 +345,12 @@ _BASE_ARGS: dict[str, dict[str, Any]] = {
     "cache.commit": {"staging": STAGING, "metadata": {}},
     "cache.discard": {"staging": STAGING},
     "cache.write_problem": {"staging": STAGING},
+    "cache.disk_problem": {
+        "model": MODEL,
+        "name": "x",
+        "needed_bytes": 10,
+        "evictable": "auto_",
+    },
     "cache.usage": {},
 }
 
@@ -412,7 +429,7 @@ def _frame(rng: random.Random, request_id: int, requests: float) -> tuple[bytes,
         return frame[: rng.randrange(len(frame) - 1)], True
     return rng.choice(
         (
-            b"\n",
+            HEARTBEAT,  # an empty line: skipped, as the heartbeat of a TCP link
             b"   \n",
             b"[]\n",
             b'"hello"\n',
@@ -430,6 +447,13 @@ def _frame(rng: random.Random, request_id: int, requests: float) -> tuple[bytes,
             rng.randbytes(rng.randrange(1, 200)).replace(b"\n", b"") + b"\n",
         )
     ), False
+
+
+def _hello_frame() -> bytes:
+    """A hello as a first frame."""
+    return json.dumps(
+        {"id": 1, "op": "hello", "args": _BASE_ARGS["hello"]}
+    ).encode() + (b"\n")
 
 
 def _message(line: bytes) -> dict[str, Any] | None:
@@ -485,6 +509,9 @@ def _fuzz_connection(
         else:
             frame, truncated = _frame(rng, 1, 0.5)
             raw.send_raw(frame)
+            if frame == HEARTBEAT:  # skipped: the host still waits for a hello
+                frame = _hello_frame()
+                raw.send_raw(frame)
             if truncated or not _is_hello(frame):
                 if truncated:
                     raw.sock.shutdown(socket.SHUT_WR)
@@ -498,6 +525,8 @@ def _fuzz_connection(
         for request_id in range(2, 2 + rng.randrange(1, FUZZ_FRAMES + 1)):
             frame, truncated = _frame(rng, request_id, 0.9)
             raw.send_raw(frame)
+            if frame == HEARTBEAT:  # skipped; the next request is answered
+                continue
             if truncated:
                 raw.sock.shutdown(socket.SHUT_WR)
             if truncated or not _is_request(frame):

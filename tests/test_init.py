@@ -1,6 +1,7 @@
 """Entry setup: libraries, models, and the system cache built once and reused."""
 
 from datetime import timedelta
+import hashlib
 import json
 from pathlib import Path
 from unittest.mock import patch
@@ -341,22 +342,39 @@ async def test_old_npu_driver_repair(
         assert issue.translation_placeholders == {"version": version}
 
 
-async def test_cache_the_runtime_refuses_is_rebuilt(
+@pytest.mark.parametrize("hashed", [False, True], ids=["as_built", "rehashed"])
+async def test_foreign_cache_of_the_right_size_is_rebuilt(
     hass: HomeAssistant,
     make_entry: EntryFactory,
     cache_dir: Path,
     caplog: pytest.LogCaptureFixture,
+    hashed: bool,
 ) -> None:
-    """A .bin of the right size but foreign content is refused by the runtime and rebuilt."""
+    """A .bin of the right size but foreign content is rebuilt, never used.
+
+    Its content check refuses it before the runtime sees it; with metadata that
+    hashes it (rehashed), the runtime's own refusal does.
+    """
     entry = await make_entry()
-    bin_path, _json_path = system_cache(cache_dir)
-    bin_path.write_bytes(b"\0" * bin_path.stat().st_size)
+    bin_path, json_path = system_cache(cache_dir)
+    foreign = b"\0" * bin_path.stat().st_size
+    bin_path.write_bytes(foreign)
+    if hashed:
+        data = json.loads(json_path.read_text())
+        data["content_sha256"] = hashlib.sha256(foreign).hexdigest()
+        json_path.write_text(json.dumps(data))
     saves = sim_counter(entry, "prompt_cache_save")
+    loads = sim_counter(entry, "prompt_cache_load")
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert entry.state is ConfigEntryState.LOADED
-    assert "refused prompt cache" in caplog.text
+    if hashed:
+        assert "The runtime refused prompt cache" in caplog.text
+    else:
+        assert "does not hold what system.json describes" in caplog.text
+        assert "refused prompt cache" not in caplog.text
     assert sim_counter(entry, "prompt_cache_save") == saves + 1
     assert bin_path.read_bytes().startswith(b"RKLLM-SIM-CACHE")
+    assert sim_counter(entry, "prompt_cache_load") == loads + 1  # the rebuilt one
 
 
 async def test_agents_with_different_prompts_on_one_model_keep_their_caches(

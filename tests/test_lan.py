@@ -20,8 +20,10 @@ from pytest_homeassistant_custom_component.common import (
 
 from custom_components.rockchip_llm.const import (
     CONF_HOST_ADDRESS,
+    CONF_HOST_IDENTITY,
     CONF_MAX_NEW_TOKENS,
     CONF_MODEL,
+    CONF_PAIRING_KEY,
     DOMAIN,
     SUBENTRY_CONVERSATION,
 )
@@ -65,7 +67,12 @@ async def add(hass: HomeAssistant, host: BoardHost) -> tuple[MockConfigEntry, st
     entry = MockConfigEntry(
         domain=DOMAIN,
         title=f"Rockchip LLM ({host.address})",
-        data={CONF_HOST_ADDRESS: host.address},
+        unique_id=host.identity,
+        data={
+            CONF_HOST_ADDRESS: host.address,
+            CONF_PAIRING_KEY: host.pairing_key,
+            CONF_HOST_IDENTITY: host.identity,
+        },
         subentries_data=[
             ConfigSubentryData(
                 data={CONF_MODEL: "Qwen3 Sim", CONF_MAX_NEW_TOKENS: 1024},
@@ -111,12 +118,6 @@ async def test_a_long_answer_crosses_a_slow_lossy_link_whole(
     assert counts["forwarded"] > 300, counts
 
 
-@pytest.mark.skip(
-    reason=(
-        "waits for the heartbeat (issue 18 item 4, branch issue-18a): without it "
-        "a link that went down is noticed only by TCP, after minutes"
-    )
-)
 async def test_a_link_down_makes_only_its_agents_unavailable(
     hass: HomeAssistant, ha_base: None, hass_lan: Lan, tmp_path: Path
 ) -> None:

@@ -22,7 +22,8 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.rockchip_llm import session as session_module
-from custom_components.rockchip_llm.const import CONF_LIBRARY_PATH
+from custom_components.rockchip_llm.const import CONF_LIBRARY_PATH, DOMAIN
+from custom_components.rockchip_llm.host.rkllm.abi import AbiFamily
 from custom_components.rockchip_llm.host.rkllm.errors import (
     LibraryCopyFailed,
     LibraryLoadError,
@@ -35,12 +36,13 @@ from custom_components.rockchip_llm.host.rkllm.library import (
 from custom_components.rockchip_llm.host.rkllm.probe import verify_and_copy_library
 from custom_components.rockchip_llm.host.rkllm.runtime import ModelParams, RunRequest
 from custom_components.rockchip_llm.host.rkllm.worker import WorkerModel
+from custom_components.rockchip_llm.session import ModelSession
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
-from homeassistant.helpers import intent
+from homeassistant.helpers import intent, issue_registry as ir
 
-from .conftest import REPO, EntryFactory, ModelWriter
+from .conftest import REPO, SIM_LIBRARIES, EntryFactory, ModelWriter
 
 AGENT = "conversation.agent_0"
 
@@ -218,40 +220,114 @@ async def test_copy_damaged_while_running(
     sim_library: Path,
     cache_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A worker restarted after the copy was damaged refuses it; a reload repairs it."""
+    """A copy damaged while the model runs is copied again at the next worker start.
+
+    No reload: the next request after the worker's death answers, from a copy
+    equal to the original again, and no repair is raised.
+    """
     monkeypatch.setattr(session_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
     entry = await make_entry()
     loaded = next(iter(entry.runtime_data.agents.values())).session
     original = sim_library.read_bytes()
     copy = cache_dir / ".runtime" / f"librkllmrt-{git_blob_sha1(original)}.so"
+    await hass.async_add_executor_job(replace_with, copy, truncated(original))
+    await kill_worker(loaded)
+    with caplog.at_level(logging.WARNING):
+        result = await conversation.async_converse(
+            hass, "hello", None, Context(), agent_id=AGENT
+        )
+    assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
+    assert f"Replacing the damaged library copy {copy}" in caplog.text
+    assert await hass.async_add_executor_job(copy.read_bytes) == original
+    assert library_issue(hass, entry) is None
+    assert entry.state is ConfigEntryState.LOADED
 
-    def damage() -> None:  # a new file renamed over it: HA's mapping stays intact
-        staged = copy.with_name("staged")
-        staged.write_bytes(truncated(original))
-        staged.replace(copy)
 
-    await hass.async_add_executor_job(damage)
-    pid = loaded.worker.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    while loaded.worker.death is None:
-        await asyncio.sleep(0.01)
+async def test_copy_and_original_changed_while_running(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    sim_library: Path,
+    abi_family: AbiFamily,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A damaged copy of an original that changed too: a repair says so, a reload fixes it.
+
+    The new original is not copied behind the user's back: it was never checked.
+    The spoken answer is one sentence; the reload checks the new library.
+    """
+    monkeypatch.setattr(session_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
+    library = tmp_path / "lib" / "librkllmrt.so"
+    await hass.async_add_executor_job(install_copy, sim_library, library)
+    entry = await make_entry(setup=False)
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, CONF_LIBRARY_PATH: str(library)}
+    )
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    loaded = next(iter(entry.runtime_data.agents.values())).session
+    original = sim_library.read_bytes()
+    copy = cache_dir / ".runtime" / f"librkllmrt-{git_blob_sha1(original)}.so"
+    other = SIM_LIBRARIES[next(f for f in AbiFamily if f is not abi_family)]
+    await hass.async_add_executor_job(replace_with, copy, truncated(original))
+    await hass.async_add_executor_job(replace_with, library, other.read_bytes())
+    await kill_worker(loaded)
     result = await conversation.async_converse(
         hass, "hello", None, Context(), agent_id=AGENT
     )
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert (
-        f"the copy {copy} does not match {sim_library}"
-        in (result.response.speech["plain"]["speech"])
+    assert result.response.speech["plain"]["speech"] == (
+        "Sorry, my language model cannot start because its runtime library changed; "
+        "reload the Rockchip LLM integration (see Settings, Repairs)"
     )
-    assert "reload the integration" in result.response.speech["plain"]["speech"]
+    issue = library_issue(hass, entry)
+    assert issue is not None
+    assert issue.translation_key == "library_changed"
+    assert issue.translation_placeholders is not None
+    assert issue.translation_placeholders["path"] == str(library)
+    assert (
+        "is no longer the library that was checked"
+        in (issue.translation_placeholders["error"])
+    )
+    assert not await hass.async_add_executor_job(
+        lambda: any(p.read_bytes() == other.read_bytes() for p in copy.parent.iterdir())
+    )
     assert await hass.config_entries.async_reload(entry.entry_id)
     result = await conversation.async_converse(
         hass, "hello", None, Context(), agent_id=AGENT
     )
     assert result.response.speech["plain"]["speech"] == "Hello from the simulator."
-    assert await hass.async_add_executor_job(copy.read_bytes) == original
+    assert library_issue(hass, entry) is None
+
+
+def replace_with(path: Path, data: bytes) -> None:
+    """Write a new file and rename it over path (a mapping of the old one stays intact)."""
+    staged = path.with_name("staged")
+    staged.write_bytes(data)
+    staged.replace(path)
+
+
+def install_copy(source: Path, library: Path) -> None:
+    """Put a library of its own at library (the test changes it later)."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, library)
+
+
+async def kill_worker(loaded: ModelSession) -> None:
+    """Kill the model's worker process and wait until its death is known."""
+    pid = loaded.worker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while loaded.worker.death is None:
+        await asyncio.sleep(0.01)
+
+
+def library_issue(hass: HomeAssistant, entry: MockConfigEntry) -> ir.IssueEntry | None:
+    """The library repair of the entry."""
+    return ir.async_get(hass).async_get_issue(DOMAIN, f"library_{entry.entry_id}")
 
 
 def test_damaged_copy_moved_aside(
@@ -275,7 +351,7 @@ def test_damaged_copy_moved_aside(
     assert verified.copy == copy
     assert copy.read_bytes() == original
     [moved] = [p for p in private.iterdir() if p != copy]
-    assert moved.name == f"{copy.name}.moved-{os.getpid()}"
+    assert moved.name.startswith(f"{copy.name}.moved-")
     assert moved.read_bytes() == zero_filled(original)
 
 

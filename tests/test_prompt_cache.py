@@ -3,21 +3,26 @@
 from dataclasses import replace
 from datetime import UTC, datetime
 import errno
+import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 import re
 import stat
+import time
 from typing import Any
 from unittest.mock import patch
 
 import pytest
 
 from custom_components.rockchip_llm.const import SYSTEM_CACHE_NAME as SYSTEM_CACHE
+from custom_components.rockchip_llm.host import prompt_cache as prompt_cache_module
 from custom_components.rockchip_llm.host.prompt_cache import (
     METADATA_VERSION,
     CacheBudgetExceeded,
+    CacheContentMismatch,
+    CacheDeleteError,
     CacheEntry,
     CacheExpectation,
     CacheMetadata,
@@ -28,6 +33,7 @@ from custom_components.rockchip_llm.host.prompt_cache import (
     PromptCacheStore,
     prompt_sha256,
 )
+from custom_components.rockchip_llm.host.rkllm import aside
 
 MODEL = "Qwen3 0.6B (w8a8)"
 PROMPT = "You are a voice assistant."
@@ -118,10 +124,12 @@ def test_prompt_sha256() -> None:
 
 
 def test_commit_and_get(store: PromptCacheStore) -> None:
-    """A committed pair is found again, with the size taken from the file."""
+    """A committed pair is found again, with the size and hash taken from the file."""
     entry = build(store, data=b"0123456789")
     assert entry.problem is None
-    assert entry.metadata == metadata(size_bytes=10)
+    assert entry.metadata == metadata(
+        size_bytes=10, content_sha256=hashlib.sha256(b"0123456789").hexdigest()
+    )
     assert entry.bin_path == store.root / MODEL / "system.bin"
     assert entry.json_path == store.root / MODEL / "system.json"
     assert entry.bin_path.read_bytes() == b"0123456789"
@@ -168,8 +176,9 @@ def valid_json() -> dict[str, Any]:
         [1, 2],
         "text",
         {"foo": "bar"},
-        valid_json() | {"version": 2},
+        valid_json() | {"version": 3},
         valid_json() | {"version": True},
+        valid_json() | {"content_sha256": "abc"},
         {k: v for k, v in valid_json().items() if k != "tokens"},
         valid_json() | {"tokens": "42"},
         valid_json() | {"tokens": True},
@@ -267,16 +276,19 @@ def test_delete_half_pair(store: PromptCacheStore) -> None:
 def test_delete_failure(
     store: PromptCacheStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file that cannot be removed raises CacheWriteError."""
+    """A file that cannot be removed raises CacheDeleteError, which says why."""
     build(store)
 
     def unlink(self: Path, missing_ok: bool = False) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "unlink", unlink)
-    with pytest.raises(CacheWriteError) as err:
+    with pytest.raises(CacheDeleteError) as err:
         store.delete(MODEL, SYSTEM_CACHE)
-    assert err.value.translation_key == "cache_write_failed"
+    assert err.value.translation_key == "cache_delete_failed"
+    assert err.value.disk_problem == "cache_dir_not_writable"
+    assert err.value.placeholders["reason"] == "Permission denied"
+    assert err.value.placeholders["name"] == SYSTEM_CACHE
     assert "Permission denied" in err.value.placeholders["error"]
 
 
@@ -329,10 +341,13 @@ def test_model_names_are_free_text(store: PromptCacheStore) -> None:
     assert [e.model for e in store.list()] == [model]
 
 
-def test_symlinked_model_dir_outside_root_is_refused(
+def test_symlinked_model_dir_outside_root_is_not_followed(
     store: PromptCacheStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A model folder that is a symlink leaving the root is never used."""
+    """A model folder that is a link leaving the root is never read; a build replaces it.
+
+    Only the link goes: what it pointed to stays as it was.
+    """
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "system.bin").write_bytes(b"x")
@@ -341,18 +356,30 @@ def test_symlinked_model_dir_outside_root_is_refused(
     temp.write_bytes(b"x")
     store.root.mkdir()
     (store.root / "evil").symlink_to(outside)
-    for call in (store.bin_path, store.json_path, store.staging_bin_path, store.get):
+    for call in (store.bin_path, store.json_path):
         with pytest.raises(InvalidModelName):
             call("evil", SYSTEM_CACHE)
-    with pytest.raises(InvalidModelName):
-        store.delete("evil", SYSTEM_CACHE)
     with caplog.at_level(logging.WARNING):
+        assert store.get("evil", SYSTEM_CACHE) is None
+        assert store.delete("evil", SYSTEM_CACHE) is False
+        store.touch_named("evil", SYSTEM_CACHE)
         assert store.list() == []
         assert store.list("evil") == []
     assert "outside" in caplog.text
     store.clean_staging()
     assert temp.exists()
-    assert (outside / "system.bin").exists()
+    with caplog.at_level(logging.WARNING):
+        built = build(store, model="evil")
+    assert "a link that leads out of" in caplog.text
+    assert not (store.root / "evil").is_symlink()
+    assert built.bin_path == store.root / "evil" / "system.bin"
+    assert store.get("evil", SYSTEM_CACHE) == built
+    assert sorted(p.name for p in outside.iterdir()) == [
+        ".system.bin.tmp-0123456789abcdef",
+        "system.bin",
+        "system.json",
+    ]
+    assert (outside / "system.bin").read_bytes() == b"x"
 
 
 def test_symlinked_model_dir_inside_root_is_allowed(store: PromptCacheStore) -> None:
@@ -362,17 +389,35 @@ def test_symlinked_model_dir_inside_root_is_allowed(store: PromptCacheStore) -> 
     assert store.bin_path("alias", SYSTEM_CACHE) == store.root / "alias" / "system.bin"
 
 
-def test_symlinked_cache_file_outside_root_is_refused(
-    store: PromptCacheStore, tmp_path: Path
+@pytest.mark.parametrize("which", [".bin", ".json"])
+def test_symlinked_cache_file_outside_root_is_not_followed(
+    store: PromptCacheStore, tmp_path: Path, which: str
 ) -> None:
-    """A cache file that is a symlink leaving the root is never used."""
-    build(store)
-    outside = tmp_path / "secret.bin"
+    """A cache file that is a link leaving the root: listed as not_a_file, then replaced.
+
+    A build replaces the link, a delete removes only the link; its target is
+    never read nor written.
+    """
+    entry = build(store)
+    outside = tmp_path / f"secret{which}"
     outside.write_bytes(b"secret")
-    (store.root / MODEL / "leak.bin").symlink_to(outside)
-    with pytest.raises(InvalidCacheName):
-        store.get(MODEL, "leak")
-    assert [e.name for e in store.list()] == ["system"]
+    path = entry.bin_path if which == ".bin" else entry.json_path
+    path.unlink()
+    path.symlink_to(outside)
+    got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None
+    assert got.problem == "not_a_file"
+    assert store.list() == [got]
+    with pytest.raises(CacheContentMismatch, match="not_a_file"):
+        store.verify(MODEL, SYSTEM_CACHE)
+    rebuilt = build(store)
+    assert rebuilt.problem is None
+    assert not path.is_symlink()
+    assert outside.read_bytes() == b"secret"
+    (store.root / MODEL / f"leak{which}").symlink_to(outside)
+    assert store.delete(MODEL, "leak")
+    assert outside.read_bytes() == b"secret"
+    assert files(store.root / MODEL) == ["system.bin", "system.json"]
 
 
 @pytest.mark.parametrize(
@@ -555,10 +600,23 @@ def test_staging_bin_path(store: PromptCacheStore) -> None:
     assert not first.exists()
 
 
-def test_staging_bin_path_cannot_create_folder(store: PromptCacheStore) -> None:
-    """A file where the model folder should be gives CacheWriteError."""
+def test_staging_bin_path_moves_a_file_in_the_folders_place(
+    store: PromptCacheStore,
+) -> None:
+    """A file where the model folder should be is moved aside, kept, and logged."""
     store.root.mkdir()
     (store.root / MODEL).write_text("in the way")
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+    assert staging.parent.is_dir()
+    [moved] = [p for p in store.root.iterdir() if ".moved-" in p.name]
+    assert moved.read_text() == "in the way"
+    assert [e.model for e in store.list()] == []
+
+
+def test_staging_bin_path_cannot_create_folder(store: PromptCacheStore) -> None:
+    """A root that cannot hold the folder gives CacheWriteError."""
+    store.root.parent.mkdir(parents=True, exist_ok=True)
+    store.root.write_text("a file, not a folder")
     with pytest.raises(CacheWriteError):
         store.staging_bin_path(MODEL, SYSTEM_CACHE)
 
@@ -820,3 +878,160 @@ def test_write_problem_probe(store: PromptCacheStore) -> None:
     assert problem is not None
     assert problem.disk_problem == "cache_disk_full"
     assert files(store.root / MODEL) == []  # no probe left behind
+
+
+def test_content_is_checked_once_per_version_of_the_file(
+    store: PromptCacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify hashes a .bin once; using it (touch) keeps that, a change is checked again."""
+    entry = build(store, data=b"the KV of the prompt")
+    hashed: list[Path] = []
+    real_digest = prompt_cache_module.content_digest
+
+    def digest(path: Path) -> str:
+        hashed.append(path)
+        return real_digest(path)
+
+    monkeypatch.setattr(prompt_cache_module, "content_digest", digest)
+    assert store.verify(MODEL, SYSTEM_CACHE) == entry
+    store.touch(entry)
+    store.touch_named(MODEL, SYSTEM_CACHE)
+    assert store.verify(MODEL, SYSTEM_CACHE) == entry
+    assert hashed == []  # the commit hashed it already
+    fresh = PromptCacheStore(store.root)  # another host process
+    assert fresh.verify(MODEL, SYSTEM_CACHE) == entry
+    assert fresh.verify(MODEL, SYSTEM_CACHE) == entry
+    assert hashed == [entry.bin_path]
+
+
+@pytest.mark.parametrize("how", ["rename", "in_place"])
+def test_substituted_content_is_found(
+    store: PromptCacheStore, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """A .bin of the same size with other bytes fails verify and is listed as such.
+
+    It stays "content_mismatch" until a build replaces it.
+    """
+    entry = build(store, data=b"the KV of prompt A")
+    store.verify(MODEL, SYSTEM_CACHE)
+    if how == "rename":
+        other = entry.bin_path.with_name("other")
+        other.write_bytes(b"the KV of prompt B")
+        other.replace(entry.bin_path)
+    else:
+        stat_before = entry.bin_path.stat()
+        entry.bin_path.write_bytes(b"the KV of prompt B")
+        os.utime(entry.bin_path, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    assert store.get(MODEL, SYSTEM_CACHE) == entry  # size and metadata still agree
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(CacheContentMismatch) as err,
+    ):
+        store.verify(MODEL, SYSTEM_CACHE)
+    assert err.value.translation_key == "cache_content_mismatch"
+    assert "its content changed after it was built" in str(err.value)
+    assert "it is rebuilt" in caplog.text
+    got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None and got.problem == "content_mismatch"
+    assert got.invalid_reason(expectation()) == "content_mismatch"
+    assert [e.problem for e in store.list()] == ["content_mismatch"]
+    rebuilt = build(store, data=b"the KV of prompt A")
+    assert rebuilt.problem is None
+    assert store.verify(MODEL, SYSTEM_CACHE) == rebuilt
+
+
+def test_metadata_without_content_hash_is_rebuilt(store: PromptCacheStore) -> None:
+    """Metadata of version 1 (no content hash) is read, as a cache to rebuild."""
+    entry = build(store)
+    old = json_data(entry) | {"version": 1}
+    del old["content_sha256"]
+    entry.json_path.write_text(json.dumps(old))
+    got = store.get(MODEL, SYSTEM_CACHE)
+    assert got is not None and got.metadata is not None
+    assert got.metadata.version == 1
+    assert got.metadata.content_sha256 is None
+    assert got.problem == "no_content_hash"
+    assert got.invalid_reason(expectation()) == "no_content_hash"
+    with pytest.raises(CacheContentMismatch, match="no_content_hash"):
+        store.verify(MODEL, SYSTEM_CACHE)
+    rebuilt = build(store)
+    assert json_data(rebuilt)["version"] == METADATA_VERSION
+    assert rebuilt.problem is None
+
+
+def test_moved_aside_entries_are_bounded(store: PromptCacheStore) -> None:
+    """Only the newest few things moved aside stay; the oldest go first."""
+    build(store)
+    folder = store.root / MODEL
+    moved: list[str] = []
+    for index in range(aside.KEEP + 2):
+        (folder / "system.json").unlink()
+        (folder / "system.json").mkdir()
+        (folder / "system.json" / "note").write_text(str(index))
+        time.sleep(0.02)  # a later status change time than the previous move's
+        build(store)
+        [new] = {p.name for p in folder.iterdir() if ".moved-" in p.name} - set(moved)
+        moved.append(new)
+    kept = sorted(p.name for p in folder.iterdir() if ".moved-" in p.name)
+    assert kept == sorted(moved[-aside.KEEP :])
+    notes = sorted((folder / name / "note").read_text() for name in kept)
+    assert notes == [str(i) for i in range(2, aside.KEEP + 2)]
+
+
+def test_clean_staging_prunes_what_was_moved_aside(store: PromptCacheStore) -> None:
+    """What earlier versions moved aside (unbounded) is pruned at the next start."""
+    build(store)
+    folder = store.root / MODEL
+    for index in range(aside.KEEP + 3):
+        (folder / f"system.bin.moved-{index:08x}").write_text("old")
+    store.clean_staging()
+    assert files(folder) == [
+        "system.bin",
+        *(f"system.bin.moved-{i:08x}" for i in range(3, aside.KEEP + 3)),
+        "system.json",
+    ]
+
+
+def test_no_warning_for_files_that_never_existed(
+    store: PromptCacheStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read-only disk refuses every unlink, also of names that are not there."""
+    build(store)
+    staging = store.staging_bin_path(MODEL, SYSTEM_CACHE)
+
+    def read_only_unlink(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    def read_only_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)
+    monkeypatch.setattr(Path, "open", read_only_open)
+    with caplog.at_level(logging.WARNING):
+        problem = store.write_problem(staging)
+        store.discard(staging)
+    assert problem is not None
+    assert problem.disk_problem == "cache_dir_not_writable"
+    assert "Cannot remove" not in caplog.text
+
+
+def test_disk_problem_checks_the_disk_and_the_budget(
+    store: PromptCacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """disk_problem answers as a build would: the disk first, then the budget."""
+    build(store, data=b"x" * 200_000)
+    assert store.disk_problem(MODEL, "notes", 10**9, "auto_") is None  # no budget
+    store.budget_bytes = 500_000
+    refused = store.disk_problem(MODEL, "notes", 400_000, "auto_")
+    assert isinstance(refused, CacheBudgetExceeded)
+    assert refused.needed_bytes == 400_000
+    assert store.disk_problem(MODEL, "notes", 200_000, "auto_") is None
+    assert store.disk_problem("Not built yet", "system", 0, "auto_") is None
+    monkeypatch.setattr(
+        prompt_cache_module, "free_bytes", lambda _folder: 1_000_000
+    )  # under 16 MB free: the disk counts as full
+    full = store.disk_problem(MODEL, "notes", 0, "auto_")
+    assert full is not None
+    assert full.disk_problem == "cache_disk_full"

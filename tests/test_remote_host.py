@@ -2,8 +2,9 @@
 
 The host runs on the board's Python (3.11) outside Home Assistant's process tree,
 in a mount namespace of its own: its library, models and caches live on a tmpfs
-that only that namespace has. Home Assistant reaches it over a Unix socket or TCP, so any
-file access that went around the host would fail.
+that only that namespace has. Home Assistant reaches it over a Unix socket or TCP
+(TLS and the pairing key the host printed), so any file access that went around the
+host would fail.
 """
 
 import asyncio
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 import os
 from pathlib import Path
+import re
 import shutil
 import signal
 import socket
@@ -28,7 +30,11 @@ from pytest_homeassistant_custom_component.common import (
 )
 import pytest_socket
 
-from custom_components.rockchip_llm.const import CONF_HOST_ADDRESS, DOMAIN
+from custom_components.rockchip_llm.const import (
+    CONF_HOST_ADDRESS,
+    CONF_PAIRING_KEY,
+    DOMAIN,
+)
 from custom_components.rockchip_llm.link import HOST_FOLDER
 from homeassistant import config_entries
 from homeassistant.components import conversation
@@ -71,6 +77,12 @@ class ExternalHost:
         return f"127.0.0.1:{self.tcp_port}" if self.tcp_port else str(self.socket)
 
     @property
+    def pairing_key(self) -> str:
+        """The pairing key a TCP host printed at its last start ("" on a socket)."""
+        keys = re.findall(r"^pairing key (\S+)$", self.log.read_text(), re.MULTILINE)
+        return keys[-1] if keys else ""
+
+    @property
     def where(self) -> str:
         """How the integration names the host in messages."""
         return self.address if self.tcp_port else f"unix:{self.socket}"
@@ -90,7 +102,7 @@ class ExternalHost:
                 f"exec {HOST_PYTHON} -I -S {HOST_FOLDER}",
                 f"--library {self.hidden}/librkllmrt.so --models {self.hidden}/models",
                 f"--cache {self.hidden}/cache",
-                f"--tcp 127.0.0.1:{self.tcp_port}"
+                f"--tcp 127.0.0.1:{self.tcp_port} --state {self.hidden}/state"
                 if self.tcp_port
                 else f"--socket {self.socket}",
                 f">> {self.log} 2>&1",
@@ -251,9 +263,10 @@ async def add_entry(hass: HomeAssistant, host: ExternalHost) -> MockConfigEntry:
         result["flow_id"], {"next_step_id": "host"}
     )
     assert result["step_id"] == "host"
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {CONF_HOST_ADDRESS: host.address}
-    )
+    typed = {CONF_HOST_ADDRESS: host.address}
+    if host.tcp_port:
+        typed[CONF_PAIRING_KEY] = host.pairing_key
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], typed)
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "model"
     placeholders = result["description_placeholders"]
@@ -332,6 +345,7 @@ async def test_host_in_its_own_namespace_serves_home_assistant(
     assert entry.runtime_data.engine.host.where == external_host.where
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 async def test_restarts_of_home_assistant_and_of_the_host(
     hass: HomeAssistant,
     host_sockets: None,

@@ -4,6 +4,7 @@ from collections.abc import Callable, Generator
 import ctypes
 import json
 from pathlib import Path
+import re
 import threading
 
 import pytest
@@ -221,17 +222,24 @@ def test_init_errors(
     """Bad magic, missing file and a context above the model's limit fail init clearly."""
     bad = tmp_path / "bad.rkllm"
     bad.write_text("GGUF nonsense\n")
+    missing = tmp_path / "missing.rkllm"
     cases = [
-        ModelParams(model_path=bad),
-        ModelParams(model_path=tmp_path / "missing.rkllm"),
-        ModelParams(
-            model_path=write_model(max_context_limit=1024), max_context_len=4096
+        (ModelParams(model_path=bad), "rkllm_init failed"),
+        (ModelParams(model_path=missing), f"the model file {missing} is gone"),
+        (
+            ModelParams(
+                model_path=write_model(max_context_limit=1024), max_context_len=4096
+            ),
+            "rkllm_init failed",
         ),
-        ModelParams(model_path=write_model("Broken", extra=("init_error 1",))),
+        (
+            ModelParams(model_path=write_model("Broken", extra=("init_error 1",))),
+            "rkllm_init failed",
+        ),
     ]
-    for params in cases:
+    for params, message in cases:
         model = RKLLMModel(runtime, "broken")
-        with pytest.raises(ModelInitError, match="rkllm_init failed"):
+        with pytest.raises(ModelInitError, match=re.escape(message)):
             model.init(params).result()
         model.close()
 

@@ -11,6 +11,7 @@ import pytest
 
 from custom_components.rockchip_llm.host.rkllm.errors import (
     ModelClosedError,
+    ModelFileMissing,
     ModelInitError,
     RunError,
     RunStalledError,
@@ -109,6 +110,19 @@ def test_runtime_errors_keep_their_type(
     assert caught.value.code == -1
     # the worker survived its model's error
     worker.set_chat_template("sys", "<u>", "</u>").result(timeout=10)
+
+
+def test_a_model_file_gone_is_named(
+    write_model: ModelWriter, open_worker: Opener
+) -> None:
+    """rkllm_init on a file removed since the scan: the error names the missing file."""
+    path = write_model("Gone")
+    path.unlink()
+    worker = open_worker(path, init=False)
+    with pytest.raises(ModelFileMissing) as caught:
+        worker.init(ModelParams(model_path=path)).result(timeout=30)
+    assert str(caught.value).startswith(f"the model file {path} is gone")
+    assert "check the model file, the runtime version" not in str(caught.value)
 
 
 def test_runtime_output_is_captured(

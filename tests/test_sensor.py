@@ -226,13 +226,9 @@ async def test_deleted_system_cache_shows_none_then_failed(
     in_process_host: None, hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
     """Without a system cache the state is none, after a failed build failed."""
-    await make_entry()
-    await hass.services.async_call(
-        DOMAIN,
-        "delete_cache",
-        {"model": "Qwen3 Sim", "name": "system"},
-        blocking=True,
-    )
+    entry = await make_entry()
+    # (delete_cache refuses an agent's own cache: the session's own delete here)
+    assert await model_session(entry).async_delete_cache("system")
     assert state(hass, "prompt_cache") == "none"
     assert state(hass, "system_prompt_tokens") == STATE_UNKNOWN
     assert state(hass, "context_use") == STATE_UNKNOWN

@@ -3,7 +3,9 @@
 import asyncio
 from datetime import timedelta
 import json
+import os
 from pathlib import Path
+import signal
 from typing import Any
 from unittest.mock import patch
 
@@ -13,6 +15,7 @@ from pytest_homeassistant_custom_component.common import (
     async_fire_time_changed,
 )
 
+from custom_components.rockchip_llm import session as session_module
 from custom_components.rockchip_llm.const import CONF_PROMPT, DOMAIN
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
@@ -72,7 +75,7 @@ async def test_rebuild_all_without_response(
 async def test_agents_on_one_model_rebuild_and_delete_their_own_caches(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
-    """Without a name each agent rebuilds its own system cache; deleting one leaves the other."""
+    """Without a name each agent rebuilds its own system cache; neither can be deleted."""
     entry = await make_entry(
         {CONF_PROMPT: "You are the kitchen assistant."},
         {CONF_PROMPT: "You are the garage assistant."},
@@ -90,15 +93,26 @@ async def test_agents_on_one_model_rebuild_and_delete_their_own_caches(
         "system": True,
         second_name: True,
     }
-    await call(hass, "delete_cache", {"model": "Qwen3 Sim", "name": second_name}, False)
-    assert second.system_cache.cache is None
+    with pytest.raises(ServiceValidationError) as err:
+        await call(
+            hass, "delete_cache", {"model": "Qwen3 Sim", "name": second_name}, False
+        )
+    assert err.value.translation_key == "cache_reserved_delete"
+    assert str(err.value) == (
+        f'"{second_name}" is the system prompt cache of the agent Agent 1 (model '
+        "Qwen3 Sim), which the agent needs, so it is not deleted; to build it again, "
+        "call rockchip_llm.rebuild_cache"
+    )
+    assert second.system_cache.cache is not None
     assert first.system_cache.cache is not None
-    assert hass.states.get("sensor.agent_1_prompt_cache").state == "none"
-    assert hass.states.get("sensor.agent_0_prompt_cache").state == "ready"
+    assert hass.states.get("sensor.agent_1_prompt_cache").state == "ready"
 
 
 async def test_list_create_delete(
-    hass: HomeAssistant, make_entry: EntryFactory, cache_dir: Path
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Named caches are created, listed with validity, used by prefix, and deleted."""
     entry = await make_entry()
@@ -124,11 +138,23 @@ async def test_list_create_delete(
     assert agent.session.loaded_cache is not None
     assert agent.session.loaded_cache.name == "system"
 
-    await call(
-        hass, "delete_cache", {"model": "Qwen3 Sim", "name": "system"}, response=False
-    )
-    assert not (cache_dir / "Qwen3 Sim" / "system.json").exists()
-    # Now the longest cache the prompt starts with is "head".
+    with pytest.raises(ServiceValidationError) as err:
+        await call(
+            hass, "delete_cache", {"model": "Qwen3 Sim", "name": "system"}, False
+        )
+    assert err.value.translation_key == "cache_reserved_delete"
+    # Removed by hand and the worker restarted: the next request uses the longest
+    # cache the prompt starts with, "head".
+    for suffix in (".bin", ".json"):
+        await hass.async_add_executor_job(
+            (cache_dir / "Qwen3 Sim" / f"system{suffix}").unlink
+        )
+    monkeypatch.setattr(session_module, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0))
+    pid = agent.session.worker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while agent.session.worker.death is None:
+        await asyncio.sleep(0.01)
     await conversation.async_converse(
         hass, "hello again", None, Context(), agent_id=AGENT
     )
@@ -477,3 +503,52 @@ async def test_delete_cache_answers_what_it_removed(
     assert removed["deleted"]["size_bytes"] == created["cache"]["size_bytes"]
     assert not (cache_dir / "Qwen3 Sim" / "head.bin").exists()
     assert await offered() == ["system"]
+
+
+async def test_agents_cache_names_are_reserved(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """create_cache cannot overwrite an agent's system cache, nor rebuild_cache another's.
+
+    The message says whose cache it is and which action rebuilds it; the agent
+    keeps its cache and answers from it.
+    """
+    entry = await make_entry(
+        {CONF_PROMPT: "You are the kitchen assistant."},
+        {CONF_PROMPT: "You are the garage assistant."},
+    )
+    first, second = entry.runtime_data.agents.values()
+    second_name = f"system_{second.subentry_id.lower()}"
+    saves = sim_counter(entry, "prompt_cache_save")
+    for name, agent in (("system", "Agent 0"), (second_name, "Agent 1")):
+        with pytest.raises(ServiceValidationError) as err:
+            await call(
+                hass,
+                "create_cache",
+                {"model": "Qwen3 Sim", "name": name, "prompt": "Be a pirate."},
+            )
+        assert err.value.translation_key == "cache_reserved_create"
+        assert str(err.value) == (
+            f'"{name}" is the system prompt cache of the agent {agent} (model Qwen3 '
+            "Sim), which the agent keeps itself; rockchip_llm.rebuild_cache rebuilds "
+            "it. Choose another name for this cache"
+        )
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, "rebuild_cache", {"agent": AGENT, "name": second_name})
+    assert err.value.translation_key == "cache_reserved_rebuild"
+    assert err.value.translation_placeholders == {
+        "model": "Qwen3 Sim",
+        "name": second_name,
+        "agent": "Agent 1",
+    }
+    assert sim_counter(entry, "prompt_cache_save") == saves  # nothing was built
+    assert first.system_cache is not None and first.system_cache.cache is not None
+    assert second.system_cache is not None and second.system_cache.cache is not None
+    assert hass.states.get("sensor.agent_0_prompt_cache").state == "ready"
+    await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
+    assert first.session.recent[-1].cache == "system"
+    # Its own name is the agent's to rebuild, and other names are free.
+    await call(hass, "rebuild_cache", {"agent": AGENT, "name": "system"})
+    await call(
+        hass, "create_cache", {"model": "Qwen3 Sim", "name": "pirate", "prompt": "Arr."}
+    )

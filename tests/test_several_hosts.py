@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 from pytest_homeassistant_custom_component.common import async_fire_time_changed
 
-from custom_components.rockchip_llm.const import CONF_HOST_ADDRESS, DOMAIN
+from custom_components.rockchip_llm.const import (
+    CONF_HOST_ADDRESS,
+    CONF_PAIRING_KEY,
+    DOMAIN,
+)
 from custom_components.rockchip_llm.host.board import DEVICE_TREE_ENV
 from custom_components.rockchip_llm.host.version import HOST_VERSION
 from custom_components.rockchip_llm.host_device import host_device_identifier
@@ -73,7 +77,8 @@ async def add(hass: HomeAssistant, host: BoardHost) -> Site:
         result["flow_id"], {"next_step_id": "host"}
     )
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {CONF_HOST_ADDRESS: host.address}
+        result["flow_id"],
+        {CONF_HOST_ADDRESS: host.address, CONF_PAIRING_KEY: host.pairing_key},
     )
     assert result["step_id"] == "model", result
     result = await hass.config_entries.flow.async_configure(
@@ -83,6 +88,7 @@ async def add(hass: HomeAssistant, host: BoardHost) -> Site:
     await hass.async_block_till_done()
     entry = result["result"]
     assert entry.state is ConfigEntryState.LOADED
+    assert entry.unique_id == host.identity
     [agent] = [
         item.entity_id
         for item in er.async_entries_for_config_entry(

@@ -1,7 +1,9 @@
 """A crash, abort() or hang of the runtime never takes Home Assistant down."""
 
 import asyncio
+import logging
 import os
+from pathlib import Path
 import signal
 from typing import Any
 
@@ -13,10 +15,11 @@ from custom_components.rockchip_llm.host.rkllm import worker as worker_module
 from custom_components.rockchip_llm.session import ModelSession
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigEntryState
+from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import chat_session, intent
 
-from .conftest import EntryFactory, ModelWriter
+from .conftest import EntryFactory, ModelWriter, agent_issue_error, agent_issues
 from .sim_words import words
 
 AGENT = "conversation.agent_0"
@@ -76,9 +79,16 @@ async def start_answer(hass: HomeAssistant) -> asyncio.Task:
 
 
 async def test_crash_mid_answer_is_an_error_and_the_model_comes_back(
-    hass: HomeAssistant, make_entry: EntryFactory, write_model: ModelWriter
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    write_model: ModelWriter,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """SIGSEGV in the runtime: a spoken error, other models answer, the next request works."""
+    """SIGSEGV in the runtime: a spoken error, other models answer, the next request works.
+
+    What is spoken is one plain sentence; the signal and the runtime's last lines
+    are in the log.
+    """
     write_model(replies=(f"default => {SLOW}",), decode_ms_per_token=5)
     write_model("Other")
     entry = await make_entry({}, {"model": "Other"})
@@ -86,10 +96,15 @@ async def test_crash_mid_answer_is_an_error_and_the_model_comes_back(
     first_pid = loaded.worker.pid
     assert first_pid is not None and first_pid != os.getpid()
     task = await start_answer(hass)
-    os.kill(first_pid, signal.SIGSEGV)
-    result = await task
+    with caplog.at_level(logging.WARNING):
+        os.kill(first_pid, signal.SIGSEGV)
+        result = await task
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "SIGSEGV" in speech(result)
+    assert speech(result) == (
+        "Sorry, my language model stopped while answering; please ask again"
+    )
+    assert "ended (SIGSEGV); its last output:" in caplog.text
+    assert "I rkllm: rkllm-runtime version" in caplog.text
     # Home Assistant and the other model's worker are untouched.
     other = await converse(hass, "hello", "conversation.agent_1")
     assert speech(other) == "Hello from the simulator."
@@ -130,11 +145,29 @@ async def test_a_model_that_keeps_dying_is_given_up_until_reload(
             await asyncio.sleep(0.01)
         result = await converse(hass, "hello")
     assert result.response.response_type is intent.IntentResponseType.ERROR
-    assert "reload the integration" in speech(result)
+    assert speech(result) == (
+        "Sorry, my language model keeps stopping, so it was switched off; reload "
+        "the Rockchip LLM integration to try again"
+    )
     assert loaded.failure is not None
     assert loaded.worker.pid == pid  # not started again
+    # Given up: its agent says so in one sentence and its entities are unavailable.
+    assert speech(await converse(hass, "hello")) == (
+        "Agent 0 cannot answer: the runtime process of model Qwen3 Sim kept crashing "
+        "and was stopped; reload the integration (Settings, Devices & services, "
+        "Rockchip LLM) to try again"
+    )
+    assert hass.states.get(AGENT).state == STATE_UNAVAILABLE
+    [issue] = agent_issues(hass)  # its repair: reload (its fix flow tries again)
+    assert issue.is_fixable
+    # The repair has the details, the runtime's last lines among them.
+    error = agent_issue_error(hass)
+    assert "died 5 times within 10 minutes" in error
+    assert "I rkllm: rkllm-runtime version" in error
     assert await hass.config_entries.async_reload(entry.entry_id)
     assert speech(await converse(hass, "hello")) == "Hello from the simulator."
+    assert hass.states.get(AGENT).state != STATE_UNAVAILABLE
+    assert not agent_issues(hass)
 
 
 async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
@@ -165,3 +198,34 @@ async def test_a_wedged_run_is_stopped_and_the_model_comes_back(
     assert "produced no text for 1 s" in speech(result)
     assert "SIGKILL" in str(loaded.worker.death)
     assert speech(await converse(hass, "talk")) == SLOW
+
+
+async def test_model_file_removed_while_running(
+    hass: HomeAssistant,
+    make_entry: EntryFactory,
+    models_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The model's file removed, then its worker restarted: the answer and log say so.
+
+    Not "rkllm_init failed ... check the model file, the runtime version and the
+    context length": the file is named, the spoken answer says what to do.
+    """
+    entry = await make_entry()
+    loaded = session_of(entry)
+    path = models_dir / "Qwen3 Sim" / "model.rkllm"
+    await hass.async_add_executor_job(path.unlink)
+    pid = loaded.worker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while loaded.worker.death is None:
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING):
+        result = await converse(hass, "hello")
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert speech(result) == (
+        "Sorry, my model file is gone from the runtime host; put it back or pick "
+        "another model for me, then reload the Rockchip LLM integration"
+    )
+    assert f"the model file {path} of Qwen3 Sim is gone" in caplog.text
+    assert "rkllm_init failed" not in caplog.text

@@ -26,6 +26,14 @@ from homeassistant.helpers.start import async_at_started
 from homeassistant.helpers.typing import ConfigType
 
 from .agent import Agent, AgentSettings
+from .agent_state import (
+    AGENT_ISSUE_KIND,
+    AgentFailure,
+    AgentProblem,
+    load_failure,
+    running_failure,
+)
+from .cache_repair import CacheDiskRepair, async_report_cache_write
 from .connect import async_connect_host
 from .const import (
     CONF_MODEL,
@@ -41,6 +49,7 @@ from .host.board import npu_driver_too_old
 from .host.model_files import ModelInfo, ModelScan, ModelsDirError
 from .host.prompt_cache import CacheEntry, CacheError, CacheWriteError
 from .host.rkllm.errors import (
+    LibraryChanged,
     LibraryCopyFailed,
     LibraryError,
     LibraryNotFound,
@@ -76,7 +85,16 @@ class RockchipRuntime:
     scan: ModelScan
     host_device: dr.DeviceEntry
     """The host's device: the agents' devices run through it."""
+    disk_repair: CacheDiskRepair
     agents: dict[str, Agent] = field(default_factory=dict)
+    failures: dict[str, AgentFailure] = field(default_factory=dict)
+    """Why each agent that was not set up is not, by subentry id."""
+
+    def failure(self, subentry_id: str) -> AgentFailure | None:
+        """Why an agent cannot answer (None: it can)."""
+        if (agent := self.agents.get(subentry_id)) is None:
+            return self.failures.get(subentry_id)
+        return running_failure(agent)
 
     @property
     def chat_agents(self) -> list[Agent]:
@@ -132,10 +150,20 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
                 translation_key=err.reason,
                 translation_placeholders={"path": str(err.path)},
             ) from err
-        engine = Engine(host, runtime, partial(_async_report_cache_write, hass, entry))
-        runtime_data = RockchipRuntime(
-            engine=engine, scan=scan, host_device=host_device
+        disk_repair = CacheDiskRepair(hass, entry.entry_id, host.store)
+        engine = Engine(
+            host,
+            runtime,
+            disk_repair.report,
+            partial(_async_model_down, hass, entry, host),
         )
+        runtime_data = RockchipRuntime(
+            engine=engine,
+            scan=scan,
+            host_device=host_device,
+            disk_repair=disk_repair,
+        )
+        disk_repair.on_cleared = partial(_async_refresh_system_caches, runtime_data)
         try:
             await _async_load_agents(hass, entry, runtime_data)
         except BaseException:
@@ -145,6 +173,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
         await host.async_close()
         raise
     entry.runtime_data = runtime_data
+    entry.async_on_unload(disk_repair.async_start())
     entry.async_on_unload(host.on_lost(partial(_async_host_lost, hass, entry)))
     entry.async_on_unload(
         hass.bus.async_listen(
@@ -189,7 +218,7 @@ def _check_library(
         err = LibraryError(str(err) or "the runtime host has no usable library")
     if isinstance(err, LibraryCopyFailed):
         # The cache folder's disk is full or read-only: retried, with its repair.
-        _async_report_cache_write(hass, entry, host.library_copy_problem())
+        async_report_cache_write(hass, entry.entry_id, host.library_copy_problem())
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
             translation_key=err.translation_key,
@@ -248,6 +277,10 @@ async def _async_load_agents(
         issue_id = f"model_missing_{subentry.subentry_id}"
         if model not in runtime.scan.models:
             LOGGER.error("Model folder %r of agent %r is gone", model, subentry.title)
+            runtime.failures[subentry.subentry_id] = AgentFailure(
+                AgentProblem.MODEL_MISSING,
+                f"the model folder {model!r} is not in the models folder",
+            )
             _async_create_issue(
                 hass,
                 issue_id,
@@ -280,6 +313,7 @@ async def _async_load_agents(
             except RKLLMError as err:
                 # Only this model's agents are down; the others and the entry stay up
                 # (and the agents editable). A reload tries again.
+                runtime.failures[subentry_id] = load_failure(err)
                 _async_agent_failed(hass, entry, subentry, err)
                 continue
             chat = subentry.subentry_type == SUBENTRY_CONVERSATION
@@ -299,9 +333,7 @@ async def _async_load_agents(
     disk_failed = False
     for subentry_id, system_cache in runtime.system_caches.items():
         agent = runtime.agents[subentry_id]
-        system_cache.on_fit_changed = partial(
-            async_report_fit, hass, entry.entry_id, entry.title, agent
-        )
+        system_cache.on_fit_changed = partial(_async_fit_changed, hass, entry, agent)
         try:
             await system_cache.async_prepare("setup")
         except PrefixDoesNotFit as err:
@@ -323,8 +355,20 @@ async def _async_load_agents(
                 agent.session.name,
             )
             runtime.agents.pop(agent.subentry_id).shutdown()
+            runtime.failures[agent.subentry_id] = AgentFailure(
+                AgentProblem.PREPARE_FAILED, str(err) or type(err).__name__
+            )
     if not disk_failed:
-        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+        await runtime.disk_repair.async_check()
+
+
+@callback
+def _async_fit_changed(
+    hass: HomeAssistant, entry: RockchipConfigEntry, agent: Agent
+) -> None:
+    """Report how the agent's prefix fits; its entities follow whether it can answer."""
+    async_report_fit(hass, entry.entry_id, entry.title, agent)
+    agent.session.notify()
 
 
 async def _async_acquire(
@@ -386,24 +430,48 @@ def _async_agent_failed(
             "entry": entry.title,
             "error": reason,
         },
+        fix_data={
+            "kind": AGENT_ISSUE_KIND,
+            "entry_id": entry.entry_id,
+            "subentry_id": subentry.subentry_id,
+        },
     )
-
-
-def _cache_issue_id(entry: RockchipConfigEntry) -> str:
-    return f"cache_dir_{entry.entry_id}"
 
 
 @callback
-def _async_report_cache_write(
-    hass: HomeAssistant, entry: RockchipConfigEntry, error: CacheWriteError | None
+def _async_refresh_system_caches(runtime: RockchipRuntime) -> None:
+    """Build the system caches that are missing (the disk takes them again)."""
+    for system_cache in runtime.system_caches.values():
+        system_cache.schedule_refresh()
+
+
+@callback
+def _async_model_down(
+    hass: HomeAssistant,
+    entry: RockchipConfigEntry,
+    host: RuntimeHost,
+    model: str,
+    err: RKLLMError,
 ) -> None:
-    """Raise the disk repair when the disk refuses a cache; clear it once one is written."""
-    if error is None or error.disk_problem is None:
-        ir.async_delete_issue(hass, DOMAIN, _cache_issue_id(entry))
+    """Say with a repair why a model stays down until a reload (which clears it).
+
+    A changed library has the library's repair; a model given up, one per agent.
+    """
+    if isinstance(err, LibraryChanged):
+        LOGGER.error("%s", err)
+        _async_create_issue(
+            hass,
+            f"library_{entry.entry_id}",
+            "library_changed",
+            {"path": str(host.hello.get("library_path", "")), "error": str(err)},
+        )
         return
-    _async_create_issue(
-        hass, _cache_issue_id(entry), error.disk_problem, error.placeholders
-    )
+    runtime: RockchipRuntime | None = getattr(entry, "runtime_data", None)
+    if runtime is None:
+        return  # during setup, which reports its agents that fail itself
+    for subentry_id, agent in runtime.agents.items():
+        if agent.session.name == model:
+            _async_agent_failed(hass, entry, entry.subentries[subentry_id], err, model)
 
 
 @callback

@@ -11,7 +11,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
 from .const import DOMAIN, SUBENTRY_AI_TASK
-from .entity import RockchipLLMBaseEntity, ready_subentries
+from .entity import RockchipLLMBaseEntity, agent_subentries
 from .errors import refuse_nul
 from .ha_compat import schema_to_openapi, vol
 
@@ -27,8 +27,8 @@ async def async_setup_entry(
     entry: RockchipConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add one AI Task entity per ready AI Task agent."""
-    for subentry in ready_subentries(entry, SUBENTRY_AI_TASK):
+    """Add one AI Task entity per AI Task agent (one that failed says why)."""
+    for subentry in agent_subentries(entry, SUBENTRY_AI_TASK):
         async_add_entities(
             [RockchipAITaskEntity(entry, subentry)],
             config_subentry_id=subentry.subentry_id,
@@ -67,6 +67,7 @@ class RockchipAITaskEntity(ai_task.AITaskEntity, RockchipLLMBaseEntity):
     ) -> ai_task.GenDataTaskResult:
         """Run the task; structured output gets one retry with the parse error."""
         refuse_nul(task.instructions, "instructions")
+        self.check_can_answer()
         instructions = _json_instructions(task.structure) if task.structure else None
         for attempt in range(STRUCTURE_ATTEMPTS):
             await self._async_handle_chat_log(chat_log, instructions)

@@ -11,7 +11,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import RockchipConfigEntry
 from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
-from .entity import ready_subentries
+from .entity import agent_subentries
 from .status import AgentStatusEntity
 
 # Pushed by the model's handle; nothing waits for an update.
@@ -26,9 +26,9 @@ async def async_setup_entry(
     entry: RockchipConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add a busy sensor to every ready agent."""
+    """Add a busy sensor to every agent."""
     for subentry_type in (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK):
-        for subentry in ready_subentries(entry, subentry_type):
+        for subentry in agent_subentries(entry, subentry_type):
             async_add_entities(
                 [BusySensor(entry, subentry, BUSY)],
                 config_subentry_id=subentry.subentry_id,

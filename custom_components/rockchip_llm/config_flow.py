@@ -9,6 +9,7 @@ from typing import Any, Final
 
 from homeassistant.config_entries import (
     SOURCE_USER,
+    SOURCE_ZEROCONF,
     ConfigEntry,
     ConfigEntryState,
     ConfigFlow,
@@ -36,7 +37,7 @@ from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from homeassistant.helpers.typing import VolDictType
 
 from .agent import Agent
-from .connect import async_open_host
+from .connect import async_open_host, parse_address
 from .const import (
     ABI_FAMILY_AUTO,
     AGENT_OPTION_DEFAULTS,
@@ -47,12 +48,14 @@ from .const import (
     CONF_ENABLE_THINKING,
     CONF_HISTORY_STRATEGY,
     CONF_HOST_ADDRESS,
+    CONF_HOST_IDENTITY,
     CONF_LIBRARY_PATH,
     CONF_MAX_CONTEXT_LEN,
     CONF_MAX_HISTORY,
     CONF_MAX_NEW_TOKENS,
     CONF_MODEL,
     CONF_MODELS_DIR,
+    CONF_PAIRING_KEY,
     CONF_PROMPT,
     CONF_REPEAT_PENALTY,
     CONF_STALL_TIMEOUT,
@@ -71,12 +74,14 @@ from .const import (
     HistoryStrategy,
 )
 from .ha_compat import vol
+from .host.identity import PAIRING_KEY_FILE, format_pairing_key, parse_pairing_key
 from .host.model_files import ModelInfo, ModelScan, ModelsDirError
 from .host.rkllm.abi import AbiFamily, family_setting
 from .host.rkllm.errors import LibraryCopyFailed
 from .host.rkllm.library import LIBRARY_NAME, file_is_simulator
 from .host.version import DEFAULT_PORT
-from .host.wire import HostError
+from .host.wire import HostBusy, HostError, HostPairingRefused
+from .link import TcpHost
 from .prefix_report import async_group_costs, costs_text
 from .remote import RuntimeHost
 from .simulation import SIMULATOR_ENV, simulated_label
@@ -97,6 +102,8 @@ class _Validation:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     simulated: bool = False
     """The library is the development simulator."""
+    identity: str | None = None
+    """A TCP host's identity, seen and proven by the pairing key."""
 
 
 def _host_facts(host: RuntimeHost) -> dict[str, str]:
@@ -334,6 +341,43 @@ def _runtime_settings(user_input: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+_HOST_SCHEMA: Final = vol.Schema(
+    {
+        vol.Required(CONF_HOST_ADDRESS): TextSelector(),
+        vol.Optional(CONF_PAIRING_KEY): TextSelector(),
+    }
+)
+_PAIRING_PLACES: Final = {"key_file": PAIRING_KEY_FILE}
+"""Placeholders of the texts that say where a host keeps its pairing key."""
+
+
+def _host_data(user_input: Mapping[str, Any], result: _Validation) -> dict[str, str]:
+    """Return a host form's entry data: the address and, for TCP, the key as printed.
+
+    A missing or malformed key, or an address that is none, goes to result.errors.
+    """
+    address = str(user_input[CONF_HOST_ADDRESS]).strip()
+    data = {CONF_HOST_ADDRESS: address}
+    try:
+        parsed = parse_address(address)
+    except ValueError as err:
+        result.errors[CONF_HOST_ADDRESS] = "invalid_host_address"
+        result.placeholders["error"] = str(err)
+        return data
+    if not isinstance(parsed, TcpHost):
+        return data
+    typed = str(user_input.get(CONF_PAIRING_KEY, "")).strip()
+    if not typed:
+        result.errors[CONF_PAIRING_KEY] = "pairing_key_required"
+        return data
+    try:
+        data[CONF_PAIRING_KEY] = format_pairing_key(parse_pairing_key(typed))
+    except ValueError as err:
+        result.errors[CONF_PAIRING_KEY] = "invalid_pairing_key"
+        result.placeholders["error"] = str(err)
+    return data
+
+
 class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
     """Set up one RKLLM runtime: library, models folder and cache folder."""
 
@@ -367,16 +411,14 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
         result = _Validation()
         try:
             host = await async_open_host(self.hass, data, f"config flow {self.flow_id}")
-        except ValueError as err:  # an address that is none
-            result.errors[CONF_HOST_ADDRESS] = "invalid_host_address"
-            result.placeholders["error"] = str(err)
-            return result
         except HostError as err:
-            result.errors["base"] = err.translation_key
+            field = CONF_PAIRING_KEY if isinstance(err, HostPairingRefused) else "base"
+            result.errors[field] = err.translation_key
             result.placeholders["error"] = str(err)
             return result
         try:
             await _async_validate_host(host, result)
+            result.identity = host.identity
             self._host_facts = _host_facts(host)
         except Exception:
             _LOGGER.exception("Unexpected error while checking the runtime")
@@ -455,27 +497,43 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
     async def async_step_host(
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
-        """Ask for the address of a runtime host and show what it reports."""
+        """Ask for the address of a runtime host (and a TCP host's pairing key)."""
         validation = _Validation()
         if user_input is not None:
-            address = user_input[CONF_HOST_ADDRESS].strip()
-            data = {CONF_HOST_ADDRESS: address}
-            self._async_abort_entries_match(data)
-            validation = await self._async_validate(data)
+            data = _host_data(user_input, validation)
             if not validation.errors:
-                self._paths = data
+                self._async_abort_entries_match(
+                    {CONF_HOST_ADDRESS: data[CONF_HOST_ADDRESS]}
+                )
+                validation = await self._async_validate(data)
+            if not validation.errors:
+                self._check_announced(validation)
+            if not validation.errors:
+                if validation.identity is not None:
+                    await self.async_set_unique_id(validation.identity)
+                    self._abort_if_unique_id_configured(error="host_already_configured")
+                    data[CONF_HOST_IDENTITY] = validation.identity
+                self._paths = dict(data)
                 self._models = validation.models
                 self._simulated = validation.simulated
                 return await self.async_step_model()
         return self.async_show_form(
             step_id="host",
             data_schema=self.add_suggested_values_to_schema(
-                vol.Schema({vol.Required(CONF_HOST_ADDRESS): TextSelector()}),
-                user_input or self._discovered,
+                _HOST_SCHEMA, user_input or self._discovered
             ),
             errors=validation.errors,
-            description_placeholders=validation.placeholders,
+            description_placeholders={**_PAIRING_PLACES, **validation.placeholders},
         )
+
+    def _check_announced(self, validation: _Validation) -> None:
+        """Refuse a discovered host whose pinned identity is not the announced one."""
+        announced = self.unique_id if self.source == SOURCE_ZEROCONF else None
+        if announced is not None and validation.identity != announced:
+            validation.errors["base"] = "identity_not_announced"
+            validation.placeholders.update(
+                identity=validation.identity or "none", announced=announced
+            )
 
     async def async_step_zeroconf(
         self, discovery_info: ZeroconfServiceInfo
@@ -486,12 +544,45 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             return self.async_abort(reason="discovered_without_id")
         address = _discovered_address(discovery_info)
         await self.async_set_unique_id(str(identity))
-        self._abort_if_unique_id_configured(updates={CONF_HOST_ADDRESS: address})
+        await self._async_follow_moved_host(address)
         self._async_abort_entries_match({CONF_HOST_ADDRESS: address})
         name = str(discovery_info.properties.get("name") or discovery_info.hostname)
         self._discovered = {CONF_HOST_ADDRESS: address, CONF_NAME: name}
         self.context["title_placeholders"] = {"name": name}
         return await self.async_step_zeroconf_confirm()
+
+    async def _async_follow_moved_host(self, address: str) -> None:
+        """Abort for a configured host; give it the new address if it proves itself.
+
+        Only a host that proves the entry's pinned identity and pairing key at the
+        announced address moves the entry there: a forged announcement cannot.
+        """
+        entry = self.hass.config_entries.async_entry_for_domain_unique_id(
+            DOMAIN, self.unique_id or ""
+        )
+        if entry is None or entry.data.get(CONF_HOST_ADDRESS) == address:
+            self._abort_if_unique_id_configured(error="host_already_configured")
+            return
+        moved = {**entry.data, CONF_HOST_ADDRESS: address}
+        try:
+            host = await async_open_host(
+                self.hass, moved, f"config flow {self.flow_id}"
+            )
+        except HostBusy:
+            pass  # it proved identity and key before it said it serves the entry
+        except HostError as err:
+            _LOGGER.warning(
+                "Not moving %s to %s, announced for its host: %s",
+                entry.title,
+                address,
+                err,
+            )
+            raise AbortFlow("host_already_configured") from err
+        else:
+            await host.async_close()
+        self._abort_if_unique_id_configured(
+            updates={CONF_HOST_ADDRESS: address}, error="host_already_configured"
+        )
 
     async def async_step_zeroconf_confirm(
         self, user_input: dict[str, Any] | None = None
@@ -582,34 +673,102 @@ class RockchipLLMConfigFlow(ConfigFlow, domain=DOMAIN):
             return await self._async_show_paths_form(
                 "reconfigure", user_input, validation
             )
-        return self.async_update_reload_and_abort(
+        return self._async_update_entry(
             entry, data={**paths, **_runtime_settings(user_input)}
         )
 
     async def async_step_reconfigure_host(
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
-        """Change the address of a runtime host."""
+        """Change the address of a runtime host (or its pairing key)."""
         entry = self._get_reconfigure_entry()
         validation = _Validation()
         if user_input is not None:
-            data = {CONF_HOST_ADDRESS: user_input[CONF_HOST_ADDRESS].strip()}
-            if data == dict(entry.data):
+            data = _host_data(user_input, validation)
+            stored = {
+                key: entry.data[key]
+                for key in (CONF_HOST_ADDRESS, CONF_PAIRING_KEY)
+                if key in entry.data
+            }
+            if not validation.errors and data == stored:
                 # The host may be serving this entry now: nothing to check.
-                return self.async_update_reload_and_abort(entry, data=data)
-            self._async_abort_entries_match(data)
-            validation = await self._async_validate(data)
+                return self._async_update_entry(entry, data=entry.data)
             if not validation.errors:
-                return self.async_update_reload_and_abort(entry, data=data)
+                if data[CONF_HOST_ADDRESS] != entry.data[CONF_HOST_ADDRESS]:
+                    self._async_abort_entries_match(
+                        {CONF_HOST_ADDRESS: data[CONF_HOST_ADDRESS]}
+                    )
+                validation = await self._async_validate(data)
+            if not validation.errors:
+                return self._async_paired(entry, data, validation.identity)
         return self.async_show_form(
             step_id="reconfigure_host",
             data_schema=self.add_suggested_values_to_schema(
-                vol.Schema({vol.Required(CONF_HOST_ADDRESS): TextSelector()}),
-                user_input or entry.data,
+                _HOST_SCHEMA, user_input or entry.data
             ),
             errors=validation.errors,
-            description_placeholders=validation.placeholders,
+            description_placeholders={**_PAIRING_PLACES, **validation.placeholders},
         )
+
+    async def async_step_reauth(
+        self, entry_data: Mapping[str, Any]
+    ) -> ConfigFlowResult:
+        """Pair again with a TCP host that refused the key or changed its identity."""
+        return await self.async_step_reauth_confirm()
+
+    async def async_step_reauth_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask for the host's pairing key; pin the identity it then proves."""
+        entry = self._get_reauth_entry()
+        address = str(entry.data[CONF_HOST_ADDRESS])
+        validation = _Validation()
+        if user_input is not None:
+            data = _host_data({**user_input, CONF_HOST_ADDRESS: address}, validation)
+            if not validation.errors:
+                validation = await self._async_validate(data)
+            if not validation.errors:
+                return self._async_paired(entry, data, validation.identity)
+        return self.async_show_form(
+            step_id="reauth_confirm",
+            data_schema=vol.Schema({vol.Required(CONF_PAIRING_KEY): TextSelector()}),
+            errors=validation.errors,
+            description_placeholders={
+                **_PAIRING_PLACES,
+                "address": address,
+                "reason": entry.reason or "",
+                **validation.placeholders,
+            },
+        )
+
+    @callback
+    def _async_paired(
+        self, entry: ConfigEntry, data: dict[str, str], identity: str | None
+    ) -> ConfigFlowResult:
+        """Store a host's new address or key and the identity it proved; reload."""
+        if identity is None:  # a Unix socket: no pairing
+            return self._async_update_entry(entry, unique_id=None, data=data)
+        other = self.hass.config_entries.async_entry_for_domain_unique_id(
+            DOMAIN, identity
+        )
+        if other is not None and other.entry_id != entry.entry_id:
+            return self.async_abort(reason="host_already_configured")
+        return self._async_update_entry(
+            entry, unique_id=identity, data={**data, CONF_HOST_IDENTITY: identity}
+        )
+
+    @callback
+    def _async_update_entry(
+        self, entry: ConfigEntry, *, data: Mapping[str, Any], **changes: Any
+    ) -> ConfigFlowResult:
+        """Store a reconfigured or re-paired entry and set it up again.
+
+        A loaded entry's update listener reloads it when something changed; any
+        other entry is reloaded here (a retry or an error, it tries again).
+        """
+        if entry.update_listeners:
+            return self.async_update_and_abort(entry, data=data, **changes)
+        return self.async_update_reload_and_abort(entry, data=data, **changes)
 
     @classmethod
     @callback

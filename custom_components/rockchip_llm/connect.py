@@ -1,12 +1,18 @@
 """Where an entry's runtime host runs, and connecting to it."""
 
 from collections.abc import Mapping
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
+from homeassistant.exceptions import (
+    ConfigEntryAuthFailed,
+    ConfigEntryError,
+    ConfigEntryNotReady,
+    HomeAssistantError,
+)
 from homeassistant.helpers import instance_id
 
 from .const import (
@@ -14,8 +20,10 @@ from .const import (
     CONF_CACHE_BUDGET,
     CONF_CACHE_DIR,
     CONF_HOST_ADDRESS,
+    CONF_HOST_IDENTITY,
     CONF_LIBRARY_PATH,
     CONF_MODELS_DIR,
+    CONF_PAIRING_KEY,
     CONF_STALL_TIMEOUT,
     DEFAULT_CACHE_BUDGET_MB,
     DEFAULT_STALL_TIMEOUT_S,
@@ -24,7 +32,12 @@ from .const import (
 from .host.address import parse_tcp_address
 from .host.rkllm.abi import parse_family
 from .host.server import HostConfig
-from .host.wire import HostError, HostVersionMismatch
+from .host.wire import (
+    HostError,
+    HostIdentityChanged,
+    HostPairingRefused,
+    HostVersionMismatch,
+)
 from .link import HostAddress, LocalHost, TcpHost, UnixHost, async_connect, local_python
 from .remote import RuntimeHost
 
@@ -40,9 +53,16 @@ def parse_address(text: str) -> UnixHost | TcpHost:
 
 
 def host_address(data: Mapping[str, Any]) -> HostAddress:
-    """Where an entry's host runs: its address, or this machine with its paths."""
+    """Where an entry's host runs: its address (with a TCP host's pairing), or here."""
     if address := data.get(CONF_HOST_ADDRESS):
-        return parse_address(str(address))
+        parsed = parse_address(str(address))
+        if isinstance(parsed, TcpHost):
+            return dataclasses.replace(
+                parsed,
+                pairing_key=str(data.get(CONF_PAIRING_KEY, "")),
+                identity=data.get(CONF_HOST_IDENTITY),
+            )
+        return parsed
     return LocalHost(
         HostConfig(
             library=Path(data[CONF_LIBRARY_PATH]),
@@ -74,15 +94,21 @@ async def async_open_host(
 
 
 async def async_connect_host(hass: HomeAssistant, entry: ConfigEntry) -> RuntimeHost:
-    """Connect to an entry's host; not ready (retried) while it does not answer."""
+    """Connect to an entry's host; not ready (retried) while it does not answer.
+
+    A TCP host that refuses the pairing key, or shows another identity, asks the
+    user to pair it again (the reauth flow).
+    """
     try:
         return await async_open_host(hass, entry.data, entry.entry_id)
     except HostError as err:
-        failure = (
-            ConfigEntryError
-            if isinstance(err, HostVersionMismatch)
-            else ConfigEntryNotReady
-        )
+        failure: type[HomeAssistantError]
+        if isinstance(err, HostPairingRefused | HostIdentityChanged):
+            failure = ConfigEntryAuthFailed
+        elif isinstance(err, HostVersionMismatch):
+            failure = ConfigEntryError
+        else:
+            failure = ConfigEntryNotReady
         raise failure(
             translation_domain=DOMAIN,
             translation_key=err.translation_key,

@@ -23,6 +23,11 @@ DEFAULT_STALL_TIMEOUT_S: Final = 30
 CONF_HOST_ADDRESS: Final = "host_address"
 """Where a runtime host that Home Assistant does not start listens (a socket path or
 host:port); without it, Home Assistant starts the host on this machine."""
+CONF_PAIRING_KEY: Final = "pairing_key"
+"""The pairing key a TCP host printed (its state folder keeps it too)."""
+CONF_HOST_IDENTITY: Final = "host_identity"
+"""The identity of the TCP host paired with: sha256:<hex> of its certificate, also
+the entry's unique id."""
 CONF_ABI_FAMILY: Final = "abi_family"
 """ABI family to use when the library cannot be identified ("auto": none given)."""
 ABI_FAMILY_AUTO: Final = "auto"

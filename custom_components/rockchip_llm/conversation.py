@@ -13,7 +13,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from . import RockchipConfigEntry
 from .agent_prefix import async_provide_llm_data
 from .const import DOMAIN, SUBENTRY_CONVERSATION
-from .entity import RockchipLLMBaseEntity, only_invalid_tool_calls, ready_subentries
+from .entity import RockchipLLMBaseEntity, agent_subentries, only_invalid_tool_calls
 from .errors import refuse_nul
 from .ha_compat import ConversationBusyError
 
@@ -26,8 +26,8 @@ async def async_setup_entry(
     entry: RockchipConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add one conversation entity per ready agent."""
-    for subentry in ready_subentries(entry, SUBENTRY_CONVERSATION):
+    """Add one conversation entity per agent (one that failed answers why)."""
+    for subentry in agent_subentries(entry, SUBENTRY_CONVERSATION):
         async_add_entities(
             [RockchipConversationEntity(entry, subentry)],
             config_subentry_id=subentry.subentry_id,
@@ -57,8 +57,9 @@ class RockchipConversationEntity(
 
     async def async_prepare(self, language: str | None = None) -> None:
         """Warm up when a pipeline starts: make sure the system cache is current."""
-        if (system_cache := self.agent.system_cache) is not None:
-            await system_cache.async_refresh_now()
+        agent = self.set_up_agent
+        if agent is not None and agent.system_cache is not None:
+            await agent.system_cache.async_refresh_now()
 
     async def async_process(
         self, user_input: conversation.ConversationInput
@@ -80,8 +81,9 @@ class RockchipConversationEntity(
         user_input: conversation.ConversationInput,
         chat_log: conversation.ChatLog,
     ) -> conversation.ConversationResult:
-        """Answer one user message."""
+        """Answer one user message (an agent that cannot answer says why)."""
         refuse_nul(user_input.text, "message")
+        self.check_can_answer()
         system_cache = self.agent.system_cache
         try:
             await async_provide_llm_data(

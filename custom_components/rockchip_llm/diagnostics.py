@@ -1,4 +1,4 @@
-"""Diagnostics: runtime, NPU, models, agents, their last runs and the prompt caches.
+"""Diagnostics: runtime, NPU, models, every agent's state, last runs and prompt caches.
 
 Everything here is safe to post publicly: prompts are redacted (they can name
 people), conversation history is never included, only counts and hashes.
@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from homeassistant.components.diagnostics import async_redact_data
-from homeassistant.config_entries import ConfigEntryState
+from homeassistant.config_entries import ConfigEntryState, ConfigSubentry
 from homeassistant.core import HomeAssistant
 
-from . import RockchipConfigEntry, RockchipRuntime
+from . import AGENT_SUBENTRIES, RockchipConfigEntry, RockchipRuntime
 from .agent import Agent
 from .connect import async_open_host
-from .const import CONF_PROMPT
+from .const import CONF_MODEL, CONF_PAIRING_KEY, CONF_PROMPT, SUBENTRY_CONVERSATION
 from .engine import Engine
 from .host.model_files import ModelScan, ModelsDirError
 from .host.prompt_cache import CacheEntry, CacheError
@@ -30,6 +30,8 @@ from .remote import RuntimeHost
 from .session import ModelSession
 
 TO_REDACT: Final = {CONF_PROMPT}
+ENTRY_TO_REDACT: Final = {CONF_PAIRING_KEY}
+"""A TCP host's pairing key: whoever has it can use the host."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -119,15 +121,28 @@ def _prefix(agent: Agent) -> dict[str, Any] | None:
     }
 
 
-def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
-    """Describe an agent: settings, system prefix and cache, model it shares."""
+def _agent_state(
+    entry: RockchipConfigEntry, subentry: ConfigSubentry
+) -> dict[str, Any]:
+    """Describe an agent, set up or not: its state and reason, then its details."""
     runtime = entry.runtime_data
-    subentry = entry.subentries.get(agent.subentry_id)
+    failure = runtime.failure(subentry.subentry_id)
+    described: dict[str, Any] = {
+        "title": subentry.title,
+        "chat": subentry.subentry_type == SUBENTRY_CONVERSATION,
+        "model": subentry.data[CONF_MODEL],
+    }
+    described |= failure.as_dict() if failure is not None else {"state": "loaded"}
+    if (agent := runtime.agents.get(subentry.subentry_id)) is not None:
+        described |= _agent(entry, agent)
+    return described
+
+
+def _agent(entry: RockchipConfigEntry, agent: Agent) -> dict[str, Any]:
+    """Describe a set-up agent: settings, system prefix and cache, model it shares."""
+    runtime = entry.runtime_data
     cache = agent.system_cache.cache if agent.system_cache else None
     return {
-        "title": subentry.title if subentry else None,
-        "chat": agent.chat,
-        "model": agent.session.name,
         "settings": _jsonable(agent.settings),
         "history_strategy_in_force": agent.history.strategy.value,
         "reuse_failures": list(agent.history.failures),
@@ -180,6 +195,7 @@ def _host(host: RuntimeHost) -> dict[str, Any]:
         "where": host.where,
         "version": host.hello.get("host_version"),
         "pid": host.link.pid,
+        "identity": host.identity,
         "models_dir": host.hello.get("models_dir"),
         "cache_dir": host.hello.get("cache_dir"),
         "board": host.board,
@@ -224,7 +240,7 @@ async def async_get_config_entry_diagnostics(
             "title": entry.title,
             "state": entry.state.value,
             "reason": entry.reason,
-            "data": dict(entry.data),
+            "data": async_redact_data(entry.data, ENTRY_TO_REDACT),
             "options": dict(entry.options),
         },
         "subentries": {
@@ -250,9 +266,11 @@ async def async_get_config_entry_diagnostics(
         "loaded_models": {
             name: _session(session) for name, session in engine.sessions.items()
         },
+        # Every agent, also one that was not set up (its state says why).
         "agents": {
-            subentry_id: _agent(entry, agent)
-            for subentry_id, agent in runtime.agents.items()
+            subentry_id: _agent_state(entry, subentry)
+            for subentry_id, subentry in entry.subentries.items()
+            if subentry.subentry_type in AGENT_SUBENTRIES
         },
         "caches": await _async_caches(runtime),
     }

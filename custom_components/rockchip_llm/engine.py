@@ -12,6 +12,7 @@ from collections.abc import Callable
 from .host.model_files import ModelInfo
 from .host.prompt_cache import CacheWriteError
 from .host.rkllm.abi import AbiFamily
+from .host.rkllm.errors import RKLLMError
 from .host.rkllm.library import RuntimeInfo
 from .host.rkllm.runtime import ModelParams
 from .remote import RuntimeHost
@@ -61,11 +62,13 @@ class Engine:
         host: RuntimeHost,
         runtime: RuntimeInfo,
         on_cache_write: Callable[[CacheWriteError | None], None] | None = None,
+        on_model_down: Callable[[str, RKLLMError], None] | None = None,
     ) -> None:
         """Create an engine for the models of a connected host.
 
         on_cache_write hears of every cache build: None when it was written, the
-        error when the disk refused it.
+        error when the disk refused it. on_model_down hears of a model that
+        stays down until a reload (its library changed, its worker keeps dying).
         """
         self.host = host
         self.runtime = runtime
@@ -77,6 +80,7 @@ class Engine:
             store=host.store,
             on_cache_write=on_cache_write or (lambda _error: None),
             on_caches_evicted=self._forget_listings,
+            on_model_down=on_model_down or (lambda _model, _error: None),
             run_gate=None if runs_concurrently(runtime) else asyncio.Lock(),
         )
 

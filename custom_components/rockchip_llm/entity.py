@@ -6,6 +6,7 @@ import json
 
 from homeassistant.components import conversation
 from homeassistant.config_entries import ConfigSubentry
+from homeassistant.core import callback
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import device_registry as dr, llm
 from homeassistant.helpers.entity import Entity
@@ -14,7 +15,8 @@ from homeassistant.util import ulid
 from . import RockchipConfigEntry
 from .agent import Agent
 from .agent_prefix import prefix_from_chat_log
-from .const import DOMAIN, LOGGER, MAX_TOOL_ITERATIONS
+from .agent_state import AgentFailure
+from .const import CONF_MODEL, DOMAIN, LOGGER, MAX_TOOL_ITERATIONS
 from .errors import generation_failed
 from .ha_compat import tool_error_delta, tool_result_data, via_device
 from .host.rkllm.errors import RKLLMError
@@ -125,15 +127,14 @@ def only_invalid_tool_calls(chat_log: conversation.ChatLog) -> bool:
     )
 
 
-def ready_subentries(
+def agent_subentries(
     entry: RockchipConfigEntry, subentry_type: str
 ) -> list[ConfigSubentry]:
-    """Subentries of a type whose agent was set up (its model was found)."""
+    """Return the agent subentries of a type; one that failed gets its entities too."""
     return [
         subentry
         for subentry in entry.subentries.values()
         if subentry.subentry_type == subentry_type
-        and subentry.subentry_id in entry.runtime_data.agents
     ]
 
 
@@ -142,14 +143,14 @@ def agent_device_info(
 ) -> dr.DeviceInfo:
     """Return the device of an agent; with the simulator, its labels say so."""
     engine = entry.runtime_data.engine
-    agent = entry.runtime_data.agents[subentry.subentry_id]
+    model = subentry.data[CONF_MODEL]
     version = engine.runtime.version
     simulated = engine.host.simulated
     info = dr.DeviceInfo(
         identifiers={(DOMAIN, subentry.subentry_id)},
         name=subentry.title,
         manufacturer="Rockchip",
-        model=simulated_label(agent.session.name) if simulated else agent.session.name,
+        model=simulated_label(model) if simulated else model,
         sw_version=f"RKLLM simulator (runtime {version} ABI)"
         if simulated
         else f"RKLLM runtime {version}",
@@ -159,23 +160,93 @@ def agent_device_info(
     return info
 
 
-class RockchipLLMBaseEntity(Entity):
-    """An agent backed by a model on the NPU."""
+class AgentEntity(Entity):
+    """An entity on an agent's device; the agent may be unable to answer.
+
+    Such an agent's entities are unavailable, except those whose reading explains
+    why (agent_state.EXPLAINED_BY). They follow the model's changes (pushed).
+    """
 
     _attr_has_entity_name = True
-    _attr_name = None
+    _attr_should_poll = False
 
     def __init__(self, entry: RockchipConfigEntry, subentry: ConfigSubentry) -> None:
-        """Set up identity and device info."""
+        """Bind the entity to its agent and its device."""
         self.entry = entry
         self.subentry = subentry
-        self._attr_unique_id = subentry.subentry_id
+        self._runtime = entry.runtime_data
         self._attr_device_info = agent_device_info(entry, subentry)
 
     @property
     def agent(self) -> Agent:
-        """The agent's runtime state."""
-        return self.entry.runtime_data.agents[self.subentry.subentry_id]
+        """The agent's runtime state (only while available)."""
+        return self._runtime.agents[self.subentry.subentry_id]
+
+    @property
+    def set_up_agent(self) -> Agent | None:
+        """The agent's runtime state; None when it was not set up."""
+        return self._runtime.agents.get(self.subentry.subentry_id)
+
+    @property
+    def failure(self) -> AgentFailure | None:
+        """Why the agent cannot answer (None: it can)."""
+        return self._runtime.failure(self.subentry.subentry_id)
+
+    def explains(self, failure: AgentFailure) -> bool:
+        """Whether this entity's reading explains failure (it then stays available)."""
+        return False
+
+    @property
+    def available(self) -> bool:
+        """Available while the agent's model is loaded and the agent can answer."""
+        agent = self.set_up_agent
+        if agent is None or not agent.session.available:
+            return False
+        failure = self.failure
+        return failure is None or self.explains(failure)
+
+    def reading(self) -> object:
+        """Return what the entity shows; its state is written when this changes."""
+        return None
+
+    def _shown(self) -> tuple[bool, object]:
+        available = self.available
+        return available, self.reading() if available else None
+
+    async def async_added_to_hass(self) -> None:
+        """Follow the model's changes (an agent that was not set up has none)."""
+        await super().async_added_to_hass()
+        if (agent := self.set_up_agent) is None:
+            return
+        shown = self._shown()
+
+        @callback
+        def changed() -> None:
+            # The model notifies several times per request (queued, taken,
+            # released, measured): only a reading that changed is written.
+            nonlocal shown
+            now = self._shown()
+            if now != shown:
+                shown = now
+                self.async_write_ha_state()
+
+        self.async_on_remove(agent.session.add_listener(changed))
+
+
+class RockchipLLMBaseEntity(AgentEntity):
+    """An agent backed by a model on the NPU."""
+
+    _attr_name = None
+
+    def __init__(self, entry: RockchipConfigEntry, subentry: ConfigSubentry) -> None:
+        """Set up identity and device info."""
+        super().__init__(entry, subentry)
+        self._attr_unique_id = subentry.subentry_id
+
+    def check_can_answer(self) -> None:
+        """Raise the one-sentence answer of an agent that cannot answer."""
+        if (failure := self.failure) is not None:
+            raise failure.answer(self.subentry.title, self.subentry.data[CONF_MODEL])
 
     async def _async_handle_chat_log(
         self, chat_log: conversation.ChatLog, instructions: str | None = None
@@ -186,15 +257,6 @@ class RockchipLLMBaseEntity(Entity):
         """
         agent = self.agent
         trim = agent.system_cache.trim if agent.system_cache else 0
-        if agent.system_cache and (fit := agent.system_cache.fit) and not fit.fits:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="prefix_does_not_fit_answer",
-                translation_placeholders={
-                    "tokens": str(fit.tokens),
-                    "max_context_len": str(fit.max_context_len),
-                },
-            )
         prefix, volatile, _layout = prefix_from_chat_log(chat_log, trim)
         tool_names = (
             {tool.name for tool in chat_log.llm_api.tools}
@@ -234,6 +296,7 @@ class RockchipLLMBaseEntity(Entity):
                 },
             ) from err
         except RKLLMError as err:
+            LOGGER.warning("%s could not answer: %s", agent.title, err)
             raise generation_failed(err) from err
 
 

@@ -6,6 +6,7 @@ worker process gets a new one (it holds nothing: no system prompt, cache or KV).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ from .host.prompt_cache import (
     CacheMetadata,
     CacheTooLong,
     CacheWriteError,
+    CorruptCache,
     prompt_sha256,
 )
 from .host.rkllm.errors import PromptCacheNotSaved, RKLLMError, RunError
@@ -33,6 +35,7 @@ from .run_planner import (
     chat_template,
     estimate_tokens,
     expected_prefill,
+    reuse_honoured,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +45,11 @@ _LOGGER = logging.getLogger(__name__)
 
 WARM_UP_PROMPT = "Hi"
 """The turn of the check run made right after a cache is loaded."""
+
+_STALE_REASONS = {
+    "no_content_hash": "built by an earlier version, its metadata has no content hash",
+}
+"""Why a cache is rebuilt, for the log, where the reason alone says too little."""
 
 
 class ReuseGuard(Protocol):
@@ -213,17 +221,25 @@ class HeldModel:
             self.loaded_cache = entry
             await self.services.store.async_touch(entry)
 
-    async def async_try_use_cache(self, entry: CacheEntry | None) -> None:
-        """Like _async_use_cache, but a cache the runtime refuses means none."""
+    async def async_try_use_cache(self, entry: CacheEntry | None) -> bool:
+        """Like async_use_cache, but a cache that cannot be loaded means none.
+
+        Return whether entry is loaded now. A file that failed its content check
+        is no longer ready: its keeper builds it again.
+        """
         try:
             await self.async_use_cache(entry)
-        except RKLLMError as err:
+        except (RKLLMError, CorruptCache) as err:
             _LOGGER.warning(
                 "Prompt cache %s cannot be loaded (%s); going without",
                 entry and entry.name,
                 err,
             )
             self.listing = None
+            if entry is not None and isinstance(err, CorruptCache):
+                self.session.forget_ready(entry.name)
+            return False
+        return entry is not None
 
     async def async_delete_cache(self, name: str) -> bool:
         """Delete a named cache of the model (released first if loaded)."""
@@ -241,15 +257,16 @@ class HeldModel:
         name: str,
         source: str,
         shared: CacheEntry | None = None,
-    ) -> CacheEntry | None:
+    ) -> tuple[CacheEntry | None, bool]:
         """Load the valid named cache of prefix, else shared, else build the named one.
 
-        shared is a cache known to hold prefix under another name. None: the
-        runtime saves no prompt cache for this model (the prefix is set).
+        shared is a cache known to hold prefix under another name. Return the
+        cache and whether it was built now. None: the runtime saves no prompt
+        cache for this model (the prefix is set).
         """
         if self.session.cache_unsupported is not None:
             await self.async_set_prefix(prefix)
-            return None
+            return None, False
         entry = await self.services.store.async_get(self.session.name, name)
         if entry is not None and (
             reason := entry.invalid_reason(self.session.expectation(prefix))
@@ -258,7 +275,7 @@ class HeldModel:
                 "Prompt cache %s/%s is stale (%s); rebuilding it",
                 self.session.name,
                 name,
-                reason,
+                _STALE_REASONS.get(reason, reason),
             )
             entry = None
         for candidate in (entry, shared):
@@ -267,33 +284,62 @@ class HeldModel:
             await self.async_set_prefix(prefix)
             try:
                 await self.async_use_cache(candidate)
-            except RKLLMError:  # a cache the runtime refuses is rebuilt
+            except CorruptCache as err:  # the host found the file not as described
+                _LOGGER.info("%s; rebuilding it", err)  # (the host warned of it)
+            except RKLLMError as err:  # a cache the runtime refuses is rebuilt
                 _LOGGER.warning(
-                    "The runtime refused prompt cache %s; rebuilding it",
+                    "The runtime refused prompt cache %s (%s); rebuilding it",
                     candidate.bin_path,
+                    err,
                 )
             else:
-                return candidate
+                return candidate, False
         try:
-            return await self.async_build_cache(prefix, name, source)
+            return await self.async_build_cache(prefix, name, source), True
         except PromptCacheNotSaved:
-            return None
+            return None, False
 
-    async def async_check_reuse(self, cache: CacheEntry, guard: ReuseGuard) -> None:
-        """Run a short turn on the cache just loaded until its reuse is honoured."""
-        if cache.metadata is None:
-            return
+    async def async_check_reuse(
+        self,
+        cache: CacheEntry,
+        guard: ReuseGuard,
+        rebuild: Callable[[], Awaitable[CacheEntry]] | None = None,
+    ) -> CacheEntry:
+        """Run a short turn on the cache just loaded until its reuse is honoured.
+
+        rebuild, for a cache loaded from disk: when the first check fails, the
+        file is suspected before the runtime (another prompt's KV under this
+        name): it is rebuilt once and checked again; only a failure after that
+        makes the guard fall back. Return the cache in use.
+        """
         while guard.strategy is not HistoryStrategy.OFF:
+            if (metadata := cache.metadata) is None:
+                break
             result = await self._async_warm_up(
                 keep_history=guard.strategy is HistoryStrategy.AUTO
             )
-            if result.perf is None or guard.check_reuse(
+            if result.perf is None:
+                break
+            prefill, expected = (
                 result.perf.prefill_tokens,
                 expected_prefill(WARM_UP_PROMPT),
-                cache.metadata.tokens,
-                "warm-up",
+            )
+            if rebuild is not None and not reuse_honoured(
+                prefill, expected, metadata.tokens
             ):
-                return
+                _LOGGER.warning(
+                    "Right after prompt cache %s was loaded the runtime prefilled %d "
+                    "tokens where about %d were expected: rebuilding the file before "
+                    "doubting the runtime",
+                    cache.bin_path,
+                    prefill,
+                    expected,
+                )
+                cache, rebuild = await rebuild(), None
+                continue
+            if guard.check_reuse(prefill, expected, metadata.tokens, "warm-up"):
+                break
+        return cache
 
     async def _async_warm_up(self, *, keep_history: bool) -> RunResult:
         """Run a one-token turn on an empty KV (only a loaded cache can help it)."""

@@ -5,27 +5,40 @@ and events back, over one stream: a socket pair to a host this machine started
 (:class:`LocalHost`), a Unix socket (:class:`UnixHost`) or TCP (:class:`TcpHost`).
 Every request is a coroutine; the link fails all of them with
 :class:`~.host.wire.HostLost` the moment the stream ends.
+
+TCP is TLS 1.3 with the host's certificate pinned by its identity (the SHA-256 of
+its DER form, checked before anything is sent), then the pairing check of
+``host/pairing.py``, then a heartbeat (``host/heartbeat.py``) that gives up a link
+silent for seconds.
 """
 
 import asyncio
 from collections.abc import Callable
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import hmac
 import itertools
 import logging
 import os
 from pathlib import Path
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 from typing import IO, Any, Final
 
+from .host.heartbeat import HEARTBEAT, Heartbeat
+from .host.identity import PAIRING_KEY_FILE, identity_of, parse_pairing_key
+from .host.pairing import PairingFailed, async_prove_client
 from .host.server import HostConfig
+from .host.tcp_server import FAILURE_LIMIT, FAILURE_WINDOW
 from .host.version import HOST_VERSION, PROTOCOL_VERSION, update_advice
 from .host.wire import (
     MAX_MESSAGE_BYTES,
+    HostIdentityChanged,
     HostLost,
+    HostPairingRefused,
     HostUnreachable,
     HostVersionMismatch,
     Message,
@@ -105,10 +118,14 @@ class UnixHost:
 
 @dataclass(frozen=True, slots=True)
 class TcpHost:
-    """A host listening on TCP."""
+    """A host listening on TCP (TLS, and the pairing key)."""
 
     address: str
     port: int
+    pairing_key: str = field(default="", repr=False)
+    """The key the host printed, as typed."""
+    identity: str | None = None
+    """The identity paired with; None while pairing (the key proves the host)."""
 
     def describe(self) -> str:
         """Say where the host runs, for messages."""
@@ -116,6 +133,18 @@ class TcpHost:
 
 
 type HostAddress = LocalHost | UnixHost | TcpHost
+
+
+def _tls_context() -> ssl.SSLContext:
+    """TLS 1.3 that accepts any certificate: the caller pins it by its identity."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_TLS: Final = _tls_context()
 
 
 def _log_host_record(event: Message) -> None:
@@ -140,9 +169,14 @@ class HostLink:
         where: str,
         process: subprocess.Popen[bytes] | None = None,
         stderr: IO[bytes] | None = None,
+        *,
+        identity: str | None = None,
+        heartbeat: bool = False,
     ) -> None:
-        """Serve a connected stream; start() begins reading it."""
+        """Serve a connected stream; start() begins reading it (and beating)."""
         self.where = where
+        self.identity = identity
+        """The TCP host's identity (sha256:<hex> of its certificate), else None."""
         self._reader = reader
         self._writer = writer
         self._process = process
@@ -155,6 +189,8 @@ class HostLink:
         self.lost: HostLost | None = None
         """Why the link ended, once it has."""
         self._closing = False
+        self._heartbeat = Heartbeat(self._write_heartbeat, self._silent)
+        self._beating = heartbeat
 
     @property
     def pid(self) -> int | None:
@@ -166,6 +202,8 @@ class HostLink:
         self._reading = asyncio.get_running_loop().create_task(
             self._async_read(), name=f"rockchip_llm host link {self.where}"
         )
+        if self._beating:
+            self._heartbeat.start()
 
     def on_event(self, event: str, handler: EventHandler) -> None:
         """Call handler with every event of that name."""
@@ -187,10 +225,11 @@ class HostLink:
         self._pending[request_id] = (future, sink)
         try:
             self._writer.write(encode({"id": request_id, "op": op, "args": args or {}}))
+            self._heartbeat.wrote = True
             await self._writer.drain()
             return await future
         except ConnectionError as err:
-            raise self._lost_error(str(err)) from err
+            raise self.lost or self._lost_error(str(err)) from err
         finally:
             self._pending.pop(request_id, None)
 
@@ -198,12 +237,29 @@ class HostLink:
         """Send a request whose answer nobody waits for (an abort)."""
         if self.lost is None and not self._writer.is_closing():
             self._writer.write(encode({"id": 0, "op": op, "args": args}))
+            self._heartbeat.wrote = True
+
+    def _write_heartbeat(self, beat: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(beat)
+
+    def _silent(self) -> None:
+        """Nothing came for seconds: the link is lost (the answer in flight fails)."""
+        self._end(
+            self._lost_error(
+                f"nothing arrived for {self._heartbeat.silence_limit:g} s (the "
+                "network or the host stalled)"
+            )
+        )
+        self._writer.transport.abort()
 
     async def _async_read(self) -> None:
         why = "the host closed the connection"
         try:
             while line := await self._reader.readline():
-                self._dispatch(decode(line))
+                self._heartbeat.heard = True
+                if line != HEARTBEAT:
+                    self._dispatch(decode(line))
         except (ConnectionError, OSError) as err:
             why = f"the connection broke ({err})"
         except ValueError as err:
@@ -241,6 +297,7 @@ class HostLink:
         if self.lost is not None:
             return
         self.lost = error
+        self._heartbeat.stop()
         pending, self._pending = self._pending, {}
         for future, _sink in pending.values():
             if not future.done():
@@ -254,6 +311,7 @@ class HostLink:
     async def async_close(self) -> None:
         """Close the link; a local host then stops its workers and ends."""
         self._closing = True
+        self._heartbeat.stop()
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
@@ -311,10 +369,73 @@ def _spawn(
     return ours, process, stderr
 
 
-async def _async_open(
-    address: HostAddress,
-) -> HostLink:
-    """Open a stream to the host (starting it when it is this machine's)."""
+async def _async_check_host(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    address: TcpHost,
+    key: bytes,
+) -> str:
+    """Check a TLS host's identity (before sending anything) and pair; return it."""
+    where = address.describe()
+    ssl_object = writer.get_extra_info("ssl_object")
+    seen = identity_of(ssl_object.getpeercert(binary_form=True))
+    if address.identity is not None and not hmac.compare_digest(seen, address.identity):
+        raise HostIdentityChanged(
+            f"the runtime host at {where} shows another identity ({seen}) than "
+            f"the one paired ({address.identity}): it was reinstalled or lost its "
+            "state folder, or another machine answers at this address",
+            address=where,
+            identity=seen,
+            paired=address.identity,
+        )
+    try:
+        await async_prove_client(reader, writer, key, seen)
+    except PairingFailed as err:
+        raise HostPairingRefused(
+            f"the runtime host at {where} did not accept the pairing key ({err}): "
+            f"check the key it prints at its start (in its state folder, file "
+            f"{PAIRING_KEY_FILE}); after {FAILURE_LIMIT} failed tries it refuses "
+            f"this machine for up to {FAILURE_WINDOW:g} s",
+            address=where,
+        ) from err
+    return seen
+
+
+async def _async_open_tls(
+    address: TcpHost,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """Open TLS to a TCP host, check its identity and pair; return the stream and it."""
+    where = address.describe()
+    try:
+        key = parse_pairing_key(address.pairing_key)
+    except ValueError as err:
+        raise HostPairingRefused(
+            f"no usable pairing key for the runtime host at {where} ({err}): pair "
+            "it again with the key it prints at its start",
+            address=where,
+        ) from err
+    try:
+        reader, writer = await asyncio.open_connection(
+            address.address, address.port, limit=MAX_MESSAGE_BYTES, ssl=_TLS
+        )
+    except ssl.SSLError as err:
+        raise HostUnreachable(
+            f"the TLS handshake with the runtime host at {where} failed "
+            f"({err.reason or err}): is it a runtime host of this version, "
+            "listening with --tcp?",
+            address=where,
+            reason=f"TLS: {err.reason or err}",
+        ) from err
+    try:
+        seen = await _async_check_host(reader, writer, address, key)
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer, seen
+
+
+async def async_open(address: HostAddress) -> HostLink:
+    """Open a link to the host, not greeted yet (starting it when it is this machine's)."""
     loop = asyncio.get_running_loop()
     where = address.describe()
     try:
@@ -329,10 +450,8 @@ async def _async_open(
                 reader, writer = await asyncio.open_unix_connection(
                     str(address.path), limit=MAX_MESSAGE_BYTES
                 )
-            else:
-                reader, writer = await asyncio.open_connection(
-                    address.address, address.port, limit=MAX_MESSAGE_BYTES
-                )
+                return HostLink(reader, writer, where)
+            reader, writer, identity = await _async_open_tls(address)
     except TimeoutError as err:
         raise HostUnreachable(
             f"no runtime host answered at {where} within {CONNECT_TIMEOUT:g} s",
@@ -345,14 +464,11 @@ async def _async_open(
             address=where,
             reason=str(err.strerror or err),
         ) from err
-    return HostLink(reader, writer, where)
+    return HostLink(reader, writer, where, identity=identity, heartbeat=True)
 
 
-async def async_connect(
-    address: HostAddress, client_id: str
-) -> tuple[HostLink, Message]:
-    """Connect to a host and greet it; return the link and the host's hello."""
-    link = await _async_open(address)
+async def async_greet(link: HostLink, client_id: str) -> Message:
+    """Start an open link and say hello; return the host's hello (the link closed if not)."""
     link.start()
     try:
         async with asyncio.timeout(HELLO_TIMEOUT):
@@ -391,7 +507,15 @@ async def async_connect(
             host_version=str(hello.get("host_version")),
             client_version=HOST_VERSION,
         )
-    return link, hello
+    return hello
+
+
+async def async_connect(
+    address: HostAddress, client_id: str
+) -> tuple[HostLink, Message]:
+    """Connect to a host and greet it; return the link and the host's hello."""
+    link = await async_open(address)
+    return link, await async_greet(link, client_id)
 
 
 def local_python() -> str:

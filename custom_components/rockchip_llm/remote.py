@@ -247,6 +247,27 @@ class RemoteStore:
         error = error_from_wire(problem)
         return error if isinstance(error, CacheWriteError) else None
 
+    async def async_disk_problem(
+        self, model: str | None, name: str, needed_bytes: int, evictable: str
+    ) -> CacheWriteError | None:
+        """Return what would refuse a cache of needed_bytes now (disk, budget), if anything.
+
+        model None: the cache folder itself is asked.
+        """
+        problem = await self._link.request(
+            "cache.disk_problem",
+            {
+                "model": model,
+                "name": name,
+                "needed_bytes": needed_bytes,
+                "evictable": evictable,
+            },
+        )
+        if problem is None:
+            return None
+        error = error_from_wire(problem)
+        return error if isinstance(error, CacheWriteError) else None
+
     async def async_usage(self) -> Message:
         """Return the cache folder's path, budget, used and free bytes."""
         usage: Message = await self._link.request("cache.usage")
@@ -271,6 +292,11 @@ class RuntimeHost:
     def where(self) -> str:
         """Where the host runs, for messages ("this machine", an address)."""
         return self.link.where
+
+    @property
+    def identity(self) -> str | None:
+        """A TCP host's identity (sha256:<hex> of its certificate), else None."""
+        return self.link.identity
 
     @property
     def runtime(self) -> RuntimeInfo | None:

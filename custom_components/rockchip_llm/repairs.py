@@ -13,6 +13,8 @@ from homeassistant.helpers.selector import (
 )
 
 from .agent import Agent
+from .agent_repair import AgentFailedRepairFlow
+from .agent_state import AGENT_ISSUE_KIND
 from .config_flow import async_scan_or_abort, model_selector
 from .const import (
     AGENT_OPTION_DEFAULTS,
@@ -167,8 +169,10 @@ async def async_create_fix_flow(
     issue_id: str,
     data: dict[str, str | int | float | None] | None,
 ) -> RepairsFlow:
-    """Create the fix flow of a fixable issue: a missing model, or a prefix."""
+    """Create the fix flow of a fixable issue: a missing model, an agent, a prefix."""
     assert data is not None
+    if data.get("kind") == AGENT_ISSUE_KIND:
+        return AgentFailedRepairFlow(str(data["entry_id"]), str(data["subentry_id"]))
     if data.get("kind") == PREFIX_ISSUE_KIND:
         return PrefixRepairFlow(str(data["entry_id"]), str(data["subentry_id"]))
     return ModelMissingRepairFlow(str(data["entry_id"]), str(data["subentry_id"]))

@@ -27,7 +27,7 @@ from homeassistant.helpers.typing import StateType
 from . import RockchipConfigEntry
 from .agent import Agent
 from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
-from .entity import ready_subentries
+from .entity import agent_subentries
 from .host.prompt_cache import CacheEntry
 from .prefix_report import prefix_attributes
 from .remote import RuntimeHost
@@ -221,12 +221,12 @@ async def async_setup_entry(
     entry: RockchipConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add the sensors of every ready agent; NPU load only where the kernel shows it."""
+    """Add the sensors of every agent; NPU load only where the kernel shows it."""
     host = entry.runtime_data.engine.host
     npu_load = await host.async_npu_load()
     for subentry_type in (SUBENTRY_CONVERSATION, SUBENTRY_AI_TASK):
         chat = subentry_type == SUBENTRY_CONVERSATION
-        for subentry in ready_subentries(entry, subentry_type):
+        for subentry in agent_subentries(entry, subentry_type):
             entities: list[SensorEntity] = [
                 (LastAnswerSensor if description.restore else AgentSensor)(
                     entry, subentry, description
@@ -250,8 +250,10 @@ class AgentSensor(AgentStatusEntity, SensorEntity):
 
     @property
     def native_value(self) -> StateType:
-        """The reading."""
-        return self.entity_description.value_fn(self.agent)
+        """The reading (none for an agent that was not set up)."""
+        if (agent := self.set_up_agent) is None:
+            return None
+        return self.entity_description.value_fn(agent)
 
     @property
     def extra_state_attributes(self) -> Mapping[str, Any] | None:

@@ -34,6 +34,7 @@ from .ha_compat import vol
 from .host.prompt_cache import (
     CACHE_NAME_PATTERN,
     CacheBudgetExceeded,
+    CacheDeleteError,
     CacheEntry,
     CacheError,
     CacheTooLong,
@@ -185,6 +186,25 @@ def _check_loaded(hass: HomeAssistant) -> None:
             )
 
 
+def _refuse_agents_cache(
+    hass: HomeAssistant, model: str, name: str, key: str, asking: Agent | None = None
+) -> None:
+    """Refuse a name that is the system cache of an agent (other than asking) of model.
+
+    The agents keep their own caches: a cache of another prompt under that name
+    would be overwritten, or leave the agent without its cache.
+    """
+    for runtime in _runtimes(hass):
+        for subentry_id, system_cache in runtime.system_caches.items():
+            agent = runtime.agents[subentry_id]
+            if (
+                agent.session.name == model
+                and system_cache.name == name
+                and agent is not asking
+            ):
+                raise _validation_error(key, model=model, name=name, agent=agent.title)
+
+
 def _agent_for_model(hass: HomeAssistant, model: str) -> Agent:
     for runtime in _runtimes(hass):
         for agent in runtime.agents.values():
@@ -228,9 +248,13 @@ async def _async_rebuild_cache(call: ServiceCall) -> ServiceResponse:
         _check_name(name)
     caches = []
     registry = er.async_get(call.hass)
-    for _runtime, agent, system_cache in _agents_for(
-        call.hass, call.data.get(ATTR_AGENT)
-    ):
+    chat_agents = _agents_for(call.hass, call.data.get(ATTR_AGENT))
+    if name is not None:
+        for _runtime, agent, _system_cache in chat_agents:
+            _refuse_agents_cache(
+                call.hass, agent.session.name, name, "cache_reserved_rebuild", agent
+            )
+    for _runtime, agent, system_cache in chat_agents:
         with _build_errors(agent.session.name):
             entry = await system_cache.async_rebuild(
                 name or system_cache.name, SERVICE_REBUILD_CACHE
@@ -267,6 +291,7 @@ async def _async_list_caches(call: ServiceCall) -> ServiceResponse:
     folders: list[dict[str, Any]] = []
     for runtime in _runtimes(call.hass):
         engine = runtime.engine
+        await runtime.disk_repair.async_check()  # an occasion to withdraw it
         try:
             listing = await engine.store.async_list_sized(model)
             folders.append(await engine.store.async_usage())
@@ -316,6 +341,7 @@ async def _async_create_cache(call: ServiceCall) -> ServiceResponse:
     _check_name(name)
     refuse_nul(call.data[CONF_PROMPT], CONF_PROMPT)
     agent = _agent_for_model(call.hass, call.data[CONF_MODEL])
+    _refuse_agents_cache(call.hass, agent.session.name, name, "cache_reserved_create")
     tools = (
         _assist_tools(call.hass, agent.session.name)
         if call.data[ATTR_ASSIST_TOOLS]
@@ -348,9 +374,19 @@ async def _async_delete_cache(call: ServiceCall) -> ServiceResponse:
     model: str = call.data[CONF_MODEL]
     _check_name(name)
     agent = _agent_for_model(call.hass, model)
+    _refuse_agents_cache(call.hass, model, name, "cache_reserved_delete")
     try:
         stored = await agent.session.services.store.async_list(model)
         deleted = await agent.session.async_delete_cache(name)
+    except CacheDeleteError as err:
+        agent.session.services.on_cache_write(err)  # the disk's repair, if it is that
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="cache_delete_not_writable"
+            if err.disk_problem == "cache_dir_not_writable"
+            else err.translation_key,
+            translation_placeholders=err.placeholders,
+        ) from err
     except CacheError as err:
         raise _validation_error(err.translation_key, **err.placeholders) from err
     if not deleted:

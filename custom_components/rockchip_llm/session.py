@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 import contextlib
 from dataclasses import dataclass
+import functools
 import logging
 import time
 from typing import Any, Literal, Self
@@ -25,9 +26,10 @@ from .const import HistoryStrategy
 from .held_model import HeldModel, ReuseGuard, cache_context, is_exact
 from .host.model_files import ModelInfo
 from .host.prompt_cache import CacheEntry, CacheExpectation, CacheWriteError
-from .host.rkllm.errors import RKLLMError, WorkerDiedError
+from .host.rkllm.errors import LibraryChanged, ModelGivenUp, RKLLMError, WorkerDiedError
 from .host.rkllm.library import RuntimeInfo
 from .host.rkllm.runtime import ModelParams
+from .host.wire import HostLost
 from .remote import RemoteStore, RemoteWorker, RuntimeHost
 from .run_planner import SystemPrefix
 from .turn import Conversation, ReplyOptions, RunStats
@@ -88,6 +90,10 @@ class SessionServices:
     """Hears of every cache build: None when written, the error when the disk refused."""
     on_caches_evicted: Callable[[], None]
     """Called when a build deleted caches to stay within the disk budget."""
+    on_model_down: Callable[[str, RKLLMError], None]
+    """Hears of a model (by name) that stays down until a reload, and why.
+
+    Its library changed (LibraryChanged) or it was given up (ModelGivenUp)."""
     run_gate: asyncio.Lock | None
     """Held during every run when the runtime cannot run handles concurrently."""
 
@@ -198,6 +204,11 @@ class ModelSession:
         """Return the cache last prepared or built under name, unless deleted since."""
         return self._ready.get(name)
 
+    def forget_ready(self, name: str) -> None:
+        """Note that the named cache is not ready (its file failed to load)."""
+        if self._ready.pop(name, None) is not None:
+            self.notify()
+
     def expectation(self, prefix: SystemPrefix) -> CacheExpectation:
         """Return what a cache must match to serve prefix on this model and runtime."""
         info = self.services.runtime
@@ -254,12 +265,18 @@ class ModelSession:
             None,
         )
         async with self._hold() as held:
-            entry = await held.async_load_or_build(prefix, name, source, shared)
+            entry, built = await held.async_load_or_build(prefix, name, source, shared)
             if entry is None:
                 self._ready.pop(name, None)
                 return None
             self._ready[entry.name] = entry
-            await held.async_check_reuse(entry, guard)
+            rebuild = functools.partial(
+                held.async_build_cache, prefix, entry.name, source
+            )
+            entry = await held.async_check_reuse(
+                entry, guard, None if built else rebuild
+            )
+            self._ready[entry.name] = entry
         return entry
 
     async def async_build_cache(
@@ -321,8 +338,10 @@ class ModelSession:
                     cached = False
                 else:
                     cache = await held.async_find_cache(prefix)
-                    cached = is_exact(cache, prefix)
-                    await held.async_try_use_cache(cache or options.fallback_cache)
+                    loaded = await held.async_try_use_cache(
+                        cache or options.fallback_cache
+                    )
+                    cached = loaded and is_exact(cache, prefix)
                 conversation = Conversation(
                     held, prefix, options, guard, prefix_cached=cached
                 )
@@ -394,7 +413,7 @@ class ModelSession:
         self.deaths.append(now)
         recent = [t for t in self.deaths if now - t < DEATH_WINDOW_S]
         if len(recent) >= MAX_DEATHS:
-            self.failure = WorkerDiedError(
+            self.failure = ModelGivenUp(
                 f"the runtime process of {self.name} died {len(recent)} times within "
                 f"{DEATH_WINDOW_S // 60:.0f} minutes; reload the integration to try "
                 f"again. Last: {death}",
@@ -402,17 +421,29 @@ class ModelSession:
                 how=death.placeholders.get("how", ""),
             )
             self.notify()
+            self.services.on_model_down(self.name, self.failure)
             raise self.failure
         await asyncio.sleep(RESTART_BACKOFF_S[len(recent) - 1])
         _LOGGER.warning("Restarting the runtime process of %s", self.name)
         await self.worker.async_close()
         try:
             worker = await _async_start_worker(self.services, self.name, self.params)
+        except LibraryChanged as err:
+            self.services.on_model_down(self.name, err)
+            raise
+        except HostLost:
+            raise  # the entry is set up again
         except WorkerDiedError as err:
             # It dies while loading the model: retrying would only crash it again.
-            self.failure = err
+            self.failure = ModelGivenUp(
+                f"the runtime process of {self.name} died while loading the model; "
+                f"reload the integration to try again. {err}",
+                model=self.name,
+                how=err.placeholders.get("how", ""),
+            )
             self.notify()
-            raise
+            self.services.on_model_down(self.name, self.failure)
+            raise self.failure from err
         # A new process holds nothing: no system prompt, prompt cache or KV.
         self._held = HeldModel(self, worker)
         self.notify()

@@ -5,20 +5,17 @@ cache build starts or ends, and requests wait for or take the model.
 """
 
 from homeassistant.config_entries import ConfigSubentry
-from homeassistant.core import callback
-from homeassistant.helpers.entity import Entity, EntityDescription
+from homeassistant.helpers.entity import EntityDescription
 
 from . import RockchipConfigEntry
 from .agent import Agent
-from .entity import agent_device_info
+from .agent_state import AgentFailure
+from .entity import AgentEntity
 from .turn import RunStats
 
 
-class AgentStatusEntity(Entity):
+class AgentStatusEntity(AgentEntity):
     """A reading of an agent's model, on the agent's device."""
-
-    _attr_has_entity_name = True
-    _attr_should_poll = False
 
     def __init__(
         self,
@@ -27,41 +24,17 @@ class AgentStatusEntity(Entity):
         description: EntityDescription,
     ) -> None:
         """Bind the entity to its agent."""
+        super().__init__(entry, subentry)
         self.entity_description = description
-        self._agent = entry.runtime_data.agents[subentry.subentry_id]
         self._attr_unique_id = f"{subentry.subentry_id}_{description.key}"
-        self._attr_device_info = agent_device_info(entry, subentry)
 
-    @property
-    def agent(self) -> Agent:
-        """The agent whose model this entity reads."""
-        return self._agent
-
-    @property
-    def available(self) -> bool:
-        """Available while the agent's model is loaded."""
-        return self._agent.session.available
+    def explains(self, failure: AgentFailure) -> bool:
+        """Whether this reading is one that explains the failure."""
+        return self.entity_description.key in failure.explained_by
 
     def reading(self) -> object:
         """Return what the entity shows; its state is written when this changes."""
         raise NotImplementedError
-
-    async def async_added_to_hass(self) -> None:
-        """Follow the model's changes."""
-        await super().async_added_to_hass()
-        shown = (self.available, self.reading())
-
-        @callback
-        def changed() -> None:
-            # The model notifies several times per request (queued, taken,
-            # released, measured): only a reading that changed is written.
-            nonlocal shown
-            now = (self.available, self.reading())
-            if now != shown:
-                shown = now
-                self.async_write_ha_state()
-
-        self.async_on_remove(self._agent.session.add_listener(changed))
 
 
 def last_run(agent: Agent) -> RunStats | None:

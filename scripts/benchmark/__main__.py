@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 
+from .cache_hash import measure_cache_hash, print_cache_hash
 from .harness import new_hass_event_loop
 from .homes import async_prefix_figures, figures_json, print_prefix_table
 from .qwen3 import load_qwen3
@@ -99,6 +100,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="simulated runtime ABI family",
     )
     parser.add_argument(
+        "--hash-mb",
+        type=int,
+        default=256,
+        help="MB of prompt-cache file whose content hash is measured (default 256)",
+    )
+    parser.add_argument(
         "--json", type=Path, dest="json_path", help="write the results as JSON"
     )
     parser.add_argument(
@@ -129,6 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
             parser.error(f"no such directory: {path.resolve().parent}")
     if args.overhead_requests < 1 or args.overhead_reply_tokens < 10:
         parser.error("--overhead-requests must be >= 1, --overhead-reply-tokens >= 10")
+    if args.hash_mb < 1:
+        parser.error("--hash-mb must be >= 1")
     if args.worker_repetitions < 1 or args.worker_reply_tokens < 10:
         parser.error("--worker-repetitions must be >= 1, --worker-reply-tokens >= 10")
     return Settings(
@@ -146,6 +155,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         plot_path=args.plot_path,
         verbose=args.verbose,
         startup_cache=args.startup_cache,
+        cache_hash_mb=args.hash_mb,
     )
 
 
@@ -178,9 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         homes = loop_runner.run(
             async_prefix_figures(load_qwen3(), lambda text: count(text.encode()))
         )
-    data = to_json(report) | {"prefix_per_home": figures_json(homes)}
+        cache_hash = measure_cache_hash(settings.cache_hash_mb, work_dir)
+    data = to_json(report) | {
+        "prefix_per_home": figures_json(homes),
+        "cache_hash": cache_hash,
+    }
     print_report(data)
     print_prefix_table(homes)
+    print_cache_hash(cache_hash)
     if settings.json_path is not None:
         settings.json_path.write_text(
             json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

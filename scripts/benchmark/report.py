@@ -183,9 +183,26 @@ def host_hop(report: Report) -> dict[str, Any] | None:
             return None
         return _round(float(outer) - float(inner), digits)
 
+    def tls_added(key: str, digits: int) -> float | None:
+        if "host_tls" not in links or "host_tcp" not in links:
+            return None
+        tls, tcp = links["host_tls"][key], links["host_tcp"][key]
+        if tls is None or tcp is None:
+            return None
+        return _round(float(tls) - float(tcp), digits)
+
+    handshake = report.host_handshake_ms
     return {
         **links,
         "hello_ms": report.host_hello_ms,
+        "handshake_ms": handshake,
+        "tls_added_to_tcp": {
+            "us_per_token": tls_added("us_per_token", 3),
+            "ms_per_request": tls_added("short_run_ms", 4),
+            "handshake_ms": _round(handshake["host_tls"] - handshake["host_tcp"], 3)
+            if {"host_tls", "host_tcp"} <= set(handshake)
+            else None,
+        },
         "added_to_worker": {
             name: {
                 "us_per_token": added(name, "us_per_token", 3),
@@ -198,9 +215,14 @@ def host_hop(report: Report) -> dict[str, Any] | None:
         "method": (
             "the worker_overhead calls, made on the event loop through a runtime host "
             "(host processes on this Python) reached over a socket pair (the host Home "
-            "Assistant starts itself), a Unix socket and TCP on 127.0.0.1, alternating "
-            "between the links; added_to_worker = link - worker (the worker driven "
-            "directly, as in worker_overhead); hello_ms = connect and hello, once"
+            "Assistant starts itself), a Unix socket, plain TCP on 127.0.0.1 (the "
+            "host's Host served without TLS by scripts/benchmark/plain_tcp_host.py) "
+            "and TLS 1.3 with the pairing check (the host's --tcp), both TCP links "
+            "with the heartbeat, alternating between the links; added_to_worker = "
+            "link - worker (the worker driven directly, as in worker_overhead); "
+            "tls_added_to_tcp = host_tls - host_tcp; hello_ms = connect and hello, "
+            "once; handshake_ms = median time to open a connection (connect, and "
+            "for TLS the handshake and the pairing), over 30 connections each"
         ),
     }
 
@@ -574,6 +596,17 @@ def print_report(data: dict[str, Any]) -> None:
             print(f"{label:>22}{cells}")
         hello = "".join(f"{_cell(hop['hello_ms'][name], 1):>12}" for name in links)
         print(f"{'ms connect + hello':>22}{hello}")
+        handshake = "".join(
+            f"{_cell(hop['handshake_ms'].get(name), 3):>12}" for name in links
+        )
+        print(f"{'ms connection set-up':>22}{handshake}")
+        tls = hop["tls_added_to_tcp"]
+        print(
+            "TLS and pairing over plain TCP: "
+            f"{_cell(tls['us_per_token'], 3)} µs per token, "
+            f"{_cell(tls['ms_per_request'], 3)} ms per request, "
+            f"{_cell(tls['handshake_ms'], 3)} ms per connection"
+        )
 
     followup = ttft.get("ours", {}).get("followup_mean")
     print("\nTargets (reported, not asserted)")

@@ -79,6 +79,8 @@ class Report:
     """The same calls through a runtime host, by link (host_hop.HOST_LINKS)."""
     host_hello_ms: dict[str, float] = field(default_factory=dict)
     """Connecting to each host and its hello, once per connection."""
+    host_handshake_ms: dict[str, float] = field(default_factory=dict)
+    """Setting a connection up (connect, TLS and pairing), median, by link."""
     """The worker phase: "in_process" and "worker"."""
     interleaved: dict[str, TurnResult] = field(default_factory=dict)
     """Two conversations on one model: "switched_back" and "kept" follow-ups."""

@@ -166,7 +166,11 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 settings.worker_repetitions,
             )
             _LOGGER.info("Host links: %d repetitions each", settings.worker_repetitions)
-            report.host_links, report.host_hello_ms = await async_measure_host_links(
+            (
+                report.host_links,
+                report.host_hello_ms,
+                report.host_handshake_ms,
+            ) = await async_measure_host_links(
                 library_path,
                 worker_model_path.parent.parent,
                 WORKER_MODEL_NAME,

@@ -198,6 +198,8 @@ class Settings:
     verbose: bool
     startup_cache: Path | None = None
     """Only measure one start with this (persistent) cache folder."""
+    cache_hash_mb: int = 256
+    """The size of the file whose content hash is measured (cache_hash.py)."""
 
     def dialogue(self) -> list[Turn]:
         """Return the questions asked, in order, with the tool call at tool_turn."""

@@ -3,7 +3,6 @@
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -16,8 +15,10 @@ from typing import Final
 from . import board
 from .address import parse_tcp_address
 from .announce import Announcer
+from .identity import HostIdentity, IdentityError, default_state_dir, load_or_create
 from .rkllm.abi import AbiFamily
 from .server import Host, HostConfig
+from .tcp_server import TcpServer
 from .version import DEFAULT_PORT, HOST_VERSION
 from .wire import MAX_MESSAGE_BYTES
 
@@ -25,6 +26,8 @@ _LOGGER = logging.getLogger(__name__)
 
 SOCKET_MODE: Final = 0o660
 """The socket file: owner and group may connect, others not (never world-writable)."""
+LOCAL_ONLY: Final = "127.0.0.1"
+"""Where --tcp listens unless given an address: this machine only."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,13 +80,27 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--tcp",
         type=parse_tcp_address,
+        nargs="?",
+        const=(LOCAL_ONLY, DEFAULT_PORT),
         metavar="ADDRESS[:PORT]",
-        help=f"listen on TCP (port {DEFAULT_PORT} unless given), e.g. 127.0.0.1",
+        help=(
+            f"listen on TCP, with TLS and the pairing key: {LOCAL_ONLY} unless given "
+            f"(0.0.0.0: every network), port {DEFAULT_PORT} unless given"
+        ),
     )
     where.add_argument(
         "--fd",
         type=int,
         help=argparse.SUPPRESS,  # a connected socket from the process that started it
+    )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        help=(
+            "with --tcp: the folder of the host's certificate, private key and "
+            "pairing key, made at the first start (default: $STATE_DIRECTORY under "
+            "systemd, else ~/.local/state/rockchip-llm)"
+        ),
     )
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=HOST_VERSION)
@@ -110,27 +127,36 @@ async def async_serve_socket(sock: socket.socket, host: Host) -> None:
         await host.async_close()
 
 
-def announced_identity(config: HostConfig) -> str:
-    """Return the identity the host announces on the LAN (Home Assistant's unique id).
+def _load_identity(state_dir: Path) -> HostIdentity:
+    """Read (at the first start: make) the identity; tell it on the console and log."""
+    identity, made = load_or_create(state_dir)
+    if made:
+        _LOGGER.info("Made a new %s in %s", " and ".join(made), state_dir)
+    _LOGGER.info("Identity %s", identity.identity)
+    _LOGGER.info(
+        "Pairing key %s (in %s/%s)",
+        identity.pairing_key_text,
+        state_dir,
+        identity.pairing_key_file.name,
+    )
+    print(f"identity {identity.identity}", flush=True)  # noqa: T201
+    print(f"pairing key {identity.pairing_key_text}", flush=True)  # noqa: T201
+    return identity
 
-    A stand-in until the host has a certificate (issue 18, item 1, host/identity.py):
-    a digest of the machine's name and the cache folder, the same at every start.
-    """
-    key = f"{board.hostname()}\0{config.cache_dir.resolve()}".encode()
-    return f"sha256:{hashlib.sha256(key).hexdigest()}"
 
-
-async def _async_announce(config: HostConfig, server: asyncio.Server) -> Announcer:
+async def _async_announce(identity: HostIdentity, server: asyncio.Server) -> Announcer:
     """Announce a TCP host on the LAN where it can be (logged when not)."""
     facts = await asyncio.get_running_loop().run_in_executor(None, board.read_host_info)
     announcer = Announcer(
-        announced_identity(config), board.board_name(board.hostname(), facts["soc"])
+        identity.identity, board.board_name(board.hostname(), facts["soc"])
     )
     await announcer.async_start([sock.getsockname() for sock in server.sockets])
     return announcer
 
 
-async def _serve(args: argparse.Namespace, host: Host) -> None:
+async def _serve(
+    args: argparse.Namespace, host: Host, identity: HostIdentity | None
+) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -160,15 +186,19 @@ async def _serve(args: argparse.Namespace, host: Host) -> None:
         args.socket.chmod(SOCKET_MODE)
         where = str(args.socket)
     else:
+        assert identity is not None
         address, port = args.tcp
         server = await asyncio.start_server(
-            host.async_serve, address, port, limit=MAX_MESSAGE_BYTES
+            TcpServer(host, identity).async_serve,
+            address,
+            port,
+            limit=MAX_MESSAGE_BYTES,
         )
         where = ", ".join(str(sock.getsockname()) for sock in server.sockets or ())
     _LOGGER.info("Rockchip LLM runtime host %s listening on %s", HOST_VERSION, where)
     print(f"listening on {where}", flush=True)  # noqa: T201 - for whoever started it
     announcer = (
-        await _async_announce(host.config, server) if args.tcp is not None else None
+        await _async_announce(identity, server) if identity is not None else None
     )
     async with server:
         await stopped.wait()
@@ -197,5 +227,14 @@ def main(argv: list[str]) -> int:
         abi_family=AbiFamily(args.abi_family) if args.abi_family else None,
         stall_timeout=args.stall_timeout,
     )
-    asyncio.run(_serve(args, Host(config)))
+    try:
+        identity = (
+            _load_identity(args.state or default_state_dir())
+            if args.tcp is not None
+            else None
+        )
+        asyncio.run(_serve(args, Host(config), identity))
+    except IdentityError as err:
+        _LOGGER.error("Cannot start: %s", err)
+        raise SystemExit(1) from None
     return 0

@@ -22,12 +22,17 @@ import secrets
 import stat
 import tempfile
 import time
-from typing import Any, Self
+from typing import Any, Self, TypeAlias
+
+from .rkllm.aside import move_aside, prune
 
 _LOGGER = logging.getLogger(__name__)
 
 CACHE_NAME_PATTERN = re.compile(r"^[a-z0-9_]{1,64}$")
-METADATA_VERSION = 1
+METADATA_VERSION = 2
+"""2 adds ``content_sha256``; metadata of version 1 is read, as a cache to rebuild."""
+CONTENT_HASH = "sha256"
+"""The hash of a ``.bin``'s content in its metadata (hardware-accelerated on ARMv8)."""
 
 _BIN = ".bin"
 _JSON = ".json"
@@ -119,10 +124,14 @@ class CacheBudgetExceeded(CacheWriteError):
 
     translation_key = "cache_budget_exceeded"
 
-    def __init__(self, message: str, **placeholders: str) -> None:
+    def __init__(
+        self, message: str, needed_bytes: int = 0, **placeholders: str
+    ) -> None:
         """Store the message and placeholders (no OS error: nothing was written)."""
         CacheError.__init__(self, message, **placeholders)
         self.errno = None
+        self.needed_bytes = needed_bytes
+        """The bytes the refused cache needs (to check again later)."""
 
     @property
     def disk_problem(self) -> str | None:
@@ -134,6 +143,29 @@ class CorruptCache(CacheError):
     """Cache metadata is unreadable, malformed or foreign."""
 
     translation_key = "cache_corrupt"
+
+
+class CacheContentMismatch(CorruptCache):
+    """A ``.bin`` does not hold what its metadata describes (substituted, damaged)."""
+
+    translation_key = "cache_content_mismatch"
+
+
+class CacheDeleteError(CacheWriteError):
+    """Deleting a cache's files failed; they are all still there or partly gone."""
+
+    translation_key = "cache_delete_failed"
+
+    def __init__(
+        self, message: str, err: OSError, folder: Path, model: str, name: str
+    ) -> None:
+        """Keep the OS error, the folder and the cache it was about."""
+        super().__init__(message, err, folder)
+        self.placeholders |= {
+            "model": model,
+            "name": name,
+            "reason": err.strerror or str(err),
+        }
 
 
 def _corrupt(message: str) -> CorruptCache:
@@ -218,6 +250,8 @@ class CacheMetadata:
     runtime_family: str
     runtime_version: str
     context: dict[str, int | float | bool | str]
+    content_sha256: str | None = None
+    """The SHA-256 of the ``.bin`` (the store sets it when it commits the file)."""
     version: int = METADATA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -229,8 +263,10 @@ class CacheMetadata:
         """Parse metadata strictly; raise CorruptCache on anything unexpected."""
         if not isinstance(data, dict):
             raise _corrupt("metadata must be a JSON object")
-        if _int(data, "version") != METADATA_VERSION:
-            raise _corrupt(f"unsupported metadata version {data['version']}")
+        version = _int(data, "version")
+        if version not in (1, METADATA_VERSION):
+            raise _corrupt(f"unsupported metadata version {version}")
+        content = data.get("content_sha256")
         return cls(
             name=_str(data, "name"),
             model=_str(data, "model"),
@@ -245,6 +281,8 @@ class CacheMetadata:
             runtime_family=_str(data, "runtime_family"),
             runtime_version=_str(data, "runtime_version"),
             context=_dict(data, "context", (int, float, bool, str)),
+            content_sha256=None if content is None else _sha256(data, "content_sha256"),
+            version=version,
         )
 
 
@@ -266,7 +304,8 @@ class CacheEntry:
     ``problem`` says why the entry is unusable whatever is expected:
     "metadata_missing", "metadata_corrupt", "not_a_file" (a symlink, folder or
     other non-regular file in the place of one of its files), "name_mismatch",
-    "bin_missing" or "size_mismatch".
+    "bin_missing", "size_mismatch", "no_content_hash" (built by an earlier
+    version) or "content_mismatch" (the ``.bin`` failed its content check).
     """
 
     metadata: CacheMetadata | None
@@ -359,17 +398,38 @@ def _open_regular(path: Path) -> int:
     return fd
 
 
-def _synced_size(path: Path) -> int:
-    """Flush a staged file to disk and return its size; empty is an error."""
-    fd = _open_regular(path)
+def _synced_digest(path: Path) -> tuple[int, str]:
+    """Flush a staged file to disk; return its size and content hash (empty: an error)."""
+    with os.fdopen(_open_regular(path), "rb") as file:
+        os.fsync(file.fileno())
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            raise OSError(errno.ENODATA, "the runtime wrote an empty cache", str(path))
+        return size, hashlib.file_digest(file, CONTENT_HASH).hexdigest()
+
+
+def content_digest(path: Path) -> str:
+    """Return the content hash of a regular file (never through a symlink)."""
+    with os.fdopen(_open_regular(path), "rb") as file:
+        return hashlib.file_digest(file, CONTENT_HASH).hexdigest()
+
+
+_Identity: TypeAlias = tuple[int, int, int, int, int]
+
+
+def _identity(path: Path) -> _Identity | None:
+    """Return what changes with a regular file's content (None: no such file).
+
+    Device, inode, size, modification and status change times: writing a file,
+    renaming another over it or setting its times back all change one of them.
+    """
     try:
-        os.fsync(fd)
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    if size == 0:
-        raise OSError(errno.ENODATA, "the runtime wrote an empty cache", str(path))
-    return size
+        st = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -394,13 +454,13 @@ def _move_out_of_the_way(path: Path) -> bool:
     """Rename a folder, FIFO or other non-file at ``path`` to a visible name.
 
     Symlinks and regular files are left alone (renaming over them is safe).
-    Return True when something was moved; log where it went.
+    Return True when something was moved; log where it went. Only the newest
+    few moved-aside entries of the folder are kept (see rkllm.aside).
     """
     mode = _lstat_mode(path)
     if mode is None or stat.S_ISREG(mode) or stat.S_ISLNK(mode):
         return False
-    target = path.with_name(f"{path.name}.moved-{secrets.token_hex(4)}")
-    path.rename(target)
+    target = move_aside(path)
     _LOGGER.warning("%s was not a file; moved it aside to %s", path, target)
     return True
 
@@ -415,11 +475,22 @@ def _move_aside(path: Path, backup: Path) -> bool:
 
 
 def _remove(path: Path) -> None:
-    """Delete a file if present; log failures."""
+    """Delete a file if present; log failures of one that exists.
+
+    A read-only file system refuses to unlink even a name that is not there:
+    that is not worth a warning.
+    """
     try:
-        path.unlink(missing_ok=True)
+        path.unlink()
+    except FileNotFoundError:
+        pass
     except OSError as err:
-        _LOGGER.warning("Cannot remove %s: %s", path, err)
+        try:
+            present = _lstat_mode(path) is not None
+        except OSError:
+            present = True
+        if present:
+            _LOGGER.warning("Cannot remove %s: %s", path, err)
 
 
 def _unlink(path: Path) -> bool:
@@ -429,6 +500,25 @@ def _unlink(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _write_probe(folder: Path) -> CacheWriteError | None:
+    """Ask the OS whether folder takes a write: a small synced file, then free space."""
+    probe = _temp_path(folder / "probe.bin")
+    try:
+        with probe.open("xb") as file:
+            file.write(bytes(_PROBE_BYTES))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as err:
+        return CacheWriteError(f"Cannot write to {folder}: {err}", err, folder)
+    finally:
+        _remove(probe)
+    free = free_bytes(folder)
+    if free is not None and free < _LOW_FREE_BYTES:
+        low = OSError(errno.ENOSPC, "almost no space left on the device")
+        return CacheWriteError(f"Cannot write to {folder}: {low}", low, folder)
+    return None
 
 
 def _parse_metadata(raw: bytes) -> CacheMetadata:
@@ -473,6 +563,8 @@ def _pair_problem(
         return "bin_missing"
     if bin_size != metadata.size_bytes:
         return "size_mismatch"
+    if metadata.content_sha256 is None:
+        return "no_content_hash"
     return None
 
 
@@ -543,6 +635,10 @@ class PromptCacheStore:
         """
         self.root = root
         self.budget_bytes = budget_bytes
+        self._verified: dict[Path, tuple[_Identity, str]] = {}
+        """``.bin`` files whose content was hashed: their identity then and hash."""
+        self._mismatched: dict[Path, _Identity] = {}
+        """``.bin`` files that failed their content check, as they were then."""
 
     def writable(self) -> bool:
         """Create the root if needed; return True when a file can be written there."""
@@ -586,24 +682,8 @@ class PromptCacheStore:
         if self.budget_bytes is None:
             return []
         expected = self.expected_bytes(model, prompt_length)
-        others = [e for e in self.list() if (e.model, e.name) != (model, name)]
-        sizes = {(e.model, e.name): self.disk_bytes(e) for e in others}
-        candidates = sorted(
-            (e for e in others if e.name.startswith(evictable)), key=_last_used
-        )
+        candidates, sizes = self._budget_check(model, name, expected, evictable)
         used = sum(sizes.values())
-        kept = used - sum(sizes[e.model, e.name] for e in candidates)
-        if kept + expected > self.budget_bytes:
-            raise CacheBudgetExceeded(
-                f"Cache {model}/{name} needs about {_megabytes(expected)}; the other "
-                f"caches use {_megabytes(kept)} of {_megabytes(self.budget_bytes)}",
-                model=model,
-                name=name,
-                expected=_megabytes(expected),
-                used=_megabytes(kept),
-                budget=_megabytes(self.budget_bytes),
-                path=str(self.root),
-            )
         evicted: list[CacheEntry] = []
         for entry in candidates:
             if used + expected <= self.budget_bytes:
@@ -616,13 +696,114 @@ class PromptCacheStore:
             evicted.append(entry)
         return evicted
 
+    def _budget_check(
+        self, model: str, name: str, expected: int, evictable: str
+    ) -> tuple[list[CacheEntry], dict[tuple[str, str], int]]:
+        """Return the evictable caches (least recently used first) and every other's size.
+
+        Raise CacheBudgetExceeded when expected bytes do not fit the budget even
+        without the evictable caches.
+        """
+        assert self.budget_bytes is not None
+        others = [e for e in self.list() if (e.model, e.name) != (model, name)]
+        sizes = {(e.model, e.name): self.disk_bytes(e) for e in others}
+        candidates = sorted(
+            (e for e in others if e.name.startswith(evictable)), key=_last_used
+        )
+        kept = sum(sizes.values()) - sum(sizes[e.model, e.name] for e in candidates)
+        if kept + expected > self.budget_bytes:
+            raise CacheBudgetExceeded(
+                f"Cache {model}/{name} needs about {_megabytes(expected)}; the other "
+                f"caches use {_megabytes(kept)} of {_megabytes(self.budget_bytes)}",
+                needed_bytes=expected,
+                model=model,
+                name=name,
+                expected=_megabytes(expected),
+                used=_megabytes(kept),
+                budget=_megabytes(self.budget_bytes),
+                path=str(self.root),
+            )
+        return candidates, sizes
+
+    def disk_problem(
+        self, model: str | None, name: str, needed_bytes: int, evictable: str
+    ) -> CacheWriteError | None:
+        """Tell whether a cache of needed_bytes could be written now, and if not why.
+
+        The disk is asked as write_problem asks it (a small synced write in the
+        model's folder; in the root for model None or while the folder is
+        missing), then the budget is checked as make_room checks it. None:
+        nothing stands in the way.
+        """
+        folder = self._readable_model_dir(model) if model is not None else None
+        if folder is None or not folder.is_dir():
+            folder = self.root
+        if (problem := _write_probe(folder)) is not None:
+            return problem
+        if self.budget_bytes is None:
+            return None
+        try:
+            self._budget_check(model or "", name, needed_bytes, evictable)
+        except CacheBudgetExceeded as err:
+            return err
+        return None
+
     def touch(self, entry: CacheEntry) -> None:
         """Record that a cache was just used (its ``.bin``'s times), best effort."""
-        _stamp(entry.bin_path)
+        self._stamp_bin(entry.bin_path)
 
     def touch_named(self, model: str, name: str) -> None:
         """Record that the named cache was just used."""
-        _stamp(self.bin_path(model, name))
+        _check_cache_name(name)
+        if self._readable_model_dir(model) is not None:
+            self._stamp_bin(self.bin_path(model, name))
+
+    def _stamp_bin(self, path: Path) -> None:
+        """Stamp a ``.bin`` as used; a content check it passed still holds after."""
+        before = _identity(path)
+        _stamp(path)
+        verified = self._verified.get(path)
+        if verified is not None and verified[0] == before and before is not None:
+            if (after := _identity(path)) is not None:
+                self._verified[path] = (after, verified[1])
+
+    def verify(self, model: str, name: str) -> CacheEntry:
+        """Return the named cache when its ``.bin`` holds what its metadata describes.
+
+        The content is hashed once per version of the file (see _identity); a
+        ``.bin`` that fails is remembered, so that listings show it as
+        "content_mismatch" until it is rebuilt. Raise CacheContentMismatch when
+        the cache is missing, unusable or fails the check.
+        """
+        entry = self.get(model, name)
+        if entry is None or entry.problem is not None or entry.metadata is None:
+            problem = "missing" if entry is None else entry.problem
+            raise CacheContentMismatch(
+                f"prompt cache {model}/{name} cannot be loaded ({problem})",
+                error=str(problem),
+                model=model,
+                name=name,
+            )
+        path, expected = entry.bin_path, entry.metadata.content_sha256
+        identity = _identity(path)
+        if identity is not None and self._verified.get(path) == (identity, expected):
+            return entry
+        try:
+            digest = content_digest(path)
+        except OSError as err:
+            digest = f"unreadable ({err.strerror})"
+        if digest != expected:
+            if identity is not None:
+                self._mismatched[path] = identity
+            message = (
+                f"prompt cache {path} does not hold what {entry.json_path.name} "
+                "describes: its content changed after it was built"
+            )
+            _LOGGER.warning("%s; it is rebuilt", message)
+            raise CacheContentMismatch(message, error=message, model=model, name=name)
+        if identity is not None:
+            self._verified[path] = (identity, digest)
+        return entry
 
     def check_staging(self, staging_bin: Path) -> None:
         """Raise ValueError unless ``staging_bin`` came from staging_bin_path."""
@@ -641,15 +822,37 @@ class PromptCacheStore:
         return self._path(model, name, _JSON)
 
     def staging_bin_path(self, model: str, name: str) -> Path:
-        """Create the model folder and return a fresh temp path for the runtime to write."""
-        bin_path = self.bin_path(model, name)
+        """Create the model folder and return a fresh temp path for the runtime to write.
+
+        A link that leads out of the root in the folder's place is replaced by a
+        real folder (only the link goes), anything else that is not a folder is
+        moved aside.
+        """
+        _check_cache_name(name)
+        _check_model_name(model)
+        folder = self.root / model
         try:
-            bin_path.parent.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            mode = _lstat_mode(folder)
+            if mode is not None and stat.S_ISLNK(mode):
+                if not self._inside(folder) or not folder.is_dir():
+                    _LOGGER.warning(
+                        "Replacing %s, a link that leads out of %s, with a folder",
+                        folder,
+                        self.root,
+                    )
+                    folder.unlink()
+            elif mode is not None and not stat.S_ISDIR(mode):
+                target = move_aside(folder)
+                _LOGGER.warning(
+                    "%s was not a folder; moved it aside to %s", folder, target
+                )
+            folder.mkdir(exist_ok=True)
         except OSError as err:
             raise CacheWriteError(
-                f"Cannot create {bin_path.parent}: {err}", err, bin_path.parent
+                f"Cannot create {folder}: {err}", err, folder
             ) from err
-        return _temp_path(bin_path)
+        return _temp_path(self.bin_path(model, name))
 
     def commit(self, staging_bin: Path, metadata: CacheMetadata) -> CacheEntry:
         """Install a staged cache and its metadata as one pair.
@@ -666,7 +869,13 @@ class PromptCacheStore:
         backup = _temp_path(bin_path)
         moved_aside = installed = False
         try:
-            metadata = replace(metadata, size_bytes=_synced_size(staging_bin))
+            size, digest = _synced_digest(staging_bin)
+            metadata = replace(
+                metadata,
+                size_bytes=size,
+                content_sha256=digest,
+                version=METADATA_VERSION,
+            )
             _move_out_of_the_way(bin_path)
             _move_out_of_the_way(json_path)
             text = json.dumps(metadata.to_json(), indent=2, sort_keys=True)
@@ -688,6 +897,9 @@ class PromptCacheStore:
         _remove(backup)
         _stamp(bin_path)  # built counts as used, on the same clock as touch
         _fsync_dir(bin_path.parent)
+        self._mismatched.pop(bin_path, None)
+        if (identity := _identity(bin_path)) is not None:
+            self._verified[bin_path] = (identity, digest)
         return CacheEntry(
             metadata, metadata.model, metadata.name, bin_path, json_path, None
         )
@@ -699,16 +911,28 @@ class PromptCacheStore:
 
     def get(self, model: str, name: str) -> CacheEntry | None:
         """Return a cache entry, None when neither of its files exists."""
+        _check_cache_name(name)
+        if self._readable_model_dir(model) is None:
+            return None
         return self._load(model, name)
 
     def delete(self, model: str, name: str) -> bool:
-        """Delete a cache's files; False when none existed."""
+        """Delete a cache's files (a link: only the link); False when none existed."""
+        _check_cache_name(name)
+        if self._readable_model_dir(model) is None:
+            return False
         paths = (self.json_path(model, name), self.bin_path(model, name))
+        self._verified.pop(paths[1], None)
+        self._mismatched.pop(paths[1], None)
         try:
             removed = [_move_out_of_the_way(path) or _unlink(path) for path in paths]
         except OSError as err:
-            raise CacheWriteError(
-                f"Cannot delete cache {model}/{name}: {err}", err, paths[0].parent
+            raise CacheDeleteError(
+                f"Cannot delete cache {model}/{name}: {err}",
+                err,
+                paths[0].parent,
+                model,
+                name,
             ) from err
         return any(removed)
 
@@ -719,26 +943,15 @@ class PromptCacheStore:
         next to ``staging_bin`` gets the same answer from the OS.
         """
         self._check_staging(staging_bin, None)
-        folder = staging_bin.parent
-        probe = _temp_path(folder / "probe.bin")
-        try:
-            with probe.open("xb") as file:
-                file.write(bytes(_PROBE_BYTES))
-                file.flush()
-                os.fsync(file.fileno())
-        except OSError as err:
-            return CacheWriteError(f"Cannot write to {folder}: {err}", err, folder)
-        finally:
-            _remove(probe)
-        free = free_bytes(folder)
-        if free is not None and free < _LOW_FREE_BYTES:
-            low = OSError(errno.ENOSPC, "almost no space left on the device")
-            return CacheWriteError(f"Cannot write to {folder}: {low}", low, folder)
-        return None
+        return _write_probe(staging_bin.parent)
 
     def clean_staging(self) -> None:
-        """Remove temp files left by a crash; call only while nothing is being built."""
+        """Remove temp files left by a crash; call only while nothing is being built.
+
+        Of what was moved aside earlier, only the newest few per folder stay.
+        """
         for model_dir in self._model_dirs(None):
+            prune(model_dir)
             for path in _list_dir(model_dir):
                 if _TEMP_PATTERN.fullmatch(path.name):
                     _LOGGER.debug("Removing leftover %s", path)
@@ -749,14 +962,13 @@ class PromptCacheStore:
                     _remove(path)
 
     def _path(self, model: str, name: str, suffix: str) -> Path:
-        """Return a validated path of a cache file inside the root."""
+        """Return a validated path of a cache file inside the root.
+
+        The file itself is not resolved: whatever is at that path (a link that
+        leads anywhere) is the store's to read as "not_a_file" and to replace.
+        """
         _check_cache_name(name)
-        path = self._model_dir(model) / f"{name}{suffix}"
-        if not self._inside(path):
-            raise InvalidCacheName(
-                f"Cache file {path} resolves outside {self.root}", name=name
-            )
-        return path
+        return self._model_dir(model) / f"{name}{suffix}"
 
     def _model_dir(self, model: str) -> Path:
         """Return a validated model folder inside the root."""
@@ -766,6 +978,19 @@ class PromptCacheStore:
             raise InvalidModelName(
                 f"Cache folder {path} resolves outside {self.root}", model=model
             )
+        return path
+
+    def _readable_model_dir(self, model: str) -> Path | None:
+        """Return a model's folder to read, None when it is a link out of the root."""
+        _check_model_name(model)
+        path = self.root / model
+        if not self._inside(path):
+            _LOGGER.warning(
+                "Ignoring %s: it leads out of %s (the next build replaces it)",
+                path,
+                self.root,
+            )
+            return None
         return path
 
     def _inside(self, path: Path) -> bool:
@@ -812,7 +1037,15 @@ class PromptCacheStore:
             problem = _pair_problem(metadata, model, name, bin_size)
         if _is_not_a_file(bin_path):
             problem = "not_a_file"
-        if problem not in (None, "metadata_corrupt"):
+        mismatched = self._mismatched.get(bin_path)
+        if problem is None and mismatched is not None:
+            if mismatched == _identity(bin_path):
+                problem = "content_mismatch"
+            else:
+                del self._mismatched[bin_path]  # changed again: to be checked again
+        if problem == "no_content_hash":
+            _LOGGER.debug("Prompt cache %s/%s has no content hash", model, name)
+        elif problem not in (None, "metadata_corrupt"):
             _LOGGER.warning("Prompt cache %s/%s is unusable: %s", model, name, problem)
         return CacheEntry(metadata, model, name, bin_path, json_path, problem)
 

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias, TypeGuard
 
 from . import board
-from .model_files import ModelInfo, ModelScan, model_fingerprint, scan_models
+from .heartbeat import HEARTBEAT, Heartbeat
+from .model_files import (
+    ModelInfo,
+    ModelScan,
+    ModelsDirError,
+    model_fingerprint,
+    scan_models,
+)
 from .prompt_cache import (
     CacheEntry,
     CacheMetadata,
@@ -37,12 +44,13 @@ from .rkllm.abi import AbiFamily
 from .rkllm.errors import (
     LibraryCopyFailed,
     LibraryError,
+    ModelFileMissing,
     PromptCacheNotSaved,
     RKLLMError,
     WorkerDiedError,
 )
 from .rkllm.library import VerifiedLibrary, info_to_wire
-from .rkllm.probe import verify_and_copy_library
+from .rkllm.probe import checked_copy, verify_and_copy_library
 from .rkllm.protocol import params_from_wire, request_from_wire, result_to_wire
 from .rkllm.worker import WorkerModel
 from .version import HOST_VERSION, PROTOCOL_VERSION, update_advice
@@ -67,6 +75,8 @@ HELLO_TIMEOUT: Final = 10.0
 """Seconds a new connection may take to say hello."""
 SERVE_END_TIMEOUT: Final = 5.0
 """Seconds a closed connection's handler may take to end when the host stops."""
+CLOSE_TIMEOUT: Final = 2.0
+"""Seconds a closed connection may take to flush (a stalled one is then cut off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +136,8 @@ class Host:
         self.store = PromptCacheStore(config.cache_dir, config.cache_budget_bytes)
         self.library: VerifiedLibrary | None = None
         """The library as the last hello checked it (None: unusable)."""
+        self._library_check = asyncio.Lock()
+        """Held while a worker's start checks (and maybe copies again) the library."""
         self._client: _Client | None = None
         self._clients: set[_Client] = set()
         self._serving: set[asyncio.Task[Any]] = set()
@@ -135,11 +147,23 @@ class Host:
             logging.getLogger(_PACKAGE).addHandler(self._log_handler)
 
     async def async_serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        heartbeat: bool = False,
     ) -> None:
-        """Serve one connection until it ends and its workers are stopped."""
+        """Serve one connection until it ends and its workers are stopped.
+
+        With heartbeat (TCP), a connection silent for seconds is closed.
+        """
         peer = str(writer.get_extra_info("peername") or "local link")
         client = _Client(self, reader, writer, peer)
+        if heartbeat:
+            # It beats from now on; it listens once the hello is answered (the
+            # request loop reads all the time, the greeting does not).
+            client.heartbeat.watching = False
+            client.heartbeat.start()
         self._clients.add(client)
         serving = asyncio.current_task()
         if serving is not None:
@@ -294,6 +318,8 @@ class _Client:
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self.heartbeat = Heartbeat(self._write_heartbeat, self._silent)
+        """Started by the host for a TCP connection."""
 
     # Connection
 
@@ -301,6 +327,21 @@ class _Client:
         """Queue a message for the client (dropped once it is gone)."""
         if not self._closed and not self.writer.is_closing():
             self.writer.write(encode(message))
+            self.heartbeat.wrote = True
+
+    def _write_heartbeat(self, beat: bytes) -> None:
+        if not self._closed and not self.writer.is_closing():
+            self.writer.write(beat)
+
+    def _silent(self) -> None:
+        """Nothing came for seconds: give the connection up (its workers stop)."""
+        _LOGGER.warning(
+            "Closing the connection of %s: nothing arrived from it for %g s (the "
+            "network or Home Assistant stalled)",
+            self.peer,
+            self.heartbeat.silence_limit,
+        )
+        self.writer.transport.abort()
 
     def send_threadsafe(self, message: Message) -> None:
         """Queue a message from any thread."""
@@ -308,13 +349,16 @@ class _Client:
             self._loop.call_soon_threadsafe(self.send, message)
 
     async def _read(self) -> Message | None:
-        """Read one message; None at the end of the stream."""
-        try:
-            line = await self.reader.readline()
-        except ValueError as err:  # a line over the limit
-            raise BadRequest(
-                f"a message longer than {MAX_MESSAGE_BYTES} bytes"
-            ) from err
+        """Read one message (heartbeats skipped); None at the end of the stream."""
+        line = HEARTBEAT
+        while line == HEARTBEAT:
+            try:
+                line = await self.reader.readline()
+            except ValueError as err:  # a line over the limit
+                raise BadRequest(
+                    f"a message longer than {MAX_MESSAGE_BYTES} bytes"
+                ) from err
+            self.heartbeat.heard = True
         if not line:
             return None
         if not line.endswith(b"\n"):
@@ -329,6 +373,7 @@ class _Client:
         try:
             if not await self._async_greet():
                 return
+            self.heartbeat.watching = True
             while (message := await self._read()) is not None and not self._closed:
                 request_id = message.get("id")
                 op = message.get("op")
@@ -437,6 +482,7 @@ class _Client:
         await asyncio.shield(self._closing)
 
     async def _async_close(self) -> None:
+        self.heartbeat.stop()
         for task in list(self._tasks):
             task.cancel()
         workers, self.workers = list(self.workers.values()), {}
@@ -447,8 +493,13 @@ class _Client:
         if workers:
             _LOGGER.info("Stopped %d worker(s) of %s", len(workers), self.peer)
         self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            self.writer.transport.abort()
+        except (ConnectionError, OSError):
+            pass
 
     # Helpers of the requests
 
@@ -465,21 +516,51 @@ class _Client:
             raise BadRequest("no such worker")
         return worker
 
-    def library(self) -> VerifiedLibrary:
-        """Return the checked library; refused while there is none."""
-        library = self.host.library
-        if library is None:
-            raise BadRequest("the runtime library of this host cannot be used")
-        return library
+    async def library(self) -> VerifiedLibrary:
+        """Return the checked library with an intact copy; refused while there is none.
 
-    async def model(self, name: str) -> ModelInfo:
-        """Return the scanned model of that name."""
-        scan: ModelScan = await self.blocking(scan_models, self.host.config.models_dir)
-        if (info := scan.models.get(name)) is None:
-            raise RKLLMError(
-                f"model {name!r} is not in the runtime host's models folder "
-                f"{self.host.config.models_dir}",
+        A copy damaged since the hello is made again from the original
+        (probe.checked_copy), without a new hello.
+        """
+        host = self.host
+        async with host._library_check:  # noqa: SLF001
+            if host.library is None:
+                raise BadRequest("the runtime library of this host cannot be used")
+            host.library = await self.blocking(checked_copy, host.library)
+            return host.library
+
+    async def model(self, name: str, was: object = None) -> ModelInfo:
+        """Return the scanned model of that name.
+
+        was: the model file the client last knew of it, named when it is gone
+        (only when it is a file of that model's folder).
+        """
+        folder = self.host.config.models_dir
+        try:
+            scan: ModelScan = await self.blocking(scan_models, folder)
+        except ModelsDirError as err:
+            raise ModelFileMissing(
+                f"the models folder {folder} of the runtime host "
+                f"{_FOLDER_PROBLEMS.get(err.reason, 'cannot be read')}, so model "
+                f"{name} cannot be loaded",
                 model=name,
+                path=str(folder),
+            ) from err
+        if (info := scan.models.get(name)) is None:
+            if isinstance(was, str) and Path(was).parent == folder / name:
+                raise ModelFileMissing(
+                    f"the model file {was} of {name} is gone (removed or renamed while "
+                    "it was in use); put it back, or pick another model for its "
+                    "agents, and reload the integration",
+                    model=name,
+                    path=was,
+                )
+            raise ModelFileMissing(
+                f"model {name} is not in the runtime host's models folder {folder} "
+                "(was its folder or .rkllm file removed or renamed?); put it back, or "
+                "pick another model for its agents, and reload the integration",
+                model=name,
+                path=str(folder),
             )
         return info
 
@@ -501,6 +582,12 @@ class _Client:
         if path != expected:
             raise BadRequest(f"{raw!r:.200} is not a prompt cache of this host")
         return expected
+
+
+_FOLDER_PROBLEMS: Final = {
+    "models_dir_missing": "does not exist (is the drive mounted?)",
+    "models_dir_not_dir": "is not a folder",
+}
 
 
 def _as_request_error(err: BaseException) -> BaseException:
@@ -547,14 +634,14 @@ async def _board_npu_load(client: _Client, _id: int, _args: Mapping[str, Any]) -
 async def _worker_open(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
     """Start a worker for a model and load the model in it."""
     name = _text(args, "model")
-    info = await client.model(name)
     raw_params = args["params"]
     if not isinstance(raw_params, dict):
         raise BadRequest("params must be an object")
+    info = await client.model(name, raw_params.get("model_path"))
     params = params_from_wire({**raw_params, "model_path": str(info.path)})
     worker_id = next(client._worker_ids)  # noqa: SLF001
     worker = WorkerModel(
-        client.library(),
+        await client.library(),
         name,
         stall_timeout=client.host.config.stall_timeout,
         on_death=functools.partial(client._worker_died, worker_id),  # noqa: SLF001
@@ -619,6 +706,8 @@ async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any])
 async def _worker_load_cache(client: _Client, _id: int, args: Mapping[str, Any]) -> Any:
     worker = client.worker(args)
     path = client.cache_file(_text(args, "path"))
+    # The runtime is given only a .bin that holds what its metadata describes.
+    await client.blocking(client.host.store.verify, path.parent.name, path.stem)
     await asyncio.wrap_future(worker.load_prompt_cache(path))
 
 
@@ -748,6 +837,20 @@ async def _cache_write_problem(
 ) -> Any:
     problem = await client.blocking(
         client.host.store.write_problem, Path(_text(args, "staging"))
+    )
+    return error_to_wire(problem) if problem is not None else None
+
+
+@_op("cache.disk_problem")
+async def _cache_disk_problem(
+    client: _Client, _id: int, args: Mapping[str, Any]
+) -> Any:
+    problem = await client.blocking(
+        client.host.store.disk_problem,
+        _optional_text(args, "model"),
+        _text(args, "name"),
+        _whole(args, "needed_bytes"),
+        _text(args, "evictable"),
     )
     return error_to_wire(problem) if problem is not None else None
 

@@ -17,6 +17,8 @@ from typing import Any, Final, TypeAlias
 from .model_files import ModelInfo, ModelScan, ModelsDirError
 from .prompt_cache import (
     CacheBudgetExceeded,
+    CacheContentMismatch,
+    CacheDeleteError,
     CacheEntry,
     CacheError,
     CacheMetadata,
@@ -48,6 +50,18 @@ class HostUnreachable(HostError):
     """No runtime host answers at the address."""
 
     translation_key = "host_unreachable"
+
+
+class HostPairingRefused(HostError):
+    """The host did not accept the pairing key (or did not prove it holds it)."""
+
+    translation_key = "host_pairing_refused"
+
+
+class HostIdentityChanged(HostError):
+    """The host at the address shows another certificate than the one paired."""
+
+    translation_key = "host_identity_changed"
 
 
 class HostLost(rkllm_errors.WorkerDiedError):
@@ -83,14 +97,18 @@ def _error_classes() -> dict[str, type[Exception]]:
     classes += [
         CacheError,
         CacheWriteError,
+        CacheDeleteError,
         CacheBudgetExceeded,
         CacheTooLong,
         CorruptCache,
+        CacheContentMismatch,
         InvalidCacheName,
         InvalidModelName,
         ModelsDirError,
         HostError,
         HostUnreachable,
+        HostPairingRefused,
+        HostIdentityChanged,
         HostLost,
         HostBusy,
         HostVersionMismatch,
@@ -118,6 +136,8 @@ def error_to_wire(err: BaseException) -> Message:
         data["code"] = err.code
     if isinstance(err, CacheWriteError):
         data["errno"] = err.errno
+    if isinstance(err, CacheBudgetExceeded):
+        data["needed_bytes"] = err.needed_bytes
     if isinstance(err, LibraryCopyFailed):
         data["errno"] = err.os_error.errno
     if isinstance(err, ModelsDirError):
@@ -150,6 +170,9 @@ def error_from_wire(data: Any) -> Exception:
         err.code = int(data.get("code", -1))
     if isinstance(err, CacheWriteError):
         err.errno = number
+    if isinstance(err, CacheBudgetExceeded):
+        needed = data.get("needed_bytes")
+        err.needed_bytes = needed if isinstance(needed, int) else 0
     if isinstance(err, LibraryCopyFailed):
         err.os_error = OSError(
             number or errno_module.EIO,

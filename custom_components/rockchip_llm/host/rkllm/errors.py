@@ -75,6 +75,12 @@ class LibraryCopyFailed(LibraryError):
         self.os_error = os_error
 
 
+class LibraryChanged(LibraryError):
+    """The private copy is damaged and the original is no longer the checked library."""
+
+    translation_key = "library_changed"
+
+
 class LibraryCrashed(LibraryError):
     """Loading the library killed (or hung) the process that tried it."""
 
@@ -85,6 +91,12 @@ class ModelInitError(RKLLMError):
     """rkllm_init failed for a model."""
 
     translation_key = "model_init_failed"
+
+
+class ModelFileMissing(ModelInitError):
+    """The model's file (or its folder, or the models folder) is gone."""
+
+    translation_key = "model_file_missing"
 
 
 class RunError(RKLLMError):
@@ -114,6 +126,12 @@ class WorkerDiedError(RKLLMError):
     """The worker process that hosts a model ended unexpectedly."""
 
     translation_key = "worker_died"
+
+
+class ModelGivenUp(WorkerDiedError):
+    """A model whose worker keeps dying (or died while loading) is not started again."""
+
+    translation_key = "model_given_up"
 
 
 class RunStalledError(RKLLMError):

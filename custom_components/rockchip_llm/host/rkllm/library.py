@@ -386,8 +386,8 @@ def load_copy(copy: Path, info: RuntimeInfo) -> RuntimeLibrary:
         damage = err.strerror
     if damage is not None:
         raise LibraryLoadError(
-            f"the copy {copy} does not match {info.path} ({damage}); "
-            "reload the integration to copy it again",
+            f"the copy {copy} does not match {info.path} ({damage}); the host "
+            "copies it again before the next start",
             path=str(info.path),
         )
     return _bind(copy, info)

@@ -42,8 +42,10 @@ import threading
 from typing import Any, Final, Self, TypeAlias
 
 from .abi import AbiFamily
+from .aside import move_aside, prune
 from .child import child_command, disable_core_dumps, exit_description
 from .errors import (
+    LibraryChanged,
     LibraryCopyFailed,
     LibraryCrashed,
     LibraryError,
@@ -309,6 +311,38 @@ def verify_and_copy_library(
     return VerifiedLibrary(info=info, copy=copy, simulated=file_is_simulator(copy))
 
 
+def checked_copy(library: VerifiedLibrary) -> VerifiedLibrary:
+    """Return library with an intact private copy, made again when it is damaged.
+
+    A worker about to start loads the copy; one damaged since it was checked
+    (overwritten, truncated) is copied again from the original, as long as the
+    original still holds the very library that was checked. When it does not
+    (replaced by another version, damaged too) nothing is copied: raise
+    LibraryChanged, for a reload checks the new one.
+    """
+    try:
+        damage = copy_damage(library.copy, library.info)
+    except OSError as err:
+        damage = err.strerror or str(err)
+    if damage is None:
+        return library
+    path = library.info.path
+    try:
+        changed = copy_damage(path, library.info)
+    except OSError as err:
+        changed = err.strerror or str(err)
+    if changed is not None:
+        raise LibraryChanged(
+            f"the private copy {library.copy} of the runtime library is damaged "
+            f"({damage}), and {path} is no longer the library that was checked "
+            f"({changed}); reload the integration to check the library now there",
+            path=str(path),
+            copy=str(library.copy),
+        )
+    copy = _private_copy(path, library.info, library.copy.parent)
+    return replace(library, copy=copy)
+
+
 def _private_copy(path: Path, info: RuntimeInfo, private_dir: Path) -> Path:
     """Return an intact copy of path named by its content, made atomically once.
 
@@ -333,6 +367,7 @@ def _private_copy(path: Path, info: RuntimeInfo, private_dir: Path) -> Path:
         for old in private_dir.glob("librkllmrt-*.so"):
             if old != copy:
                 old.unlink(missing_ok=True)  # a worker's mapping of it stays valid
+        prune(private_dir)
     except OSError as err:
         raise LibraryCopyFailed(
             f"cannot copy {path} to {private_dir}: {err.strerror}",
@@ -403,8 +438,8 @@ def _discard(path: Path) -> None:
 
 
 def _move_aside(path: Path) -> None:
-    """Rename path out of the way, next to where it was."""
-    path.rename(path.with_name(f"{path.name}.moved-{os.getpid()}"))
+    """Rename path out of the way, next to where it was (the newest few stay)."""
+    _LOGGER.warning("Moved %s aside to %s", path, move_aside(path))
 
 
 def _child_load(path: Path, override: AbiFamily | None) -> RuntimeLibrary:

@@ -12,7 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
-from .errors import ModelClosedError, ModelInitError, RKLLMError, RunError
+from .errors import (
+    ModelClosedError,
+    ModelFileMissing,
+    ModelInitError,
+    RKLLMError,
+    RunError,
+)
 from .runtime import ModelParams, PerfStats, RunRequest, RunResult, Sampling
 
 Message: TypeAlias = dict[str, Any]
@@ -88,7 +94,8 @@ def result_from_wire(data: Mapping[str, Any]) -> RunResult:
 
 
 _ERRORS: Final[Mapping[str, type[RKLLMError]]] = {
-    cls.__name__: cls for cls in (RKLLMError, ModelInitError, ModelClosedError)
+    cls.__name__: cls
+    for cls in (RKLLMError, ModelInitError, ModelFileMissing, ModelClosedError)
 }
 
 

@@ -7,7 +7,7 @@ Methods return ``concurrent.futures.Future`` objects: blocking code calls
 """
 
 import codecs
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 import contextlib
 import ctypes
@@ -33,7 +33,7 @@ from .abi import (
     RKLLMResult,
     RKLLMSamplingParam,
 )
-from .errors import ModelClosedError, ModelInitError, RunError
+from .errors import ModelClosedError, ModelFileMissing, ModelInitError, RunError
 from .library import RuntimeLibrary
 
 _LOGGER = logging.getLogger(__name__)
@@ -472,8 +472,21 @@ def context_limit_in(log: bytes) -> int | None:
     return int(found.group(1)) if found is not None else None
 
 
-def init_failed(params: ModelParams, code: int, limit: int | None) -> ModelInitError:
-    """Describe a failed rkllm_init, naming a context above the model's limit."""
+def init_failed(
+    params: ModelParams, code: int, limit: int | None, output: Sequence[str] = ()
+) -> ModelInitError:
+    """Describe a failed rkllm_init: a missing file, a context above the model's limit.
+
+    output: the runtime's log of the load; its error lines say what it refused.
+    """
+    if not params.model_path.is_file():
+        return ModelFileMissing(
+            f"the model file {params.model_path} is gone (removed or renamed while "
+            "it was in use); put it back, or pick another model for its agents, "
+            "and reload the integration",
+            model=str(params.model_path),
+        )
+    said = [line for line in output if line.startswith("E ")]
     if limit is not None and params.max_context_len > limit:
         return ModelInitError(
             f"rkllm_init failed for {params.model_path}: context length "
@@ -481,12 +494,15 @@ def init_failed(params: ModelParams, code: int, limit: int | None) -> ModelInitE
             "tokens; lower the agents' context length",
             model=str(params.model_path),
             limit=str(limit),
+            max_context_len=str(params.max_context_len),
         )
     return ModelInitError(
         f"rkllm_init failed for {params.model_path} (code {code}); "
-        "check the model file, the runtime version and the context length",
+        + (f"the runtime said: {' '.join(said)}; " if said else "")
+        + "check the model file, the runtime version and the context length",
         model=str(params.model_path),
         code=str(code),
+        max_context_len=str(params.max_context_len),
     )
 
 

@@ -183,7 +183,9 @@ class WorkerModel:
         except ModelInitError as err:
             self.context_limit = self._logged_context_limit()
             code = int(err.placeholders.get("code", "-1"))
-            future.set_exception(init_failed(params, code, self.context_limit))
+            future.set_exception(
+                init_failed(params, code, self.context_limit, self.output_tail())
+            )
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             future.set_exception(err)
         else:
