@@ -10,7 +10,6 @@ from functools import partial
 import os
 from pathlib import Path
 import re
-import socket
 import subprocess
 
 import pytest
@@ -20,16 +19,24 @@ from custom_components.rockchip_llm.host.announce import (
     announced_addresses,
     properties,
 )
+from custom_components.rockchip_llm.host.identity import parse_pairing_key
 from custom_components.rockchip_llm.host.version import (
     DEFAULT_PORT,
     HOST_VERSION,
     PROTOCOL_VERSION,
 )
 
-from .board_host import LanBrowser, start_board_host
+from .board_host import BoardHost, LanBrowser, start_board_host
 from .conftest import model_text
-from .host_process import RawClient, start_host, stop_host
-from .lan import Board, Lan
+from .host_process import (
+    RawClient,
+    pair,
+    peer_identity,
+    start_host,
+    stop_host,
+    tls_connect,
+)
+from .lan import Lan
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="network namespaces (ip netns) need root"
@@ -39,9 +46,12 @@ NO_ZEROCONF = "Discovery is off: this Python has no zeroconf package"
 IDENTITY = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def greet(board: Board, port: int = DEFAULT_PORT) -> dict[str, object]:
-    """Connect to a board's host from Home Assistant's side and say hello."""
-    raw = RawClient(socket.create_connection((board.address, port), timeout=10))
+def greet(host: BoardHost) -> dict[str, object]:
+    """Connect to a board's host from Home Assistant's side (TLS, paired); say hello."""
+    tls = tls_connect((host.board.address, host.port))
+    assert peer_identity(tls) == host.identity
+    pair(tls, parse_pairing_key(host.pairing_key))
+    raw = RawClient(tls, beats=True)
     try:
         answer = raw.hello("announce-test")
     finally:
@@ -69,7 +79,8 @@ async def test_a_host_on_the_lan_is_found_as_home_assistant_sees_it(
         assert info.port == DEFAULT_PORT
         assert info.type == SERVICE_TYPE
         assert info.name == f"board-a.{SERVICE_TYPE}"
-        assert IDENTITY.fullmatch(info.properties["id"])
+        assert info.properties["id"] == host.identity  # its certificate's
+        assert IDENTITY.fullmatch(host.identity)
         assert info.properties == {
             "id": info.properties["id"],
             "version": HOST_VERSION,
@@ -77,7 +88,7 @@ async def test_a_host_on_the_lan_is_found_as_home_assistant_sees_it(
             "name": "board-a",
         }
         await asyncio.to_thread(host.wait_log, f"Announced as 'board-a.{SERVICE_TYPE}'")
-        assert (await asyncio.to_thread(greet, board))["hostname"] == "board-a"
+        assert (await asyncio.to_thread(greet, host))["hostname"] == "board-a"
         # Stopped, the host says goodbye: HA's zeroconf drops it at once.
         await asyncio.to_thread(host.stop)
         assert await browser.async_removed() == info.name
@@ -97,9 +108,9 @@ async def test_the_identity_stays_across_restarts(
         first = await browser.async_added()
         await asyncio.to_thread(host.stop)
         await browser.async_removed()
-        await asyncio.to_thread(start)
+        restarted = await asyncio.to_thread(start)
         again = await browser.async_added()
-    assert again.properties["id"] == first.properties["id"]
+    assert again.properties["id"] == first.properties["id"] == restarted.identity
 
 
 def test_a_host_without_zeroconf_is_reached_at_its_address(
@@ -111,7 +122,7 @@ def test_a_host_without_zeroconf_is_reached_at_its_address(
         board, tmp_path / "a", hostname="b", model_text=model_text(), zeroconf=False
     )
     host.wait_log(NO_ZEROCONF)
-    assert greet(board)["host_version"] == HOST_VERSION
+    assert greet(host)["host_version"] == HOST_VERSION
     host.stop()
     log = host.log_text()
     assert log.count(NO_ZEROCONF) == 1
@@ -153,7 +164,7 @@ def test_a_host_whose_announcement_fails_serves_all_the_same(
     )
     host.wait_log("Discovery is off: announcing the host failed")
     assert "Address already in use" in host.log_text()
-    assert greet(board)["hostname"] == "c"
+    assert greet(host)["hostname"] == "c"
 
 
 @pytest.mark.parametrize(

@@ -536,3 +536,23 @@ async def test_a_stalled_link_is_noticed_within_seconds(
         if entry is not None:
             await hass.config_entries.async_unload(entry.entry_id)
         await proxy.async_close()
+
+
+async def test_an_entry_whose_link_stalled_unloads(
+    hass: HomeAssistant, host_sockets: None, tcp_host: HostProcess, kitchen: list[Any]
+) -> None:
+    """Unloading while the link delivers nothing (before anyone noticed) ends: the
+    heartbeat gives up the link, and what unloading waited for on it fails.
+    """
+    assert tcp_host.tcp is not None
+    proxy = StallingProxy(tcp_host.tcp)
+    await proxy.async_start()
+    try:
+        entry = await pair(hass, f"127.0.0.1:{proxy.port}", tcp_host.pairing_key)
+        proxy.stall()
+        async with asyncio.timeout(30):  # without the heartbeat: TCP's minutes
+            assert await hass.config_entries.async_unload(entry.entry_id)
+        assert entry.state is ConfigEntryState.NOT_LOADED
+        await hass.async_block_till_done()
+    finally:
+        await proxy.async_close()
