@@ -151,15 +151,28 @@ def start_board_host(
 
 
 def _wait_listening(process: subprocess.Popen[bytes], log: Path) -> dict[str, str]:
-    """Wait for "listening on"; return what the host printed before (identity, key)."""
+    """Wait for "listening on"; return what the host printed before (identity, key).
+
+    Read from the pipe itself: a buffered reader would take several lines at once
+    and leave select nothing to report.
+    """
     stdout: IO[bytes] | None = process.stdout
     assert stdout is not None
     printed: dict[str, str] = {}
+    pending = b""
     deadline = time.monotonic() + START_TIMEOUT
     while True:
-        left = max(deadline - time.monotonic(), 0)
-        ready, _, _ = select.select([stdout], [], [], left)
-        line = stdout.readline().decode() if ready else ""
+        while b"\n" not in pending:
+            left = max(deadline - time.monotonic(), 0)
+            ready, _, _ = select.select([stdout], [], [], left)
+            chunk = os.read(stdout.fileno(), 4096) if ready else b""
+            if not chunk:
+                raise AssertionError(
+                    f"the host did not start: {pending!r}\n{log.read_text()}"
+                )
+            pending += chunk
+        raw, pending = pending.split(b"\n", 1)
+        line = raw.decode()
         if line.startswith("listening on "):
             return printed
         if not line.startswith(("identity ", "pairing key ")):

@@ -1,29 +1,41 @@
 """Run the check: each step prints what it saw; any surprise ends it with exit status 1.
 
-1. Two boards on a test LAN, each with a runtime host announcing itself; board B
-   behind the shaped link. Home Assistant starts with its zeroconf on both links.
+1. Two boards on a test LAN, each with a runtime host on ``--tcp 0.0.0.0`` with
+   a state folder of its own (its identity and pairing key); board B behind the
+   shaped link. Home Assistant starts with its zeroconf on both links.
 2. Both hosts appear under Discovered; each is confirmed, the host step comes
-   filled in with the board's address, and the entry is made (pairing: issue 18
-   item 1, the step marked PAIRING below).
+   filled in with the board's address and asks for the key; a wrong key is a
+   form error (and the host logs the refusal); the key the host printed pairs it.
 3. The agent on each board switches its light.
-4. Board B's agent tells a 300-token story over the shaped link, all of it.
-5. Board A's cable is pulled: board B's agent answers meanwhile, A's again once
-   the cable is back (that A's agents are unavailable meanwhile, within seconds:
-   the heartbeat of issue 18 item 4, the step marked HEARTBEAT below).
-6. Board A gets a new address and its host restarts: Home Assistant follows it.
-7. No "Detected that custom integration" report and no error of ours in the log.
+4. A plain-text client gets nothing from board A, whose host logs "Refused".
+5. Board B's agent tells a 300-token story over the shaped link, all of it.
+6. Board A's cable is pulled: its entry and agent go unavailable within seconds
+   (the heartbeat), board B's agent answers meanwhile, A's again once it is back.
+7. Board A gets a new address and its host restarts: Home Assistant follows it.
+8. Board A's host loses its state folder (a new certificate and key): the entry
+   asks to pair again (reauth) and is repaired with the new key.
+9. No "Detected that custom integration" report and no error of ours in the log.
+
+Each step prints what it saw and its time; a summary of the times ends the run.
 """
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import json
 from pathlib import Path
+import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from typing import Any
 
+from custom_components.rockchip_llm.host.identity import (
+    PAIRING_KEY_BYTES,
+    format_pairing_key,
+)
 from homeassistant.const import __version__ as HA_VERSION
 from scripts.newest_ha.instance import (
     ROOT,
@@ -100,6 +112,21 @@ def step(text: str) -> None:
     print(f"[lan] {text}", flush=True)
 
 
+TIMES: list[tuple[str, float]] = []
+"""Each step's name and seconds, for the summary."""
+
+
+@contextlib.contextmanager
+def timed_step(text: str) -> Iterator[None]:
+    """Say what the check does next; afterwards how long it took (kept for the summary)."""
+    step(text)
+    start = time.monotonic()
+    yield
+    took = time.monotonic() - start
+    TIMES.append((text, took))
+    step(f"  done in {took:.1f} s")
+
+
 class Site:
     """A board, its host, and what Home Assistant made of it."""
 
@@ -111,6 +138,12 @@ class Site:
         self.folder = folder
         self.host: BoardHost | None = None
         self.entry_id = ""
+
+    @property
+    def running(self) -> BoardHost:
+        """The board's host (started)."""
+        assert self.host is not None
+        return self.host
 
     @property
     def model(self) -> str:
@@ -179,8 +212,18 @@ def suggested(form: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def set_up_discovered(ha: Instance, site: Site, flow: dict[str, Any]) -> None:
-    """Confirm the discovered host, take the filled-in address, pick the model."""
+def refusal(site: Site) -> str:
+    """Quote the last refusal the site's host logged."""
+    [*_, line] = (
+        line for line in site.running.log_text().splitlines() if "Refused " in line
+    )
+    return "the host logged " + repr(line[line.index("Refused ") :])
+
+
+def set_up_discovered(
+    ha: Instance, site: Site, flow: dict[str, Any], *, wrong_key: bool = False
+) -> None:
+    """Confirm the discovered host, take the filled-in address, pair, pick the model."""
     expect(
         flow["step_id"] == "zeroconf_confirm"
         and flow["context"]["source"] == "zeroconf",
@@ -194,9 +237,23 @@ def set_up_discovered(ha: Instance, site: Site, flow: dict[str, Any]) -> None:
         address == f"{site.board.address}:7823",
         f"the host step has {site.name}'s address filled in, got {address}",
     )
-    # PAIRING (issue 18 item 1, branch issue-18a): the host step also asks for the
-    # key the host printed at its first start; fill it in here from the host's log.
     form = ha.post(path, {"host_address": address})
+    expect(
+        form.get("errors") == {"pairing_key": "pairing_key_required"},
+        f"the host step asks for the pairing key, got {form}",
+    )
+    if wrong_key:
+        wrong = format_pairing_key(secrets.token_bytes(PAIRING_KEY_BYTES))
+        form = ha.post(path, {"host_address": address, "pairing_key": wrong})
+        expect(
+            form.get("errors") == {"pairing_key": "host_pairing_refused"},
+            f"a wrong key is a form error, got {form}",
+        )
+        site.running.wait_log("Refused ")
+        step(f"  a wrong key: form error host_pairing_refused; {refusal(site)}")
+    form = ha.post(
+        path, {"host_address": address, "pairing_key": site.running.pairing_key}
+    )
     expect(form.get("step_id") == "model", f"the model step follows, got {form}")
     done = ha.post(path, {"model": site.model})
     expect(done.get("type") == "create_entry", f"the entry is made, got {done}")
@@ -205,6 +262,10 @@ def set_up_discovered(ha: Instance, site: Site, flow: dict[str, Any]) -> None:
         f"the entry is named after the board, got {done['result']['title']}",
     )
     site.entry_id = done["result"]["entry_id"]
+    expect(
+        flow["context"]["unique_id"] == site.running.identity,
+        f"announced as the identity the host printed, got {flow['context']}",
+    )
 
 
 def agent_ready(ha: Instance, site: Site) -> None:
@@ -282,16 +343,94 @@ def tell_story(ha: Instance, site: Site) -> None:
 
 
 def pull_cable(ha: Instance, down: Site, other: Site) -> None:
-    """One board's link down: the other answers; the first again once it is up."""
+    """Pull one board's cable: its agent unavailable in seconds, the other answers.
+
+    The first answers again once its link is up.
+    """
     down.board.set_link(up=False)
+    start = time.monotonic()
     try:
-        # HEARTBEAT (issue 18 item 4, branch issue-18a): wait here, a few seconds
-        # at most, until entry_state(ha, down) is no longer "loaded" and its
-        # agent's state is "unavailable".
+        wait_for(
+            f"{down.name}'s entry to notice",
+            lambda: True if entry_state(ha, down) != "loaded" else None,
+            timeout=30,
+        )
+        wait_for(
+            f"{down.name}'s agent to be unavailable",
+            lambda: (
+                True
+                if (ha.state(down.agent) or {}).get("state") == "unavailable"
+                else None
+            ),
+            timeout=30,
+        )
+        step(
+            f"  {down.name}'s entry {entry_state(ha, down)} and its agent unavailable "
+            f"{time.monotonic() - start:.1f} s after the link went down"
+        )
         says_hello(ha, other)
+        step(f"  {other.name} answered meanwhile")
     finally:
         down.board.set_link(up=True)
+    start = time.monotonic()
+    wait_for(f"{down.name}'s entry to load again", lambda: _loaded(ha, down))
     wait_for(f"{down.name} to answer again", lambda: _answers(ha, down))
+    step(f"  {down.name} answers again {time.monotonic() - start:.1f} s after link up")
+
+
+def plain_text_client(site: Site) -> None:
+    """Say hello in plain text: nothing comes back; the host logs the refusal."""
+    with socket.create_connection((site.board.address, site.running.port), 10) as sock:
+        sock.sendall(b'{"id": 1, "op": "hello", "args": {"client": "plain"}}\n')
+        sock.settimeout(30)
+        try:
+            answer = sock.recv(65536)
+        except ConnectionResetError:
+            answer = b""
+    expect(answer == b"", f"a plain-text client gets nothing, got {answer!r}")
+    site.running.wait_log("no TLS handshake (plain text")
+    step(f"  closed without a byte; {refusal(site)}")
+
+
+def changed_certificate(ha: Instance, site: Site) -> None:
+    """Lose the host's state folder: HA refuses the new identity, asks to pair again."""
+    old = site.running.identity
+    site.running.stop()
+    shutil.rmtree(site.folder / "state")
+    site.start()
+    step(
+        f"  {site.name} restarted with identity {site.running.identity[:19]}… (was {old[:19]}…)"
+    )
+
+    def reauth() -> dict[str, Any] | None:
+        for flow in ha.command({"type": "config_entries/flow/progress"}):
+            context = flow["context"]
+            if context["source"] == "reauth" and context["entry_id"] == site.entry_id:
+                return flow
+        return None
+
+    flow = wait_for(f"{site.name}'s entry to ask to pair again", reauth)
+    state = entry_state(ha, site)
+    expect(state == "setup_error", f"the entry is stopped, got {state}")
+    [entry] = [
+        entry
+        for entry in ha.get("/api/config/config_entries/entry")
+        if entry["entry_id"] == site.entry_id
+    ]
+    expect(
+        "identity changed" in str(entry["reason"]),
+        f"the entry says the identity changed, got {entry['reason']}",
+    )
+    step(f"  the entry: {entry['reason']}")
+    path = f"/api/config/config_entries/flow/{flow['flow_id']}"
+    form = ha.get(path)
+    expect(form.get("step_id") == "reauth_confirm", f"the reauth form, got {form}")
+    done = ha.post(path, {"pairing_key": site.running.pairing_key})
+    expect(done.get("reason") == "reauth_successful", f"re-paired, got {done}")
+    wait_for(f"{site.name}'s entry to load again", lambda: _loaded(ha, site))
+    wait_for(f"{site.name} to answer again", lambda: _answers(ha, site))
+    step(f"  re-paired with the new key: {site.name} answers")
+    expect(not discovered(ha), "the new identity at the entry's address is not offered")
 
 
 def _answers(ha: Instance, site: Site) -> bool | None:
@@ -331,31 +470,36 @@ def run(base: Path, lan: Lan) -> None:
         ha.start()
         onboard(ha)
         ha.wait_running()
-        step("both hosts found by zeroconf, confirmed and set up")
-        flows = wait_for(
-            "two discovered hosts",
-            lambda: found if len(found := discovered(ha)) == 2 else None,
-        )
-        by_name = {
-            flow["context"]["title_placeholders"]["name"]: flow for flow in flows
-        }
-        expect(set(by_name) == {"board-a", "board-b"}, f"both boards: {by_name}")
+        with timed_step("both hosts found by zeroconf, paired and set up"):
+            flows = wait_for(
+                "two discovered hosts",
+                lambda: found if len(found := discovered(ha)) == 2 else None,
+            )
+            by_name = {
+                flow["context"]["title_placeholders"]["name"]: flow for flow in flows
+            }
+            expect(set(by_name) == {"board-a", "board-b"}, f"both boards: {by_name}")
+            for site in sites:
+                set_up_discovered(
+                    ha, site, by_name[site.name], wrong_key=site is sites[0]
+                )
+                agent_ready(ha, site)
         for site in sites:
-            set_up_discovered(ha, site, by_name[site.name])
-            agent_ready(ha, site)
-        # PAIRING (issue 18 item 1): a wrong key, a plain-text client and a host
-        # with a changed certificate are refused with clear messages.
-        for site in sites:
-            step(f"{site.agent}: switches the {site.light} lights")
-            switch_light(ha, site)
-        step("board-b tells a 300-token story over the shaped link")
-        allow_long_answers(ha, sites[1])
-        tell_story(ha, sites[1])
-        step("board-a's cable pulled: board-b answers meanwhile, board-a once back")
-        pull_cable(ha, sites[0], sites[1])
-        step("board-a moves to a new address")
-        move(ha, sites[0])
-        says_hello(ha, sites[1])
+            with timed_step(f"{site.agent}: switches the {site.light} lights"):
+                switch_light(ha, site)
+        with timed_step("a plain-text client at board-a"):
+            plain_text_client(sites[0])
+        with timed_step("board-b tells a 300-token story over the shaped link"):
+            allow_long_answers(ha, sites[1])
+            tell_story(ha, sites[1])
+        with timed_step("board-a's cable pulled (ip link set down), then back up"):
+            pull_cable(ha, sites[0], sites[1])
+        with timed_step("board-a moves to a new address"):
+            move(ha, sites[0])
+            says_hello(ha, sites[1])
+        with timed_step("board-a's host with a new certificate (state folder lost)"):
+            changed_certificate(ha, sites[0])
+            says_hello(ha, sites[1])
     except CheckFailed:
         print("\n".join(list(ha.log_lines())[-40:]), file=sys.stderr)
         raise
@@ -389,6 +533,8 @@ def main() -> int:
         lan.close()
     shutil.rmtree(base)
     step(f"passed on Home Assistant {HA_VERSION} in {took:.0f} s")
+    for text, seconds in TIMES:
+        step(f"  {seconds:5.1f} s  {text}")
     return 0
 
 
