@@ -403,7 +403,10 @@ def changed_certificate(ha: Instance, site: Site) -> None:
     )
 
     def reauth() -> dict[str, Any] | None:
-        for flow in ha.command({"type": "config_entries/flow/progress"}):
+        flows: list[dict[str, Any]] = ha.command(
+            {"type": "config_entries/flow/progress"}
+        )
+        for flow in flows:
             context = flow["context"]
             if context["source"] == "reauth" and context["entry_id"] == site.entry_id:
                 return flow
