@@ -1,8 +1,8 @@
 """The fix flow of an agent that did not start: another model or context, or try again."""
 
-from typing import Any, Final
+from typing import Any
 
-from homeassistant.components.repairs import RepairsFlow, RepairsFlowResult
+from homeassistant.components.repairs import RepairsFlowResult
 from homeassistant.helpers.selector import (
     NumberSelector,
     NumberSelectorConfig,
@@ -11,14 +11,18 @@ from homeassistant.helpers.selector import (
 
 from .agent_state import AgentFailure
 from .config_flow import async_scan_or_abort, model_selector
-from .const import AGENT_OPTION_DEFAULTS, CONF_MAX_CONTEXT_LEN, CONF_MODEL
+from .const import (
+    AGENT_OPTION_DEFAULTS,
+    CONF_MAX_CONTEXT_LEN,
+    CONF_MODEL,
+    MAX_CONTEXT_FIELD,
+)
+from .fix_flow import AgentFixFlow
 from .ha_compat import vol
 from .model_limits import async_get_model_limits
 
-MAX_CONTEXT_FIELD: Final = 32768
 
-
-class AgentFailedRepairFlow(RepairsFlow):
+class AgentFailedRepairFlow(AgentFixFlow):
     """An agent's model did not load or its prompt could not be set up.
 
     The form shows the reason and offers what can change here: the model and the
@@ -27,19 +31,13 @@ class AgentFailedRepairFlow(RepairsFlow):
     model file replaced meanwhile).
     """
 
-    def __init__(self, entry_id: str, subentry_id: str) -> None:
-        """Fix the agent subentry_id of the config entry entry_id."""
-        self._entry_id = entry_id
-        self._subentry_id = subentry_id
-
     async def async_step_init(
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
         """Show the reason and the agent's model and context; store them and reload."""
-        entry = self.hass.config_entries.async_get_entry(self._entry_id)
-        if entry is None or self._subentry_id not in entry.subentries:
+        if (fixed := self._agent_subentry()) is None:
             return self.async_abort(reason="agent_removed")
-        subentry = entry.subentries[self._subentry_id]
+        entry, subentry = fixed
         runtime = getattr(entry, "runtime_data", None)
         failure: AgentFailure | None = (
             runtime.failure(self._subentry_id) if runtime is not None else None

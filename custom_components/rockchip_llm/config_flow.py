@@ -69,6 +69,7 @@ from .const import (
     DEFAULT_STALL_TIMEOUT_S,
     DOMAIN,
     LIBRARY_CANDIDATES,
+    MAX_CONTEXT_FIELD,
     SUBENTRY_AI_TASK,
     SUBENTRY_CONVERSATION,
     HistoryStrategy,
@@ -290,7 +291,7 @@ def _agent_schema(
         )
     schema.update(
         {
-            vol.Required(CONF_MAX_CONTEXT_LEN): _integer(0, 32768),
+            vol.Required(CONF_MAX_CONTEXT_LEN): _integer(0, MAX_CONTEXT_FIELD),
             vol.Required(CONF_MAX_NEW_TOKENS): _integer(16, 4096),
             vol.Required(CONF_TEMPERATURE): _slider(0, 2),
             vol.Required(CONF_TOP_K): _integer(1, 100),

@@ -46,6 +46,8 @@ SUBENTRY_AI_TASK: Final = "ai_task_data"
 CONF_MODEL: Final = "model"
 CONF_PROMPT: Final = "prompt"
 CONF_MAX_CONTEXT_LEN: Final = "max_context_len"
+MAX_CONTEXT_FIELD: Final = 32768
+"""The largest context the forms offer (the model's own limit, where known, is lower)."""
 CONF_MAX_NEW_TOKENS: Final = "max_new_tokens"
 CONF_TEMPERATURE: Final = "temperature"
 CONF_TOP_K: Final = "top_k"

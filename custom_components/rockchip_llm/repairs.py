@@ -21,7 +21,9 @@ from .const import (
     CONF_MAX_CONTEXT_LEN,
     CONF_MODEL,
     CONF_TOOL_GROUPS,
+    MAX_CONTEXT_FIELD,
 )
+from .fix_flow import AgentFixFlow
 from .ha_compat import vol
 from .prefix_report import (
     PREFIX_ISSUE_KIND,
@@ -32,22 +34,16 @@ from .prefix_report import (
 from .tool_groups import ToolGroup
 
 
-class ModelMissingRepairFlow(RepairsFlow):
+class ModelMissingRepairFlow(AgentFixFlow):
     """Let the user pick another model folder for an agent whose folder is gone."""
-
-    def __init__(self, entry_id: str, subentry_id: str) -> None:
-        """Fix the agent subentry_id of the config entry entry_id."""
-        self._entry_id = entry_id
-        self._subentry_id = subentry_id
 
     async def async_step_init(
         self, user_input: dict[str, str] | None = None
     ) -> RepairsFlowResult:
         """Show the models found now; store the chosen one (the entry reloads)."""
-        entry = self.hass.config_entries.async_get_entry(self._entry_id)
-        if entry is None or self._subentry_id not in entry.subentries:
+        if (fixed := self._agent_subentry()) is None:
             return self.async_abort(reason="agent_removed")
-        subentry = entry.subentries[self._subentry_id]
+        entry, subentry = fixed
         placeholders = {"agent": subentry.title, CONF_MODEL: subentry.data[CONF_MODEL]}
         scan, simulated = await async_scan_or_abort(entry, placeholders)
         # The first call may carry {"issue_id": ...} (a compatibility shim of HA).
@@ -71,26 +67,20 @@ class ModelMissingRepairFlow(RepairsFlow):
         )
 
 
-class PrefixRepairFlow(RepairsFlow):
+class PrefixRepairFlow(AgentFixFlow):
     """An agent's prefix was trimmed or does not fit: change its tools or context.
 
     The form offers what can be changed here (the tool groups, the context up to
     the model's limit) and links to Voice assistants, Expose for the devices.
     """
 
-    def __init__(self, entry_id: str, subentry_id: str) -> None:
-        """Fix the agent subentry_id of the config entry entry_id."""
-        self._entry_id = entry_id
-        self._subentry_id = subentry_id
-
     async def async_step_init(
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
         """Show the numbers and the choices; store them (the entry reloads)."""
-        entry = self.hass.config_entries.async_get_entry(self._entry_id)
-        if entry is None or self._subentry_id not in entry.subentries:
+        if (fixed := self._agent_subentry()) is None:
             return self.async_abort(reason="agent_removed")
-        subentry = entry.subentries[self._subentry_id]
+        entry, subentry = fixed
         runtime = getattr(entry, "runtime_data", None)
         agent: Agent | None = (
             runtime.agents.get(self._subentry_id) if runtime is not None else None
@@ -130,7 +120,7 @@ class PrefixRepairFlow(RepairsFlow):
         groups = subentry.data.get(
             CONF_TOOL_GROUPS, [group.value for group in ToolGroup]
         )
-        maximum = limit or 32768
+        maximum = limit or MAX_CONTEXT_FIELD
         return self.async_show_form(
             step_id="init",
             data_schema=vol.Schema(
