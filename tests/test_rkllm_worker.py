@@ -17,6 +17,7 @@ from custom_components.rockchip_llm.host.rkllm.errors import (
     WorkerDiedError,
 )
 from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.protocol import encode
 from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RunRequest,
@@ -193,3 +194,58 @@ def test_close_ends_the_process(write_model: ModelWriter, open_worker: Opener) -
     with pytest.raises(ModelClosedError):
         worker.run(RunRequest(prompt="hello"), lambda _text: None)
     assert worker.death is None
+
+
+def test_a_request_behind_a_long_run_waits_without_counting_as_stalled(
+    write_model: ModelWriter, open_worker: Opener
+) -> None:
+    """A request made while a run streams is sent after it, its stall clock started then."""
+    reply = "word " * 150
+    worker = open_worker(
+        write_model(replies=(f"default => {reply}",), decode_ms_per_token=10),
+        stall_timeout=0.5,
+    )
+    started = threading.Event()
+    pieces: list[str] = []
+
+    def sink(text: str) -> None:
+        pieces.append(text)
+        started.set()
+
+    running = worker.run(RunRequest(prompt="talk"), sink)
+    assert started.wait(10)
+    cleared = worker.clear_kv_cache(keep_system_prompt=False)
+    result = running.result(timeout=30)  # 1.5 s of text: three stall timeouts
+    assert not result.aborted
+    assert "".join(pieces) == reply.strip()
+    cleared.result(timeout=10)
+    assert worker.death is None
+
+
+def test_an_abort_stops_only_the_request_it_names(
+    write_model: ModelWriter, open_worker: Opener
+) -> None:
+    """An abort that arrives for an earlier request leaves the run in progress alone."""
+    reply = "word " * 100
+    worker = open_worker(
+        write_model(replies=(f"default => {reply}",), decode_ms_per_token=5)
+    )
+    started = threading.Event()
+    pieces: list[str] = []
+
+    def sink(text: str) -> None:
+        pieces.append(text)
+        started.set()
+
+    running = worker.run(RunRequest(prompt="talk"), sink)
+    assert started.wait(10)
+    assert worker._abort_fd is not None  # noqa: SLF001 - a late abort of init (id 1)
+    os.write(worker._abort_fd, encode({"id": 1}))  # noqa: SLF001
+    result = running.result(timeout=30)
+    assert not result.aborted
+    assert "".join(pieces) == reply.strip()
+    started.clear()
+    aborted = worker.run(RunRequest(prompt="talk"), lambda _text: started.set())
+    assert started.wait(10)
+    worker.abort()
+    assert aborted.result(timeout=30).aborted

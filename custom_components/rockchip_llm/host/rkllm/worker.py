@@ -11,9 +11,12 @@ One process per model, not one per runtime entry: a model that crashes or wedges
 its process takes no other model with it, and killing a wedged process frees
 exactly that model's NPU memory.
 
-Two threads per worker read its answers and its output. A worker that dies fails
-every pending call at once with :class:`~.errors.WorkerDiedError` naming the signal
-and the runtime's last lines. A watchdog aborts a run that produces no text for
+The worker handles one request at a time, on the thread that read it: further
+requests wait here and each is sent when the one before is answered, so a request
+never waits in a pipe behind a long run. Aborts go on a pipe of their own and name
+the request they stop. Two threads per worker read its answers and its output. A
+worker that dies fails every pending call at once with
+:class:`~.errors.WorkerDiedError` naming the signal and the runtime's last lines. A watchdog aborts a run that produces no text for
 ``stall_timeout`` seconds (plus the expected prefill time before the first token)
 and kills the process when the abort does not end the run within ``abort_grace``.
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import itertools
 import json
 import logging
+import math
 import os
 from pathlib import Path
 import select
@@ -92,9 +96,13 @@ class _Call:
     op: str
     future: Future[Any]
     convert: Callable[[Any], Any]
-    deadline: float
-    """When the call counts as stalled (a run's text moves it on)."""
+    timeout: float
+    """Seconds the call may take once sent (a run's text moves its deadline on)."""
+    line: bytes = b""
+    """The request as sent to the worker."""
     sink: TextSink | None = None
+    deadline: float = math.inf
+    """When the call counts as stalled (none while it waits to be sent)."""
     stalled_at: float | None = None
     """When the watchdog found it stalled and sent the abort."""
 
@@ -126,9 +134,14 @@ class WorkerModel:
         self._on_death = on_death
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
+        self._waiting: deque[int] = deque()
+        """Requests not sent yet, in order."""
+        self._current: int | None = None
+        """The request the worker handles now (sent, not answered)."""
         self._ids = itertools.count(READY_ID + 1)
         self._process: subprocess.Popen[bytes] | None = None
         self._request_fd: int | None = None
+        self._abort_fd: int | None = None
         self._threads: list[threading.Thread] = []
         self._output_reader: threading.Thread | None = None
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
@@ -198,12 +211,13 @@ class WorkerModel:
     def _spawn(self, ready: Future[None]) -> None:
         request_read, request_write = os.pipe()
         answer_read, answer_write = os.pipe()
+        abort_read, abort_write = os.pipe()
+        theirs = (request_read, answer_write, abort_read)
         try:
             process = subprocess.Popen(
                 child_command(
                     "worker_child",
-                    str(request_read),
-                    str(answer_write),
+                    *(str(fd) for fd in theirs),
                     str(self.library.copy),
                     json.dumps(info_to_wire(self.library.info)),
                     self.name,
@@ -211,24 +225,29 @@ class WorkerModel:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                pass_fds=(request_read, answer_write),
+                pass_fds=theirs,
                 start_new_session=True,  # a Ctrl-C meant for HA is not the worker's
             )
         except OSError as err:
-            for fd in (request_read, request_write, answer_read, answer_write):
+            for fd in (*theirs, request_write, answer_read, abort_write):
                 os.close(fd)
             raise WorkerDiedError(
                 f"cannot start the runtime process of {self.name}: {err}",
                 model=self.name,
                 how=str(err),
             ) from err
-        os.close(request_read)
-        os.close(answer_write)
+        for fd in theirs:
+            os.close(fd)
         with self._lock:
             self._process = process
             self._request_fd = request_write
+            self._abort_fd = abort_write
             self._calls[READY_ID] = _Call(
-                "load the library", ready, _unchanged, time.monotonic() + INIT_TIMEOUT
+                "load the library",
+                ready,
+                _unchanged,
+                INIT_TIMEOUT,
+                deadline=time.monotonic() + INIT_TIMEOUT,
             )
         for target, role in (
             (self._read_answers, "answers"),
@@ -254,12 +273,13 @@ class WorkerModel:
             if self._closed:
                 return
             self._closed = True
+            self._send_abort()
             request_fd, self._request_fd = self._request_fd, None
+            abort_fd, self._abort_fd = self._abort_fd, None
             process = self._process
-        if request_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(request_fd, encode({"id": 0, "op": "abort"}))
-            os.close(request_fd)  # the worker destroys the handle and exits
+        for fd in (abort_fd, request_fd):
+            if fd is not None:
+                os.close(fd)  # the worker destroys the handle and exits
         if process is not None:
             try:
                 process.wait(timeout=CLOSE_TIMEOUT)
@@ -298,21 +318,40 @@ class WorkerModel:
             if self._closed or self._request_fd is None:
                 raise ModelClosedError(f"model {self.name} is closed")
             request_id = next(self._ids)
-            deadline = time.monotonic() + (
-                self.stall_timeout if timeout is None else timeout
+            self._calls[request_id] = _Call(
+                op,
+                future,
+                convert,
+                self.stall_timeout if timeout is None else timeout,
+                encode({"id": request_id, "op": op, "args": args or {}}),
+                sink,
             )
-            self._calls[request_id] = _Call(op, future, convert, deadline, sink)
+            self._waiting.append(request_id)
+            self._send_next()
+        return future
+
+    def _send_next(self) -> None:
+        """Send the next waiting request if the worker is free (holding the lock).
+
+        The worker reads it at once, so the write never waits behind a run.
+        """
+        while self._current is None and self._waiting:
+            request_id = self._waiting.popleft()
+            if (
+                call := self._calls.get(request_id)
+            ) is None or self._request_fd is None:
+                continue
+            self._current = request_id
+            call.deadline = time.monotonic() + call.timeout
+            data = call.line
             try:
-                os.write(
-                    self._request_fd,
-                    encode({"id": request_id, "op": op, "args": args or {}}),
-                )
+                while data:
+                    data = data[os.write(self._request_fd, data) :]
             except OSError:
                 # The worker is gone; its answer thread reports how.
                 _LOGGER.debug(
-                    "Cannot send %s to the runtime process of %s", op, self.name
+                    "Cannot send %s to the runtime process of %s", call.op, self.name
                 )
-        return future
 
     def run(self, request: RunRequest, sink: TextSink) -> Future[RunResult]:
         """Run one input; decoded text goes to sink (on a reader thread)."""
@@ -347,10 +386,14 @@ class WorkerModel:
     def abort(self) -> None:
         """Stop the running generation (safe from any thread)."""
         with self._lock:
-            if self._request_fd is None or self._death is not None:
-                return
+            if self._death is None:
+                self._send_abort()
+
+    def _send_abort(self) -> None:
+        """Ask the worker to abort the request it handles, if any (holding the lock)."""
+        if self._abort_fd is not None and self._current is not None:
             with contextlib.suppress(OSError):
-                os.write(self._request_fd, encode({"id": 0, "op": "abort"}))
+                os.write(self._abort_fd, encode({"id": self._current}))
 
     def load_prompt_cache(self, path: Path) -> Future[None]:
         """Load a prompt cache file for later runs to reuse."""
@@ -450,6 +493,9 @@ class WorkerModel:
                     call.deadline = time.monotonic() + self.stall_timeout
             else:
                 call = self._calls.pop(request_id, None)
+                if request_id == self._current:
+                    self._current = None
+                    self._send_next()
         if call is None:
             return
         if "text" in message:
@@ -520,6 +566,8 @@ class WorkerModel:
         with self._lock:
             expected = self._closed
             calls, self._calls = self._calls, {}
+            self._waiting.clear()
+            self._current = None
             tail = "\n".join(self._output) or "(no output)"
             if not expected:
                 self._death = WorkerDiedError(
