@@ -1,5 +1,6 @@
 """WorkerModel: the binding in a worker process, against the simulator library."""
 
+import asyncio
 from collections.abc import Callable, Generator
 import os
 from pathlib import Path
@@ -31,13 +32,39 @@ from .conftest import ModelWriter
 type Opener = Callable[..., WorkerModel]
 
 
+@pytest.fixture(params=["thread", "loop"])
+def answers_loop(
+    request: pytest.FixtureRequest,
+) -> Generator[asyncio.AbstractEventLoop | None]:
+    """Where workers read their answers: a thread, or an event loop (as on a host)."""
+    if request.param == "thread":
+        yield None
+        return
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop")
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
 @pytest.fixture
-def open_worker(verified_library: VerifiedLibrary) -> Generator[Opener]:
+def open_worker(
+    verified_library: VerifiedLibrary, answers_loop: asyncio.AbstractEventLoop | None
+) -> Generator[Opener]:
     """Start workers that are closed (process reaped, threads joined) after the test."""
     workers: list[WorkerModel] = []
 
     def open_(path: Path, *, init: bool = True, **options: object) -> WorkerModel:
-        worker = WorkerModel(verified_library, f"m{len(workers)}", **options)  # type: ignore[arg-type]
+        worker = WorkerModel(
+            verified_library,
+            f"m{len(workers)}",
+            loop=answers_loop,
+            **options,  # type: ignore[arg-type]
+        )
         workers.append(worker)
         if init:
             worker.init(ModelParams(model_path=path)).result(timeout=30)
@@ -249,3 +276,26 @@ def test_an_abort_stops_only_the_request_it_names(
     assert started.wait(10)
     worker.abort()
     assert aborted.result(timeout=30).aborted
+
+
+def test_close_reads_the_end_itself_once_the_loop_is_gone(
+    write_model: ModelWriter, verified_library: VerifiedLibrary
+) -> None:
+    """A worker read on a loop that has closed since still closes: close reads its end."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop")
+    thread.start()
+    worker = WorkerModel(verified_library, "m", loop=loop)
+    try:
+        worker.init(ModelParams(model_path=write_model())).result(timeout=30)
+        assert "".join(run(worker, "hello")[0])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+    worker.close()
+    assert worker.pid is not None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(worker.pid, os.WNOHANG)  # reaped, not a zombie
+    assert worker.death is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("rkllm-worker")]

@@ -297,6 +297,7 @@ class _Client:
         self._outbox: list[Message] = []
         """Messages queued from other threads, not yet written."""
         self._outbox_lock = threading.Lock()
+        self._loop_thread = threading.get_ident()
 
     # Connection
 
@@ -319,6 +320,9 @@ class _Client:
             self._outbox.append(message)
             if len(self._outbox) > 1:
                 return  # the flush of the first one is on its way
+        if threading.get_ident() == self._loop_thread:  # a worker's answers, read here
+            self._loop.call_soon(self._flush_outbox)
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: host stops
             self._loop.call_soon_threadsafe(self._flush_outbox)
 
@@ -610,6 +614,7 @@ async def _worker_open(client: _Client, _id: int, args: Mapping[str, Any]) -> An
         name,
         stall_timeout=client.host.config.stall_timeout,
         on_death=functools.partial(client._worker_died, worker_id),  # noqa: SLF001
+        loop=asyncio.get_running_loop(),
     )
     client.workers[worker_id] = worker
     try:

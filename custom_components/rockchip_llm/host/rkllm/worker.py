@@ -14,15 +14,18 @@ exactly that model's NPU memory.
 The worker handles one request at a time, on the thread that read it: further
 requests wait here and each is sent when the one before is answered, so a request
 never waits in a pipe behind a long run. Aborts go on a pipe of their own and name
-the request they stop. Two threads per worker read its answers and its output. A
-worker that dies fails every pending call at once with
-:class:`~.errors.WorkerDiedError` naming the signal and the runtime's last lines. A watchdog aborts a run that produces no text for
+the request they stop. Its answers are read on an event loop when given one (the
+host's: streamed text then needs no hand-over from another thread), else by a
+thread; another thread reads its output. A worker that dies fails every pending call
+at once with :class:`~.errors.WorkerDiedError` naming the signal and the runtime's
+last lines. A watchdog aborts a run that produces no text for
 ``stall_timeout`` seconds (plus the expected prefill time before the first token)
 and kills the process when the abort does not end the run within ``abort_grace``.
 """
 
+import asyncio
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 import contextlib
 from dataclasses import dataclass
@@ -122,8 +125,13 @@ class WorkerModel:
         stall_timeout: float | None = None,
         abort_grace: float | None = None,
         on_death: Callable[[WorkerDiedError], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        """Prepare the worker; init() starts the process and loads the model."""
+        """Prepare the worker; init() starts the process and loads the model.
+
+        loop: read the answers on it, so sinks and futures are served on it (close
+        must then run off it, as it blocks until the loop saw the worker end).
+        """
         self.library = library
         self.name = name
         self.last_perf: PerfStats | None = None
@@ -132,6 +140,7 @@ class WorkerModel:
         self.stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
         self.abort_grace = ABORT_GRACE if abort_grace is None else abort_grace
         self._on_death = on_death
+        self._loop = loop
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
         self._waiting: deque[int] = deque()
@@ -142,6 +151,14 @@ class WorkerModel:
         self._process: subprocess.Popen[bytes] | None = None
         self._request_fd: int | None = None
         self._abort_fd: int | None = None
+        self._answer_fd: int | None = None
+        self._buffer = b""
+        """Answers read up to an incomplete line."""
+        self._reading: asyncio.AbstractEventLoop | None = None
+        """The loop that reads the answers, once it does."""
+        self._watch_tick: asyncio.TimerHandle | None = None
+        self._reaped = threading.Event()
+        """Set once the answers ended and the worker's end was handled."""
         self._threads: list[threading.Thread] = []
         self._output_reader: threading.Thread | None = None
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
@@ -249,20 +266,10 @@ class WorkerModel:
                 INIT_TIMEOUT,
                 deadline=time.monotonic() + INIT_TIMEOUT,
             )
-        for target, role in (
-            (self._read_answers, "answers"),
-            (self._read_output, "output"),
-        ):
-            thread = threading.Thread(
-                target=target,
-                args=(answer_read,) if role == "answers" else (),
-                name=f"rkllm-worker-{role}-{self.name}",
-                daemon=True,
-            )
-            if role == "output":
-                self._output_reader = thread
-            thread.start()
-            self._threads.append(thread)
+            self._answer_fd = answer_read
+        self._output_reader = self._start_thread(self._read_output, "output")
+        if not self._schedule_reading_on_loop():
+            self._start_thread(self._read_answers, "answers")
         _LOGGER.debug(
             "Started the runtime process of %s (pid %s)", self.name, process.pid
         )
@@ -291,10 +298,29 @@ class WorkerModel:
                 )
                 process.kill()
                 process.wait()
+            self._wait_reaped()
         current = threading.current_thread()
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             if thread is not current:
                 thread.join()
+
+    def _wait_reaped(self) -> None:
+        """Wait until the worker's end was handled; read its last answers if nobody does.
+
+        A loop that reads them sees the end after the process is gone; once it is
+        closed, nobody would: its part is taken over here.
+        """
+        while not self._reaped.wait(_TICK):
+            with self._lock:
+                reading = self._reading
+                orphaned = reading is not None and reading.is_closed()
+                if orphaned:
+                    self._reading = None
+            if orphaned and self._answer_fd is not None:
+                os.set_blocking(self._answer_fd, True)
+                self._read_answers()
 
     # Requests
 
@@ -429,7 +455,16 @@ class WorkerModel:
             },
         )
 
-    # Reader threads
+    # Reading the answers and the output
+
+    def _start_thread(self, target: Callable[[], None], role: str) -> threading.Thread:
+        thread = threading.Thread(
+            target=target, name=f"rkllm-worker-{role}-{self.name}", daemon=True
+        )
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+        return thread
 
     def _read_output(self) -> None:
         """Keep the runtime's last output lines and log them."""
@@ -445,11 +480,87 @@ class WorkerModel:
                     self._output.append(line)
                 _LOGGER.debug("%s: %s", self.name, line)
 
-    def _read_answers(self, fd: int) -> None:
-        """Dispatch answers and streamed text; watch the run; report a death."""
-        with os.fdopen(fd, "rb", buffering=0) as answers:
-            for message in self._messages(answers):
+    def _read_answers(self) -> None:
+        """On a thread: dispatch answers and streamed text, watch the run, until the end."""
+        fd = self._answer_fd
+        assert fd is not None
+        while True:
+            readable, _, _ = select.select([fd], [], [], _TICK)
+            if not readable:
+                self._check_watch()
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            self._feed(chunk)
+        self._reap()
+
+    def _schedule_reading_on_loop(self) -> bool:
+        """Have the loop read the answers; False without a loop (or a closed one)."""
+        if self._loop is None:
+            return False
+        try:
+            self._loop.call_soon_threadsafe(self._read_on_loop, self._loop)
+        except RuntimeError:  # closed: a thread reads them
+            return False
+        return True
+
+    def _read_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop: read the answers as they come, watch the run every tick."""
+        fd = self._answer_fd
+        assert fd is not None
+        os.set_blocking(fd, False)
+        with self._lock:
+            self._reading = loop
+        loop.add_reader(fd, self._answers_ready, loop, fd)
+        self._watch_tick = loop.call_later(_TICK, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._check_watch()
+        self._watch_tick = loop.call_later(_TICK, self._tick, loop)
+
+    def _answers_ready(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self._feed(chunk)
+            return
+        # The end: what remains (waiting for the process, its last output) blocks.
+        loop.remove_reader(fd)
+        if self._watch_tick is not None:
+            self._watch_tick.cancel()
+        with self._lock:
+            self._reading = None
+        self._start_thread(self._reap, "end")
+
+    def _feed(self, chunk: bytes) -> None:
+        """Dispatch the complete messages in what was read; check the watchdog."""
+        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        for line in lines:
+            try:
+                message = decode(line)
+            except ValueError:
+                _LOGGER.warning(
+                    "The runtime process of %s sent an unreadable line: %r",
+                    self.name,
+                    line[:200],
+                )
+            else:
                 self._dispatch(message)
+        self._check_watch()
+
+    def _reap(self) -> None:
+        """After the answers ended: wait for the process, its last output; report."""
+        if self._answer_fd is not None:
+            os.close(self._answer_fd)
+            self._answer_fd = None
         process = self._process
         assert process is not None
         returncode = process.wait()
@@ -457,30 +568,7 @@ class WorkerModel:
         if self._output_reader is not None:
             self._output_reader.join(OUTPUT_DRAIN_TIMEOUT)
         self._died(returncode)
-
-    def _messages(self, answers: Any) -> Iterator[dict[str, Any]]:
-        """Yield messages until the pipe closes, checking the watchdog meanwhile."""
-        buffer = b""
-        while True:
-            readable, _, _ = select.select([answers], [], [], _TICK)
-            if not readable:
-                self._check_watch()
-                continue
-            chunk = answers.read(65536)
-            if not chunk:
-                return
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    yield decode(line)
-                except ValueError:
-                    _LOGGER.warning(
-                        "The runtime process of %s sent an unreadable line: %r",
-                        self.name,
-                        line[:200],
-                    )
-            self._check_watch()
+        self._reaped.set()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         request_id = message.get("id")
