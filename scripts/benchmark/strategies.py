@@ -35,13 +35,14 @@ from homeassistant.core import HomeAssistant
 
 from .harness import (
     BenchAgent,
+    agent_processes,
     async_add_entry,
     async_converse_timed,
     async_setup_home,
     async_stream,
     home_assistant,
+    process_use,
     system_cache,
-    worker_cpu_ms,
 )
 from .reference import ReferenceAgent
 from .results import HandleTimes, OverheadSample, TurnResult
@@ -191,13 +192,17 @@ async def async_overhead(
     theirs: list[OverheadSample] = []
     # The reference runs no model: the runtime's figures of its requests are none.
     bare = BenchAgent(agent.entry, reference.entity_id)
+    processes = agent_processes(agent.entry)
     for index in range(-4, 2 * requests):
         text = "long request" if index % 2 else "short request"
         for into, asked in ((ours, agent), (theirs, bare)):
-            cpu, worker_cpu = time.process_time(), worker_cpu_ms(agent.entry)
+            before = {name: process_use(pid) for name, pid in processes.items()}
+            cpu = time.process_time()
             _conversation_id, result = await async_converse_timed(
                 hass, asked, text, None
             )
+            cpu = time.process_time() - cpu
+            after = {name: process_use(pid) for name, pid in processes.items()}
             if index < 0:
                 continue  # warm-up
             into.append(
@@ -209,8 +214,13 @@ async def async_overhead(
                     generate_tokens=result.generate_tokens
                     if asked is agent
                     else len(reference.replies[text]),
-                    cpu_ms=(time.process_time() - cpu) * 1000,
-                    worker_cpu_ms=worker_cpu_ms(agent.entry) - worker_cpu,
+                    cpu_ms=cpu * 1000,
+                    host_cpu_ms=after["host"].cpu_ms - before["host"].cpu_ms,
+                    worker_cpu_ms=after["worker"].cpu_ms - before["worker"].cpu_ms,
+                    wakeups={
+                        name: after[name].wakeups - before[name].wakeups
+                        for name in processes
+                    },
                 )
             )
     return ours, theirs
