@@ -372,16 +372,19 @@ def to_json(report: Report) -> dict[str, Any]:
             "length, for each (ours: "
             "minus perf prefill_time_ms; perf generate_time_ms is not subtracted: at "
             "zero delay it is the time spent in our ctypes callback, which is "
-            "integration overhead); overhead = ours - reference"
+            "integration overhead); overhead = ours - reference; HA's prompt "
+            "rendering (ha_render_ms) is timed in the same rounds, after each pair "
+            "of requests, so the ratio compares times taken under the same load"
         ),
         "overhead_vs_reference": vs_reference,
         "overhead_breakdown_ms_per_request": {
             "ha_async_provide_llm_data": _round(report.ha_prompt_ms, 3),
             "ours_prefix_from_chat_log": _round(report.prefix_ms, 3),
             "method": (
-                "medians of separate timings of the same calls, see "
-                "async_prompt_costs in scripts/benchmark/strategies.py; both agents "
-                "pay HA's, only ours pays prefix_from_chat_log (the compact prefix)"
+                "medians of separate timings of the same calls, one after each "
+                "pair of requests of the overhead phase (_async_time_prompt in "
+                "scripts/benchmark/strategies.py); both agents pay HA's, only ours "
+                "pays prefix_from_chat_log (the compact prefix)"
             ),
         },
         "overhead_excluding_perf_generate_time": {
