@@ -19,6 +19,9 @@ class AgentStatusEntity(Entity):
 
     _attr_has_entity_name = True
     _attr_should_poll = False
+    follows: frozenset[str] | None = None
+    """The kinds of change of the model (session.QUEUE, RUNS) that can alter the
+    reading, besides the others; None: every one."""
 
     def __init__(
         self,
@@ -61,7 +64,7 @@ class AgentStatusEntity(Entity):
                 shown = now
                 self.async_write_ha_state()
 
-        self.async_on_remove(self._agent.session.add_listener(changed))
+        self.async_on_remove(self._agent.session.add_listener(changed, self.follows))
 
 
 def last_run(agent: Agent) -> RunStats | None:
