@@ -380,7 +380,7 @@ class WorkerModel:
                 )
 
     def run(self, request: RunRequest, sink: TextSink) -> Future[RunResult]:
-        """Run one input; decoded text goes to sink (on a reader thread)."""
+        """Run one input; decoded text goes to sink (where the answers are read)."""
         return self._request(
             "run",
             {"request": request_to_wire(request)},
