@@ -130,11 +130,25 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert versus["targets"] == {"ratio_to_ha_render": 1.0, "us_per_token": 100.0}
     # The same in CPU time, which waiting for a CPU on a loaded machine does not add to.
     cpu = versus["cpu"]
-    for name in ("ours_minus_reference", "worker_process"):
+    for name in (
+        "ours_minus_reference",
+        "host_process",
+        "worker_process",
+        "all_processes_minus_reference",
+    ):
         assert isinstance(cpu[name]["ms_per_request"], float), name
+    assert cpu["host_process"]["ms_per_request"] > 0  # the host is measured too
     assert cpu["ha_render_ms"] > 0
     assert isinstance(cpu["ratio_to_ha_render"], float)
-    assert "overhead ≤ HA's prompt rendering per request" in completed.stdout
+    assert isinstance(cpu["ratio_all_processes_to_ha_render"], float)
+    assert "overhead ≤ HA's prompt rendering per request, wall time" in completed.stdout
+    assert "the same in CPU time, HA's process" in completed.stdout
+    # Each request wakes the host and the worker; the reference neither.
+    wakeups = versus["wakeups_per_request"]
+    assert set(wakeups["ours"]) == {"ha", "host", "worker"}
+    assert wakeups["ours"]["host"]["per_request"] > 0
+    assert wakeups["ours"]["worker"]["per_request"] > 0
+    assert isinstance(wakeups["reference"]["ha"]["per_request"], float)
     load = data["conditions"]["machine"]["load_average_1_5_15_min"]
     assert set(load) == {"start", "end"}
 

@@ -1,5 +1,6 @@
 """WorkerModel: the binding in a worker process, against the simulator library."""
 
+import asyncio
 from collections.abc import Callable, Generator
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from custom_components.rockchip_llm.host.rkllm.errors import (
     WorkerDiedError,
 )
 from custom_components.rockchip_llm.host.rkllm.library import VerifiedLibrary
+from custom_components.rockchip_llm.host.rkllm.protocol import encode
 from custom_components.rockchip_llm.host.rkllm.runtime import (
     ModelParams,
     RunRequest,
@@ -31,13 +33,39 @@ from .conftest import ModelWriter
 type Opener = Callable[..., WorkerModel]
 
 
+@pytest.fixture(params=["thread", "loop"])
+def answers_loop(
+    request: pytest.FixtureRequest,
+) -> Generator[asyncio.AbstractEventLoop | None]:
+    """Where workers read their answers: a thread, or an event loop (as on a host)."""
+    if request.param == "thread":
+        yield None
+        return
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop")
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
 @pytest.fixture
-def open_worker(verified_library: VerifiedLibrary) -> Generator[Opener]:
+def open_worker(
+    verified_library: VerifiedLibrary, answers_loop: asyncio.AbstractEventLoop | None
+) -> Generator[Opener]:
     """Start workers that are closed (process reaped, threads joined) after the test."""
     workers: list[WorkerModel] = []
 
     def open_(path: Path, *, init: bool = True, **options: object) -> WorkerModel:
-        worker = WorkerModel(verified_library, f"m{len(workers)}", **options)  # type: ignore[arg-type]
+        worker = WorkerModel(
+            verified_library,
+            f"m{len(workers)}",
+            loop=answers_loop,
+            **options,  # type: ignore[arg-type]
+        )
         workers.append(worker)
         if init:
             worker.init(ModelParams(model_path=path)).result(timeout=30)
@@ -207,3 +235,81 @@ def test_close_ends_the_process(write_model: ModelWriter, open_worker: Opener) -
     with pytest.raises(ModelClosedError):
         worker.run(RunRequest(prompt="hello"), lambda _text: None)
     assert worker.death is None
+
+
+def test_a_request_behind_a_long_run_waits_without_counting_as_stalled(
+    write_model: ModelWriter, open_worker: Opener
+) -> None:
+    """A request made while a run streams is sent after it, its stall clock started then."""
+    reply = "word " * 150
+    worker = open_worker(
+        write_model(replies=(f"default => {reply}",), decode_ms_per_token=10),
+        stall_timeout=0.5,
+    )
+    started = threading.Event()
+    pieces: list[str] = []
+
+    def sink(text: str) -> None:
+        pieces.append(text)
+        started.set()
+
+    running = worker.run(RunRequest(prompt="talk"), sink)
+    assert started.wait(10)
+    cleared = worker.clear_kv_cache(keep_system_prompt=False)
+    result = running.result(timeout=30)  # 1.5 s of text: three stall timeouts
+    assert not result.aborted
+    assert "".join(pieces) == reply.strip()
+    cleared.result(timeout=10)
+    assert worker.death is None
+
+
+def test_an_abort_stops_only_the_request_it_names(
+    write_model: ModelWriter, open_worker: Opener
+) -> None:
+    """An abort that arrives for an earlier request leaves the run in progress alone."""
+    reply = "word " * 100
+    worker = open_worker(
+        write_model(replies=(f"default => {reply}",), decode_ms_per_token=5)
+    )
+    started = threading.Event()
+    pieces: list[str] = []
+
+    def sink(text: str) -> None:
+        pieces.append(text)
+        started.set()
+
+    running = worker.run(RunRequest(prompt="talk"), sink)
+    assert started.wait(10)
+    assert worker._abort_fd is not None  # noqa: SLF001 - a late abort of init (id 1)
+    os.write(worker._abort_fd, encode({"id": 1}))  # noqa: SLF001
+    result = running.result(timeout=30)
+    assert not result.aborted
+    assert "".join(pieces) == reply.strip()
+    started.clear()
+    aborted = worker.run(RunRequest(prompt="talk"), lambda _text: started.set())
+    assert started.wait(10)
+    worker.abort()
+    assert aborted.result(timeout=30).aborted
+
+
+def test_close_reads_the_end_itself_once_the_loop_is_gone(
+    write_model: ModelWriter, verified_library: VerifiedLibrary
+) -> None:
+    """A worker read on a loop that has closed since still closes: close reads its end."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop")
+    thread.start()
+    worker = WorkerModel(verified_library, "m", loop=loop)
+    try:
+        worker.init(ModelParams(model_path=write_model())).result(timeout=30)
+        assert "".join(run(worker, "hello")[0])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+    worker.close()
+    assert worker.pid is not None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(worker.pid, os.WNOHANG)  # reaped, not a zombie
+    assert worker.death is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("rkllm-worker")]

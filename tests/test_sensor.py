@@ -14,9 +14,12 @@ from pytest_homeassistant_custom_component.common import (
     mock_restore_cache_with_extra_data,
 )
 
+from custom_components.rockchip_llm.binary_sensor import BusySensor
 from custom_components.rockchip_llm.const import DOMAIN
 from custom_components.rockchip_llm.host import board
+from custom_components.rockchip_llm.sensor import AgentSensor
 from custom_components.rockchip_llm.session import RECENT_RUNS, ModelSession
+from custom_components.rockchip_llm.status import AgentStatusEntity
 from homeassistant.components import conversation
 from homeassistant.const import (
     EVENT_STATE_CHANGED,
@@ -404,3 +407,46 @@ async def test_busy_reads_yes_or_no(
     assert texts[f"{prefix}.name"] == "Busy"
     assert texts[f"{prefix}.state.on"] == "Yes"
     assert texts[f"{prefix}.state.off"] == "No"
+
+
+@pytest.mark.usefixtures("all_entities_enabled")
+async def test_readings_are_checked_only_after_changes_that_can_alter_them(
+    hass: HomeAssistant, make_entry: EntryFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recorded run re-reads the last answer's sensors; the model's queue the others."""
+    entry = await make_entry()
+    await converse(hass)
+    loaded = model_session(entry)
+    read: list[str] = []
+    for cls in (AgentSensor, BusySensor):
+        original = cls.reading
+
+        def reading(self: AgentStatusEntity, original: Any = original) -> object:
+            read.append(self.entity_description.key)
+            return original(self)
+
+        monkeypatch.setattr(cls, "reading", reading)
+    last_answer = {"time_to_first_token", "tokens_per_second", "prefill_tokens"}
+    always = {"memory"}  # every run sets it, recorded or not
+
+    loaded.record(loaded.recent[-1])
+    assert set(read) == last_answer | always
+    read.clear()
+    async with loaded._lock:
+        assert (
+            set(read)
+            == {
+                "busy",
+                "queue_length",
+                "prompt_cache",
+                "system_prompt_tokens",
+                "context_use",
+                "prompt_cache_size",
+            }
+            | always
+        )
+    read.clear()
+    loaded.notify()  # any other change: every reading
+    assert last_answer <= set(read)
+    assert "busy" in read
+    assert hass.states.get(BUSY).state == STATE_OFF

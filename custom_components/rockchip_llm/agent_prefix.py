@@ -22,7 +22,7 @@ from .ha_compat import async_get_chat_session, schema_to_openapi
 from .run_planner import SystemPrefix
 from .tool_groups import ToolGroup, offered, trim_device_list, trimmed_groups
 
-_COMPACT: dict[tuple[object, ...], CompactPrefix] = {}
+_COMPACT: dict[tuple[object, ...], tuple[CompactPrefix, SystemPrefix]] = {}
 _COMPACT_SIZE = 8
 
 # HA appends its date-time line (llm.DATE_TIME_PROMPT) to the system prompt when no
@@ -31,6 +31,7 @@ _DATE_TIME_LINE = re.compile(
     r"^Current time is \d{1,2}:\d{2}:\d{2}\. Today's date is \d{4}-\d{2}-\d{2}\.\n?",
     re.MULTILINE,
 )
+_DATE_TIME_START = "Current time is "
 
 
 def tool_specs(
@@ -53,11 +54,11 @@ def tool_specs(
 
 def compact(
     prompt: str, llm_api: llm.APIInstance | None, *, device_list: bool = True
-) -> CompactPrefix:
-    """Return the compact prefix of a prompt and the API's tools.
+) -> tuple[CompactPrefix, SystemPrefix]:
+    """Return the compact prefix of a prompt and the API's tools, and its SystemPrefix.
 
     Requests carry new tool objects each time, usually with the same content:
-    the result is kept per content so a request does not redo it.
+    the result is kept per content so a request does not redo it (nor hash it).
     """
     tools = llm_api.tools if llm_api is not None else []
     key = (
@@ -73,7 +74,11 @@ def compact(
     if len(_COMPACT) >= _COMPACT_SIZE:
         _COMPACT.pop(next(iter(_COMPACT)))
     specs = tool_specs(tools, llm_api.custom_serializer) if llm_api is not None else []
-    _COMPACT[key] = compact_prefix(prompt, specs, device_list=device_list)
+    result = compact_prefix(prompt, specs, device_list=device_list)
+    _COMPACT[key] = (
+        result,
+        SystemPrefix(prompt=result.prompt, tools_json=result.tools_json),
+    )
     return _COMPACT[key]
 
 
@@ -98,6 +103,8 @@ def canonical_schema(value: Any) -> Any:
 
 def split_volatile(prompt: str) -> tuple[str, str]:
     """Split the date-time line HA puts in a system prompt from the rest."""
+    if _DATE_TIME_START not in prompt:  # the usual case, found faster than the line
+        return prompt, ""
     match = _DATE_TIME_LINE.search(prompt)
     if match is None:
         return prompt, ""
@@ -117,12 +124,10 @@ def prefix_from_chat_log(
     system = chat_log.content[0]
     assert isinstance(system, conversation.SystemContent)
     prompt, volatile = split_volatile(system.content)
-    result = compact(prompt, chat_log.llm_api, device_list=trim_device_list(trim))
-    return (
-        SystemPrefix(prompt=result.prompt, tools_json=result.tools_json),
-        volatile,
-        result.layout,
+    result, prefix = compact(
+        prompt, chat_log.llm_api, device_list=trim_device_list(trim)
     )
+    return prefix, volatile, result.layout
 
 
 def offer_tools(

@@ -12,6 +12,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from . import RockchipConfigEntry
 from .const import SUBENTRY_AI_TASK, SUBENTRY_CONVERSATION
 from .entity import agent_subentries
+from .session import QUEUE
 from .status import AgentStatusEntity
 
 # Pushed by the model's handle; nothing waits for an update.
@@ -37,6 +38,8 @@ async def async_setup_entry(
 
 class BusySensor(AgentStatusEntity, BinarySensorEntity):
     """On while the model runs a request or builds a cache (agents share models)."""
+
+    follows = frozenset({QUEUE})
 
     def reading(self) -> object:
         """Return whether the model is in use."""

@@ -169,6 +169,9 @@ class AgentEntity(Entity):
 
     _attr_has_entity_name = True
     _attr_should_poll = False
+    follows: frozenset[str] | None = None
+    """The kinds of change of the model (session.QUEUE, RUNS) that can alter the
+    reading, besides the others; None: every one."""
 
     def __init__(self, entry: RockchipConfigEntry, subentry: ConfigSubentry) -> None:
         """Bind the entity to its agent and its device."""
@@ -230,7 +233,7 @@ class AgentEntity(Entity):
                 shown = now
                 self.async_write_ha_state()
 
-        self.async_on_remove(agent.session.add_listener(changed))
+        self.async_on_remove(agent.session.add_listener(changed, self.follows))
 
 
 class RockchipLLMBaseEntity(AgentEntity):

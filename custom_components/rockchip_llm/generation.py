@@ -1,8 +1,9 @@
 """Streaming one run of a model handle into the event loop (no Home Assistant imports).
 
-The handle (a worker process, or the binding itself) calls its sink from another
-thread; the text reaches the loop through ``call_soon_threadsafe``. Leaving the
-iteration early aborts the run, off the loop, and waits for it to end.
+The handle calls its sink on the loop (a worker on a runtime host) or from another
+thread (the binding itself, a worker process); text from another thread reaches
+the loop through ``call_soon_threadsafe``. Leaving the iteration early aborts the
+run, off the loop, and waits for it to end.
 """
 
 import asyncio
@@ -10,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
 import contextlib
 import logging
+import threading
 import time
 from typing import Any, Protocol
 
@@ -28,6 +30,55 @@ class RunHandle(Protocol):
 
     def abort(self) -> None:
         """Stop the current run (may block until the runtime returns)."""
+
+
+class _TextBuffer:
+    """A run's text on its way to the event loop.
+
+    Text that arrives while the consumer is busy is handed over in one piece at
+    its next read: a consumer that falls behind reads fewer, longer texts.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._pieces: list[str] = []
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, item: str | None) -> None:
+        """Add text (None: the run ended), from the loop's thread or any other.
+
+        Either way it is added by a callback, after those already scheduled: the
+        end of a run that finished on another thread follows its last text.
+        """
+        if threading.get_ident() == self._thread:
+            self._loop.call_soon(self._add, item)
+            return
+        # A closed loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._add, item)
+
+    def _add(self, item: str | None) -> None:
+        if item is None:
+            self._ended = True
+        else:
+            self._pieces.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> str | None:
+        """Return the text that arrived since the last call; None once the run ended."""
+        while not self._pieces:
+            if self._ended:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        pieces, self._pieces = self._pieces, []
+        return "".join(pieces)
 
 
 class Generation:
@@ -65,18 +116,12 @@ class Generation:
 
     async def _run(self) -> AsyncGenerator[str]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-        def push(item: str | None) -> None:
-            # A closed loop means nobody is listening any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        texts = _TextBuffer(loop)
         started = time.monotonic()
-        future = self._handle.run(self._request, push)
-        future.add_done_callback(lambda _: push(None))
+        future = self._handle.run(self._request, texts.push)
+        future.add_done_callback(lambda _: texts.push(None))
         try:
-            while (text := await queue.get()) is not None:
+            while (text := await texts.get()) is not None:
                 if self.ttft_ms is None:
                     self.ttft_ms = (time.monotonic() - started) * 1000
                 yield text

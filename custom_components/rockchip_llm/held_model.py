@@ -107,6 +107,10 @@ class HeldModel:
         """Tool results as first sent to the model, by tool call id."""
         self.listing: list[CacheEntry] | None = None
         """The store's listing for this model, read once and dropped on every change."""
+        self._found: tuple[SystemPrefix, list[CacheEntry], CacheEntry | None] | None = (
+            None
+        )
+        """The last search: its prefix, the listing searched and what it found."""
 
     def generation(self, request: RunRequest) -> Generation:
         """Return a run of the handle (iterating it starts it)."""
@@ -166,10 +170,19 @@ class HeldModel:
         return self.listing
 
     async def async_find_cache(self, prefix: SystemPrefix) -> CacheEntry | None:
-        """Return the valid cache with the longest prompt that prefix starts with."""
+        """Return the valid cache with the longest prompt that prefix starts with.
+
+        Requests carry the same prefix object while their prompt stays the same:
+        the search is kept until the prefix or the listing changes.
+        """
+        listing = await self._async_listing()
+        if (found := self._found) is not None and (
+            found[0] is prefix and found[1] is listing
+        ):
+            return found[2]
         expected = self.session.expectation(prefix)
         best: CacheEntry | None = None
-        for entry in await self._async_listing():
+        for entry in listing:
             metadata = entry.metadata
             if metadata is None or entry.problem is not None:
                 continue
@@ -188,6 +201,7 @@ class HeldModel:
                 or metadata.prompt_length > best.metadata.prompt_length
             ):
                 best = entry
+        self._found = (prefix, listing, best)
         return best
 
     async def async_prune(self, name_prefix: str, keep: int) -> None:
@@ -210,7 +224,7 @@ class HeldModel:
         if (
             current is not None
             and entry is not None
-            and current.bin_path == entry.bin_path
+            and (current is entry or current.bin_path == entry.bin_path)
         ):
             return
         if current is not None:

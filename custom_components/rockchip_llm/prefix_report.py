@@ -1,6 +1,7 @@
 """How an agent's system prefix fits its context: for the device page, diagnostics, repairs."""
 
 from collections.abc import Mapping
+import functools
 from typing import Any
 
 from homeassistant.core import HomeAssistant, callback
@@ -8,9 +9,10 @@ from homeassistant.helpers import issue_registry as ir
 
 from .agent import Agent
 from .agent_prefix import async_render_prefix
-from .compact_prefix import split_tokens
+from .compact_prefix import PrefixLayout, split_tokens
 from .const import CONF_TOOL_GROUPS, DOMAIN
 from .run_planner import CHARS_PER_TOKEN
+from .system_cache import PrefixFit
 from .tool_groups import ToolGroup, tool_group, trim_device_list, trimmed_groups
 
 PREFIX_ISSUE_KIND = "prefix"
@@ -36,20 +38,30 @@ def prefix_attributes(agent: Agent) -> dict[str, Any]:
     keeper = agent.system_cache
     if keeper is None or keeper.fit is None:
         return {}
-    fit = keeper.fit
+    layout = keeper.layout if keeper.prefix is not None else None
+    return dict(
+        _prefix_attributes(keeper.fit, layout, agent.session.worker.context_limit)
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix_attributes(
+    fit: PrefixFit, layout: PrefixLayout | None, context_limit: int | None
+) -> dict[str, Any]:
+    """Kept per fit and layout: a sensor reads them on every change of the model."""
     attributes: dict[str, Any] = {
         "prefix_tokens": fit.tokens,
         "counted_by": fit.counted_by,
         "max_context_len": fit.max_context_len,
-        "model_context_limit": agent.session.worker.context_limit,
+        "model_context_limit": context_limit,
         "free_tokens": fit.max_context_len - fit.tokens,
         "needed_for_a_turn": fit.room,
         "fits": fit.fits,
         "left_out": left_out(fit.trim),
         "full_prefix_tokens": fit.full_tokens,
     }
-    if keeper.layout is not None and keeper.prefix is not None:
-        attributes |= split_tokens(keeper.layout, fit.tokens)
+    if layout is not None:
+        attributes |= split_tokens(layout, fit.tokens)
     return attributes
 
 

@@ -83,30 +83,38 @@ class RemoteWorker:
     def _request(
         self, op: str, args: Message | None = None, sink: TextSink | None = None
     ) -> asyncio.Task[Any]:
+        self._check_open()
+        return self._loop.create_task(self._async_request(op, args, sink))
+
+    def _check_open(self) -> None:
+        """Raise why no request can be made, if one cannot."""
         if (death := self.death) is not None:
             raise death
         if self._closed:
             raise ModelClosedError(f"model {self.name} is closed")
-        return self._loop.create_task(
-            self._async_request(op, {"worker": self.worker_id, **(args or {})}, sink)
-        )
 
     async def _async_request(
-        self, op: str, args: Message, sink: TextSink | None
+        self, op: str, args: Message | None, sink: TextSink | None
     ) -> Any:
         try:
-            return await self._link.request(f"worker.{op}", args, sink=sink)
+            return await self._link.request(
+                f"worker.{op}", {"worker": self.worker_id, **(args or {})}, sink=sink
+            )
         except WorkerDiedError as err:
             self.died(err)
             raise
 
     def run(self, request: RunRequest, sink: TextSink) -> asyncio.Task[RunResult]:
         """Run one input; decoded text goes to sink (on the event loop)."""
-        task = self._request("run", {"request": request_to_wire(request)}, sink)
-        return self._loop.create_task(self._async_result(task))
+        self._check_open()
+        return self._loop.create_task(self._async_run(request, sink))
 
-    async def _async_result(self, task: asyncio.Task[Any]) -> RunResult:
-        result = result_from_wire(await task)
+    async def _async_run(self, request: RunRequest, sink: TextSink) -> RunResult:
+        result = result_from_wire(
+            await self._async_request(
+                "run", {"request": request_to_wire(request)}, sink
+            )
+        )
         if result.perf is not None:
             self.last_perf = result.perf
         if result.aborted and self._closed:

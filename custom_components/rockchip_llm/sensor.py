@@ -31,6 +31,7 @@ from .entity import agent_subentries
 from .host.prompt_cache import CacheEntry
 from .prefix_report import prefix_attributes
 from .remote import RuntimeHost
+from .session import QUEUE, RUNS
 from .status import AgentStatusEntity, last_run
 
 # Readings are pushed by the model's handle; nothing waits for an update.
@@ -119,6 +120,8 @@ class AgentSensorDescription(SensorEntityDescription):
     """Only conversation agents have a system prompt cache."""
     restore: bool = False
     """A reading of the last answer: shown again after a restart until the next one."""
+    follows: frozenset[str] | None = frozenset({QUEUE})
+    """What, besides other changes, can alter the reading (AgentStatusEntity)."""
 
 
 SENSORS: Final = (
@@ -170,6 +173,7 @@ SENSORS: Final = (
         suggested_display_precision=0,
         value_fn=_ttft,
         restore=True,
+        follows=frozenset({RUNS}),
     ),
     AgentSensorDescription(
         key="tokens_per_second",
@@ -179,6 +183,7 @@ SENSORS: Final = (
         suggested_display_precision=1,
         value_fn=_tokens_per_second,
         restore=True,
+        follows=frozenset({RUNS}),
     ),
     AgentSensorDescription(
         key="prefill_tokens",
@@ -187,6 +192,7 @@ SENSORS: Final = (
         state_class=SensorStateClass.MEASUREMENT,
         value_fn=_prefill_tokens,
         restore=True,
+        follows=frozenset({RUNS}),
     ),
     AgentSensorDescription(
         key="queue_length",
@@ -203,6 +209,7 @@ SENSORS: Final = (
         suggested_display_precision=0,
         entity_category=EntityCategory.DIAGNOSTIC,
         value_fn=lambda agent: agent.session.memory_mb,
+        follows=None,  # set by every run, also those not recorded (warm-ups)
     ),
 )
 
@@ -243,6 +250,16 @@ class AgentSensor(AgentStatusEntity, SensorEntity):
     """A pushed reading of an agent's model."""
 
     entity_description: AgentSensorDescription
+
+    def __init__(
+        self,
+        entry: RockchipConfigEntry,
+        subentry: ConfigSubentry,
+        description: AgentSensorDescription,
+    ) -> None:
+        """Bind the sensor to its agent; it follows what its description says."""
+        super().__init__(entry, subentry, description)
+        self.follows = description.follows
 
     def reading(self) -> object:
         """Return the value and its attributes."""
@@ -288,6 +305,7 @@ class NPULoadSensor(AgentStatusEntity, SensorEntity):
     """The load of the NPU cores, as the host reads it from the kernel's debug file."""
 
     _attr_should_poll = True
+    follows = frozenset[str]()  # polled: the model's changes never alter it
 
     def __init__(
         self,

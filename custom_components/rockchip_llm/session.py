@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import functools
 import logging
 import time
-from typing import Any, Literal, Self
+from typing import Any, Final, Literal, Self
 
 from .benchmark import async_measure_cold_and_cached
 from .const import HistoryStrategy
@@ -44,6 +44,11 @@ DEATH_WINDOW_S = 600.0
 """A model whose worker died MAX_DEATHS times within this window is given up."""
 
 type Listener = Callable[[], None]
+
+QUEUE: Final = "queue"
+"""A change of who holds the model or waits for it (busy, waiting)."""
+RUNS: Final = "runs"
+"""A run was recorded (recent, last_runs, memory_mb)."""
 
 
 class ObservedLock(asyncio.Lock):
@@ -122,8 +127,8 @@ class ModelSession:
         self.params = params
         self.fingerprint = fingerprint
         self._held = HeldModel(self, worker)
-        self._lock = ObservedLock(self.notify)
-        self._listeners: list[Listener] = []
+        self._lock = ObservedLock(lambda: self.notify(QUEUE))
+        self._listeners: list[tuple[Listener, frozenset[str] | None]] = []
         self._closed = False
         self._ready: dict[str, CacheEntry] = {}
         self.users = 0
@@ -220,21 +225,29 @@ class ModelSession:
             context=cache_context(self.params, prefix),
         )
 
-    def add_listener(self, listener: Listener) -> Callable[[], None]:
-        """Call listener on every change; return a function that removes it."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+    def add_listener(
+        self, listener: Listener, follows: frozenset[str] | None = None
+    ) -> Callable[[], None]:
+        """Call listener on every change; return a function that removes it.
 
-    def notify(self) -> None:
-        """Tell the listeners that the model's state changed."""
-        for listener in list(self._listeners):
-            listener()
+        follows: the kinds of change (QUEUE, RUNS) it needs besides the others;
+        None: every change.
+        """
+        entry = (listener, follows)
+        self._listeners.append(entry)
+        return lambda: self._listeners.remove(entry)
+
+    def notify(self, kind: str | None = None) -> None:
+        """Tell the listeners that the model's state changed (kind: what only)."""
+        for listener, follows in list(self._listeners):
+            if kind is None or follows is None or kind in follows:
+                listener()
 
     def record(self, stats: RunStats) -> None:
         """Remember a run's measurements."""
         self.recent.append(stats)
         self.last_runs[stats.agent] = stats
-        self.notify()
+        self.notify(RUNS)
 
     def forget_listing(self) -> None:
         """Read the model's caches from disk again (another build evicted some)."""

@@ -110,6 +110,8 @@ class SystemCacheKeeper:
         self.fit: PrefixFit | None = None
         """How the prefix fits (None until the first preparation)."""
         self._full_key: str | None = None
+        self._checked: tuple[CacheEntry, SystemPrefix, bool] | None = None
+        """The last validity check of the ready cache: its entry, prefix, result."""
         self.on_fit_changed: Callable[[], None] | None = None
         """Called after a preparation changed how the prefix fits."""
         self._rebuild = Debouncer(
@@ -123,12 +125,21 @@ class SystemCacheKeeper:
 
     @property
     def cache(self) -> CacheEntry | None:
-        """The system cache, while it holds the prepared prefix."""
+        """The system cache, while it holds the prepared prefix.
+
+        Sensors read this on every change of the model: the check is kept for the
+        entry and prefix it was made for (both immutable, the session's
+        expectation fixed for its life).
+        """
         entry = self._session.ready_cache(self._in_use)
-        if entry is None or self.prefix is None:
+        prefix = self.prefix
+        if entry is None or prefix is None:
             return None
-        expected = self._session.expectation(self.prefix)
-        return entry if entry.invalid_reason(expected) is None else None
+        checked = self._checked
+        if checked is None or checked[0] is not entry or checked[1] is not prefix:
+            valid = entry.invalid_reason(self._session.expectation(prefix)) is None
+            checked = self._checked = (entry, prefix, valid)
+        return entry if checked[2] else None
 
     async def async_prepare(
         self,

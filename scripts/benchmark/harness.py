@@ -273,13 +273,34 @@ def system_cache(entry: MockConfigEntry) -> CacheMetadata | None:
     return cache.metadata if cache else None
 
 
-def worker_cpu_ms(entry: MockConfigEntry) -> float:
-    """Return the CPU time (user + system, ms) the entry's worker process used so far."""
-    pid = _only_agent(entry).session.worker.pid
-    assert pid is not None
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+@dataclass(frozen=True, slots=True)
+class ProcessUse:
+    """What a process used so far, its live threads added up."""
+
+    cpu_ms: float
+    """Time on a CPU (the scheduler's count, in nanoseconds, not 10 ms ticks)."""
+    wakeups: int
+    """Voluntary context switches: each time a thread waited and was woken again."""
+
+
+def process_use(pid: int) -> ProcessUse:
+    """Return the CPU time and wake-ups of a process of this machine so far."""
+    cpu_ns = wakeups = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            cpu_ns += int((task / "schedstat").read_text().split()[0])
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    wakeups += int(line.split()[1])
+    return ProcessUse(cpu_ns / 1e6, wakeups)
+
+
+def agent_processes(entry: MockConfigEntry) -> dict[str, int]:
+    """Return the pids of a request's processes: HA, the entry's host, its worker."""
+    worker = _only_agent(entry).session.worker.pid
+    host = entry.runtime_data.engine.host.link.pid
+    assert worker is not None and host is not None
+    return {"ha": os.getpid(), "host": host, "worker": worker}
 
 
 def runs_from_now(entry: MockConfigEntry) -> Callable[[], RunTotals]:

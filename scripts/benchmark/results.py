@@ -36,8 +36,12 @@ class OverheadSample:
     generate_tokens: int
     cpu_ms: float = 0.0
     """CPU time of Home Assistant's process (all its threads) during the request."""
+    host_cpu_ms: float = 0.0
+    """CPU time of the runtime host's process during the request."""
     worker_cpu_ms: float = 0.0
-    """CPU time of the worker process during the request (10 ms ticks: sum many)."""
+    """CPU time of the worker process during the request."""
+    wakeups: dict[str, int] = field(default_factory=dict)
+    """Voluntary context switches during the request, by process (ha, host, worker)."""
 
 
 @dataclass(slots=True)

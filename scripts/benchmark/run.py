@@ -40,7 +40,6 @@ from .strategies import (
     async_ha_dialogue,
     async_interleaved,
     async_overhead,
-    async_prompt_costs,
     async_startup,
     handle_params,
     measure_handles,
@@ -143,14 +142,12 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 next(iter(zero.entry.subentries.values())).data,
                 zero_model_replies(settings.overhead_reply_tokens),
             )
-            report.overhead, report.reference = await async_overhead(
+            report.overhead, report.reference, prompts = await async_overhead(
                 hass, zero, reference, settings.overhead_requests
             )
-            (
-                report.ha_prompt_ms,
-                report.ha_prompt_cpu_ms,
-                report.prefix_ms,
-            ) = await async_prompt_costs(hass, zero.entry, settings.overhead_requests)
+            report.ha_prompt_ms, report.ha_prompt_cpu_ms, report.prefix_ms = (
+                prompts.medians()
+            )
             report.tool_calls_executed = len(light_calls)
 
             _LOGGER.info(

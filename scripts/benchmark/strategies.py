@@ -1,12 +1,14 @@
 """The measured phases: the three history strategies, the overhead, the worker, start-up."""
 
 import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 import statistics
 import time
 from typing import Any
 
-from pytest_homeassistant_custom_component.common import MockConfigEntry, mock_storage  # type: ignore[import-untyped]
+from pytest_homeassistant_custom_component.common import mock_storage  # type: ignore[import-untyped]
 
 from custom_components.rockchip_llm.agent_prefix import (
     prefix_from_chat_log,
@@ -35,13 +37,14 @@ from homeassistant.core import HomeAssistant
 
 from .harness import (
     BenchAgent,
+    agent_processes,
     async_add_entry,
     async_converse_timed,
     async_setup_home,
     async_stream,
     home_assistant,
+    process_use,
     system_cache,
-    worker_cpu_ms,
 )
 from .reference import ReferenceAgent
 from .results import HandleTimes, OverheadSample, TurnResult
@@ -179,25 +182,51 @@ async def async_cache_per_conversation(
 # Overhead
 
 
+@dataclass(slots=True)
+class PromptCosts:
+    """Timings (ms) of what every request renders, one per round of the overhead phase."""
+
+    ha_wall: list[float] = field(default_factory=list)
+    """chat_log.async_provide_llm_data (Home Assistant: the prompt and the tools)."""
+    ha_cpu: list[float] = field(default_factory=list)
+    ours: list[float] = field(default_factory=list)
+    """agent_prefix.prefix_from_chat_log (the integration: the compact prefix)."""
+
+    def medians(self) -> tuple[float, float, float]:
+        """Return the medians: HA's wall and CPU time, ours."""
+        return (
+            statistics.median(self.ha_wall),
+            statistics.median(self.ha_cpu),
+            statistics.median(self.ours),
+        )
+
+
 async def async_overhead(
     hass: HomeAssistant, agent: BenchAgent, reference: ReferenceAgent, requests: int
-) -> tuple[list[OverheadSample], list[OverheadSample]]:
-    """Zero-delay requests to ours and to the reference agent, taking turns.
+) -> tuple[list[OverheadSample], list[OverheadSample], PromptCosts]:
+    """Zero-delay requests to ours and to the reference agent, and HA's rendering, taking turns.
 
-    Each alternates a 2-token and a long reply, in new conversations; ours and the
-    reference take turns request by request, so load from elsewhere hits both alike.
+    Each alternates a 2-token and a long reply, in new conversations; ours, the
+    reference and a rendering of the prompt take turns request by request, so load
+    from elsewhere and a machine that speeds up or slows down hit all three alike.
     """
     ours: list[OverheadSample] = []
     theirs: list[OverheadSample] = []
+    prompts = PromptCosts()
+    options = next(iter(agent.entry.subentries.values())).data
     # The reference runs no model: the runtime's figures of its requests are none.
     bare = BenchAgent(agent.entry, reference.entity_id)
+    processes = agent_processes(agent.entry)
     for index in range(-4, 2 * requests):
         text = "long request" if index % 2 else "short request"
         for into, asked in ((ours, agent), (theirs, bare)):
-            cpu, worker_cpu = time.process_time(), worker_cpu_ms(agent.entry)
+            before = {name: process_use(pid) for name, pid in processes.items()}
+            cpu = time.process_time()
             _conversation_id, result = await async_converse_timed(
                 hass, asked, text, None
             )
+            cpu = time.process_time() - cpu
+            after = {name: process_use(pid) for name, pid in processes.items()}
             if index < 0:
                 continue  # warm-up
             into.append(
@@ -209,45 +238,42 @@ async def async_overhead(
                     generate_tokens=result.generate_tokens
                     if asked is agent
                     else len(reference.replies[text]),
-                    cpu_ms=(time.process_time() - cpu) * 1000,
-                    worker_cpu_ms=worker_cpu_ms(agent.entry) - worker_cpu,
+                    cpu_ms=cpu * 1000,
+                    host_cpu_ms=after["host"].cpu_ms - before["host"].cpu_ms,
+                    worker_cpu_ms=after["worker"].cpu_ms - before["worker"].cpu_ms,
+                    wakeups={
+                        name: after[name].wakeups - before[name].wakeups
+                        for name in processes
+                    },
                 )
             )
-    return ours, theirs
+        if index >= 0:
+            await _async_time_prompt(hass, options, prompts)
+    return ours, theirs, prompts
 
 
-async def async_prompt_costs(
-    hass: HomeAssistant, entry: MockConfigEntry, samples: int
-) -> tuple[float, float, float]:
-    """Median ms of HA rendering the agent's prompt and tools (wall, CPU), and of our tools JSON.
+async def _async_time_prompt(
+    hass: HomeAssistant, options: Mapping[str, Any], into: PromptCosts
+) -> None:
+    """Time HA rendering the agent's prompt and tools once, and our compact prefix.
 
     Both happen on every request: chat_log.async_provide_llm_data (Home Assistant:
     the Assist API prompt with the exposed entities, the tool objects) and
     agent_prefix.prefix_from_chat_log (the integration: the compact prefix).
     """
-    options = next(iter(entry.subentries.values())).data
-    provide: list[float] = []
-    provide_cpu: list[float] = []
-    tools: list[float] = []
-    for _sample in range(samples):
-        with request_chat_log(hass) as (llm_context, chat_log):
-            started, cpu = time.perf_counter(), time.process_time()
-            await chat_log.async_provide_llm_data(
-                llm_context,
-                options.get(CONF_LLM_HASS_API),
-                options.get(CONF_PROMPT),
-                None,
-            )
-            rendered, rendered_cpu = time.perf_counter(), time.process_time()
-            prefix_from_chat_log(chat_log)
-            provide.append((rendered - started) * 1000)
-            provide_cpu.append((rendered_cpu - cpu) * 1000)
-            tools.append((time.perf_counter() - rendered) * 1000)
-    return (
-        statistics.median(provide),
-        statistics.median(provide_cpu),
-        statistics.median(tools),
-    )
+    with request_chat_log(hass) as (llm_context, chat_log):
+        started, cpu = time.perf_counter(), time.process_time()
+        await chat_log.async_provide_llm_data(
+            llm_context,
+            options.get(CONF_LLM_HASS_API),
+            options.get(CONF_PROMPT),
+            None,
+        )
+        rendered, rendered_cpu = time.perf_counter(), time.process_time()
+        prefix_from_chat_log(chat_log)
+        into.ha_wall.append((rendered - started) * 1000)
+        into.ha_cpu.append((rendered_cpu - cpu) * 1000)
+        into.ours.append((time.perf_counter() - rendered) * 1000)
 
 
 # The worker's added cost

@@ -20,6 +20,7 @@ import functools
 import itertools
 import logging
 from pathlib import Path
+import threading
 from typing import Any, Final, TypeAlias, TypeGuard
 
 from . import board
@@ -320,14 +321,20 @@ class _Client:
         self._loop = asyncio.get_running_loop()
         self.heartbeat = Heartbeat(self._write_heartbeat, self._silent)
         """Started by the host for a TCP connection."""
+        self._outbox: list[Message] = []
+        """Messages queued from other threads, not yet written."""
+        self._outbox_lock = threading.Lock()
+        self._loop_thread = threading.get_ident()
 
     # Connection
 
     def send(self, message: Message) -> None:
-        """Queue a message for the client (dropped once it is gone)."""
-        if not self._closed and not self.writer.is_closing():
-            self.writer.write(encode(message))
-            self.heartbeat.wrote = True
+        """Queue a message for the client (dropped once it is gone).
+
+        What other threads queued before goes first: a run's text before its answer.
+        """
+        self._flush_outbox()
+        self._write(encode(message))
 
     def _write_heartbeat(self, beat: bytes) -> None:
         if not self._closed and not self.writer.is_closing():
@@ -344,9 +351,32 @@ class _Client:
         self.writer.transport.abort()
 
     def send_threadsafe(self, message: Message) -> None:
-        """Queue a message from any thread."""
+        """Queue a message from any thread.
+
+        Messages that queue up while the loop is busy go out in one write, a run's
+        consecutive text as one message: a consumer that falls behind gets fewer,
+        longer texts, never later ones.
+        """
+        with self._outbox_lock:
+            self._outbox.append(message)
+            if len(self._outbox) > 1:
+                return  # the flush of the first one is on its way
+        if threading.get_ident() == self._loop_thread:  # a worker's answers, read here
+            self._loop.call_soon(self._flush_outbox)
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: host stops
-            self._loop.call_soon_threadsafe(self.send, message)
+            self._loop.call_soon_threadsafe(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        with self._outbox_lock:
+            messages, self._outbox = self._outbox, []
+        if messages:
+            self._write(b"".join(encode(message) for message in merge_text(messages)))
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed and not self.writer.is_closing():
+            self.writer.write(data)
+            self.heartbeat.wrote = True
 
     async def _read(self) -> Message | None:
         """Read one message (heartbeats skipped); None at the end of the stream."""
@@ -590,6 +620,33 @@ _FOLDER_PROBLEMS: Final = {
 }
 
 
+def merge_text(messages: list[Message]) -> list[Message]:
+    """Join the consecutive text messages of one request into one, in order."""
+    merged: list[Message] = []
+    pieces: list[str] = []
+    for message in messages:
+        if set(message) == _TEXT_KEYS:
+            if pieces and merged[-1]["id"] == message["id"]:
+                pieces.append(message["text"])
+                continue
+            _join_text(merged, pieces)
+            pieces = [message["text"]]
+        else:
+            _join_text(merged, pieces)
+            pieces = []
+        merged.append(message)
+    _join_text(merged, pieces)
+    return merged
+
+
+_TEXT_KEYS: Final = frozenset(("id", "text"))
+
+
+def _join_text(merged: list[Message], pieces: list[str]) -> None:
+    if len(pieces) > 1:
+        merged[-1] = {"id": merged[-1]["id"], "text": "".join(pieces)}
+
+
 def _as_request_error(err: BaseException) -> BaseException:
     """Bad arguments (missing keys, wrong types) are the client's error."""
     if isinstance(err, KeyError | TypeError | ValueError) and not isinstance(
@@ -645,6 +702,7 @@ async def _worker_open(client: _Client, _id: int, args: Mapping[str, Any]) -> An
         name,
         stall_timeout=client.host.config.stall_timeout,
         on_death=functools.partial(client._worker_died, worker_id),  # noqa: SLF001
+        loop=asyncio.get_running_loop(),
     )
     client.workers[worker_id] = worker
     try:

@@ -1,9 +1,12 @@
-"""RKLLMModel: one runtime handle, confined to a worker thread of its own.
+"""RKLLMModel: one runtime handle, confined to one thread.
 
-Every call on the handle runs on the model's single worker thread, so the binding
-needs no locks around the library; only ``abort`` is called from other threads.
-Methods return ``concurrent.futures.Future`` objects: blocking code calls
-``.result()``, asyncio code wraps them with ``asyncio.wrap_future``.
+Every call on the handle runs on one thread, so the binding needs no locks around
+the library; only ``abort`` is called from other threads. That thread is the
+model's own worker thread, or (``own_thread=False``, a worker process that serves
+one caller) the caller's. Methods return ``concurrent.futures.Future`` objects:
+blocking code calls ``.result()``, asyncio code wraps them with
+``asyncio.wrap_future``; without a thread of its own the call has run when its
+future is returned.
 """
 
 import codecs
@@ -117,7 +120,7 @@ class RunResult:
 
 @dataclass(slots=True)
 class _ActiveRun:
-    """State of the run in progress, touched only on the worker thread."""
+    """State of the run in progress, touched only on the model's thread."""
 
     sink: TextSink
     token_limit: int | None
@@ -132,16 +135,23 @@ class _ActiveRun:
 
 
 class RKLLMModel:
-    """One loaded model: a handle, its worker thread and its callbacks."""
+    """One loaded model: a handle, the thread its calls run on, its callbacks."""
 
     def __init__(
-        self, library: RuntimeLibrary, name: str, *, read_init_log: bool = True
+        self,
+        library: RuntimeLibrary,
+        name: str,
+        *,
+        read_init_log: bool = True,
+        own_thread: bool = True,
     ) -> None:
-        """Create the worker thread; call init() next.
+        """Create the worker thread (unless own_thread is False); call init() next.
 
         read_init_log: capture what the runtime prints while the model loads, to
         learn its context limit. A worker process leaves that to its parent, which
         reads all of its output (a capture would lose it if the load crashed).
+        own_thread=False: every call runs on the calling thread, which must be the
+        same one each time (a worker process's main thread).
         """
         self.library = library
         self._read_init_log = read_init_log
@@ -151,8 +161,10 @@ class RKLLMModel:
         """The model's max_context_limit, as the runtime logged it at init."""
         self._lib: Any = library.cdll
         self._layout = library.layout
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"rkllm-{name}"
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rkllm-{name}")
+            if own_thread
+            else None
         )
         self._handle = LLMHandle()
         self._handle_lock = threading.Lock()
@@ -170,7 +182,14 @@ class RKLLMModel:
     def _submit(self, function: Callable[[], _T]) -> Future[_T]:
         if self._closed:
             raise ModelClosedError(f"model {self.name} is closed")
-        return self._executor.submit(function)
+        if self._executor is not None:
+            return self._executor.submit(function)
+        future: Future[_T] = Future()
+        try:
+            future.set_result(function())
+        except Exception as err:  # noqa: BLE001 - handed to the caller, as a thread does
+            future.set_exception(err)
+        return future
 
     def _require_handle(self) -> LLMHandle:
         if not self._handle:
@@ -235,7 +254,8 @@ class RKLLMModel:
         self.abort()
         future = self._submit(self._destroy)
         self._closed = True
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         future.result()
 
     def _destroy(self) -> None:

@@ -11,21 +11,28 @@ One process per model, not one per runtime entry: a model that crashes or wedges
 its process takes no other model with it, and killing a wedged process frees
 exactly that model's NPU memory.
 
-Two threads per worker read its answers and its output. A worker that dies fails
-every pending call at once with :class:`~.errors.WorkerDiedError` naming the signal
-and the runtime's last lines. A watchdog aborts a run that produces no text for
+The worker handles one request at a time, on the thread that read it: further
+requests wait here and each is sent when the one before is answered, so a request
+never waits in a pipe behind a long run. Aborts go on a pipe of their own and name
+the request they stop. Its answers are read on an event loop when given one (the
+host's: streamed text then needs no hand-over from another thread), else by a
+thread; another thread reads its output. A worker that dies fails every pending call
+at once with :class:`~.errors.WorkerDiedError` naming the signal and the runtime's
+last lines. A watchdog aborts a run that produces no text for
 ``stall_timeout`` seconds (plus the expected prefill time before the first token)
 and kills the process when the abort does not end the run within ``abort_grace``.
 """
 
+import asyncio
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 import contextlib
 from dataclasses import dataclass
 import itertools
 import json
 import logging
+import math
 import os
 from pathlib import Path
 import select
@@ -92,9 +99,13 @@ class _Call:
     op: str
     future: Future[Any]
     convert: Callable[[Any], Any]
-    deadline: float
-    """When the call counts as stalled (a run's text moves it on)."""
+    timeout: float
+    """Seconds the call may take once sent (a run's text moves its deadline on)."""
+    line: bytes = b""
+    """The request as sent to the worker."""
     sink: TextSink | None = None
+    deadline: float = math.inf
+    """When the call counts as stalled (none while it waits to be sent)."""
     stalled_at: float | None = None
     """When the watchdog found it stalled and sent the abort."""
 
@@ -114,8 +125,13 @@ class WorkerModel:
         stall_timeout: float | None = None,
         abort_grace: float | None = None,
         on_death: Callable[[WorkerDiedError], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        """Prepare the worker; init() starts the process and loads the model."""
+        """Prepare the worker; init() starts the process and loads the model.
+
+        loop: read the answers on it, so sinks and futures are served on it (close
+        must then run off it, as it blocks until the loop saw the worker end).
+        """
         self.library = library
         self.name = name
         self.last_perf: PerfStats | None = None
@@ -124,11 +140,25 @@ class WorkerModel:
         self.stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
         self.abort_grace = ABORT_GRACE if abort_grace is None else abort_grace
         self._on_death = on_death
+        self._loop = loop
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
+        self._waiting: deque[int] = deque()
+        """Requests not sent yet, in order."""
+        self._current: int | None = None
+        """The request the worker handles now (sent, not answered)."""
         self._ids = itertools.count(READY_ID + 1)
         self._process: subprocess.Popen[bytes] | None = None
         self._request_fd: int | None = None
+        self._abort_fd: int | None = None
+        self._answer_fd: int | None = None
+        self._buffer = b""
+        """Answers read up to an incomplete line."""
+        self._reading: asyncio.AbstractEventLoop | None = None
+        """The loop that reads the answers, once it does."""
+        self._watch_tick: asyncio.TimerHandle | None = None
+        self._reaped = threading.Event()
+        """Set once the answers ended and the worker's end was handled."""
         self._threads: list[threading.Thread] = []
         self._output_reader: threading.Thread | None = None
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
@@ -200,12 +230,13 @@ class WorkerModel:
     def _spawn(self, ready: Future[None]) -> None:
         request_read, request_write = os.pipe()
         answer_read, answer_write = os.pipe()
+        abort_read, abort_write = os.pipe()
+        theirs = (request_read, answer_write, abort_read)
         try:
             process = subprocess.Popen(
                 child_command(
                     "worker_child",
-                    str(request_read),
-                    str(answer_write),
+                    *(str(fd) for fd in theirs),
                     str(self.library.copy),
                     json.dumps(info_to_wire(self.library.info)),
                     self.name,
@@ -213,39 +244,34 @@ class WorkerModel:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                pass_fds=(request_read, answer_write),
+                pass_fds=theirs,
                 start_new_session=True,  # a Ctrl-C meant for HA is not the worker's
             )
         except OSError as err:
-            for fd in (request_read, request_write, answer_read, answer_write):
+            for fd in (*theirs, request_write, answer_read, abort_write):
                 os.close(fd)
             raise WorkerDiedError(
                 f"cannot start the runtime process of {self.name}: {err}",
                 model=self.name,
                 how=str(err),
             ) from err
-        os.close(request_read)
-        os.close(answer_write)
+        for fd in theirs:
+            os.close(fd)
         with self._lock:
             self._process = process
             self._request_fd = request_write
+            self._abort_fd = abort_write
             self._calls[READY_ID] = _Call(
-                "load the library", ready, _unchanged, time.monotonic() + INIT_TIMEOUT
+                "load the library",
+                ready,
+                _unchanged,
+                INIT_TIMEOUT,
+                deadline=time.monotonic() + INIT_TIMEOUT,
             )
-        for target, role in (
-            (self._read_answers, "answers"),
-            (self._read_output, "output"),
-        ):
-            thread = threading.Thread(
-                target=target,
-                args=(answer_read,) if role == "answers" else (),
-                name=f"rkllm-worker-{role}-{self.name}",
-                daemon=True,
-            )
-            if role == "output":
-                self._output_reader = thread
-            thread.start()
-            self._threads.append(thread)
+            self._answer_fd = answer_read
+        self._output_reader = self._start_thread(self._read_output, "output")
+        if not self._schedule_reading_on_loop():
+            self._start_thread(self._read_answers, "answers")
         _LOGGER.debug(
             "Started the runtime process of %s (pid %s)", self.name, process.pid
         )
@@ -256,12 +282,13 @@ class WorkerModel:
             if self._closed:
                 return
             self._closed = True
+            self._send_abort()
             request_fd, self._request_fd = self._request_fd, None
+            abort_fd, self._abort_fd = self._abort_fd, None
             process = self._process
-        if request_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(request_fd, encode({"id": 0, "op": "abort"}))
-            os.close(request_fd)  # the worker destroys the handle and exits
+        for fd in (abort_fd, request_fd):
+            if fd is not None:
+                os.close(fd)  # the worker destroys the handle and exits
         if process is not None:
             try:
                 process.wait(timeout=CLOSE_TIMEOUT)
@@ -273,10 +300,29 @@ class WorkerModel:
                 )
                 process.kill()
                 process.wait()
+            self._wait_reaped()
         current = threading.current_thread()
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             if thread is not current:
                 thread.join()
+
+    def _wait_reaped(self) -> None:
+        """Wait until the worker's end was handled; read its last answers if nobody does.
+
+        A loop that reads them sees the end after the process is gone; once it is
+        closed, nobody would: its part is taken over here.
+        """
+        while not self._reaped.wait(_TICK):
+            with self._lock:
+                reading = self._reading
+                orphaned = reading is not None and reading.is_closed()
+                if orphaned:
+                    self._reading = None
+            if orphaned and self._answer_fd is not None:
+                os.set_blocking(self._answer_fd, True)
+                self._read_answers()
 
     # Requests
 
@@ -300,24 +346,43 @@ class WorkerModel:
             if self._closed or self._request_fd is None:
                 raise ModelClosedError(f"model {self.name} is closed")
             request_id = next(self._ids)
-            deadline = time.monotonic() + (
-                self.stall_timeout if timeout is None else timeout
+            self._calls[request_id] = _Call(
+                op,
+                future,
+                convert,
+                self.stall_timeout if timeout is None else timeout,
+                encode({"id": request_id, "op": op, "args": args or {}}),
+                sink,
             )
-            self._calls[request_id] = _Call(op, future, convert, deadline, sink)
+            self._waiting.append(request_id)
+            self._send_next()
+        return future
+
+    def _send_next(self) -> None:
+        """Send the next waiting request if the worker is free (holding the lock).
+
+        The worker reads it at once, so the write never waits behind a run.
+        """
+        while self._current is None and self._waiting:
+            request_id = self._waiting.popleft()
+            if (
+                call := self._calls.get(request_id)
+            ) is None or self._request_fd is None:
+                continue
+            self._current = request_id
+            call.deadline = time.monotonic() + call.timeout
+            data = call.line
             try:
-                os.write(
-                    self._request_fd,
-                    encode({"id": request_id, "op": op, "args": args or {}}),
-                )
+                while data:
+                    data = data[os.write(self._request_fd, data) :]
             except OSError:
                 # The worker is gone; its answer thread reports how.
                 _LOGGER.debug(
-                    "Cannot send %s to the runtime process of %s", op, self.name
+                    "Cannot send %s to the runtime process of %s", call.op, self.name
                 )
-        return future
 
     def run(self, request: RunRequest, sink: TextSink) -> Future[RunResult]:
-        """Run one input; decoded text goes to sink (on a reader thread)."""
+        """Run one input; decoded text goes to sink (where the answers are read)."""
         return self._request(
             "run",
             {"request": request_to_wire(request)},
@@ -349,10 +414,14 @@ class WorkerModel:
     def abort(self) -> None:
         """Stop the running generation (safe from any thread)."""
         with self._lock:
-            if self._request_fd is None or self._death is not None:
-                return
+            if self._death is None:
+                self._send_abort()
+
+    def _send_abort(self) -> None:
+        """Ask the worker to abort the request it handles, if any (holding the lock)."""
+        if self._abort_fd is not None and self._current is not None:
             with contextlib.suppress(OSError):
-                os.write(self._request_fd, encode({"id": 0, "op": "abort"}))
+                os.write(self._abort_fd, encode({"id": self._current}))
 
     def load_prompt_cache(self, path: Path) -> Future[None]:
         """Load a prompt cache file for later runs to reuse."""
@@ -388,7 +457,16 @@ class WorkerModel:
             },
         )
 
-    # Reader threads
+    # Reading the answers and the output
+
+    def _start_thread(self, target: Callable[[], None], role: str) -> threading.Thread:
+        thread = threading.Thread(
+            target=target, name=f"rkllm-worker-{role}-{self.name}", daemon=True
+        )
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+        return thread
 
     def _read_output(self) -> None:
         """Keep the runtime's last output lines and log them."""
@@ -404,11 +482,87 @@ class WorkerModel:
                     self._output.append(line)
                 _LOGGER.debug("%s: %s", self.name, line)
 
-    def _read_answers(self, fd: int) -> None:
-        """Dispatch answers and streamed text; watch the run; report a death."""
-        with os.fdopen(fd, "rb", buffering=0) as answers:
-            for message in self._messages(answers):
+    def _read_answers(self) -> None:
+        """On a thread: dispatch answers and streamed text, watch the run, until the end."""
+        fd = self._answer_fd
+        assert fd is not None
+        while True:
+            readable, _, _ = select.select([fd], [], [], _TICK)
+            if not readable:
+                self._check_watch()
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            self._feed(chunk)
+        self._reap()
+
+    def _schedule_reading_on_loop(self) -> bool:
+        """Have the loop read the answers; False without a loop (or a closed one)."""
+        if self._loop is None:
+            return False
+        try:
+            self._loop.call_soon_threadsafe(self._read_on_loop, self._loop)
+        except RuntimeError:  # closed: a thread reads them
+            return False
+        return True
+
+    def _read_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop: read the answers as they come, watch the run every tick."""
+        fd = self._answer_fd
+        assert fd is not None
+        os.set_blocking(fd, False)
+        with self._lock:
+            self._reading = loop
+        loop.add_reader(fd, self._answers_ready, loop, fd)
+        self._watch_tick = loop.call_later(_TICK, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._check_watch()
+        self._watch_tick = loop.call_later(_TICK, self._tick, loop)
+
+    def _answers_ready(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self._feed(chunk)
+            return
+        # The end: what remains (waiting for the process, its last output) blocks.
+        loop.remove_reader(fd)
+        if self._watch_tick is not None:
+            self._watch_tick.cancel()
+        with self._lock:
+            self._reading = None
+        self._start_thread(self._reap, "end")
+
+    def _feed(self, chunk: bytes) -> None:
+        """Dispatch the complete messages in what was read; check the watchdog."""
+        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        for line in lines:
+            try:
+                message = decode(line)
+            except ValueError:
+                _LOGGER.warning(
+                    "The runtime process of %s sent an unreadable line: %r",
+                    self.name,
+                    line[:200],
+                )
+            else:
                 self._dispatch(message)
+        self._check_watch()
+
+    def _reap(self) -> None:
+        """After the answers ended: wait for the process, its last output; report."""
+        if self._answer_fd is not None:
+            os.close(self._answer_fd)
+            self._answer_fd = None
         process = self._process
         assert process is not None
         returncode = process.wait()
@@ -416,30 +570,7 @@ class WorkerModel:
         if self._output_reader is not None:
             self._output_reader.join(OUTPUT_DRAIN_TIMEOUT)
         self._died(returncode)
-
-    def _messages(self, answers: Any) -> Iterator[dict[str, Any]]:
-        """Yield messages until the pipe closes, checking the watchdog meanwhile."""
-        buffer = b""
-        while True:
-            readable, _, _ = select.select([answers], [], [], _TICK)
-            if not readable:
-                self._check_watch()
-                continue
-            chunk = answers.read(65536)
-            if not chunk:
-                return
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    yield decode(line)
-                except ValueError:
-                    _LOGGER.warning(
-                        "The runtime process of %s sent an unreadable line: %r",
-                        self.name,
-                        line[:200],
-                    )
-            self._check_watch()
+        self._reaped.set()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         request_id = message.get("id")
@@ -452,6 +583,9 @@ class WorkerModel:
                     call.deadline = time.monotonic() + self.stall_timeout
             else:
                 call = self._calls.pop(request_id, None)
+                if request_id == self._current:
+                    self._current = None
+                    self._send_next()
         if call is None:
             return
         if "text" in message:
@@ -522,6 +656,8 @@ class WorkerModel:
         with self._lock:
             expected = self._closed
             calls, self._calls = self._calls, {}
+            self._waiting.clear()
+            self._current = None
             tail = "\n".join(self._output) or "(no output)"
             if not expected:
                 self._death = WorkerDiedError(

@@ -1,13 +1,15 @@
-"""The runtime worker process: one RKLLMModel, driven by messages from Home Assistant.
+"""The runtime worker process: one RKLLMModel, driven by messages from its parent.
 
 Started by :class:`~.worker.WorkerModel` through :mod:`.child`. Requests arrive on one
-pipe, answers and streamed text leave on another (see :mod:`.protocol`); the
-runtime's own output (``I rkllm: …``, ``E RKLLM: …``) goes to stdout and stderr,
-which the parent reads. When the request pipe closes, the worker destroys the
-handle and exits.
+pipe and run one at a time on the main thread, the one that read them (no hand-over
+to another thread); answers and streamed text leave on another pipe (see
+:mod:`.protocol`). Aborts come on a third pipe, read by a thread of their own, each
+naming the request it stops. The runtime's own output (``I rkllm: …``,
+``E RKLLM: …``) goes to stdout and stderr, which the parent reads. When the request
+pipe closes, the worker destroys the handle and exits.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 import contextlib
 import ctypes
@@ -115,30 +117,63 @@ _CALLS: Final[Mapping[str, _Call]] = {
 }
 
 
-def _serve(model: RKLLMModel, out: _Writer, commands: Any) -> None:
-    """Handle requests until the request pipe closes."""
+class _Handling:
+    """The request the main thread handles now, so an abort stops only the one it names."""
+
+    def __init__(self, model: RKLLMModel) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+        self._request_id: int | None = None
+
+    @contextlib.contextmanager
+    def request(self, request_id: int) -> Iterator[None]:
+        """Mark request_id as the one being handled while the block runs."""
+        with self._lock:
+            self._request_id = request_id
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._request_id = None
+
+    def abort(self, request_id: int) -> None:
+        """Abort the run of request_id if it is the one being handled (any thread)."""
+        with self._lock:
+            if self._request_id == request_id:
+                self._model.abort()
+
+
+def _serve(model: RKLLMModel, out: _Writer, commands: Any, handling: _Handling) -> None:
+    """Handle requests on this thread until the request pipe closes."""
     for line in commands:
         message = decode(line)
         request_id = int(message["id"])
         op = message["op"]
         args: Mapping[str, Any] = message.get("args", {})
-        try:
-            if op == "abort":
-                model.abort()
-                continue
-            if op == "run":
-                future: Future[Any] = model.run(
-                    request_from_wire(args["request"]),
-                    functools.partial(_stream, out, request_id),
-                )
-                wire: Callable[[Any], Any] = _result
-            else:
-                future = _CALLS[op](model, args)
+        with handling.request(request_id):
+            try:
+                if op == "run":
+                    future: Future[Any] = model.run(
+                        request_from_wire(args["request"]),
+                        functools.partial(_stream, out, request_id),
+                    )
+                    wire: Callable[[Any], Any] = _result
+                else:
+                    future = _CALLS[op](model, args)
+                    wire = _unchanged
+            except RKLLMError as err:
+                future = Future()
+                future.set_exception(err)
                 wire = _unchanged
-        except RKLLMError as err:
-            out.send({"id": request_id, "error": error_to_wire(err)})
-            continue
-        future.add_done_callback(functools.partial(out.answer, request_id, wire=wire))
+        # Answered once no abort can reach it any more.
+        out.answer(request_id, future, wire=wire)
+
+
+def _watch_aborts(handling: _Handling, fd: int) -> None:
+    """Abort the run each line of the abort pipe names, until the pipe closes."""
+    with os.fdopen(fd, "rb") as aborts:
+        for line in aborts:
+            handling.abort(int(decode(line)["id"]))
 
 
 def _line_buffer_stdout() -> None:
@@ -151,8 +186,8 @@ def _line_buffer_stdout() -> None:
 
 def _child_main(argv: list[str]) -> int:
     """Run in the worker: load the library, serve requests, destroy the handle."""
-    request_fd, answer_fd = int(argv[0]), int(argv[1])
-    copy, info, name = Path(argv[2]), info_from_wire(json.loads(argv[3])), argv[4]
+    request_fd, answer_fd, abort_fd = int(argv[0]), int(argv[1]), int(argv[2])
+    copy, info, name = Path(argv[3]), info_from_wire(json.loads(argv[4])), argv[5]
     disable_core_dumps()
     out = _Writer(answer_fd)
     try:
@@ -161,11 +196,18 @@ def _child_main(argv: list[str]) -> int:
         out.send({"id": READY_ID, "error": error_to_wire(err)})
         return 1
     _line_buffer_stdout()
-    model = RKLLMModel(library, name, read_init_log=False)
+    model = RKLLMModel(library, name, read_init_log=False, own_thread=False)
+    handling = _Handling(model)
+    threading.Thread(
+        target=_watch_aborts,
+        args=(handling, abort_fd),
+        name="rkllm-aborts",
+        daemon=True,  # ends when the parent closes the abort pipe, or with us
+    ).start()
     out.send({"id": READY_ID, "ok": None})
     try:
         with os.fdopen(request_fd, "rb") as commands:
-            _serve(model, out, commands)
+            _serve(model, out, commands, handling)
     finally:
         model.close()
     return 0
