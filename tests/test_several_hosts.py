@@ -139,9 +139,9 @@ async def test_each_host_has_its_entry_its_agents_and_its_device(
         assert agent_device is not None
         assert agent_device.via_device_id == board.id
     assert set(boards) == {"board-a", "board-b"}
-    assert boards["board-a"].model == "RK3588"
+    assert boards["board-a"].model == "RK3588 runtime host"
     assert boards["board-a"].manufacturer == "Rockchip"
-    assert boards["board-b"].model is None  # no device tree: the SoC is unknown
+    assert boards["board-b"].model == "Runtime host"  # no device tree: SoC unknown
     assert {board.sw_version for board in boards.values()} == {HOST_VERSION}
 
 

@@ -114,8 +114,8 @@ def _host_facts(host: RuntimeHost) -> dict[str, str]:
     return {
         "host": host.where,
         "runtime_version": runtime.version if runtime else "?",
-        "soc": str(board.get("soc") or "unknown"),
-        "npu_driver": str(board.get("npu_driver_version") or "unknown"),
+        "soc": str(board.get("soc") or "").upper() or "an unknown SoC",
+        "npu_driver": str(board.get("npu_driver_version") or "of unknown version"),
     }
 
 
