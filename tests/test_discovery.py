@@ -34,6 +34,7 @@ from .conftest import model_text
 from .host_process import HostProcess, start_host, stop_host
 from .lan import Lan
 from .test_conversation import speech
+from .test_tcp_pairing import host_step, pair
 
 IDENTITY = "sha256:" + "ab" * 32
 AGENT = "conversation.qwen3_sim_conversation"
@@ -303,26 +304,8 @@ async def test_a_host_added_by_address_is_known_by_its_identity(
     (while it serves the entry) and the entry follows; found again, nothing happens."""
     assert tcp_host.tcp is not None
     address, port = tcp_host.tcp
-    result = await hass.config_entries.flow.async_init(
-        DOMAIN, context={"source": config_entries.SOURCE_USER}
-    )
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {"next_step_id": "host"}
-    )
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"],
-        {
-            CONF_HOST_ADDRESS: f"localhost:{port}",
-            CONF_PAIRING_KEY: tcp_host.pairing_key,
-        },
-    )
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {"model": "Qwen3 Sim"}
-    )
-    entry = result["result"]
-    await hass.async_block_till_done()
+    entry = await pair(hass, f"localhost:{port}", tcp_host.pairing_key)
     assert entry.unique_id == tcp_host.identity
-    assert entry.state is ConfigEntryState.LOADED
 
     result = await discover(hass, announced(tcp_host))
     assert result["type"] is FlowResultType.ABORT
@@ -347,14 +330,8 @@ async def test_one_entry_per_host(
     assert tcp_host.tcp is not None
     address, port = tcp_host.tcp
     await set_up_discovered(hass, announced(tcp_host), tcp_host.pairing_key)
-    result = await hass.config_entries.flow.async_init(
-        DOMAIN, context={"source": config_entries.SOURCE_USER}
-    )
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {"next_step_id": "host"}
-    )
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"],
+        await host_step(hass),
         {
             CONF_HOST_ADDRESS: f" {address}:{port} ",
             CONF_PAIRING_KEY: tcp_host.pairing_key,
