@@ -4,12 +4,19 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 from freezegun.api import FrozenDateTimeFactory
 
-from custom_components.rockchip_llm.agent_prefix import canonical_schema, split_volatile
+from custom_components.rockchip_llm.agent_prefix import (
+    canonical_schema,
+    compact,
+    split_volatile,
+)
+from custom_components.rockchip_llm.ha_compat import vol
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers import llm
 
 from .conftest import REPO, EntryFactory, last_run_record
 from .test_conversation import converse, model_session
@@ -74,6 +81,64 @@ def test_canonical_schema_sorts_unordered_lists_only() -> None:
         "anyOf": [{"required": ["a", "b"]}, {"enum": [1, 2, 3]}],
         "items": {"enum": ["a", "z"]},
     }
+
+
+class _CountedValidator:
+    """A validator that counts how often its text was rendered."""
+
+    renders = 0
+
+    def __call__(self, value: Any) -> Any:
+        return value
+
+    def __repr__(self) -> str:
+        type(self).renders += 1
+        return "<counted validator>"
+
+
+def _api_with(slots: dict[Any, Any]) -> llm.APIInstance:
+    """An API instance with a new tool and schema around slots, as each request has.
+
+    (HA's intent tools copy their handler's slot schema into a new one.)
+    """
+
+    class _Tool(llm.Tool):
+        name = "Counted"
+        description = "Counts"
+        parameters = vol.Schema({**slots})
+
+        async def async_call(self, *_args: Any) -> Any:
+            return {}
+
+    return llm.APIInstance(
+        api=None,  # type: ignore[arg-type]
+        api_prompt="",
+        llm_context=None,  # type: ignore[arg-type]
+        tools=[_Tool()],
+    )
+
+
+def test_compact_reuses_a_request_made_of_the_same_validators() -> None:
+    """New tool objects around the same validators are found without rendering them.
+
+    New validators of the same text are found by their text; another prompt is
+    compacted anew.
+    """
+    slots = {vol.Optional("value"): _CountedValidator()}
+    first = compact("prompt A", _api_with(slots))
+    renders = _CountedValidator.renders
+    assert compact("prompt A", _api_with(slots)) is first
+    assert _CountedValidator.renders == renders  # not rendered again
+
+    same_text = compact(
+        "prompt A", _api_with({vol.Optional("value"): _CountedValidator()})
+    )
+    assert same_text is first
+    assert _CountedValidator.renders > renders
+
+    other = compact("prompt B", _api_with(slots))
+    assert other[1].prompt != first[1].prompt
+    assert json.loads(other[1].tools_json) == json.loads(first[1].tools_json)
 
 
 def test_split_volatile() -> None:

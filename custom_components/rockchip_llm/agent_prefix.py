@@ -23,6 +23,9 @@ from .run_planner import SystemPrefix
 from .tool_groups import ToolGroup, offered, trim_device_list, trimmed_groups
 
 _COMPACT: dict[tuple[object, ...], tuple[CompactPrefix, SystemPrefix]] = {}
+"""Compact prefixes by the text of the prompt and the tools."""
+_BY_IDENTITY: dict[tuple[object, ...], tuple[CompactPrefix, SystemPrefix]] = {}
+"""The same, by the prompt and the objects the tools' schemas are made of."""
 _COMPACT_SIZE = 8
 
 # HA appends its date-time line (llm.DATE_TIME_PROMPT) to the system prompt when no
@@ -52,15 +55,63 @@ def tool_specs(
     return specs
 
 
+class _Same:
+    """A key part equal only to the very same object (kept alive by the key)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+
+def _identity_key(
+    prompt: str, device_list: bool, tools: Iterable[llm.Tool]
+) -> tuple[object, ...]:
+    """Key the tools by the objects their schemas are made of, not their text.
+
+    HA builds new tool objects for every request, but the validators in their
+    schemas are usually the intent handlers' own: comparing those is cheaper
+    than the repr of every schema.
+    """
+    parts: list[object] = [prompt, device_list]
+    for tool in tools:
+        schema = tool.parameters.schema
+        parts += (tool.name, tool.description)
+        if isinstance(schema, dict):
+            parts.append(tuple((_Same(k), _Same(v)) for k, v in schema.items()))
+        else:
+            parts.append(_Same(schema))
+    return tuple(parts)
+
+
+def _remember[K, V](cache: dict[K, V], key: K, value: V) -> V:
+    """Store value under key, forgetting the oldest entry of a full cache."""
+    if len(cache) >= _COMPACT_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
 def compact(
     prompt: str, llm_api: llm.APIInstance | None, *, device_list: bool = True
 ) -> tuple[CompactPrefix, SystemPrefix]:
     """Return the compact prefix of a prompt and the API's tools, and its SystemPrefix.
 
     Requests carry new tool objects each time, usually with the same content:
-    the result is kept per content so a request does not redo it (nor hash it).
+    the result is kept per content so a request does not redo it (nor hash it),
+    and per schema objects, so a request made of the same validators does not
+    even render the schemas' text to find it.
     """
     tools = llm_api.tools if llm_api is not None else []
+    identity = _identity_key(prompt, device_list, tools)
+    if (cached := _BY_IDENTITY.get(identity)) is not None:
+        return cached
     key = (
         prompt,
         device_list,
@@ -69,17 +120,17 @@ def compact(
             for tool in tools
         ),
     )
-    if (cached := _COMPACT.get(key)) is not None:
-        return cached
-    if len(_COMPACT) >= _COMPACT_SIZE:
-        _COMPACT.pop(next(iter(_COMPACT)))
-    specs = tool_specs(tools, llm_api.custom_serializer) if llm_api is not None else []
-    result = compact_prefix(prompt, specs, device_list=device_list)
-    _COMPACT[key] = (
-        result,
-        SystemPrefix(prompt=result.prompt, tools_json=result.tools_json),
-    )
-    return _COMPACT[key]
+    if (cached := _COMPACT.get(key)) is None:
+        specs = (
+            tool_specs(tools, llm_api.custom_serializer) if llm_api is not None else []
+        )
+        result = compact_prefix(prompt, specs, device_list=device_list)
+        cached = _remember(
+            _COMPACT,
+            key,
+            (result, SystemPrefix(prompt=result.prompt, tools_json=result.tools_json)),
+        )
+    return _remember(_BY_IDENTITY, identity, cached)
 
 
 def canonical_schema(value: Any) -> Any:

@@ -14,6 +14,7 @@ generation). Anything malformed ends that client's connection; the host goes on.
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Future
 import contextlib
 from dataclasses import dataclass
 import functools
@@ -115,6 +116,8 @@ class _ForwardLogs(logging.Handler):
         )
 
 
+ANSWERED: Final = object()
+"""What a request handler returns when it sent the answer itself."""
 _PACKAGE: Final = __name__.rpartition(".")[0]
 
 
@@ -331,10 +334,36 @@ class _Client:
     def send(self, message: Message) -> None:
         """Queue a message for the client (dropped once it is gone).
 
-        What other threads queued before goes first: a run's text before its answer.
+        What was queued before goes first, in the same write: a run's text before
+        its answer.
         """
-        self._flush_outbox()
-        self._write(encode(message))
+        with self._outbox_lock:
+            messages, self._outbox = self._outbox, []
+        messages.append(message)
+        self._write(b"".join(encode(message) for message in merge_text(messages)))
+
+    def answer(
+        self, request_id: int, done: Future[Any], wire: Callable[[Any], Any]
+    ) -> None:
+        """Send the answer of a request whose future is done (from any thread).
+
+        Called where the future completed: on the loop, where a worker's answers
+        are read, it leaves with the text read together with it, in one write.
+        """
+        if threading.get_ident() != self._loop_thread:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: host stops
+                self._loop.call_soon_threadsafe(self.answer, request_id, done, wire)
+            return
+        if (err := done.exception()) is not None:
+            self.send_error(request_id, err)
+        else:
+            self.send({"id": request_id, "ok": wire(done.result())})
+
+    def send_error(self, request_id: int, err: BaseException) -> None:
+        """Send why a request failed (bad arguments are the client's error)."""
+        if not isinstance(err, RKLLMError | OSError):
+            _LOGGER.debug("Request %s failed", request_id, exc_info=err)
+        self.send({"id": request_id, "error": error_to_wire(_as_request_error(err))})
 
     def _write_heartbeat(self, beat: bytes) -> None:
         if not self._closed and not self.writer.is_closing():
@@ -490,13 +519,10 @@ class _Client:
                 raise BadRequest(f"unknown request {op!r:.80}")  # noqa: TRY301
             result = await handler(self, request_id, args)
         except Exception as err:  # noqa: BLE001 - every error goes to the client
-            if not isinstance(err, RKLLMError | OSError):
-                _LOGGER.debug("Request %s failed", op, exc_info=True)
-            self.send(
-                {"id": request_id, "error": error_to_wire(_as_request_error(err))}
-            )
+            self.send_error(request_id, err)
         else:
-            self.send({"id": request_id, "ok": result})
+            if result is not ANSWERED:
+                self.send({"id": request_id, "ok": result})
         await self._async_drain()
 
     async def async_close(self) -> None:
@@ -752,12 +778,18 @@ async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any])
         client.send_threadsafe({"id": request_id, "text": text})
 
     future = worker.run(request, sink)
+    # Answered as soon as the worker's answer is read, not after this task resumes.
+    future.add_done_callback(
+        functools.partial(client.answer, request_id, wire=result_to_wire)
+    )
     try:
-        result = await asyncio.shield(asyncio.wrap_future(future))
+        await asyncio.shield(asyncio.wrap_future(future))
     except asyncio.CancelledError:
         worker.abort()  # the client went away mid-run
         raise
-    return result_to_wire(result)
+    except Exception:  # noqa: BLE001, S110 - answered already, error included
+        pass
+    return ANSWERED
 
 
 @_op("worker.load_prompt_cache")

@@ -7,7 +7,7 @@ crashed or confused worker writes can run code in Home Assistant.
 """
 
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import is_dataclass
 import json
 from pathlib import Path
 from typing import Any, Final, TypeAlias
@@ -42,13 +42,26 @@ def decode(line: bytes) -> Message:
 
 
 def _wire(value: Any) -> Any:
-    """Paths as strings, for JSON."""
-    return str(value) if isinstance(value, Path) else value
+    """Return paths as strings and records as objects, for JSON."""
+    if isinstance(value, Path):
+        return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return _fields(value)
+    return value
+
+
+def _fields(record: Any) -> Message:
+    """Return a record's fields as JSON data (dataclasses.asdict without its copying).
+
+    The records hold numbers, text, paths and records: nothing to copy, and
+    asdict's copying is most of a short run's conversion time.
+    """
+    return {name: _wire(getattr(record, name)) for name in record.__dataclass_fields__}
 
 
 def params_to_wire(params: ModelParams) -> Message:
     """ModelParams as JSON data."""
-    return {key: _wire(value) for key, value in asdict(params).items()}
+    return _fields(params)
 
 
 def params_from_wire(data: Mapping[str, Any]) -> ModelParams:
@@ -64,7 +77,7 @@ def params_from_wire(data: Mapping[str, Any]) -> ModelParams:
 
 def request_to_wire(request: RunRequest) -> Message:
     """RunRequest as JSON data."""
-    return {key: _wire(value) for key, value in asdict(request).items()}
+    return _fields(request)
 
 
 def request_from_wire(data: Mapping[str, Any]) -> RunRequest:
@@ -82,7 +95,7 @@ def request_from_wire(data: Mapping[str, Any]) -> RunRequest:
 
 def result_to_wire(result: RunResult) -> Message:
     """RunResult as JSON data."""
-    return asdict(result)
+    return _fields(result)
 
 
 def result_from_wire(data: Mapping[str, Any]) -> RunResult:
