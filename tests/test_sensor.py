@@ -89,17 +89,25 @@ def model_session(entry: MockConfigEntry) -> ModelSession:
 
 
 async def converse(hass: HomeAssistant, text: str = "hello") -> Any:
-    """Ask the first agent something."""
-    return await conversation.async_converse(
+    """Ask the first agent something; return once the device page followed."""
+    result = await conversation.async_converse(
         hass, text, None, Context(), agent_id=AGENT
     )
+    await hass.async_block_till_done()
+    return result
 
 
 async def call(hass: HomeAssistant, service: str, data: dict[str, Any]) -> Any:
-    """Call one of our actions and return its response."""
-    return await hass.services.async_call(
+    """Call one of our actions; return its response once the device page followed.
+
+    (A script runs an action in a task of its own: the page has followed when
+    its next step runs.)
+    """
+    response = await hass.services.async_call(
         DOMAIN, service, data, blocking=True, return_response=True
     )
+    await hass.async_block_till_done()
+    return response
 
 
 @pytest.mark.usefixtures("all_entities_enabled")
@@ -232,6 +240,7 @@ async def test_deleted_system_cache_shows_none_then_failed(
     entry = await make_entry()
     # (delete_cache refuses an agent's own cache: the session's own delete here)
     assert await model_session(entry).async_delete_cache("system")
+    await hass.async_block_till_done()
     assert state(hass, "prompt_cache") == "none"
     assert state(hass, "system_prompt_tokens") == STATE_UNKNOWN
     assert state(hass, "context_use") == STATE_UNKNOWN
@@ -255,14 +264,23 @@ async def test_queue_length_and_busy(
     entry = await make_entry()
     loaded = model_session(entry)
     async with loaded._lock:
+        await asyncio.sleep(0)
         assert hass.states.get(BUSY).state == STATE_ON
-        first = hass.async_create_task(converse(hass))
-        second = hass.async_create_task(converse(hass))
+        first, second = (
+            hass.async_create_task(
+                conversation.async_converse(
+                    hass, "hello", None, Context(), agent_id=AGENT
+                )
+            )
+            for _request in range(2)
+        )
         while loaded.waiting < 2:
             await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
         assert state(hass, "queue_length") == "2"
     await first
     await second
+    await hass.async_block_till_done()
     assert state(hass, "queue_length") == "0"
     assert hass.states.get(BUSY).state == STATE_OFF
 
@@ -274,6 +292,7 @@ async def test_unavailable_while_the_model_is_not_loaded(
     entry = await make_entry()
     assert state(hass, "prompt_cache") == "ready"
     await entry.runtime_data.engine.async_close()
+    await hass.async_block_till_done()
     for entity_id in (
         sensor_id(hass, "prompt_cache"),
         sensor_id(hass, "queue_length"),
@@ -335,6 +354,7 @@ async def test_last_answer_is_per_agent(
         await conversation.async_converse(
             hass, "hello", None, Context(), agent_id="conversation.agent_1"
         )
+    await hass.async_block_till_done()
     assert first not in loaded.recent  # the model's history moved on
     assert float(state(hass, "time_to_first_token")) == round(first.ttft_ms or 0, 1)
     other = loaded.recent[-1]
@@ -430,9 +450,11 @@ async def test_readings_are_checked_only_after_changes_that_can_alter_them(
     always = {"memory"}  # every run sets it, recorded or not
 
     loaded.record(loaded.recent[-1])
+    await asyncio.sleep(0)
     assert set(read) == last_answer | always
     read.clear()
     async with loaded._lock:
+        await asyncio.sleep(0)
         assert (
             set(read)
             == {
@@ -447,6 +469,7 @@ async def test_readings_are_checked_only_after_changes_that_can_alter_them(
         )
     read.clear()
     loaded.notify()  # any other change: every reading
+    await asyncio.sleep(0)
     assert last_answer <= set(read)
     assert "busy" in read
     assert hass.states.get(BUSY).state == STATE_OFF

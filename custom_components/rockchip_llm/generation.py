@@ -49,11 +49,15 @@ class _TextBuffer:
     def push(self, item: str | None) -> None:
         """Add text (None: the run ended), from the loop's thread or any other.
 
-        Either way it is added by a callback, after those already scheduled: the
-        end of a run that finished on another thread follows its last text.
+        Text from the loop's thread is added at once; the rest by a callback,
+        after those already scheduled: the end of a run follows its last text,
+        also text still on its way from another thread.
         """
         if threading.get_ident() == self._thread:
-            self._loop.call_soon(self._add, item)
+            if item is None:
+                self._loop.call_soon(self._add, item)
+            else:
+                self._add(item)
             return
         # A closed loop means nobody is listening any more.
         with contextlib.suppress(RuntimeError):

@@ -105,9 +105,14 @@ class RemoteWorker:
             raise
 
     def run(self, request: RunRequest, sink: TextSink) -> asyncio.Task[RunResult]:
-        """Run one input; decoded text goes to sink (on the event loop)."""
+        """Run one input; decoded text goes to sink (on the event loop).
+
+        The task starts at once (eagerly): the request leaves before this returns.
+        """
         self._check_open()
-        return self._loop.create_task(self._async_run(request, sink))
+        return asyncio.Task(
+            self._async_run(request, sink), loop=self._loop, eager_start=True
+        )
 
     async def _async_run(self, request: RunRequest, sink: TextSink) -> RunResult:
         result = result_from_wire(

@@ -129,6 +129,9 @@ class ModelSession:
         self._held = HeldModel(self, worker)
         self._lock = ObservedLock(lambda: self.notify(QUEUE))
         self._listeners: list[tuple[Listener, frozenset[str] | None]] = []
+        self._changes: set[str | None] = set()
+        """The kinds of change the listeners have not heard of yet (None: any)."""
+        self._loop = asyncio.get_running_loop()
         self._closed = False
         self._ready: dict[str, CacheEntry] = {}
         self.users = 0
@@ -238,9 +241,21 @@ class ModelSession:
         return lambda: self._listeners.remove(entry)
 
     def notify(self, kind: str | None = None) -> None:
-        """Tell the listeners that the model's state changed (kind: what only)."""
+        """Tell the listeners that the model's state changed (kind: what only).
+
+        They hear of it in the next iteration of the event loop, once for all the
+        changes made until then: a request's answer does not wait for the device
+        page (the entities' state writes run while it waits for the host, or
+        right after it answered).
+        """
+        if not self._changes:
+            self._loop.call_soon(self._tell_listeners)
+        self._changes.add(kind)
+
+    def _tell_listeners(self) -> None:
+        changes, self._changes = self._changes, set()
         for listener, follows in list(self._listeners):
-            if kind is None or follows is None or kind in follows:
+            if None in changes or follows is None or not follows.isdisjoint(changes):
                 listener()
 
     def record(self, stats: RunStats) -> None:

@@ -178,6 +178,9 @@ async def async_converse_timed(
 ) -> tuple[str, TurnResult]:
     """Ask once; time the first content delta that reaches the chat log.
 
+    The wall time ends with the answer; the call returns once the loop also ran
+    what the answer left scheduled.
+
     The listener also keeps each tool result as it arrived: the chat log hands it
     over as a copy, while HA later writes the final speech into the original
     (conversation.async_get_result_from_chat_log).
@@ -205,6 +208,10 @@ async def async_converse_timed(
             hass, text, session.conversation_id, Context(), agent_id=agent.entity_id
         )
         ended = time.perf_counter()
+    # What the loop runs right after the answer (the device page's state writes)
+    # is the request's work too: it runs here, inside the caller's CPU time,
+    # never inside the next agent's request.
+    await asyncio.sleep(0)
     runs = runs_so_far()
     speech: str = result.response.speech.get("plain", {}).get("speech", "")
     return result.conversation_id or session.conversation_id, TurnResult(
