@@ -285,6 +285,31 @@ async def test_queue_length_and_busy(
     assert hass.states.get(BUSY).state == STATE_OFF
 
 
+async def test_readings_follow_the_answer_once_the_loop_runs(
+    hass: HomeAssistant, make_entry: EntryFactory
+) -> None:
+    """The answer does not wait for the device page: its readings follow right after.
+
+    Busy went on while the request waited for the host; the answer's readings and
+    busy off are written together, in the loop's next iteration.
+    """
+    await make_entry()
+    busy_states: list[str] = []
+
+    def record_busy(event: Event[EventStateChangedData]) -> None:
+        if event.data["entity_id"] == BUSY and event.data["new_state"]:
+            busy_states.append(event.data["new_state"].state)
+
+    unsubscribe = hass.bus.async_listen(EVENT_STATE_CHANGED, record_busy)
+    await conversation.async_converse(hass, "hello", None, Context(), agent_id=AGENT)
+    assert busy_states == [STATE_ON]
+    assert state(hass, "time_to_first_token") == STATE_UNKNOWN
+    await asyncio.sleep(0)
+    unsubscribe()
+    assert busy_states == [STATE_ON, STATE_OFF]
+    assert state(hass, "time_to_first_token") != STATE_UNKNOWN
+
+
 async def test_unavailable_while_the_model_is_not_loaded(
     hass: HomeAssistant, make_entry: EntryFactory
 ) -> None:
