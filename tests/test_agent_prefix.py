@@ -96,16 +96,16 @@ class _CountedValidator:
         return "<counted validator>"
 
 
-def _api_with(slots: dict[Any, Any]) -> llm.APIInstance:
+def _api_with(slots: Any) -> llm.APIInstance:
     """An API instance with a new tool and schema around slots, as each request has.
 
-    (HA's intent tools copy their handler's slot schema into a new one.)
+    (HA's intent tools copy their handler's slot schema, a dict, into a new one.)
     """
 
     class _Tool(llm.Tool):
         name = "Counted"
         description = "Counts"
-        parameters = vol.Schema({**slots})
+        parameters = vol.Schema({**slots} if isinstance(slots, dict) else slots)
 
         async def async_call(self, *_args: Any) -> Any:
             return {}
@@ -139,6 +139,12 @@ def test_compact_reuses_a_request_made_of_the_same_validators() -> None:
     other = compact("prompt B", _api_with(slots))
     assert other[1].prompt != first[1].prompt
     assert json.loads(other[1].tools_json) == json.loads(first[1].tools_json)
+
+    whole = _CountedValidator()  # a schema that is one validator, not a dict
+    found = compact("prompt A", _api_with(whole))
+    renders = _CountedValidator.renders
+    assert compact("prompt A", _api_with(whole)) is found
+    assert _CountedValidator.renders == renders
 
 
 def test_split_volatile() -> None:

@@ -337,10 +337,7 @@ class _Client:
         What was queued before goes first, in the same write: a run's text before
         its answer.
         """
-        with self._outbox_lock:
-            messages, self._outbox = self._outbox, []
-        messages.append(message)
-        self._write(b"".join(encode(message) for message in merge_text(messages)))
+        self._flush_outbox(message)
 
     def answer(
         self, request_id: int, done: Future[Any], wire: Callable[[Any], Any]
@@ -396,9 +393,11 @@ class _Client:
         with contextlib.suppress(RuntimeError):  # the loop is closed: host stops
             self._loop.call_soon_threadsafe(self._flush_outbox)
 
-    def _flush_outbox(self) -> None:
+    def _flush_outbox(self, *then: Message) -> None:
+        """Write what was queued, then the given messages, in one write."""
         with self._outbox_lock:
             messages, self._outbox = self._outbox, []
+        messages += then
         if messages:
             self._write(b"".join(encode(message) for message in merge_text(messages)))
 
@@ -783,12 +782,11 @@ async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any])
         functools.partial(client.answer, request_id, wire=result_to_wire)
     )
     try:
-        await asyncio.shield(asyncio.wrap_future(future))
+        with contextlib.suppress(Exception):  # answered already, error included
+            await asyncio.shield(asyncio.wrap_future(future))
     except asyncio.CancelledError:
         worker.abort()  # the client went away mid-run
         raise
-    except Exception:  # noqa: BLE001, S110 - answered already, error included
-        pass
     return ANSWERED
 
 
