@@ -43,22 +43,24 @@ class _TextBuffer:
         self._loop = loop
         self._thread = threading.get_ident()
         self._pieces: list[str] = []
+        self._from_other_thread = False
         self._ended = False
         self._waiter: asyncio.Future[None] | None = None
 
     def push(self, item: str | None) -> None:
         """Add text (None: the run ended), from the loop's thread or any other.
 
-        Text from the loop's thread is added at once; the rest by a callback,
-        after those already scheduled: the end of a run follows its last text,
-        also text still on its way from another thread.
+        Text from the loop's thread is added at once; the rest by a callback. Once
+        text came from another thread, the end is added by a callback too, after
+        those already scheduled: it follows the text still on its way.
         """
         if threading.get_ident() == self._thread:
-            if item is None:
+            if item is None and self._from_other_thread:
                 self._loop.call_soon(self._add, item)
             else:
                 self._add(item)
             return
+        self._from_other_thread = True
         # A closed loop means nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._add, item)

@@ -13,7 +13,7 @@ generation). Anything malformed ends that client's connection; the host goes on.
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import Future
 import contextlib
 from dataclasses import dataclass
@@ -442,9 +442,10 @@ class _Client:
                     or not isinstance(args, dict)
                 ):
                     raise BadRequest("a request without an id, op and args")  # noqa: TRY301
-                task = asyncio.create_task(self._async_handle(request_id, op, args))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task = _start_now(self._async_handle(request_id, op, args))
+                if not task.done():
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
         except BadRequest as err:
             _LOGGER.warning("Closing the connection of %s: %s", self.peer, err)
         except (ConnectionError, asyncio.IncompleteReadError) as err:
@@ -645,6 +646,18 @@ _FOLDER_PROBLEMS: Final = {
 }
 
 
+def _start_now(handler: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run a request's handler at once, up to its first wait (eagerly, from Python 3.12).
+
+    A run is then on its way to the worker before the next line is read, with no
+    turn of the event loop in between.
+    """
+    try:
+        return asyncio.Task(handler, eager_start=True)
+    except TypeError:  # Python 3.11: tasks start on the next turn of the loop
+        return asyncio.create_task(handler)
+
+
 def merge_text(messages: list[Message]) -> list[Message]:
     """Join the consecutive text messages of one request into one, in order."""
     merged: list[Message] = []
@@ -776,17 +789,11 @@ async def _worker_run(client: _Client, request_id: int, args: Mapping[str, Any])
     def sink(text: str) -> None:
         client.send_threadsafe({"id": request_id, "text": text})
 
-    future = worker.run(request, sink)
-    # Answered as soon as the worker's answer is read, not after this task resumes.
-    future.add_done_callback(
+    # Answered where the worker's answer is read; nothing waits for it here: a
+    # client that goes away has its workers closed, which aborts the run.
+    worker.run(request, sink).add_done_callback(
         functools.partial(client.answer, request_id, wire=result_to_wire)
     )
-    try:
-        with contextlib.suppress(Exception):  # answered already, error included
-            await asyncio.shield(asyncio.wrap_future(future))
-    except asyncio.CancelledError:
-        worker.abort()  # the client went away mid-run
-        raise
     return ANSWERED
 
 
