@@ -21,6 +21,7 @@ import functools
 import itertools
 import logging
 from pathlib import Path
+import sys
 import threading
 from typing import Any, Final, TypeAlias, TypeGuard
 
@@ -652,10 +653,10 @@ def _start_now(handler: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     A run is then on its way to the worker before the next line is read, with no
     turn of the event loop in between.
     """
-    try:
+    if sys.version_info >= (3, 12):
         return asyncio.Task(handler, eager_start=True)
-    except TypeError:  # Python 3.11: tasks start on the next turn of the loop
-        return asyncio.create_task(handler)
+    else:  # noqa: RET505 (mypy checks each Python's branch only in this form)
+        return asyncio.create_task(handler)  # Python 3.11: on the next turn
 
 
 def merge_text(messages: list[Message]) -> list[Message]:
