@@ -219,17 +219,29 @@ class LanBrowser:
     ) -> None:
         self._changes.put_nowait((name, state_change))
 
-    async def _async_next(self, wanted: ServiceStateChange) -> str:
+    async def _async_next(self, *wanted: ServiceStateChange) -> str:
         async with asyncio.timeout(LOG_TIMEOUT):
             while True:
                 name, change = await self._changes.get()
-                if change is wanted:
+                if change in wanted:
                     return name
 
     async def async_added(self) -> ZeroconfServiceInfo:
         """Wait for the next host announced; return what HA's zeroconf makes of it."""
+        return await self._async_info(await self._async_next(ServiceStateChange.Added))
+
+    async def async_announced_at(self, address: str) -> ZeroconfServiceInfo:
+        """Wait for a host announced (new or updated: HA's zeroconf takes both) at address."""
+        async with asyncio.timeout(LOG_TIMEOUT):
+            while True:
+                name = await self._async_next(
+                    ServiceStateChange.Added, ServiceStateChange.Updated
+                )
+                if str((info := await self._async_info(name)).ip_address) == address:
+                    return info
+
+    async def _async_info(self, name: str) -> ZeroconfServiceInfo:
         assert self._zeroconf is not None
-        name = await self._async_next(ServiceStateChange.Added)
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         assert await info.async_request(self._zeroconf.zeroconf, 3000), name
         found = info_from_service(info)

@@ -125,21 +125,17 @@ class Board:
 
     def move(self) -> None:
         """Give the board another address on its subnet (as a new DHCP lease would)."""
-        ip(
-            "-n",
-            self.namespace,
-            "addr",
-            "del",
-            f"{self.address}/24",
-            "dev",
-            self.device,
-        )
+        self.set_address(present=False)
         self.host_number = 5 - self.host_number
+        self.set_address(present=True)
+
+    def set_address(self, *, present: bool) -> None:
+        """Take the board's address away (no lease yet) or give it back."""
         ip(
             "-n",
             self.namespace,
             "addr",
-            "add",
+            "add" if present else "del",
             f"{self.address}/24",
             "dev",
             self.device,
@@ -292,7 +288,7 @@ def _assign_subnet(board: Board) -> None:
         used = {int(n) for n in _SUBNET.findall(ip("-4", "addr"))}
         board.index = next(n for n in range(1, 255) if n not in used)
         ip("addr", "add", f"{board.root_address}/24", "dev", board.root_device)
-    ip("-n", board.namespace, "addr", "add", f"{board.address}/24", "dev", board.device)
+    board.set_address(present=True)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ its zeroconf integration hands over, against real hosts (the board's Python);
 the last test takes that info from a host's real announcement on a test LAN.
 """
 
+import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from functools import partial
 from ipaddress import ip_address
 import os
@@ -13,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_homeassistant_custom_component.common import MockConfigEntry
+from pytest_homeassistant_custom_component.common import (
+    MockConfigEntry,
+    async_fire_time_changed,
+)
 
 from custom_components.rockchip_llm.const import (
     CONF_HOST_ADDRESS,
@@ -28,6 +33,7 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+from homeassistant.util import dt as dt_util
 
 from .board_host import LanBrowser, start_board_host
 from .conftest import model_text
@@ -395,4 +401,43 @@ async def test_a_host_announced_on_the_lan_is_set_up_from_its_announcement(
     assert entry.unique_id == info.properties["id"] == host.identity
     assert entry.data[CONF_HOST_ADDRESS] == f"{board.address}:7823"
     assert result["title"] == "Rockchip LLM (board-a)"
+    assert await converse(hass, "Hello") == "Hello from the simulator."
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+async def test_a_board_with_a_new_lease_is_followed_from_its_announcement(
+    hass: HomeAssistant, ha_base: None, hass_lan: Lan, tmp_path: Path
+) -> None:
+    """The board's address changed: its new announcement moves the entry, which answers."""
+    board = await hass.async_add_executor_job(hass_lan.add_board)
+    async with LanBrowser(board.root_address) as browser:
+        host = await hass.async_add_executor_job(
+            partial(
+                start_board_host,
+                board,
+                tmp_path / "a",
+                hostname="board-a",
+                model_text=model_text(),
+            )
+        )
+        entry = (
+            await set_up_discovered(hass, await browser.async_added(), host.pairing_key)
+        )["result"]
+        assert await converse(hass, "Hello") == "Hello from the simulator."
+        await hass.async_add_executor_job(board.move)
+        moved = await browser.async_announced_at(board.address)
+
+    result = await discover(hass, moved)
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "host_already_configured"
+    assert entry.data[CONF_HOST_ADDRESS] == f"{board.address}:7823"
+    for _tenth in range(300):  # real time: the set-up talks to the board
+        if entry.state is ConfigEntryState.LOADED:
+            break
+        if entry.state is ConfigEntryState.SETUP_RETRY:
+            # The link had gone silent and its set-up was trying the old address
+            # when the announcement came (HA reloads only a loaded or retrying
+            # entry): the next retry, due in seconds, takes the new one.
+            async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=10))
+        await asyncio.sleep(0.1)
     assert await converse(hass, "Hello") == "Hello from the simulator."

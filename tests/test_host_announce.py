@@ -113,6 +113,56 @@ async def test_the_identity_stays_across_restarts(
     assert again.properties["id"] == first.properties["id"] == restarted.identity
 
 
+async def test_a_host_whose_board_moved_is_announced_at_its_new_address(
+    board_lan: Lan, tmp_path: Path
+) -> None:
+    """A new DHCP lease: the host is announced again, at its new address."""
+    board = board_lan.add_board()
+    async with LanBrowser(board.root_address) as browser:
+        host = await asyncio.to_thread(
+            start_board_host,
+            board,
+            tmp_path / "a",
+            hostname="board-a",
+            model_text=model_text(),
+        )
+        first = await browser.async_added()
+        old_address = board.address
+        assert str(first.ip_address) == old_address
+        await asyncio.to_thread(board.move)
+        moved = await browser.async_announced_at(board.address)
+    assert board.address != old_address
+    assert moved.name == first.name
+    assert moved.properties["id"] == host.identity
+    assert (await asyncio.to_thread(greet, host))["hostname"] == "board-a"
+    await asyncio.to_thread(
+        host.wait_log, f"This machine's addresses changed ({old_address} before)"
+    )
+
+
+async def test_a_host_started_before_the_network_is_announced_once_it_is_up(
+    board_lan: Lan, tmp_path: Path
+) -> None:
+    """No address at the start (a service that came up first): announced later."""
+    board = board_lan.add_board()
+    board.set_address(present=False)
+    async with LanBrowser(board.root_address) as browser:
+        host = await asyncio.to_thread(
+            start_board_host,
+            board,
+            tmp_path / "a",
+            hostname="board-a",
+            model_text=model_text(),
+        )
+        await asyncio.to_thread(host.wait_log, "Discovery waits: this machine has no")
+        board.set_address(present=True)
+        info = await browser.async_added()
+    assert str(info.ip_address) == board.address
+    assert info.properties["id"] == host.identity
+    assert (await asyncio.to_thread(greet, host))["hostname"] == "board-a"
+    assert "Discovery is off" not in host.log_text()
+
+
 def test_a_host_without_zeroconf_is_reached_at_its_address(
     board_lan: Lan, tmp_path: Path
 ) -> None:

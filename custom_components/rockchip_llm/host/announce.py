@@ -7,7 +7,9 @@ address. The host runs with ``-S``, so the interpreter's site-packages are not o
 the path; zeroconf is imported from there (only it, and what it imports).
 """
 
+import asyncio
 from collections.abc import Iterable
+import contextlib
 import ipaddress
 import logging
 import os
@@ -25,6 +27,8 @@ ZEROCONF_PATH_ENV: Final = "ROCKCHIP_LLM_ZEROCONF_PATH"
 """A folder with zeroconf for the host's Python, instead of its site-packages (tests)."""
 _MAX_LABEL_BYTES: Final = 63
 """The longest DNS label: the service's instance name."""
+ADDRESS_CHECK_S: Final = 10.0
+"""How often a host on a wildcard address reads the machine's addresses again."""
 
 Address: TypeAlias = tuple[Any, ...]
 """A listening socket's address, as getsockname() gives it."""
@@ -91,13 +95,25 @@ def announced_addresses(
 
 
 class Announcer:
-    """The host's announcement, from start() until close()."""
+    """The host's announcement, from start() until close().
+
+    A host listening on a wildcard address follows the machine's addresses: it is
+    announced again at the new ones after a new DHCP lease, and once the network
+    is up when it started before (checked every ADDRESS_CHECK_S).
+    """
 
     def __init__(self, identity: str, name: str) -> None:
         """Announce the host of this identity under this name."""
         self.identity = identity
         self.name = name
+        self.addresses: list[str] = []
+        """The addresses announced now (none: not announced)."""
+        self._listening: list[Address] = []
+        self._wanted: list[str] = []
+        """The addresses last found: announced, or the announcement failed."""
+        self._zeroconf_module: ModuleType | None = None
         self._zeroconf: Any = None
+        self._following: asyncio.Task[None] | None = None
 
     async def async_start(self, listening: list[Address]) -> bool:
         """Announce the host at the addresses it listens on; False where it is not.
@@ -112,21 +128,89 @@ class Announcer:
                 "apt install python3-zeroconf); give Home Assistant the address"
             )
             return False
-        addresses = announced_addresses(
-            listening,
-            [*zeroconf.get_all_addresses(), *_v6(zeroconf.get_all_addresses_v6())],
+        self._zeroconf_module, self._listening = zeroconf, listening
+        addresses = self._wanted = await self._async_reachable_addresses()
+        wildcard = any(
+            ipaddress.ip_address(str(sockname[0])).is_unspecified
+            for sockname in listening
         )
+        if wildcard:
+            self._following = asyncio.create_task(self._async_follow_addresses())
         if not addresses:
-            _LOGGER.info(
-                "Discovery is off: the host listens on %s only, which no other "
-                "machine reaches (--tcp 0.0.0.0 or the board's address to be found)",
-                ", ".join(str(sockname[0]) for sockname in listening),
-            )
+            if wildcard:
+                _LOGGER.info(
+                    "Discovery waits: this machine has no address another machine "
+                    "reaches yet; the host is announced once it has one"
+                )
+            else:
+                _LOGGER.info(
+                    "Discovery is off: the host listens on %s only, which no other "
+                    "machine reaches (--tcp 0.0.0.0 or the board's address to be "
+                    "found)",
+                    ", ".join(str(sockname[0]) for sockname in listening),
+                )
             return False
+        return await self._async_announce(addresses)
+
+    async def async_close(self) -> None:
+        """Withdraw the announcement (goodbye packets) and stop answering queries."""
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
+            self._following = None
+        await self._async_withdraw()
+
+    async def _async_reachable_addresses(self) -> list[str]:
+        """Return the addresses listened on that others reach (read off the loop)."""
+        zeroconf = self._zeroconf_module
+        assert zeroconf is not None
+
+        def machine_addresses() -> list[str]:
+            return [
+                *zeroconf.get_all_addresses(),
+                *_v6(zeroconf.get_all_addresses_v6()),
+            ]
+
+        loop = asyncio.get_running_loop()
+        machine = await loop.run_in_executor(None, machine_addresses)
+        return announced_addresses(self._listening, machine)
+
+    async def _async_follow_addresses(self) -> None:
+        """Announce the host again whenever the machine's addresses change."""
+        while True:
+            await asyncio.sleep(ADDRESS_CHECK_S)
+            try:
+                addresses = await self._async_reachable_addresses()
+            except OSError as err:
+                _LOGGER.warning("Could not read this machine's addresses: %s", err)
+                continue
+            if addresses == self._wanted:
+                continue  # (a failed announcement is not tried again for nothing)
+            self._wanted = addresses
+            if self.addresses:
+                _LOGGER.info(
+                    "This machine's addresses changed (%s before)",
+                    ", ".join(self.addresses),
+                )
+            # A new AsyncZeroconf: the old one only sends on the addresses of its start.
+            await self._async_withdraw()
+            if addresses:
+                await self._async_announce(addresses)
+            else:
+                _LOGGER.info(
+                    "Discovery waits: this machine has no address another machine "
+                    "reaches now; the host is announced again once it has one"
+                )
+
+    async def _async_announce(self, addresses: list[str]) -> bool:
+        """Register the service at these addresses; False (logged) where it fails."""
+        zeroconf = self._zeroconf_module
+        assert zeroconf is not None
         info = zeroconf.ServiceInfo(
             SERVICE_TYPE,
             f"{_instance_name(self.name)}.{SERVICE_TYPE}",
-            port=int(listening[0][1]),
+            port=int(self._listening[0][1]),
             properties=properties(self.identity, self.name),
             server=f"rockchip-llm-{self.identity.rpartition(':')[2][:12]}.local.",
             parsed_addresses=addresses,
@@ -144,15 +228,17 @@ class Announcer:
                 "Assistant the address",
                 err,
             )
-            await self.async_close()
+            await self._async_withdraw()
             return False
+        self.addresses = addresses
         _LOGGER.info(
             "Announced as %r (%s) at %s", info.name, SERVICE_TYPE, ", ".join(addresses)
         )
         return True
 
-    async def async_close(self) -> None:
-        """Withdraw the announcement (goodbye packets) and stop answering queries."""
+    async def _async_withdraw(self) -> None:
+        """Say goodbye at the announced addresses and close the responder."""
+        self.addresses = []
         if self._zeroconf is not None:
             zeroconf, self._zeroconf = self._zeroconf, None
             await zeroconf.async_close()
