@@ -398,3 +398,42 @@ async def test_host_not_reachable_at_start(
     assert entry.state is ConfigEntryState.SETUP_RETRY
     assert str(nobody) in (entry.reason or "")
     assert "No such file" in (entry.reason or "")
+
+
+@pytest.mark.parametrize("transport", ["tcp"])
+async def test_a_host_that_stalls_during_a_reload_is_connected_again_once(
+    hass: HomeAssistant,
+    host_sockets: None,
+    external_host: ExternalHost,
+    kitchen: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The link goes silent while the reload waits for the host: one set-up, not two.
+
+    (A board's new address does the same: the old link dies during the reload
+    its announcement started.)
+    """
+    entry = await add_entry(hass, external_host)
+    connections = external_host.log.read_text().count(f"/{entry.entry_id} (")
+    assert external_host.pid is not None
+    os.kill(external_host.pid, signal.SIGSTOP)
+    try:
+        reload = hass.async_create_task(
+            hass.config_entries.async_reload(entry.entry_id)
+        )
+        # The unload waits for the stalled host until the heartbeat gives up on it.
+        while entry.state in (
+            ConfigEntryState.LOADED,
+            ConfigEntryState.UNLOAD_IN_PROGRESS,
+        ):
+            await asyncio.sleep(0.05)
+    finally:
+        os.kill(external_host.pid, signal.SIGCONT)
+    assert await reload
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert "The link to the runtime host ended while unloading" in caplog.text
+    assert "Reconnecting to the runtime host" not in caplog.text
+    log = await hass.async_add_executor_job(external_host.log.read_text)
+    assert log.count(f"/{entry.entry_id} (") == connections + 1
+    assert speech(await converse(hass, "turn on the kitchen")) == "Done."

@@ -11,7 +11,7 @@ from homeassistant.components.conversation import (
 from homeassistant.components.homeassistant.exposed_entities import (
     async_listen_entity_updates,
 )
-from homeassistant.config_entries import ConfigEntry, ConfigSubentry
+from homeassistant.config_entries import ConfigEntry, ConfigEntryState, ConfigSubentry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
 from homeassistant.core import Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
@@ -193,7 +193,13 @@ async def async_setup_entry(hass: HomeAssistant, entry: RockchipConfigEntry) -> 
 def _async_host_lost(
     hass: HomeAssistant, entry: RockchipConfigEntry, error: HostLost
 ) -> None:
-    """Set the entry up again: it waits (with backoff) until the host answers."""
+    """Set the entry up again: it waits (with backoff) until the host answers.
+
+    An entry being unloaded (a reload under way) connects anew anyway.
+    """
+    if entry.state is not ConfigEntryState.LOADED:
+        LOGGER.info("The link to the runtime host ended while unloading: %s", error)
+        return
     LOGGER.warning("Reconnecting to the runtime host: %s", error)
     hass.config_entries.async_schedule_reload(entry.entry_id)
 
