@@ -46,6 +46,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--decode-ms=0",
             "--cache-bytes-per-token=64",
             "--overhead-requests=2",
+            "--overhead-rounds=2",
             "--overhead-reply-tokens=20",
             "--worker-repetitions=2",
             "--worker-reply-tokens=20",
@@ -128,6 +129,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     ratio = data["overhead_ms_per_request"] / versus["ha_render_ms"]
     assert abs(data["overhead_ratio_to_ha_render"] - ratio) <= 0.01 + abs(ratio) / 100
     assert versus["targets"] == {"ratio_to_ha_render": 1.0, "us_per_token": 100.0}
+    # Each round's ratio on its own shows how much the machine lets it vary.
+    by_round = versus["ratio_by_round"]
+    assert len(by_round["ratios"]) == 2
+    assert all(isinstance(value, float) for value in by_round["ratios"])
+    assert by_round["min"] <= by_round["median"] <= by_round["max"]
+    assert "The ratio in each of the 2 rounds: " in completed.stdout
+    assert "2 rounds one after the other" in data["conditions"]["overhead_method"]
     # The same in CPU time, which waiting for a CPU on a loaded machine does not add to.
     cpu = versus["cpu"]
     for name in (

@@ -82,6 +82,15 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="tokens of the long reply (default 200)",
     )
     parser.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=5,
+        help=(
+            "rounds of those requests (default 5): the ratio to HA's rendering is "
+            "also given per round, to show how much it varies on this machine"
+        ),
+    )
+    parser.add_argument(
         "--worker-repetitions",
         type=int,
         default=30,
@@ -136,6 +145,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
             parser.error(f"no such directory: {path.resolve().parent}")
     if args.overhead_requests < 1 or args.overhead_reply_tokens < 10:
         parser.error("--overhead-requests must be >= 1, --overhead-reply-tokens >= 10")
+    if args.overhead_rounds < 1:
+        parser.error("--overhead-rounds must be >= 1")
     if args.hash_mb < 1:
         parser.error("--hash-mb must be >= 1")
     if args.worker_repetitions < 1 or args.worker_reply_tokens < 10:
@@ -148,6 +159,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         cache_bytes_per_token=args.cache_bytes_per_token,
         overhead_requests=args.overhead_requests,
         overhead_reply_tokens=args.overhead_reply_tokens,
+        overhead_rounds=args.overhead_rounds,
         worker_repetitions=args.worker_repetitions,
         worker_reply_tokens=args.worker_reply_tokens,
         abi=args.abi,

@@ -90,6 +90,7 @@ def overhead_vs_reference(report: Report) -> dict[str, Any]:
         "ratio_to_ha_render": _round(difference[0] / report.ha_prompt_ms, 2)
         if difference and report.ha_prompt_ms > 0
         else None,
+        "ratio_by_round": _ratio_by_round(report),
         "targets": OVERHEAD_TARGETS,
         "cpu": {
             "ours_minus_reference": fit(cpu.get("ha")),
@@ -110,6 +111,33 @@ def overhead_vs_reference(report: Report) -> dict[str, Any]:
             ),
         },
         "wakeups_per_request": _wakeups(report),
+    }
+
+
+def _ratio_by_round(report: Report) -> dict[str, Any] | None:
+    """Return the wall-time ratio of each round on its own: how much it varies here.
+
+    Each round's overhead (its samples, fitted as the whole) over HA's rendering
+    timed in that round.
+    """
+    if not report.overhead or not report.reference:
+        return None
+    ratios = []
+    for number, render_ms in enumerate(report.ha_prompt_ms_by_round):
+        ours = fit_overhead(
+            [sample for sample in report.overhead if sample.round == number],
+            outside_prefill,
+        )
+        theirs = fit_overhead(
+            [sample for sample in report.reference if sample.round == number],
+            lambda sample: sample.wall_ms,
+        )
+        ratios.append(round((ours[0] - theirs[0]) / render_ms, 2))
+    return {
+        "ratios": ratios,
+        "min": min(ratios),
+        "median": _round(statistics.median(ratios), 2),
+        "max": max(ratios),
     }
 
 
@@ -396,7 +424,9 @@ def to_json(report: Report) -> dict[str, Any]:
             "zero delay it is the time spent in our ctypes callback, which is "
             "integration overhead); overhead = ours - reference; HA's prompt "
             "rendering (ha_render_ms) is timed in the same rounds, after each pair "
-            "of requests, so the ratio compares times taken under the same load"
+            "of requests, so the ratio compares times taken under the same load; "
+            f"{settings.overhead_rounds} rounds one after the other, fitted together "
+            "and each on its own (ratio_by_round)"
         ),
         "overhead_vs_reference": vs_reference,
         "overhead_breakdown_ms_per_request": {
@@ -575,6 +605,12 @@ def print_report(data: dict[str, Any]) -> None:
         f"overhead = {data['overhead_ratio_to_ha_render']} x that; our prefix_from_chat_log "
         f"{conditions['overhead_breakdown_ms_per_request']['ours_prefix_from_chat_log']} ms"
     )
+    if (by_round := versus["ratio_by_round"]) is not None:
+        print(
+            f"The ratio in each of the {len(by_round['ratios'])} rounds: "
+            + ", ".join(f"{ratio:g}" for ratio in by_round["ratios"])
+            + f" (median {by_round['median']:g})"
+        )
     cpu = versus["cpu"]
     print(
         f"In CPU time: overhead {cpu['ours_minus_reference']['ms_per_request']} ms/request "

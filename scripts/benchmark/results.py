@@ -42,6 +42,8 @@ class OverheadSample:
     """CPU time of the worker process during the request."""
     wakeups: dict[str, int] = field(default_factory=dict)
     """Voluntary context switches during the request, by process (ha, host, worker)."""
+    round: int = 0
+    """The round of the overhead phase (--overhead-rounds) the request belongs to."""
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class Report:
     """os.getloadavg() at the "start" and the "end" of the run."""
     ha_prompt_ms: float = 0.0
     ha_prompt_cpu_ms: float = 0.0
+    ha_prompt_ms_by_round: list[float] = field(default_factory=list)
     prefix_ms: float = 0.0
     tool_calls_executed: int = 0
     startup: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -135,7 +135,9 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
             )
 
             _LOGGER.info(
-                "Overhead: %d requests per reply length", settings.overhead_requests
+                "Overhead: %d rounds of %d requests per reply length",
+                settings.overhead_rounds,
+                settings.overhead_requests,
             )
             reference = await async_add_reference(
                 hass,
@@ -143,11 +145,16 @@ async def async_benchmark(settings: Settings, work_dir: Path) -> Report:
                 zero_model_replies(settings.overhead_reply_tokens),
             )
             report.overhead, report.reference, prompts = await async_overhead(
-                hass, zero, reference, settings.overhead_requests
+                hass,
+                zero,
+                reference,
+                settings.overhead_requests,
+                settings.overhead_rounds,
             )
             report.ha_prompt_ms, report.ha_prompt_cpu_ms, report.prefix_ms = (
                 prompts.medians()
             )
+            report.ha_prompt_ms_by_round = prompts.ha_wall_by_round()
             report.tool_calls_executed = len(light_calls)
 
             _LOGGER.info(

@@ -190,6 +190,7 @@ class Settings:
     cache_bytes_per_token: int
     overhead_requests: int
     overhead_reply_tokens: int
+    overhead_rounds: int
     worker_repetitions: int
     worker_reply_tokens: int
     abi: str

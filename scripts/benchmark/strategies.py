@@ -191,6 +191,19 @@ class PromptCosts:
     ha_cpu: list[float] = field(default_factory=list)
     ours: list[float] = field(default_factory=list)
     """agent_prefix.prefix_from_chat_log (the integration: the compact prefix)."""
+    rounds: list[int] = field(default_factory=list)
+    """The round of the overhead phase of each timing."""
+
+    def ha_wall_by_round(self) -> list[float]:
+        """Return the median of HA's wall time in each round, in order."""
+        return [
+            statistics.median(
+                wall
+                for wall, number in zip(self.ha_wall, self.rounds, strict=True)
+                if number == round_number
+            )
+            for round_number in sorted(set(self.rounds))
+        ]
 
     def medians(self) -> tuple[float, float, float]:
         """Return the medians: HA's wall and CPU time, ours."""
@@ -202,13 +215,18 @@ class PromptCosts:
 
 
 async def async_overhead(
-    hass: HomeAssistant, agent: BenchAgent, reference: ReferenceAgent, requests: int
+    hass: HomeAssistant,
+    agent: BenchAgent,
+    reference: ReferenceAgent,
+    requests: int,
+    rounds: int,
 ) -> tuple[list[OverheadSample], list[OverheadSample], PromptCosts]:
     """Zero-delay requests to ours and to the reference agent, and HA's rendering, taking turns.
 
     Each alternates a 2-token and a long reply, in new conversations; ours, the
     reference and a rendering of the prompt take turns request by request, so load
     from elsewhere and a machine that speeds up or slows down hit all three alike.
+    The samples of each of the rounds are marked with its number.
     """
     ours: list[OverheadSample] = []
     theirs: list[OverheadSample] = []
@@ -217,38 +235,42 @@ async def async_overhead(
     # The reference runs no model: the runtime's figures of its requests are none.
     bare = BenchAgent(agent.entry, reference.entity_id)
     processes = agent_processes(agent.entry)
-    for index in range(-4, 2 * requests):
-        text = "long request" if index % 2 else "short request"
-        for into, asked in ((ours, agent), (theirs, bare)):
-            before = {name: process_use(pid) for name, pid in processes.items()}
-            cpu = time.process_time()
-            _conversation_id, result = await async_converse_timed(
-                hass, asked, text, None
-            )
-            cpu = time.process_time() - cpu
-            after = {name: process_use(pid) for name, pid in processes.items()}
-            if index < 0:
-                continue  # warm-up
-            into.append(
-                OverheadSample(
-                    wall_ms=result.wall_ms,
-                    ttft_ms=result.ttft_ms,
-                    prefill_ms=result.prefill_ms,
-                    generate_ms=result.generate_ms,
-                    generate_tokens=result.generate_tokens
-                    if asked is agent
-                    else len(reference.replies[text]),
-                    cpu_ms=cpu * 1000,
-                    host_cpu_ms=after["host"].cpu_ms - before["host"].cpu_ms,
-                    worker_cpu_ms=after["worker"].cpu_ms - before["worker"].cpu_ms,
-                    wakeups={
-                        name: after[name].wakeups - before[name].wakeups
-                        for name in processes
-                    },
+    for number in range(rounds):
+        # A warm-up before the first round only.
+        for index in range(-4 if number == 0 else 0, 2 * requests):
+            text = "long request" if index % 2 else "short request"
+            for into, asked in ((ours, agent), (theirs, bare)):
+                before = {name: process_use(pid) for name, pid in processes.items()}
+                cpu = time.process_time()
+                _conversation_id, result = await async_converse_timed(
+                    hass, asked, text, None
                 )
-            )
-        if index >= 0:
-            await _async_time_prompt(hass, options, prompts)
+                cpu = time.process_time() - cpu
+                after = {name: process_use(pid) for name, pid in processes.items()}
+                if index < 0:
+                    continue
+                into.append(
+                    OverheadSample(
+                        wall_ms=result.wall_ms,
+                        ttft_ms=result.ttft_ms,
+                        prefill_ms=result.prefill_ms,
+                        generate_ms=result.generate_ms,
+                        generate_tokens=result.generate_tokens
+                        if asked is agent
+                        else len(reference.replies[text]),
+                        cpu_ms=cpu * 1000,
+                        host_cpu_ms=after["host"].cpu_ms - before["host"].cpu_ms,
+                        worker_cpu_ms=after["worker"].cpu_ms - before["worker"].cpu_ms,
+                        wakeups={
+                            name: after[name].wakeups - before[name].wakeups
+                            for name in processes
+                        },
+                        round=number,
+                    )
+                )
+            if index >= 0:
+                await _async_time_prompt(hass, options, prompts)
+                prompts.rounds.append(number)
     return ours, theirs, prompts
 
 
