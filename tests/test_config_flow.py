@@ -2,6 +2,7 @@
 
 from collections.abc import Generator
 from pathlib import Path
+import re
 import shutil
 import struct
 from typing import Any
@@ -223,6 +224,11 @@ async def test_full_flow(
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "model"
     assert schema_values(result, "default") == {CONF_MODEL: "Beta"}
+    # The step names the runtime it found: here the simulator, and says so.
+    facts = result["description_placeholders"]
+    assert re.fullmatch(
+        r"1\.[23]\.\d \(the simulator, no NPU\)", facts["runtime_version"]
+    )
     # The simulator's model files are tiny text files: no size, but the truth.
     options = select_options(result, CONF_MODEL)
     assert options == [

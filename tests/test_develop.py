@@ -24,6 +24,8 @@ from .conftest import REPO
 
 START_TIMEOUT_S = 180
 """Home Assistant's first start on a loaded CI machine."""
+NPU_LIBRARIES = ("/usr/lib/librkllmrt.so", "/usr/local/lib/librkllmrt.so")
+"""Where scripts/develop looks for Rockchip's runtime before it takes the simulator."""
 
 
 def _free_port() -> int:
@@ -149,6 +151,16 @@ def test_develop_port_loopback_and_restart(instance: _Instance) -> None:
     instance.onboard()
     instance.wait(instance.running, "Home Assistant to start")
     assert _listeners(instance.port) == {"0100007F"}  # 127.0.0.1, nothing else
+    # Without an NPU library, a config folder of its own gets the simulated demo
+    # model where the simulator's form looks for it.
+    if not any(Path(path).exists() for path in NPU_LIBRARIES):
+        demo = "rkllm/models/Qwen3 Demo (SIMULATED)/qwen3-demo-simulated.rkllm"
+        assert (instance.config / demo).read_bytes() == (
+            REPO / "config" / demo
+        ).read_bytes()
+        assert (
+            "[develop] copied the simulated demo model into" in instance.log.read_text()
+        )
 
     instance.request("POST", "/api/services/homeassistant/restart", {})
     instance.wait(lambda: not instance.running(), "Home Assistant to stop")

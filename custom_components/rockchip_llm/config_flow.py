@@ -111,9 +111,13 @@ def _host_facts(host: RuntimeHost) -> dict[str, str]:
     """Return what the host reports, for the model step's description."""
     runtime = host.runtime
     board = host.board
+    version = runtime.version if runtime else "?"
     return {
         "host": host.where,
-        "runtime_version": runtime.version if runtime else "?",
+        # The simulator stands in for it: said where the runtime is named.
+        "runtime_version": f"{version} (the simulator, no NPU)"
+        if host.simulated
+        else version,
         "soc": str(board.get("soc") or "").upper() or "an unknown SoC",
         "npu_driver": str(board.get("npu_driver_version") or "of unknown version"),
     }
