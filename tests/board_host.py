@@ -8,6 +8,7 @@ for its Python; the test (Home Assistant) reaches it at the board's address.
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 import os
 from pathlib import Path
 import select
@@ -150,6 +151,17 @@ def start_board_host(
     )
 
 
+async def async_start_board_host(
+    board: Board, folder: Path, *, hostname: str, model_text: str
+) -> BoardHost:
+    """Start a host on the board (start_board_host), off the event loop."""
+    return await asyncio.to_thread(
+        partial(
+            start_board_host, board, folder, hostname=hostname, model_text=model_text
+        )
+    )
+
+
 def _wait_listening(process: subprocess.Popen[bytes], log: Path) -> dict[str, str]:
     """Wait for "listening on"; return what the host printed before (identity, key).
 
@@ -247,6 +259,15 @@ class LanBrowser:
         found = info_from_service(info)
         assert found is not None, info
         return found
+
+    async def async_start_host(
+        self, board: Board, folder: Path, *, hostname: str, model_text: str
+    ) -> tuple[BoardHost, ZeroconfServiceInfo]:
+        """Start a host on the board; return it with its announcement as HA reads it."""
+        host = await async_start_board_host(
+            board, folder, hostname=hostname, model_text=model_text
+        )
+        return host, await self.async_added()
 
     async def async_removed(self) -> str:
         """Wait for a host to withdraw its announcement; return its name."""

@@ -35,7 +35,7 @@ from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from homeassistant.util import dt as dt_util
 
-from .board_host import LanBrowser, start_board_host
+from .board_host import LanBrowser
 from .conftest import model_text
 from .host_process import HostProcess, start_host, stop_host
 from .lan import Lan
@@ -386,16 +386,9 @@ async def test_a_host_announced_on_the_lan_is_set_up_from_its_announcement(
     """The board's real announcement, read by HA's zeroconf code, sets it up."""
     board = await hass.async_add_executor_job(hass_lan.add_board)
     async with LanBrowser(board.root_address) as browser:
-        host = await hass.async_add_executor_job(
-            partial(
-                start_board_host,
-                board,
-                tmp_path / "a",
-                hostname="board-a",
-                model_text=model_text(),
-            )
+        host, info = await browser.async_start_host(
+            board, tmp_path / "a", hostname="board-a", model_text=model_text()
         )
-        info = await browser.async_added()
     result = await set_up_discovered(hass, info, host.pairing_key)
     entry = result["result"]
     assert entry.unique_id == info.properties["id"] == host.identity
@@ -411,18 +404,10 @@ async def test_a_board_with_a_new_lease_is_followed_from_its_announcement(
     """The board's address changed: its new announcement moves the entry, which answers."""
     board = await hass.async_add_executor_job(hass_lan.add_board)
     async with LanBrowser(board.root_address) as browser:
-        host = await hass.async_add_executor_job(
-            partial(
-                start_board_host,
-                board,
-                tmp_path / "a",
-                hostname="board-a",
-                model_text=model_text(),
-            )
+        host, info = await browser.async_start_host(
+            board, tmp_path / "a", hostname="board-a", model_text=model_text()
         )
-        entry = (
-            await set_up_discovered(hass, await browser.async_added(), host.pairing_key)
-        )["result"]
+        entry = (await set_up_discovered(hass, info, host.pairing_key))["result"]
         assert await converse(hass, "Hello") == "Hello from the simulator."
         await hass.async_add_executor_job(board.move)
         moved = await browser.async_announced_at(board.address)

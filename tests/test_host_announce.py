@@ -26,7 +26,7 @@ from custom_components.rockchip_llm.host.version import (
     PROTOCOL_VERSION,
 )
 
-from .board_host import BoardHost, LanBrowser, start_board_host
+from .board_host import BoardHost, LanBrowser, async_start_board_host, start_board_host
 from .conftest import model_text
 from .host_process import (
     RawClient,
@@ -67,14 +67,9 @@ async def test_a_host_on_the_lan_is_found_as_home_assistant_sees_it(
     """The TXT record names the host; its address and port are the board's."""
     board = board_lan.add_board()
     async with LanBrowser(board.root_address) as browser:
-        host = await asyncio.to_thread(
-            start_board_host,
-            board,
-            tmp_path / "a",
-            hostname="board-a",
-            model_text=model_text(),
+        host, info = await browser.async_start_host(
+            board, tmp_path / "a", hostname="board-a", model_text=model_text()
         )
-        info = await browser.async_added()
         assert str(info.ip_address) == board.address
         assert info.port == DEFAULT_PORT
         assert info.type == SERVICE_TYPE
@@ -119,14 +114,9 @@ async def test_a_host_whose_board_moved_is_announced_at_its_new_address(
     """A new DHCP lease: the host is announced again, at its new address."""
     board = board_lan.add_board()
     async with LanBrowser(board.root_address) as browser:
-        host = await asyncio.to_thread(
-            start_board_host,
-            board,
-            tmp_path / "a",
-            hostname="board-a",
-            model_text=model_text(),
+        host, first = await browser.async_start_host(
+            board, tmp_path / "a", hostname="board-a", model_text=model_text()
         )
-        first = await browser.async_added()
         old_address = board.address
         assert str(first.ip_address) == old_address
         await asyncio.to_thread(board.move)
@@ -147,12 +137,8 @@ async def test_a_host_started_before_the_network_is_announced_once_it_is_up(
     board = board_lan.add_board()
     board.set_address(present=False)
     async with LanBrowser(board.root_address) as browser:
-        host = await asyncio.to_thread(
-            start_board_host,
-            board,
-            tmp_path / "a",
-            hostname="board-a",
-            model_text=model_text(),
+        host = await async_start_board_host(
+            board, tmp_path / "a", hostname="board-a", model_text=model_text()
         )
         await asyncio.to_thread(host.wait_log, "Discovery waits: this machine has no")
         board.set_address(present=True)
