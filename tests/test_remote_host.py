@@ -271,7 +271,7 @@ async def add_entry(hass: HomeAssistant, host: ExternalHost) -> MockConfigEntry:
     assert result["step_id"] == "model"
     placeholders = result["description_placeholders"]
     assert placeholders["host"] == host.where
-    assert placeholders["runtime_version"] == "1.3.0"
+    assert placeholders["runtime_version"] == "1.3.0 (the simulator, no NPU)"
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], {"model": "Qwen3 Sim"}
     )
