@@ -195,9 +195,10 @@ def _async_host_lost(
 ) -> None:
     """Set the entry up again: it waits (with backoff) until the host answers.
 
-    An entry being unloaded (a reload under way) connects anew anyway.
+    An entry being unloaded (a reload under way) connects anew anyway; one being
+    set up is reloaded once its set-up ends, as a loaded one.
     """
-    if entry.state is not ConfigEntryState.LOADED:
+    if entry.state is ConfigEntryState.UNLOAD_IN_PROGRESS:
         LOGGER.info("The link to the runtime host ended while unloading: %s", error)
         return
     LOGGER.warning("Reconnecting to the runtime host: %s", error)
