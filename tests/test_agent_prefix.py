@@ -16,7 +16,7 @@ from custom_components.rockchip_llm.agent_prefix import (
 from custom_components.rockchip_llm.ha_compat import vol
 from homeassistant.const import CONF_LLM_HASS_API
 from homeassistant.core import HomeAssistant
-from homeassistant.helpers import llm
+from homeassistant.helpers import llm, template
 
 from .conftest import REPO, EntryFactory, last_run_record
 from .test_conversation import converse, model_session
@@ -180,6 +180,11 @@ async def test_agent_without_api_keeps_time_out_of_the_cache(
     freezer.tick(61)
     await converse(hass, "hello again")
     await hass.async_block_till_done()
+    # The follow-up started before HA rendered its prompt, with HA's own line.
+    rendered = template.Template(llm.DATE_TIME_PROMPT, hass).async_render(
+        parse_result=False
+    )
+    assert split_volatile(rendered)[1] in last_run_record(entry)["prompt"]
     assert (loaded._held.prefix_key or "").startswith(agent.system_cache.prefix.key)  # type: ignore[union-attr]
     assert agent.system_cache.cache is cache_before
     assert all(run.cache == cache_before.name for run in loaded.recent)

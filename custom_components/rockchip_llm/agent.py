@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from homeassistant.core import HomeAssistant
+from homeassistant.util import dt as dt_util
 
+from .agent_prefix import date_time_line, remember
 from .const import (
     AGENT_OPTION_DEFAULTS,
     CONF_ENABLE_THINKING,
@@ -26,12 +28,16 @@ from .const import (
     SYSTEM_CACHE_NAME,
     HistoryStrategy,
 )
+from .early_turn import EarlyTurn
 from .history_strategy import HistoryStrategyGuard
 from .host.rkllm.runtime import Sampling
 from .run_planner import MIN_REPLY_TOKENS, SystemPrefix
 from .session import ModelSession
 from .system_cache import SystemCacheKeeper
-from .turn import Conversation, ReplyOptions
+from .turn import Conversation, MessageSource, ReplyOptions
+
+_EXPECTED = 16
+"""Devices whose next request's prefix an agent expects (the most recent ones)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,19 +126,73 @@ class Agent:
             else None
         )
         """The system prompt cache a conversation agent keeps (None: AI Task)."""
+        self._expected: dict[str | None, tuple[SystemPrefix, bool]] = {}
+        """By device, the prefix its last request carried and whether it was timed."""
 
     @property
     def chat(self) -> bool:
         """Whether this is a conversation agent."""
         return self.system_cache is not None
 
+    def start_turn_early(
+        self, device_id: str | None, messages: MessageSource
+    ) -> EarlyTurn | None:
+        """Start a turn with the prefix device_id's last request carried, if any.
+
+        Called before Home Assistant renders the request's prompt (early_turn.py).
+        Only a model that is idle with that prefix starts: a guess never costs it
+        work (another prefix, a cache to load) the turn would not do.
+        """
+        expected = self._expected.get(device_id)
+        if expected is None:
+            return None
+        prefix, timed = expected
+        if not self.session.holds(prefix, thinking=self.settings.enable_thinking):
+            return None
+        return EarlyTurn(
+            self.session.async_conversation(
+                prefix, self._reply_options(), self.history
+            ),
+            prefix.key,
+            messages,
+            date_time_line(dt_util.now()) if timed else "",
+        )
+
     @contextlib.asynccontextmanager
-    async def async_conversation(
-        self, prefix: SystemPrefix
-    ) -> AsyncIterator[Conversation]:
-        """Hold the model for one turn with prefix; a prefix without a cache gets one."""
+    async def async_turn(
+        self,
+        prefix: SystemPrefix,
+        *,
+        volatile: str = "",
+        device_id: str | None = None,
+        early: EarlyTurn | None = None,
+    ) -> AsyncIterator[tuple[Conversation, AsyncIterator[str] | None]]:
+        """Hold the model for a turn with prefix: the conversation and a started reply.
+
+        The early turn is taken over when it has prefix (its reply is the turn's
+        first), else ended. A conversation agent expects the next request of
+        device_id to carry prefix and volatile's kind again.
+        """
+        if self.chat:
+            remember(self._expected, device_id, (prefix, bool(volatile)), _EXPECTED)
+        taken = await early.async_take(prefix.key) if early is not None else None
+        if taken is None:
+            async with self.async_conversation(prefix) as conversation:
+                yield conversation, None
+            return
+        assert early is not None
+        conversation, reply = taken
+        self._seen(prefix, conversation)
+        try:
+            yield conversation, reply
+        except BaseException as err:
+            await early.async_end(err)
+            raise
+        await early.async_end()
+
+    def _reply_options(self) -> ReplyOptions:
         settings = self.settings
-        options = ReplyOptions(
+        return ReplyOptions(
             agent=self.subentry_id,
             max_context_len=settings.max_context_len,
             max_new_tokens=settings.max_new_tokens,
@@ -143,12 +203,21 @@ class Agent:
             # its identical leading tokens.
             fallback_cache=self.system_cache.cache if self.system_cache else None,
         )
+
+    @contextlib.asynccontextmanager
+    async def async_conversation(
+        self, prefix: SystemPrefix
+    ) -> AsyncIterator[Conversation]:
+        """Hold the model for one turn with prefix; a prefix without a cache gets one."""
         async with self.session.async_conversation(
-            prefix, options, self.history
+            prefix, self._reply_options(), self.history
         ) as conversation:
-            if self.system_cache is not None:
-                self.system_cache.prefix_seen(prefix, cached=conversation.prefix_cached)
+            self._seen(prefix, conversation)
             yield conversation
+
+    def _seen(self, prefix: SystemPrefix, conversation: Conversation) -> None:
+        if self.system_cache is not None:
+            self.system_cache.prefix_seen(prefix, cached=conversation.prefix_cached)
 
     def shutdown(self) -> None:
         """Cancel a pending cache rebuild."""

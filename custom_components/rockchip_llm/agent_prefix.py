@@ -8,6 +8,7 @@ chat log's prompt and the tools the agent offers (offer_tools).
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import contextlib
 import dataclasses
+from datetime import datetime
 import re
 from typing import Any
 
@@ -35,6 +36,11 @@ _DATE_TIME_LINE = re.compile(
     re.MULTILINE,
 )
 _DATE_TIME_START = "Current time is "
+
+
+def date_time_line(now: datetime) -> str:
+    """Return the date-time line HA renders at now, as split_volatile returns it."""
+    return f"Current time is {now:%H:%M:%S}. Today's date is {now:%Y-%m-%d}."
 
 
 def tool_specs(
@@ -90,9 +96,10 @@ def _identity_key(
     return tuple(parts)
 
 
-def _remember[K, V](cache: dict[K, V], key: K, value: V) -> V:
+def remember[K, V](cache: dict[K, V], key: K, value: V, size: int = _COMPACT_SIZE) -> V:
     """Store value under key, forgetting the oldest entry of a full cache."""
-    if len(cache) >= _COMPACT_SIZE:
+    cache.pop(key, None)
+    if len(cache) >= size:
         cache.pop(next(iter(cache)))
     cache[key] = value
     return value
@@ -125,12 +132,12 @@ def compact(
             tool_specs(tools, llm_api.custom_serializer) if llm_api is not None else []
         )
         result = compact_prefix(prompt, specs, device_list=device_list)
-        cached = _remember(
+        cached = remember(
             _COMPACT,
             key,
             (result, SystemPrefix(prompt=result.prompt, tools_json=result.tools_json)),
         )
-    return _remember(_BY_IDENTITY, identity, cached)
+    return remember(_BY_IDENTITY, identity, cached)
 
 
 def canonical_schema(value: Any) -> Any:

@@ -84,7 +84,13 @@ class RockchipConversationEntity(
         """Answer one user message (an agent that cannot answer says why)."""
         refuse_nul(user_input.text, "message")
         self.check_can_answer()
-        system_cache = self.agent.system_cache
+        agent = self.agent
+        system_cache = agent.system_cache
+        # The model starts on the message while Home Assistant renders the prompt.
+        early = agent.start_turn_early(
+            user_input.device_id, self.chat_messages(chat_log)
+        )
+        rendered = False
         try:
             await async_provide_llm_data(
                 chat_log,
@@ -93,9 +99,15 @@ class RockchipConversationEntity(
                 user_input.extra_system_prompt,
                 system_cache.trim if system_cache else 0,
             )
+            rendered = True
         except conversation.ConverseError as err:
             return err.as_conversation_result()
-        await self._async_handle_chat_log(chat_log)
+        finally:
+            if not rendered and early is not None:
+                await early.async_end()
+        await self._async_handle_chat_log(
+            chat_log, device_id=user_input.device_id, early=early
+        )
         result = conversation.async_get_result_from_chat_log(user_input, chat_log)
         if only_invalid_tool_calls(chat_log):
             # No action was taken: the answer must not claim one (action_done).

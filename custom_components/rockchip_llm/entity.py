@@ -17,6 +17,7 @@ from .agent import Agent
 from .agent_prefix import prefix_from_chat_log
 from .agent_state import AgentFailure
 from .const import CONF_MODEL, DOMAIN, LOGGER, MAX_TOOL_ITERATIONS
+from .early_turn import EarlyTurn
 from .errors import generation_failed
 from .ha_compat import tool_error_delta, tool_result_data, via_device
 from .host.rkllm.errors import RKLLMError
@@ -30,6 +31,7 @@ from .stream_parser import (
     ThinkingPiece,
     ToolCallError,
 )
+from .turn import MessageSource
 
 INVALID_TOOL_CALL = "invalid_tool_call"
 
@@ -251,12 +253,22 @@ class RockchipLLMBaseEntity(AgentEntity):
         if (failure := self.failure) is not None:
             raise failure.answer(self.subentry.title, self.subentry.data[CONF_MODEL])
 
+    def chat_messages(self, chat_log: conversation.ChatLog) -> MessageSource:
+        """Return the source of the chat log's messages as this agent's model sees them."""
+        return lambda: messages_from_chat_log(chat_log, self.entity_id)
+
     async def _async_handle_chat_log(
-        self, chat_log: conversation.ChatLog, instructions: str | None = None
+        self,
+        chat_log: conversation.ChatLog,
+        instructions: str | None = None,
+        *,
+        device_id: str | None = None,
+        early: EarlyTurn | None = None,
     ) -> None:
         """Answer the chat log, running tools until the model is done.
 
-        instructions, when given, are appended to the input of the first run.
+        instructions, when given, are appended to the input of the first run;
+        early is the turn started before the prompt was rendered, for device_id.
         """
         agent = self.agent
         trim = agent.system_cache.trim if agent.system_cache else 0
@@ -267,13 +279,16 @@ class RockchipLLMBaseEntity(AgentEntity):
             else set()
         )
         try:
-            async with agent.async_conversation(prefix) as conversation:
+            async with agent.async_turn(
+                prefix, volatile=volatile, device_id=device_id, early=early
+            ) as (conversation, started):
                 for _iteration in range(MAX_TOOL_ITERATIONS):
-                    reply = conversation.reply(
-                        lambda: messages_from_chat_log(chat_log, self.entity_id),
+                    reply = started or conversation.reply(
+                        self.chat_messages(chat_log),
                         instructions=instructions,
                         volatile=volatile,
                     )
+                    started = None
                     async for _content in chat_log.async_add_delta_content_stream(
                         self.entity_id, _deltas(reply, tool_names)
                     ):

@@ -7,7 +7,7 @@ run, off the loop, and waits for it to end.
 """
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 import contextlib
 import logging
@@ -111,7 +111,7 @@ class Generation:
         self.ttft_ms: float | None = None
         """Milliseconds from the start of the run to its first text."""
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def __aiter__(self) -> AsyncGenerator[str]:
         """Start the run and yield decoded text as the runtime produces it."""
         async with (
             self._gate or contextlib.nullcontext(),

@@ -89,6 +89,11 @@ def is_exact(entry: CacheEntry | None, prefix: SystemPrefix) -> bool:
     )
 
 
+def handle_key(prefix: SystemPrefix, *, thinking: bool) -> str:
+    """Return what identifies prefix as set on a handle (with thinking, unless tools)."""
+    return prefix.key if prefix.has_tools else f"{prefix.key}/template/{thinking}"
+
+
 class HeldModel:
     """The handle of a held model: its prefix, loaded cache, KV and cache files."""
 
@@ -134,7 +139,7 @@ class HeldModel:
         list (rknn-llm #377); thinking then lives in the template. Upstream
         promises a KV clear only for set_chat_template: it is cleared here.
         """
-        key = prefix.key if prefix.has_tools else f"{prefix.key}/template/{thinking}"
+        key = handle_key(prefix, thinking=thinking)
         if self.prefix_key == key:
             return
         if prefix.has_tools:

@@ -23,7 +23,7 @@ from typing import Any, Final, Literal, Self
 
 from .benchmark import async_measure_cold_and_cached
 from .const import HistoryStrategy
-from .held_model import HeldModel, ReuseGuard, cache_context, is_exact
+from .held_model import HeldModel, ReuseGuard, cache_context, handle_key, is_exact
 from .host.model_files import ModelInfo
 from .host.prompt_cache import CacheEntry, CacheExpectation, CacheWriteError
 from .host.rkllm.errors import LibraryChanged, ModelGivenUp, RKLLMError, WorkerDiedError
@@ -181,6 +181,12 @@ class ModelSession:
     def busy(self) -> bool:
         """Whether a request, cache build or benchmark holds the model."""
         return self._lock.locked()
+
+    def holds(self, prefix: SystemPrefix, *, thinking: bool) -> bool:
+        """Whether the model is idle with prefix on its handle (a turn would keep it)."""
+        return not self.busy and self._held.prefix_key == handle_key(
+            prefix, thinking=thinking
+        )
 
     @property
     def waiting(self) -> int:

@@ -6,7 +6,8 @@ it, checks the prefix was reused, records its measurements and, at the end, what
 the KV holds for the next turn.
 """
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+import contextlib
 from dataclasses import dataclass, replace
 import logging
 
@@ -89,7 +90,7 @@ class Conversation:
         *,
         instructions: str | None = None,
         volatile: str = "",
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str]:
         """Run the model on the conversation's pending input; iterate for its text.
 
         messages is read when iteration starts (to plan the run) and again before
@@ -187,7 +188,7 @@ class Conversation:
 
     async def _async_reply(
         self, source: MessageSource, instructions: str | None, volatile: str
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str]:
         held, options = self._held, self._options
         # A check of the previous run may have switched the strategy.
         strategy = self._guard.strategy
@@ -223,8 +224,10 @@ class Conversation:
         if keep_history:
             self._kept = (source, generation)
         cache = held.loaded_cache
-        async for text in generation:
-            yield text
+        # Closing the reply early aborts the run at once, not when it is collected.
+        async with contextlib.aclosing(aiter(generation)) as texts:
+            async for text in texts:
+                yield text
         result = generation.result
         perf = perf_or_zero(result.perf if result else None)
         if (
