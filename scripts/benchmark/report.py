@@ -418,6 +418,8 @@ def to_json(report: Report) -> dict[str, Any]:
             f"{settings.overhead_reply_tokens}-token reply, to ours and (taking turns) "
             "to the reference agent (scripts/benchmark/reference.py: the same chat-log "
             "calls and prompt, the same reply streamed token by token, no model); "
+            "ours starts each run while HA renders the prompt (early_turn.py: the "
+            "requests come from the same device, to a model idle with its prompt); "
             "wall time = a + b * streamed tokens through the medians per reply "
             "length, for each (ours: "
             "minus perf prefill_time_ms; perf generate_time_ms is not subtracted: at "
