@@ -90,24 +90,24 @@ class RockchipConversationEntity(
         early = agent.start_turn_early(
             user_input.device_id, self.chat_messages(chat_log)
         )
-        rendered = False
         try:
-            await async_provide_llm_data(
-                chat_log,
-                user_input.as_llm_context(DOMAIN),
-                self.subentry.data,
-                user_input.extra_system_prompt,
-                system_cache.trim if system_cache else 0,
+            try:
+                await async_provide_llm_data(
+                    chat_log,
+                    user_input.as_llm_context(DOMAIN),
+                    self.subentry.data,
+                    user_input.extra_system_prompt,
+                    system_cache.trim if system_cache else 0,
+                )
+            except conversation.ConverseError as err:
+                return err.as_conversation_result()
+            await self._async_handle_chat_log(
+                chat_log, device_id=user_input.device_id, early=early
             )
-            rendered = True
-        except conversation.ConverseError as err:
-            return err.as_conversation_result()
         finally:
-            if not rendered and early is not None:
+            if early is not None:
+                # Ends a run the turn did not take over (nothing once it did).
                 await early.async_end()
-        await self._async_handle_chat_log(
-            chat_log, device_id=user_input.device_id, early=early
-        )
         result = conversation.async_get_result_from_chat_log(user_input, chat_log)
         if only_invalid_tool_calls(chat_log):
             # No action was taken: the answer must not claim one (action_done).
