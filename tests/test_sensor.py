@@ -35,6 +35,7 @@ from homeassistant.core import (
     EventStateChangedData,
     HomeAssistant,
     State,
+    callback,
 )
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import entity_registry as er, translation
@@ -142,6 +143,7 @@ async def test_sensors_after_setup_and_a_conversation(
     queue_states: list[str] = []
     queue_id = sensor_id(hass, "queue_length")
 
+    @callback
     def record_queue(event: Event[EventStateChangedData]) -> None:
         if event.data["entity_id"] == queue_id and event.data["new_state"]:
             queue_states.append(event.data["new_state"].state)
@@ -192,6 +194,7 @@ async def test_building_while_a_cache_build_runs(
     loaded = model_session(entry)
     seen: list[tuple[str, str]] = []
 
+    @callback
     def record(*_args: object) -> None:
         seen.append((state(hass, "prompt_cache"), hass.states.get(BUSY).state))
 
@@ -296,6 +299,7 @@ async def test_readings_follow_the_answer_once_the_loop_runs(
     await make_entry()
     busy_states: list[str] = []
 
+    @callback  # heard at once, in the loop (a plain function runs in the executor)
     def record_busy(event: Event[EventStateChangedData]) -> None:
         if event.data["entity_id"] == BUSY and event.data["new_state"]:
             busy_states.append(event.data["new_state"].state)
