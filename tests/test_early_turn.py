@@ -87,15 +87,33 @@ async def test_a_prompt_that_changed_is_answered_with_the_new_one(
     assert "Porch light" in last_run_record(entry)["system"]
 
 
-async def test_a_streaming_early_run_with_the_previous_prompt_is_aborted(
-    hass: HomeAssistant, make_entry: EntryFactory
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        pytest.param({}, id="streaming"),
+        # rkllm_abort returns only once the prefill ended (rknn-llm #400).
+        pytest.param(
+            {"prefill_ms_per_token": 3, "extra": ("abort_after_prefill 1",)},
+            id="abort-after-prefill",
+        ),
+    ],
+)
+async def test_an_early_run_with_the_previous_prompt_is_aborted(
+    hass: HomeAssistant, make_entry: EntryFactory, runtime: dict[str, Any]
 ) -> None:
-    """An early run that already streams is aborted before the turn runs again."""
+    """An early run with the old prompt is aborted before the turn runs again.
+
+    Also when the runtime's abort waits for the prefill: the turn waits for it.
+    """
     reply = words(100)
     hass.states.async_set("light.porch", "off", {"friendly_name": "Porch light"})
     async_expose_entity(hass, conversation.DOMAIN, "light.porch", False)
     entry = await make_entry(
-        model_kwargs={"replies": (f"default => {reply}",), "decode_ms_per_token": 5}
+        model_kwargs={
+            "replies": (f"default => {reply}",),
+            "decode_ms_per_token": 5,
+            **runtime,
+        }
     )
     first = await converse(hass, "hello")
     async_expose_entity(hass, conversation.DOMAIN, "light.porch", True)
